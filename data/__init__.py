@@ -1,0 +1,13 @@
+"""Datasets by name, transforms and loaders. See DESIGN.md section 7.
+
+Importing this package registers every dataset (each module's ``@register_dataset``).
+"""
+
+from data.registry import DATASETS, DatasetSplits, build_dataset, dataset_names, register_dataset
+from data.loaders import Loaders, build_loaders
+
+from data import digits as _digits  # noqa: F401  (registers Digits)
+from data import cifar as _cifar  # noqa: F401  (registers CIFAR10, CIFAR100)
+
+__all__ = ["DATASETS", "DatasetSplits", "Loaders", "build_dataset", "build_loaders", "dataset_names",
+           "register_dataset"]

@@ -1,0 +1,78 @@
+"""DataLoaders for a run: the training stream, BiP's upper-level stream, validation and test.
+
+Order and augmentation of every training batch are a function of (seed, epoch, stream) only
+(``data.sampling``), so ``Loaders.set_epoch(e)`` reproduces epoch e exactly, also after --resume
+and with any number of workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from configs.errors import UserError
+from data.registry import DatasetSplits
+from data.sampling import STREAM_HOLDOUT, STREAM_TRAIN, STREAM_UPPER, STREAM_WORKERS, EpochSampler, derive_seed
+
+
+@dataclass
+class Loaders:
+    train: DataLoader  # shuffled training stream
+    upper: DataLoader  # BiP upper level: independent shuffle of train, or the held-out fraction
+    val: DataLoader | None
+    test: DataLoader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pin the next pass of ``train`` and ``upper`` to ``epoch`` (call before iterating)."""
+        for loader in (self.train, self.upper):
+            loader.sampler.set_epoch(epoch)
+
+
+def holdout_split(n: int, *, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held_out) indices of 0..n-1: a seeded random ``val_fraction`` of them held out."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    n_held = int(round(val_fraction * n))
+    if val_fraction > 0 and not 0 < n_held < n:
+        raise UserError(f"--val-fraction {val_fraction} of {n} training images leaves an empty split: "
+                        "use a fraction that holds out at least one image and keeps at least one")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_HOLDOUT)))
+    held = sorted(order[:n_held].tolist())
+    kept = sorted(order[n_held:].tolist())
+    return kept, held
+
+
+def _loader(dataset: Dataset, *, batch_size: int, sampler: EpochSampler | None, seed: int, stream: int,
+            num_workers: int, pin_memory: bool) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        # Worker seeds come from this generator; augmentation itself is seeded per sample.
+        generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_WORKERS, stream)),
+    )
+
+
+def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: int, seed: int = 0,
+                  num_workers: int = 0, pin_memory: bool = False, val_fraction: float = 0.0) -> Loaders:
+    if batch_size <= 0 or test_batch_size <= 0:
+        raise UserError(f"batch sizes must be positive, got --batch-size {batch_size} "
+                        f"--test-batch-size {test_batch_size}")
+    if num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {num_workers}")
+    n = len(splits.train)
+    if val_fraction > 0:
+        train_idx, upper_idx = holdout_split(n, val_fraction=val_fraction, seed=seed)
+    else:
+        holdout_split(n, val_fraction=val_fraction, seed=seed)  # validates the range
+        train_idx = upper_idx = list(range(n))
+    common = dict(seed=seed, num_workers=num_workers, pin_memory=pin_memory)
+    train = _loader(splits.train, batch_size=batch_size, stream=STREAM_TRAIN,
+                    sampler=EpochSampler(train_idx, seed=seed, stream=STREAM_TRAIN), **common)
+    upper = _loader(splits.train, batch_size=batch_size, stream=STREAM_UPPER,
+                    sampler=EpochSampler(upper_idx, seed=seed, stream=STREAM_UPPER), **common)
+    val = None if splits.val is None else _loader(splits.val, batch_size=test_batch_size, sampler=None,
+                                                  stream=-1, **common)
+    test = _loader(splits.test, batch_size=test_batch_size, sampler=None, stream=-2, **common)
+    return Loaders(train=train, upper=upper, val=val, test=test)

@@ -1,0 +1,81 @@
+"""Datasets by name: a registry filled by ``@register_dataset`` and the one entry point ``build_dataset``.
+
+Each builder is called with the same keyword arguments (``data_dir, normalize, image_dim,
+num_classes, skip_bad_records``) and returns ``DatasetSplits``; a new dataset is a new entry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from torch.utils.data import Dataset
+
+from configs.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    train: Dataset  # training augmentation; items (float tensor C x H x W, int label)
+    val: Dataset | None  # held-out split with evaluation transforms; None when the dataset has none
+    test: Dataset  # evaluation transforms
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+DatasetBuilder = Callable[..., DatasetSplits]
+DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
+    def decorate(builder: DatasetBuilder) -> DatasetBuilder:
+        if name in DATASETS:
+            raise ValueError(f"dataset {name!r} registered twice")
+        DATASETS[name] = builder
+        return builder
+    return decorate
+
+
+def dataset_names() -> list[str]:
+    return sorted(DATASETS)
+
+
+def _resolve_name(name: str) -> str:
+    if name in DATASETS:
+        return name
+    # Accept a different spelling of case ("cifar10"): names are unique ignoring case.
+    by_lower = {key.lower(): key for key in DATASETS}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.0)
+    hint = f"did you mean {by_lower[close[0]]!r}? " if close else ""
+    raise UserError(f"unknown dataset {name!r}: {hint}choose one of {', '.join(dataset_names())}")
+
+
+def build_dataset(name: str, *, data_dir: str, normalize: bool = False, image_dim: int | None = None,
+                  num_classes: int | None = None, skip_bad_records: bool = False) -> DatasetSplits:
+    """Build the splits of dataset ``name`` from files under ``data_dir`` (never downloads)."""
+    builder = DATASETS[_resolve_name(name)]
+    if image_dim is not None and image_dim <= 0:
+        raise UserError(f"--image-dim must be a positive number of pixels, got {image_dim}")
+    if num_classes is not None and num_classes <= 0:
+        raise UserError(f"--num-classes must be positive, got {num_classes}")
+    return builder(data_dir=os.path.expanduser(str(data_dir or ".")), normalize=normalize,
+                   image_dim=image_dim, num_classes=num_classes, skip_bad_records=skip_bad_records)
+
+
+def resolve_num_classes(dataset: str, *, found: int, requested: int | None) -> int:
+    """The model's number of outputs: the dataset's own unless the user asked for more.
+
+    Fewer outputs than the data has labels would make the loss index out of range mid-run, so it
+    is refused up front; more outputs (a model sized for a superset) are allowed.
+    """
+    if requested is None:
+        return found
+    if requested < found:
+        raise UserError(f"{dataset} has labels 0..{found - 1} but --num-classes is {requested}: "
+                        f"pass --num-classes {found} (or leave it out)")
+    return requested
