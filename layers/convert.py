@@ -1,0 +1,110 @@
+"""Dense <-> masked conversion, so that architectures are written once, dense.
+
+``to_masked`` swaps every nn.Conv2d / nn.Linear of any model (ours or torchvision's) for its
+masked twin with the same weights; ``to_dense`` and ``dense_state_dict`` go back, with the masks
+applied, giving a model / state dict that loads strictly into the plain architecture.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from layers.masked import MaskedConv2d, MaskedLayer, MaskedLinear
+
+
+def _masked_conv(m: nn.Conv2d, granularity: str) -> MaskedConv2d:
+    return MaskedConv2d(
+        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+        dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+        granularity=granularity, device=m.weight.device, dtype=m.weight.dtype,
+    )
+
+
+def _masked_linear(m: nn.Linear, granularity: str) -> MaskedLinear:
+    return MaskedLinear(
+        m.in_features, m.out_features, bias=m.bias is not None, granularity=granularity,
+        device=m.weight.device, dtype=m.weight.dtype,
+    )
+
+
+def _plain_conv(m: MaskedConv2d) -> nn.Conv2d:
+    return nn.Conv2d(
+        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+        dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
+        device=m.weight.device, dtype=m.weight.dtype,
+    )
+
+
+def _plain_linear(m: MaskedLinear) -> nn.Linear:
+    return nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                     device=m.weight.device, dtype=m.weight.dtype)
+
+
+# Registries: plain type -> masked twin constructor, and back. Exact types, so that a masked
+# layer (a subclass of its plain type) is never converted twice.
+MASKED_TWIN = {nn.Conv2d: _masked_conv, nn.Linear: _masked_linear}
+PLAIN_TWIN = {MaskedConv2d: _plain_conv, MaskedLinear: _plain_linear}
+
+
+def _swap(model: nn.Module, make) -> nn.Module:
+    """Replace children in place; ``make(child)`` returns a new module or None to recurse."""
+    for name, child in list(model.named_children()):
+        new = make(child)
+        if new is None:
+            _swap(child, make)
+        else:
+            setattr(model, name, new)
+    return model
+
+
+def to_masked(model: nn.Module, *, granularity: str) -> nn.Module:
+    """Replace every Conv2d/Linear by its masked twin (all-ones mask), in place; returns model."""
+
+    def make(child: nn.Module):
+        factory = MASKED_TWIN.get(type(child))
+        if factory is None:
+            return None
+        twin = factory(child, granularity)
+        with torch.no_grad():
+            twin.weight.copy_(child.weight)
+            if child.bias is not None:
+                twin.bias.copy_(child.bias)
+        return twin
+
+    return _swap(model, make)
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace every masked layer by a plain one holding ``weight * mask``, in place."""
+
+    def make(child: nn.Module):
+        factory = PLAIN_TWIN.get(type(child))
+        if factory is None:
+            return None
+        plain = factory(child)
+        with torch.no_grad():
+            plain.weight.copy_(child.weight * child.mask)
+            if child.bias is not None:
+                plain.bias.copy_(child.bias)
+        return plain
+
+    return _swap(model, make)
+
+
+def masked_layers(model: nn.Module) -> dict[str, MaskedLayer]:
+    """The masked layers of a model by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, MaskedLayer)}
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the plain twin: masks applied to weights, no scores and no mask buffers."""
+    layers = masked_layers(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in layers and leaf in ("popup_scores", "mask"):
+            continue
+        if owner in layers and leaf == "weight":
+            value = value * layers[owner].mask
+        out[key] = value.detach().clone()
+    return out

@@ -1,0 +1,73 @@
+"""Masked Conv2d and Linear: a weight, importance scores and a boolean mask buffer.
+
+``popup_scores`` keeps the HYDRA/BiP name so that their checkpoints load. The mask is a buffer
+chosen by the selector (``layers.selector``) through a ``MaskSet``; a layer never computes its
+own mask, so the forward pass costs one elementwise product and no sort.
+
+When the scores are being learned (they require grad and autograd is on) the forward goes through
+the straight-through estimator of HYDRA / edge-popup: the hard top-k is the identity in the
+backward pass, and since units are ranked by |s|,
+
+    dL/ds = sign(s) * w * dL/d(w * m)        (elementwise, for every granularity)
+    dL/dw = m * dL/d(w * m)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scores, mask)
+        return weight * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scores, mask = ctx.saved_tensors
+        grad_weight = grad * mask if ctx.needs_input_grad[0] else None
+        grad_scores = grad * weight * torch.sign(scores) if ctx.needs_input_grad[1] else None
+        return grad_weight, grad_scores, None
+
+
+class MaskedLayer(nn.Module):
+    """Mixin for a layer with ``weight``, ``popup_scores`` and a ``mask`` buffer."""
+
+    granularity: str
+
+    def _init_masking(self, granularity: str) -> None:
+        self.granularity = granularity
+        self.popup_scores = nn.Parameter(torch.empty_like(self.weight, requires_grad=False))
+        # HYDRA/BiP's default score init; train.py may replace it (see layers.scores_init).
+        nn.init.kaiming_uniform_(self.popup_scores, a=math.sqrt(5))
+        self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+
+    def masked_weight(self) -> torch.Tensor:
+        if self.popup_scores.requires_grad and torch.is_grad_enabled():
+            return _StraightThroughMask.apply(self.weight, self.popup_scores, self.mask)
+        return self.weight * self.mask
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, granularity={self.granularity}"
+
+
+class MaskedConv2d(MaskedLayer, nn.Conv2d):
+    def __init__(self, *args, granularity: str = "unstructured", **kwargs) -> None:
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._init_masking(granularity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.masked_weight(), self.bias)
+
+
+class MaskedLinear(MaskedLayer, nn.Linear):
+    def __init__(self, *args, granularity: str = "unstructured", **kwargs) -> None:
+        nn.Linear.__init__(self, *args, **kwargs)
+        self._init_masking(granularity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.masked_weight(), self.bias)

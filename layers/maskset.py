@@ -1,0 +1,117 @@
+"""MaskSet: the masked layers of one model and the rule that chooses their masks.
+
+Modelled on torch.ao.pruning's sparsifier: masks are buffers on the layers, ``step()`` updates
+them, ``state_dict()`` / ``load_state_dict()`` save and restore them.
+
+Two regimes:
+- learned (HYDRA, BiP): masks are the selector's top-k of the scores. ``step()`` re-runs the
+  selector only when a score tensor changed since the last selection (PyTorch bumps a tensor's
+  ``_version`` on every in-place update, such as an optimizer step), so the forward pass never
+  pays for a selection it does not need. A forward pre-hook on the model calls ``step()``, so a
+  forward always sees masks consistent with the current scores.
+- frozen (finetune, WoodFisher): masks are set explicitly and ``step()`` leaves them alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from layers.convert import masked_layers
+from layers.masked import MaskedLayer
+from layers.selector import select_masks, unit_counts
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    kind: str
+    params: int
+    kept: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.params if self.params else 0.0
+
+
+class MaskSet:
+    def __init__(self, model: nn.Module, *, k: float, granularity: str, scope: str,
+                 min_units: int = 0) -> None:
+        self.layers: dict[str, MaskedLayer] = masked_layers(model)
+        self.k = k
+        self.granularity = granularity
+        self.scope = scope
+        self.min_units = min_units
+        self.frozen = False
+        self.selections = 0  # how many times the selector ran (for tests and logs)
+        self._seen: tuple | None = None
+        self._hook = model.register_forward_pre_hook(lambda module, args: self.step())
+
+    def _score_versions(self) -> tuple:
+        return tuple((id(l.popup_scores), l.popup_scores._version) for l in self.layers.values())
+
+    def step(self, *, force: bool = False) -> bool:
+        """Re-select masks from the scores if they changed (or ``force``); returns whether it did."""
+        if self.frozen or not self.layers:
+            return False
+        if not force and self._seen == self._score_versions():
+            return False
+        masks = select_masks([l.popup_scores for l in self.layers.values()], k=self.k,
+                             granularity=self.granularity, scope=self.scope, min_units=self.min_units)
+        with torch.no_grad():
+            for layer, mask in zip(self.layers.values(), masks):
+                layer.mask.copy_(mask)
+        self._seen = self._score_versions()
+        self.selections += 1
+        return True
+
+    def freeze(self) -> None:
+        """Stop following the scores: the current masks stay until set explicitly."""
+        self.step()
+        self.frozen = True
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        self.step()
+        return {name: layer.mask.detach().clone() for name, layer in self.layers.items()}
+
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Install explicit masks (a checkpoint's, or an OBS step's) and freeze."""
+        missing = sorted(set(self.layers) - set(masks))
+        extra = sorted(set(masks) - set(self.layers))
+        if missing or extra:
+            raise ValueError(f"mask names do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                mask = masks[name]
+                if mask.shape != layer.mask.shape:
+                    raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, layer has {tuple(layer.mask.shape)}")
+                layer.mask.copy_(mask.to(torch.bool))
+        self.frozen = True
+
+    def report(self) -> list[LayerSparsity]:
+        """Per-layer kept counts of the current masks (weights, not units)."""
+        self.step()
+        return [LayerSparsity(name=name, kind=type(layer).__name__.replace("Masked", ""),
+                              params=layer.mask.numel(), kept=int(layer.mask.sum()))
+                for name, layer in self.layers.items()]
+
+    def density(self) -> float:
+        rows = self.report()
+        total = sum(r.params for r in rows)
+        return sum(r.kept for r in rows) / total if total else 1.0
+
+    def unit_counts(self) -> list[int]:
+        return unit_counts([l.weight.shape for l in self.layers.values()], self.granularity)
+
+    def state_dict(self) -> dict:
+        return {"k": self.k, "granularity": self.granularity, "scope": self.scope,
+                "min_units": self.min_units, "frozen": self.frozen, "masks": self.masks()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("k", "granularity", "scope"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"mask set {key} is {state[key]!r} in the state, {getattr(self, key)!r} here")
+        self.set_masks(state["masks"])
+        self.frozen = bool(state["frozen"])
+        self._seen = self._score_versions()  # the loaded masks belong to the loaded scores

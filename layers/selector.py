@@ -1,0 +1,134 @@
+"""The one top-k selector: which units of which layers are kept.
+
+Every trainer, the dense export, evaluation and the sparsity report go through
+``select_masks``; nothing else in the project decides a mask from scores.
+
+Counting rule (stated once, here): a selection over N units at density k keeps
+
+    n_keep(k, N) = N - int((1 - k) * N)        (at least 1 unit)
+
+evaluated in Python float64 exactly as the public HYDRA/BiP code does, so that a checkpoint they
+wrote gives the same mask here for the same k. In exact arithmetic this is ceil(k * N).
+
+Ties at the threshold are broken deterministically: among equal unit scores the one with the
+lower flat index (module order, then row-major order) is kept.
+
+The selector never sorts: it finds the n_keep-th largest unit score with a partial
+``torch.topk`` (a selection) and only counts/cumsums the entries equal to it when there is a tie.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+GRANULARITIES = ("unstructured", "filter", "channel")
+SCOPES = ("global", "layer")
+
+
+def n_keep(k: float, n: int) -> int:
+    """Number of units kept at density ``k`` out of ``n`` (see the module docstring)."""
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"density k must be in (0, 1], got {k}")
+    return min(n, max(1, n - int((1 - k) * n)))
+
+
+# A unit score per granularity: |s| per weight, or the L2 norm of the scores of a filter
+# (dim 0: conv output channel / linear row) or a channel (dim 1: conv input channel / linear column).
+def _unstructured_units(scores: torch.Tensor) -> torch.Tensor:
+    return scores.abs().flatten()
+
+
+def _filter_units(scores: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(scores.flatten(1), dim=1)
+
+
+def _channel_units(scores: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(scores.transpose(0, 1).flatten(1), dim=1)
+
+
+UNIT_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "unstructured": _unstructured_units,
+    "filter": _filter_units,
+    "channel": _channel_units,
+}
+
+
+def expand_units(keep: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
+    """Broadcast a per-unit boolean vector to a full weight-shaped boolean mask."""
+    if granularity == "unstructured":
+        return keep.view(shape)
+    extra = [1] * (len(shape) - 2)
+    if granularity == "filter":
+        return keep.view(-1, 1, *extra).expand(shape).contiguous()
+    if granularity == "channel":
+        return keep.view(1, -1, *extra).expand(shape).contiguous()
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+def top_units(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean vector with exactly ``count`` True entries at the largest ``values``.
+
+    Ties at the threshold keep the lowest indices. ``values`` is 1-D.
+    """
+    n = values.numel()
+    if count >= n:
+        return torch.ones(n, dtype=torch.bool, device=values.device)
+    # The count-th largest value, found by a partial top-k on the smaller side (measured ~5x
+    # faster than torch.kthvalue on CPU for 11M entries; both are selections, not sorts).
+    if count <= n // 2:
+        threshold = torch.topk(values, count, sorted=False).values.min()
+    else:
+        threshold = torch.topk(values, n - count + 1, largest=False, sorted=False).values.max()
+    keep = values >= threshold
+    if int(torch.count_nonzero(keep)) == count:  # the common case: no tie straddles the threshold
+        return keep
+    above = values > threshold
+    at = values == threshold
+    need = count - int(torch.count_nonzero(above))
+    return above | (at & (torch.cumsum(at, 0) <= need))
+
+
+def unit_counts(shapes: Sequence[torch.Size], granularity: str) -> list[int]:
+    """Number of selectable units of each layer."""
+    if granularity == "unstructured":
+        return [int(torch.Size(s).numel()) for s in shapes]
+    dim = 0 if granularity == "filter" else 1
+    return [int(s[dim]) for s in shapes]
+
+
+def select_masks(
+    scores: Sequence[torch.Tensor],
+    *,
+    k: float,
+    granularity: str,
+    scope: str,
+    min_units: int = 0,
+) -> list[torch.Tensor]:
+    """Boolean masks (weight-shaped) keeping the top-``k`` fraction of units.
+
+    scores: one tensor per masked layer, in module order, shaped like the layer's weight.
+    scope: ``global`` (one threshold over all layers' units) or ``layer`` (k in every layer).
+    min_units: per-layer floor; every layer keeps at least this many of its best units
+        (only changes which units a global selection keeps, never the total).
+    """
+    if granularity not in UNIT_SCORES:
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    with torch.no_grad():
+        units = [UNIT_SCORES[granularity](s.detach()) for s in scores]
+        if scope == "layer":
+            keep = [top_units(u, max(n_keep(k, u.numel()), min(min_units, u.numel()))) for u in units]
+        else:
+            flat = torch.cat(units)
+            if min_units > 0:
+                # Rank each layer's best min_units above everything else; the total stays n_keep.
+                offset = 0
+                for u in units:
+                    floor = min(min_units, u.numel())
+                    best = torch.topk(u, floor).indices
+                    flat[offset + best] = float("inf")
+                    offset += u.numel()
+            keep = list(top_units(flat, n_keep(k, flat.numel())).split([u.numel() for u in units]))
+        return [expand_units(kk, s.shape, granularity) for kk, s in zip(keep, scores)]
