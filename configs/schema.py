@@ -1,0 +1,231 @@
+"""The typed configuration of a run: defaults < YAML (``--configs``) < command line.
+
+One dataclass field per option; the argparse parser and the YAML validation are both generated
+from it, so a flag and its YAML key can never drift apart. YAML keys use underscores
+(``mask_lr``) as in the HYDRA/BiP files; flags use dashes (``--mask-lr``). An unknown key or flag
+is a ``UserError`` naming the closest valid one. YAML is read with ``yaml.safe_load`` only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from configs.errors import UserError
+
+MODES = ("pretrain", "prune", "finetune")
+LAYER_TYPES = ("dense", "unstructured", "filter", "channel")
+SCOPES = ("global", "layer")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+SCHEDULES = ("constant", "cosine", "step")
+SCORE_INITS = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, group: str = "general"):
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass(frozen=True)
+class Config:
+    # primary
+    configs: Optional[str] = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
+    exp_mode: str = opt("pretrain", "pretrain: train all weights; prune: learn a mask (and weights with bilevel); "
+                        "finetune: train weights under the fixed mask of --source-net", MODES, "primary")
+    exp_name: str = opt("temp", "experiment name: the run folder is RESULT_DIR/EXP_NAME/EXP_MODE/N--...", group="primary")
+    result_dir: str = opt("./results", "root folder of run folders", group="primary")
+    device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", group="primary")
+    # model and mask
+    arch: str = opt("smallcnn", "architecture name (see the README for the list)", group="model")
+    num_classes: Optional[int] = opt(None, "number of classes; must match the dataset (default: the dataset's)", group="model")
+    layer_type: str = opt("unstructured", "mask granularity; dense = plain layers, no mask", LAYER_TYPES, "model")
+    k: float = opt(1.0, "density: fraction of weights (or filters/channels) KEPT, in (0, 1]", group="model")
+    scope: str = opt("global", "global: one top-k over all layers (BiP); layer: k in every layer (HYDRA)", SCOPES, "model")
+    layer_floor: int = opt(0, "with --scope global, every layer keeps at least this many units", group="model")
+    scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
+    scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
+    freeze_bn: bool = opt(False, "prune with the base trainer: keep BatchNorm affine parameters fixed", group="model")
+    source_net: Optional[str] = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
+    # data
+    dataset: str = opt("Digits", "dataset name (Digits ships with scikit-learn: no download)", group="data")
+    data_dir: str = opt("./datasets", "folder holding the dataset files", group="data")
+    normalize: bool = opt(False, "normalize inputs with the dataset's mean/std", group="data")
+    image_dim: Optional[int] = opt(None, "input image size (default: the dataset's)", group="data")
+    batch_size: int = opt(128, "training batch size", group="data")
+    test_batch_size: int = opt(128, "evaluation batch size", group="data")
+    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", group="data")
+    val_fraction: float = opt(0.0, "bilevel: hold out this fraction of the training set for the upper level "
+                              "(0 = an independent shuffle of the whole training set, as BiP)", group="data")
+    skip_bad_records: bool = opt(False, "LMDB: skip and count undecodable records instead of stopping", group="data")
+    # training
+    trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune) or bilevel (BiP)", group="train")
+    epochs: int = opt(100, "number of epochs", group="train")
+    optimizer: str = opt("sgd", "optimizer of weights and of scores", OPTIMIZERS, "train")
+    lr: float = opt(0.1, "learning rate (of scores in HYDRA prune, of weights otherwise)", group="train")
+    lr_schedule: str = opt("cosine", "learning-rate schedule", SCHEDULES, "train")
+    wd: float = opt(5e-4, "weight decay", group="train")
+    momentum: float = opt(0.9, "SGD/RMSprop momentum", group="train")
+    warmup_epochs: int = opt(0, "epochs at --warmup-lr before the schedule starts", group="train")
+    warmup_lr: float = opt(0.1, "learning rate during warmup", group="train")
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", group="train")
+    # bilevel (BiP)
+    mask_lr: float = opt(0.1, "bilevel: learning rate of the scores (upper level)", group="bilevel")
+    mask_lr_schedule: str = opt("cosine", "bilevel: schedule of --mask-lr (step: x0.1 at 75%, x0.01 at 90%)", SCHEDULES, "bilevel")
+    lr2: float = opt(1e-4, "bilevel: lower-level step size in the implicit-gradient term", group="bilevel")
+    implicit_grad: str = opt("paper", "bilevel: implicit term -lr2*g_s*g_theta (paper) or -lr2*g_s*g_s (bip-code, "
+                             "the public code's, to reproduce its numbers)", ("paper", "bip-code"), "bilevel")
+    accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term", group="bilevel")
+    # run control
+    resume: Optional[str] = opt(None, "checkpoint of this run to continue from", group="run")
+    evaluate: bool = opt(False, "only evaluate the model (from --source-net or --resume) and exit", group="run")
+    save_dense: bool = opt(False, "also write the dense state dict (masks applied) next to checkpoints", group="run")
+    seed: int = opt(1234, "random seed", group="run")
+    print_freq: int = opt(100, "log every N batches in the run log", group="run")
+    val_method: str = opt("base", "evaluation on unmodified inputs (accepted for BiP configs)", ("base",), "run")
+    progress: bool = opt(True, "show a progress bar per epoch (false in YAML or --no-progress to hide)", group="run")
+
+    def validate(self) -> "Config":
+        def bad(msg: str) -> UserError:
+            return UserError(msg)
+
+        if not (isinstance(self.k, float) and 0.0 < self.k <= 1.0) or math.isnan(self.k):
+            raise bad(f"--k is the density (fraction kept) and must be in (0, 1], got {self.k}; e.g. --k 0.05 keeps 5%")
+        if self.exp_mode == "pretrain" and self.k != 1.0:
+            raise bad(f"pretrain trains every weight: --k must be 1.0 (got {self.k}); use --exp-mode prune to prune")
+        if self.exp_mode in ("prune", "finetune") and self.layer_type == "dense":
+            raise bad(f"--exp-mode {self.exp_mode} needs a masked layer: pass --layer-type unstructured, filter or channel")
+        if self.exp_mode in ("prune", "finetune") and not self.source_net and not self.resume:
+            what = "a pretrained checkpoint" if self.exp_mode == "prune" else "a pruned checkpoint"
+            raise bad(f"--exp-mode {self.exp_mode} needs --source-net: pass {what} (.pth.tar)")
+        if self.exp_mode == "pretrain" and self.trainer != "base":
+            raise bad(f"pretrain uses the base trainer; drop --trainer {self.trainer} or use --exp-mode prune")
+        if self.exp_mode == "finetune" and self.trainer != "base":
+            raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from --source-net)")
+        for name in ("epochs", "batch_size", "test_batch_size", "print_freq"):
+            if getattr(self, name) < 1:
+                raise bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_epochs", "num_workers", "layer_floor"):
+            if getattr(self, name) < 0:
+                raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise bad(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise bad(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("lr", "mask_lr", "warmup_lr", "wd", "momentum", "lr2"):
+            if getattr(self, name) < 0:
+                raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_TYPES = typing.get_type_hints(Config)
+
+
+def _base_type(name: str) -> type:
+    t = _TYPES[name]
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    return args[0] if args else t
+
+
+def _closest(word: str, options) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def coerce(name: str, value: Any, where: str) -> Any:
+    """Check one value against its field's type and choices; returns the converted value."""
+    f, t = FIELDS[name], _base_type(name)
+    if value is None and _TYPES[name] is not t:
+        return None
+    try:
+        if t is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+        elif t is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError
+        elif t is float:
+            # YAML 1.1 reads "1e-4" as a string: accept any string Python parses as a float.
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif t is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            value = str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {name} must be {t.__name__}, got {value!r}") from None
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise UserError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}{_closest(str(value), choices)}")
+    return value
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}; pass an existing YAML file to --configs (see configs/)")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    out = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in FIELDS or key == "configs":
+            raise UserError(f"{path}: unknown key '{raw_key}'{_closest(key, [k for k in FIELDS if k != 'configs'])}")
+        out[key] = coerce(key, value, path)
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; we want one line
+        raise UserError(f"{message} (see python train.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="train.py", description="Prune image classifiers with HYDRA, BiP or WoodFisher.",
+                     argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    groups: dict[str, Any] = {}
+    for name, f in FIELDS.items():
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{meta['help']} (default: {f.default})"
+        if _base_type(name) is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            t = _base_type(name)
+            group.add_argument(flag, type=t, choices=meta["choices"], help=help_text, metavar=t.__name__.upper())
+    return parser
+
+
+def load_config(argv: list[str]) -> Config:
+    """Parse a command line (without the program name) into a validated Config."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        first = unknown[0]
+        flags = ["--" + n.replace("_", "-") for n in FIELDS]
+        raise UserError(f"unknown option '{first}'{_closest(first.split('=')[0], flags)} (see python train.py --help)")
+    cli = vars(args)
+    values = {name: f.default for name, f in FIELDS.items()}
+    if cli.get("configs"):
+        values.update(read_yaml(cli["configs"]))
+    values.update({name: coerce(name, v, "command line") for name, v in cli.items()})
+    return Config(**values).validate()

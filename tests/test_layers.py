@@ -1,0 +1,223 @@
+"""Masked layers, the selector, the straight-through gradient and dense export."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from layers import (MaskSet, MaskedConv2d, MaskedLinear, dense_state_dict, init_scores, masked_layers, n_keep,
+                    select_masks, to_dense, to_masked, top_units)
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 6, 3, padding=1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 5))
+
+
+# -- counting rule ------------------------------------------------------------------------------
+@pytest.mark.parametrize("k,n,expected", [(0.05, 432, 22), (0.1, 10, 1), (0.01, 1728, 18), (1.0, 7, 7),
+                                          (0.5, 3, 2), (1e-6, 100, 1), (0.9, 11_000_000, 9_900_001)])
+def test_n_keep_is_the_hydra_bip_rule(k, n, expected):
+    assert n_keep(k, n) == expected
+    assert n_keep(k, n) == max(1, n - int((1 - k) * n))
+
+
+@pytest.mark.parametrize("k", [0.0, -0.1, 1.01])
+def test_n_keep_rejects_density_outside_unit_interval(k):
+    with pytest.raises(ValueError):
+        n_keep(k, 10)
+
+
+def test_top_units_ties_keep_lowest_index():
+    v = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 0.5])
+    assert top_units(v, 2).tolist() == [False, True, False, False, True, False]
+    assert top_units(v, 3).tolist() == [False, True, True, False, True, False]
+    assert top_units(v, 4).tolist() == [False, True, True, True, True, False]
+    assert top_units(torch.zeros(7), 3).tolist() == [True, True, True, False, False, False, False]
+    assert top_units(v, 6).all() and top_units(v, 10).all()
+
+
+def test_top_units_large_counts_use_both_sides():
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(10_001, generator=g)
+    for count in (1, 17, 5000, 5001, 9000, 10_000):
+        keep = top_units(v, count)
+        assert int(keep.sum()) == count
+        assert v[keep].min() >= v[~keep].max() if count < v.numel() else True
+
+
+# -- exact counts for every granularity and scope --------------------------------------------------
+SHAPES = [(8, 3, 3, 3), (6, 8, 3, 3), (5, 6)]
+
+
+def random_scores(seed=0, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(s, generator=g) for s in SHAPES]
+    if ties:  # quantised scores: many exact ties, also across layers
+        out = [torch.round(s * 2) / 2 for s in out]
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("k", [0.05, 0.3, 0.5, 0.77, 1.0])
+def test_unstructured_counts(k, ties):
+    scores = random_scores(ties=ties)
+    per_layer = select_masks(scores, k=k, granularity="unstructured", scope="layer")
+    for s, m in zip(scores, per_layer):
+        assert int(m.sum()) == n_keep(k, s.numel())
+        assert m.shape == s.shape and m.dtype == torch.bool
+    glob = select_masks(scores, k=k, granularity="unstructured", scope="global")
+    total = sum(s.numel() for s in scores)
+    assert sum(int(m.sum()) for m in glob) == n_keep(k, total)
+    # global keeps the largest |s| overall
+    kept = torch.cat([s.abs().flatten()[m.flatten()] for s, m in zip(scores, glob)])
+    dropped = torch.cat([s.abs().flatten()[~m.flatten()] for s, m in zip(scores, glob)])
+    if dropped.numel():
+        assert kept.min() >= dropped.max()
+
+
+@pytest.mark.parametrize("granularity,dim", [("filter", 0), ("channel", 1)])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("k", [0.2, 0.5, 0.9])
+def test_structured_counts_and_shape(granularity, dim, scope, k):
+    scores = random_scores(seed=3)
+    masks = select_masks(scores, k=k, granularity=granularity, scope=scope)
+    units_kept = []
+    for s, m in zip(scores, masks):
+        unit_mask = m.transpose(0, dim).flatten(1)
+        # whole units: every row of a unit is all-True or all-False
+        assert (unit_mask.all(dim=1) | (~unit_mask).any(dim=1) & (~unit_mask).all(dim=1)).all()
+        units_kept.append(int(unit_mask.all(dim=1).sum()))
+        if scope == "layer":
+            assert units_kept[-1] == n_keep(k, s.shape[dim])
+    if scope == "global":
+        assert sum(units_kept) == n_keep(k, sum(s.shape[dim] for s in scores))
+
+
+def test_filter_units_ranked_by_l2_norm():
+    s = torch.zeros(3, 2, 1, 1)
+    s[0] = torch.tensor([3.0, 0.0]).view(2, 1, 1)   # L2 3, L1 3
+    s[1] = torch.tensor([2.0, 2.0]).view(2, 1, 1)   # L2 2.83, L1 4
+    s[2] = torch.tensor([1.0, 1.0]).view(2, 1, 1)
+    m = select_masks([s], k=0.34, granularity="filter", scope="layer")[0]
+    assert m[:, 0, 0, 0].tolist() == [True, True, False]  # n_keep(0.34, 3) = 2
+    m = select_masks([s], k=0.3, granularity="filter", scope="layer")[0]
+    assert m[:, 0, 0, 0].tolist() == [True, False, False]
+
+
+def test_layer_floor_keeps_every_layer_alive_and_total_exact():
+    scores = [torch.full((4, 4), 0.01), torch.randn(50, 50) + 10]
+    plain = select_masks(scores, k=0.1, granularity="unstructured", scope="global")
+    assert int(plain[0].sum()) == 0
+    floored = select_masks(scores, k=0.1, granularity="unstructured", scope="global", min_units=3)
+    assert int(floored[0].sum()) == 3
+    assert sum(int(m.sum()) for m in floored) == n_keep(0.1, 16 + 2500)
+
+
+# -- masked layers ---------------------------------------------------------------------------------
+def test_straight_through_gradient_matches_hand_computation():
+    torch.manual_seed(0)
+    layer = MaskedLinear(4, 3, bias=False)
+    layer.popup_scores.requires_grad_(True)
+    layer.weight.requires_grad_(True)
+    with torch.no_grad():
+        layer.popup_scores.copy_(torch.randn(3, 4))
+        layer.popup_scores[0, 0] = 0.0  # sign(0) = 0: no gradient, as |s| has none there
+        layer.mask.copy_(torch.rand(3, 4) > 0.5)
+    x = torch.randn(5, 4)
+    upstream = torch.randn(5, 3)
+    (layer(x) * upstream).sum().backward()
+    g_eff = upstream.t() @ x  # dL/d(w*m) for y = x (w*m)^T
+    torch.testing.assert_close(layer.popup_scores.grad, torch.sign(layer.popup_scores.detach()) * layer.weight.detach() * g_eff)
+    torch.testing.assert_close(layer.weight.grad, layer.mask * g_eff)
+    assert layer.popup_scores.grad[0, 0] == 0
+
+
+def test_forward_uses_masked_weight_without_score_grad():
+    torch.manual_seed(0)
+    conv = MaskedConv2d(2, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.mask.copy_(torch.rand_like(conv.weight) > 0.5)
+    x = torch.randn(2, 2, 5, 5)
+    ref = nn.functional.conv2d(x, conv.weight * conv.mask, conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), ref)
+
+
+def test_masked_model_at_k_one_equals_dense_model():
+    dense = tiny_net().eval()
+    masked = to_masked(tiny_net(), granularity="unstructured").eval()
+    ms = MaskSet(masked, k=1.0, granularity="unstructured", scope="global")
+    assert all(l.mask.all() for l in ms.layers.values())
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(masked(x), dense(x))
+    assert len(ms.layers) == 3
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "filter", "channel"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_dense_export_round_trip(granularity, scope):
+    model = to_masked(tiny_net(), granularity=granularity)
+    ms = MaskSet(model, k=0.4, granularity=granularity, scope=scope)
+    init_scores(ms.layers, kind="kaiming_normal")
+    model.eval()
+    x = torch.randn(3, 3, 6, 6)
+    expected = model(x)
+    masks = ms.masks()
+    # the exported state dict loads strictly into the plain architecture and computes the same
+    plain = tiny_net().eval()
+    plain.load_state_dict(dense_state_dict(model), strict=True)
+    torch.testing.assert_close(plain(x), expected)
+    for name, m in masks.items():
+        assert torch.equal(plain.get_submodule(name).weight != 0, m & (model.get_submodule(name).weight != 0))
+    # and to_dense gives the same function with plain layers
+    back = to_dense(model)
+    assert not masked_layers(back)
+    torch.testing.assert_close(back(x), expected)
+
+
+def test_maskset_reselects_only_when_scores_change():
+    model = to_masked(tiny_net(), granularity="unstructured")
+    ms = MaskSet(model, k=0.3, granularity="unstructured", scope="global")
+    x = torch.randn(2, 3, 6, 6)
+    model(x)
+    first = ms.selections
+    model(x)
+    model(x)
+    assert ms.selections == first  # no score change, no selection
+    layer = next(iter(ms.layers.values()))
+    old = layer.mask.clone()
+    with torch.no_grad():
+        layer.popup_scores.mul_(-100.0).add_(torch.randn_like(layer.popup_scores))
+    model(x)
+    assert ms.selections == first + 1
+    assert not torch.equal(old, layer.mask)
+    assert sum(int(l.mask.sum()) for l in ms.layers.values()) == n_keep(0.3, sum(l.mask.numel() for l in ms.layers.values()))
+
+
+def test_frozen_maskset_keeps_explicit_masks():
+    model = to_masked(tiny_net(), granularity="unstructured")
+    ms = MaskSet(model, k=0.3, granularity="unstructured", scope="layer")
+    explicit = {n: torch.rand_like(l.weight) > 0.5 for n, l in ms.layers.items()}
+    ms.set_masks(explicit)
+    with torch.no_grad():
+        for l in ms.layers.values():
+            l.popup_scores.add_(1.0)
+    model(torch.randn(1, 3, 6, 6))
+    for n, l in ms.layers.items():
+        assert torch.equal(l.mask, explicit[n])
+
+
+def test_scaled_score_init_is_a_new_tensor():
+    model = to_masked(tiny_net(), granularity="unstructured")
+    layers = masked_layers(model)
+    init_scores(layers, kind="scaled")
+    for layer in layers.values():
+        fan_in = layer.weight[0].numel()
+        w = layer.weight.detach()
+        torch.testing.assert_close(layer.popup_scores.detach(), math.sqrt(6 / fan_in) * w / w.abs().max())
+        assert layer.popup_scores.data_ptr() != layer.weight.data_ptr()
+        with torch.no_grad():
+            layer.popup_scores.add_(1.0)
+        assert not torch.equal(layer.popup_scores.detach(), layer.weight.detach())

@@ -1,0 +1,188 @@
+"""The base trainer: plain training (pretrain, finetune) and HYDRA score learning (prune).
+
+| mode     | optimizer owns                                   | mask                         |
+|----------|--------------------------------------------------|------------------------------|
+| pretrain | every parameter (the model is dense)             | none                         |
+| prune    | scores, plus BatchNorm affine unless freeze_bn   | top-k of the scores (learned)|
+| finetune | every parameter but the scores                   | fixed                        |
+
+Parameters no optimizer owns get ``requires_grad=False`` so autograd skips their gradients (a
+speed matter only: correctness comes from each optimizer owning exactly its parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from layers import MaskSet
+from trainers.metrics import Average, correct_topk
+from trainers.registry import register_trainer
+from trainers.schedules import WEIGHT_MILESTONES, lr_at
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """One optimizer and its schedule."""
+    optimizer: str
+    lr: float
+    momentum: float
+    wd: float
+    schedule: str
+    epochs: int
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.0
+    milestones: tuple[float, ...] = WEIGHT_MILESTONES
+
+    def lr_at(self, epoch: int) -> float:
+        return lr_at(self.schedule, epoch=epoch, base_lr=self.lr, epochs=self.epochs,
+                     warmup_epochs=self.warmup_epochs, warmup_lr=self.warmup_lr, milestones=self.milestones)
+
+
+OPTIMIZERS: dict[str, Callable[[list, OptimSettings], torch.optim.Optimizer]] = {
+    "sgd": lambda p, s: torch.optim.SGD(p, lr=s.lr, momentum=s.momentum, weight_decay=s.wd),
+    "adam": lambda p, s: torch.optim.Adam(p, lr=s.lr, weight_decay=s.wd),
+    "rmsprop": lambda p, s: torch.optim.RMSprop(p, lr=s.lr, momentum=s.momentum, weight_decay=s.wd),
+}
+
+
+def make_optimizer(params: list[nn.Parameter], settings: OptimSettings) -> torch.optim.Optimizer:
+    return OPTIMIZERS[settings.optimizer](params, settings)
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """(scores, batch-norm affine parameters, all other parameters), each in module order."""
+    scores, bn, other = [], [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "popup_scores":
+                scores.append(p)
+            elif isinstance(module, nn.modules.batchnorm._NormBase):
+                bn.append(p)
+            else:
+                other.append(p)
+    return scores, bn, other
+
+
+def own_only(model: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+@register_trainer("base")
+class BaseTrainer:
+    """One optimizer; HYDRA's prune mode when the mode is ``prune``."""
+
+    name = "base"
+    option_names: tuple[str, ...] = ()  # config options train.py passes to setup() by name
+
+    def __init__(self, *, model: nn.Module, maskset: MaskSet | None, mode: str, device: torch.device,
+                 weights: OptimSettings, masks: OptimSettings | None = None, freeze_bn: bool = False,
+                 label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
+                 print_freq: int = 100, **method_options) -> None:
+        self.model = model
+        self.maskset = maskset
+        self.mode = mode
+        self.device = device
+        self.progress = progress
+        self.log = log
+        self.print_freq = print_freq
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.settings: dict[str, OptimSettings] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.setup(weights=weights, masks=masks, freeze_bn=freeze_bn, **method_options)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def setup(self, *, weights: OptimSettings, masks: OptimSettings | None, freeze_bn: bool) -> None:
+        scores, bn, other = split_parameters(self.model)
+        if self.mode == "prune":
+            params = scores + ([] if freeze_bn else bn)
+        else:
+            params = bn + other
+            if self.maskset is not None:
+                self.maskset.freeze()
+        own_only(self.model, params)
+        self.add_optimizer("optimizer", params, weights)
+
+    def add_optimizer(self, key: str, params: list[nn.Parameter], settings: OptimSettings) -> None:
+        self.settings[key] = settings
+        self.optimizers[key] = make_optimizer(params, settings)
+
+    def set_epoch(self, epoch: int) -> dict[str, float]:
+        """Set every optimizer's learning rate for ``epoch``; returns them by optimizer key."""
+        lrs = {}
+        for key, opt in self.optimizers.items():
+            lrs[key] = self.settings[key].lr_at(epoch)
+            for group in opt.param_groups:
+                group["lr"] = lrs[key]
+        return lrs
+
+    # -- one step ----------------------------------------------------------------------------
+    def batches(self, loaders) -> tuple[Iterator, int]:
+        return iter(loaders.train), len(loaders.train)
+
+    def _to_device(self, batch):
+        x, y = batch
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimisation step; returns (loss, logits, targets) of the batch it trained on."""
+        x, y = self._to_device(batch)
+        opt = self.optimizers["optimizer"]
+        logits = self.model(x)
+        loss = self.criterion(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach(), logits.detach(), y
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, loaders) -> dict[str, float]:
+        self.model.train()
+        loss_avg, top1, top5 = Average(), Average(), Average()
+        batches, total = self.batches(loaders)
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", leave=False, disable=not self.progress,
+                   dynamic_ncols=True)
+        for i, batch in enumerate(bar):
+            loss, logits, y = self.step(batch)
+            n = y.shape[0]
+            c1, c5 = correct_topk(logits, y)
+            loss_avg.update(float(loss), n)
+            top1.update(100.0 * c1 / n, n)
+            top5.update(100.0 * c5 / n, n)
+            bar.set_postfix(loss=f"{loss_avg.mean:.4f}", top1=f"{top1.mean:.2f}")
+            if i % self.print_freq == 0:
+                self.log(f"epoch {epoch} [{i}/{total}] loss {loss_avg.mean:.4f} top1 {top1.mean:.2f} top5 {top5.mean:.2f}")
+        bar.close()
+        if not torch.isfinite(torch.tensor(loss_avg.mean)):
+            raise FloatingPointError(f"training loss is {loss_avg.mean} in epoch {epoch}; lower --lr (or --mask-lr)")
+        return {"loss": loss_avg.mean, "top1": top1.mean, "top5": top5.mean}
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict]:
+        return {key: opt.state_dict() for key, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        for key, opt in self.optimizers.items():
+            if state.get(key) is None:
+                raise ValueError(f"checkpoint has no state for {key}")
+            opt.load_state_dict(state[key])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) of ``model`` on ``loader``."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss, c1, c5, n = 0.0, 0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss += float(criterion(logits, y))
+        a, b = correct_topk(logits, y)
+        c1, c5, n = c1 + a, c5 + b, n + y.shape[0]
+    return {"loss": loss / max(n, 1), "top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}

@@ -1,0 +1,421 @@
+"""Inverse of the damped empirical Fisher, block-diagonal, for the OBS step (WoodFisher).
+
+From m gradient rows G (m x d; each row the mean mini-batch gradient of the flattened weights of
+one layer, or of several layers concatenated) and a block size c, the weights are cut into
+contiguous blocks of c coordinates and each block b gets the damped empirical Fisher
+
+    F_b = lambda * I_c + (1/m) G_b^T G_b            (G_b = G[:, block b], m x c)
+
+(Singh & Alistarh 2020, eq. for the empirical Fisher with dampening lambda = ``fisher_damp``).
+OBS needs only diag(F^-1) and products F^-1 v, and both are computed here for *all* blocks in a few
+batched tensor calls (tensors of shape [n_blocks, ., .]); the short last block is zero-padded,
+which is exact: a padded coordinate has a zero gradient column, so F has lambda on its diagonal
+and no coupling to the others (its diag(F^-1) is 1/lambda and it never touches real coordinates).
+
+Two exact forms, chosen per instance:
+
+* primal (c <= m): F_b is formed (c x c), factored F_b = L L^T (Cholesky), then
+  diag(F_b^-1) from ``cholesky_inverse`` and F_b^-1 v from ``cholesky_solve``.
+  Time O(m c^2 + c^3) per block, memory O(c^2).
+
+* dual (c > m): the Woodbury identity with A = lambda I, U = G_b^T, C = (1/m) I, V = G_b gives
+
+      F_b^-1 = (1/lambda) [ I - G_b^T (lambda m I_m + G_b G_b^T)^-1 G_b ].
+
+  With M = lambda m I_m + G_b G_b^T = L L^T (m x m) and Z = L^-1 G_b (m x c):
+
+      diag(F_b^-1)_j = (1 - ||Z[:, j]||^2) / lambda,      F_b^-1 v = (v - Z^T (Z v)) / lambda
+                                                          = (v - G_b^T M^-1 (G_b v)) / lambda.
+
+  Time O(m^2 c + m^3) per block, memory O(m c) transient and O(m^2) kept: a block can be a whole
+  layer, or all prunable weights at once (d = total, block_size=None).
+
+Precision: everything past the input is done in float64 (``compute_dtype``). The dual form needs
+it: 1 - ||z||^2 cancels when a coordinate is well determined by the gradients, and M has condition
+number up to (lambda m + ||G_b||^2) / (lambda m), which float32 cannot carry at lambda = 1e-5.
+The results are clamped into the bounds every SPD F satisfies,
+
+    1 / F_qq  <=  [F^-1]_qq  <=  1 / lambda,
+
+so round-off can never produce a negative or unbounded OBS denominator.
+
+Memory: G is never copied whole. It is read in chunks of blocks (or, for a single block wider than
+the budget, chunks of columns), each converted to float64 into a buffer of at most
+``max_chunk_bytes``; only the Cholesky factors (n_blocks x k x k, k = c primal / m dual) and two
+length-d vectors stay. ``peak_memory_bytes()`` reports the largest sum of live buffers this object
+allocated (an analytic count of its own temporaries, the figure the trainer logs).
+
+The dual form keeps a reference to G (no copy) because F^-1 v needs G_b again; do not modify G in
+place while the inverse is in use.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+
+_DEFAULT_CHUNK_BYTES = 128 * 2**20  # float64 staging buffer per batched call; bounds transient memory
+
+
+class EmpiricalFisherInverse:
+    """Block-diagonal inverse of F = lambda I + (1/m) G^T G (see the module docstring).
+
+    grads: G, shape (m, d), any float dtype and device. Rows are gradient samples.
+    block_size: c, the width of a block of contiguous coordinates; ``None`` (or >= d) makes the
+        whole vector one block (a whole layer, or all layers concatenated).
+    damp: lambda > 0.
+    compute_dtype: dtype of the factorisations and solves (float64 unless you know better).
+    max_chunk_bytes: bound on one staging buffer of G in ``compute_dtype``.
+
+    Results (``diag``, ``mul``) come back in G's dtype (``diag``) or v's dtype (``mul``), on G's
+    device.
+    """
+
+    def __init__(
+        self,
+        grads: torch.Tensor,
+        *,
+        block_size: int | None = None,
+        damp: float = 1e-5,
+        compute_dtype: torch.dtype = torch.float64,
+        max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if grads.dim() != 2:
+            raise ValueError(f"grads must be (m, d), got shape {tuple(grads.shape)}")
+        m, d = grads.shape
+        if m < 1 or d < 1:
+            raise ValueError(f"grads must be non-empty, got shape {tuple(grads.shape)}")
+        if not damp > 0:
+            raise ValueError(f"damp (lambda) must be > 0, got {damp}")
+        if block_size is not None and block_size < 1:
+            raise ValueError(f"block_size must be >= 1 or None, got {block_size}")
+        # Chunked loads slice columns; they need unit stride along d (any row stride is fine).
+        self._grads = grads if grads.stride(-1) == 1 else grads.contiguous()
+        self.m, self.d = m, d
+        self.block_size = d if block_size is None else min(block_size, d)
+        self.n_blocks = math.ceil(d / self.block_size)
+        self.damp = float(damp)
+        self.form = "primal" if self.block_size <= m else "dual"
+        self.dtype = grads.dtype
+        self.device = grads.device
+        self._cdt = compute_dtype
+        self._item = torch.empty((), dtype=compute_dtype).element_size()
+        self._max_chunk_bytes = int(max_chunk_bytes)
+
+        c, nb = self.block_size, self.n_blocks
+        k = c if self.form == "primal" else m
+        # Kept state: one Cholesky factor per block, diag(F^-1) and F_qq (padded to nb * c).
+        self._factor = torch.zeros(nb, k, k, dtype=compute_dtype, device=self.device)
+        self._diag = torch.empty(nb, c, dtype=compute_dtype, device=self.device)
+        self._fisher_diag = torch.zeros(nb, c, dtype=compute_dtype, device=self.device)
+        self._kept_bytes = sum(t.numel() * self._item for t in (self._factor, self._diag, self._fisher_diag))
+        self._peak_bytes = self._kept_bytes
+        if self.form == "primal":
+            self._build_primal()
+        else:
+            self._build_dual()
+        # 1/F_qq <= [F^-1]_qq <= 1/lambda for every SPD F; clamp away round-off outside.
+        self._diag = torch.maximum(self._diag, self._fisher_diag.reciprocal()).clamp_(max=1.0 / self.damp)
+
+    # ----------------------------------------------------------------------------------------
+    # public API
+
+    def diag(self) -> torch.Tensor:
+        """diag(F^-1), length d, in G's dtype."""
+        return self._diag.reshape(-1)[: self.d].to(self.dtype)
+
+    def fisher_diag(self) -> torch.Tensor:
+        """F_qq = lambda + (1/m) sum_i G_iq^2, length d, in G's dtype (the diagonal-Fisher baseline)."""
+        return self._fisher_diag.reshape(-1)[: self.d].to(self.dtype)
+
+    def mul(self, v: torch.Tensor) -> torch.Tensor:
+        """F^-1 v for v of shape (d,) or a batch (k, d); same shape and dtype as v."""
+        if v.shape[-1] != self.d or v.dim() not in (1, 2):
+            raise ValueError(f"v must be ({self.d},) or (k, {self.d}), got {tuple(v.shape)}")
+        vb = self._to_blocks(v)  # [nb, c, k], compute dtype
+        if self.form == "primal":
+            out = torch.cholesky_solve(vb, self._factor)
+            self._note(vb, out)
+        else:
+            out = self._dual_mul(vb)
+        return self._from_blocks(out, like=v)
+
+    def group_solve(self, w: torch.Tensor, *, group_size: int) -> torch.Tensor:
+        """u with u_Q = ([F^-1]_QQ)^-1 w_Q for every group Q of ``group_size`` contiguous coordinates.
+
+        The group OBS quantities follow from u: statistic w_Q^T u_Q, update -F^-1 (u on the pruned
+        groups, 0 elsewhere). Groups must tile blocks: ``block_size % group_size == 0`` and
+        ``d % group_size == 0``. For g <= m the g x g sub-blocks of F^-1 are formed and solved;
+        for g > m (dual form, large filters) Woodbury once more,
+        ([F^-1]_QQ)^-1 = lambda [I + Z_Q^T (I_m - Z_Q Z_Q^T)^-1 Z_Q], so only m x m systems appear.
+        Returns shape (d,), in w's dtype.
+        """
+        g = int(group_size)
+        if g < 1 or self.block_size % g or self.d % g:
+            raise ValueError(
+                f"group_size {group_size} must divide block_size {self.block_size} and d {self.d} "
+                "(blocks must be aligned to whole groups)")
+        wb = self._to_blocks(w.reshape(-1))[..., 0]  # [nb, c]
+        u = torch.empty_like(wb)
+        if self.form == "primal":
+            self._primal_group_solve(wb, u, g)
+        else:
+            self._dual_group_solve(wb, u, g)
+        return u.reshape(-1)[: self.d].to(w.dtype)
+
+    def peak_memory_bytes(self) -> int:
+        """Largest sum of buffers this object held at once (kept factors + staging), in bytes."""
+        return int(self._peak_bytes)
+
+    def kept_memory_bytes(self) -> int:
+        """Bytes kept between calls: Cholesky factors, diag(F^-1) and F_qq."""
+        return int(self._kept_bytes)
+
+    # ----------------------------------------------------------------------------------------
+    # construction
+
+    def _build_primal(self) -> None:
+        """F_b = lambda I + G_b^T G_b / m for all blocks, then Cholesky and diag(F^-1)."""
+        m, c = self.m, self.block_size
+        F = self._factor  # built in place, factored in place
+        for b0, b1, r0, r1 in self._row_chunks():
+            X = self._load(b0, b1, r0, r1, 0, c)  # [nbc, rows, c]
+            F[b0:b1].baddbmm_(X.mT, X)
+            self._fisher_diag[b0:b1].add_(torch.linalg.vector_norm(X, dim=1).square_())
+            self._note(X)
+            del X
+        F.div_(m).diagonal(dim1=1, dim2=2).add_(self.damp)
+        self._fisher_diag.div_(m).add_(self.damp)
+        self._cholesky_in_place(F)
+        # diag(F^-1) from the explicit inverse of a chunk of blocks at a time.
+        per_block = c * c * self._item
+        step = max(1, self._max_chunk_bytes // per_block)
+        for b0 in range(0, self.n_blocks, step):
+            b1 = min(b0 + step, self.n_blocks)
+            inv = torch.cholesky_inverse(F[b0:b1])
+            self._diag[b0:b1] = inv.diagonal(dim1=1, dim2=2)
+            self._note(inv)
+            del inv
+
+    def _build_dual(self) -> None:
+        """M_b = lambda m I + G_b G_b^T, L = chol(M), Z = L^-1 G_b, diag = (1 - ||Z_:j||^2)/lambda."""
+        m, c = self.m, self.block_size
+        M = self._factor
+        chunks = list(self._column_chunks())
+        whole = all(c0 == 0 and c1 == c for _, _, c0, c1 in chunks)
+        if whole:
+            # Each chunk holds whole blocks: one load per chunk serves M, L and Z.
+            for b0, b1, _, _ in chunks:
+                X = self._load(b0, b1, 0, m, 0, c)
+                Mc = M[b0:b1]
+                torch.baddbmm(Mc, X, X.mT, out=Mc)
+                Mc.diagonal(dim1=1, dim2=2).add_(self.damp * m)
+                self._fisher_diag[b0:b1] = torch.linalg.vector_norm(X, dim=1).square_()
+                self._cholesky_in_place(Mc)
+                torch.linalg.solve_triangular(Mc, X, upper=False, out=X)  # X <- Z, in place
+                self._diag[b0:b1] = torch.linalg.vector_norm(X, dim=1).square_().neg_().add_(1.0)
+                self._note(X)
+                del X
+        else:
+            # Blocks wider than the budget: accumulate M over column chunks, factor, then Z per chunk.
+            for b0, b1, c0, c1 in chunks:
+                X = self._load(b0, b1, 0, m, c0, c1)
+                M[b0:b1].baddbmm_(X, X.mT)
+                self._fisher_diag[b0:b1, c0:c1] = torch.linalg.vector_norm(X, dim=1).square_()
+                self._note(X)
+                del X
+            M.diagonal(dim1=1, dim2=2).add_(self.damp * m)
+            self._cholesky_in_place(M)
+            for b0, b1, c0, c1 in chunks:
+                X = self._load(b0, b1, 0, m, c0, c1)
+                torch.linalg.solve_triangular(M[b0:b1], X, upper=False, out=X)
+                self._diag[b0:b1, c0:c1] = torch.linalg.vector_norm(X, dim=1).square_().neg_().add_(1.0)
+                self._note(X)
+                del X
+        self._diag.div_(self.damp)
+        self._fisher_diag.div_(m).add_(self.damp)
+
+    def _cholesky_in_place(self, A: torch.Tensor) -> None:
+        info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)
+        torch.linalg.cholesky_ex(A, out=(A, info))
+        if bool((info != 0).any()):
+            raise FloatingPointError(
+                f"Cholesky of the damped Fisher failed in {int((info != 0).sum())} block(s); "
+                f"increase damp (now {self.damp}) or check the gradients for inf/nan")
+        # Only the lower triangle is read afterwards (solve_triangular / cholesky_solve /
+        # cholesky_inverse with upper=False), so the factor is left exactly as LAPACK returns it.
+
+    # ----------------------------------------------------------------------------------------
+    # products
+
+    def _dual_mul(self, vb: torch.Tensor) -> torch.Tensor:
+        """(v - G_b^T M^-1 (G_b v)) / lambda per block; vb is [nb, c, k] and is overwritten."""
+        m, c, k = self.m, self.block_size, vb.shape[-1]
+        U = torch.zeros(self.n_blocks, m, k, dtype=self._cdt, device=self.device)
+        chunks = list(self._column_chunks())
+        whole = all(c0 == 0 and c1 == c for _, _, c0, c1 in chunks)
+        if whole:
+            for b0, b1, _, _ in chunks:
+                X = self._load(b0, b1, 0, m, 0, c)
+                U[b0:b1] = torch.cholesky_solve(torch.bmm(X, vb[b0:b1]), self._factor[b0:b1])
+                vb[b0:b1].baddbmm_(X.mT, U[b0:b1], alpha=-1.0)
+                self._note(vb, U, X)
+                del X
+        else:
+            for b0, b1, c0, c1 in chunks:
+                X = self._load(b0, b1, 0, m, c0, c1)
+                U[b0:b1].baddbmm_(X, vb[b0:b1, c0:c1])
+                self._note(vb, U, X)
+                del X
+            U = torch.cholesky_solve(U, self._factor)
+            for b0, b1, c0, c1 in chunks:
+                X = self._load(b0, b1, 0, m, c0, c1)
+                vb[b0:b1, c0:c1] -= torch.bmm(X.mT, U[b0:b1])
+                self._note(vb, U, X)
+                del X
+        return vb.div_(self.damp)
+
+    # ----------------------------------------------------------------------------------------
+    # group OBS
+
+    def _primal_group_solve(self, wb: torch.Tensor, u: torch.Tensor, g: int) -> None:
+        c = self.block_size
+        step = max(1, self._max_chunk_bytes // (c * c * self._item))
+        for b0 in range(0, self.n_blocks, step):
+            b1 = min(b0 + step, self.n_blocks)
+            inv = torch.cholesky_inverse(self._factor[b0:b1])  # [nbc, c, c]
+            q = c // g
+            # The g x g diagonal sub-blocks [F^-1]_QQ: [nbc, q, g, q, g] -> diagonal over q.
+            sub = inv.view(b1 - b0, q, g, q, g).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)
+            rhs = wb[b0:b1].view(b1 - b0, q, g, 1)
+            u[b0:b1] = torch.linalg.solve(sub, rhs).view(b1 - b0, c)
+            self._note(inv)
+            del inv, sub
+
+    def _dual_group_solve(self, wb: torch.Tensor, u: torch.Tensor, g: int) -> None:
+        m, lam = self.m, self.damp
+        eye_m = torch.eye(m, dtype=self._cdt, device=self.device)
+        for b0, b1, c0, c1 in self._column_chunks(align=g):
+            Z = self._load(b0, b1, 0, m, c0, c1)
+            torch.linalg.solve_triangular(self._factor[b0:b1], Z, upper=False, out=Z)
+            nbc, q = b1 - b0, (c1 - c0) // g
+            Zq = Z.view(nbc, m, q, g).permute(0, 2, 1, 3)  # [nbc, q, m, g]
+            wq = wb[b0:b1, c0:c1].reshape(nbc, q, g, 1)
+            if g <= m:
+                # [F^-1]_QQ = (I_g - Z_Q^T Z_Q) / lambda, formed and solved directly.
+                A = torch.matmul(Zq.mT, Zq).neg_()
+                A.diagonal(dim1=-2, dim2=-1).add_(1.0)
+                sol = torch.linalg.solve(A, wq).mul_(lam)
+            else:
+                # ([F^-1]_QQ)^-1 w = lambda (w + Z_Q^T (I_m - Z_Q Z_Q^T)^-1 Z_Q w): m x m systems.
+                K = eye_m - torch.matmul(Zq, Zq.mT)
+                A = K
+                sol = (wq + torch.matmul(Zq.mT, torch.linalg.solve(K, torch.matmul(Zq, wq)))).mul_(lam)
+            u[b0:b1, c0:c1] = sol.reshape(nbc, c1 - c0)
+            self._note(Z, A)
+            del Z, A, sol
+
+    # ----------------------------------------------------------------------------------------
+    # chunked access to G
+
+    def _column_chunks(self, align: int = 1) -> Iterator[tuple[int, int, int, int]]:
+        """(b0, b1, c0, c1): blocks b0:b1, columns c0:c1 of each, so that one staged chunk of
+        shape [b1-b0, m, c1-c0] fits in max_chunk_bytes (at least one block, or one aligned
+        column group, per chunk)."""
+        m, c, nb = self.m, self.block_size, self.n_blocks
+        per_block = m * c * self._item
+        if per_block <= self._max_chunk_bytes:
+            step = max(1, self._max_chunk_bytes // per_block)
+            for b0 in range(0, nb, step):
+                yield b0, min(b0 + step, nb), 0, c
+        else:
+            width = max(align, (self._max_chunk_bytes // (m * self._item)) // align * align)
+            for b in range(nb):
+                for c0 in range(0, c, width):
+                    yield b, b + 1, c0, min(c0 + width, c)
+
+    def _row_chunks(self) -> Iterator[tuple[int, int, int, int]]:
+        """(b0, b1, r0, r1) for the primal Gram G_b^T G_b accumulated over row (gradient) chunks."""
+        m, c, nb = self.m, self.block_size, self.n_blocks
+        per_row = c * self._item
+        rows = max(1, min(m, self._max_chunk_bytes // per_row))
+        step = max(1, self._max_chunk_bytes // (rows * per_row))
+        for r0 in range(0, m, rows):
+            for b0 in range(0, nb, step):
+                yield b0, min(b0 + step, nb), r0, min(r0 + rows, m)
+
+    def _load(self, b0: int, b1: int, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+        """G rows r0:r1, columns c0:c1 of blocks b0:b1, as [b1-b0, r1-r0, c1-c0] in compute dtype;
+        columns past d (the padded tail of the last block) are zero."""
+        c, d = self.block_size, self.d
+        G = self._grads[r0:r1]
+        out = torch.empty(b1 - b0, r1 - r0, c1 - c0, dtype=self._cdt, device=self.device)
+        # Blocks whose columns c0:c1 all lie inside d are a strided view of G: one copy.
+        n_full = max(0, min(b1, (d - c1) // c + 1) - b0) if d >= c1 else 0
+        if n_full:
+            # (row r, block i, column j) -> G[r, (b0 + i) * c + c0 + j], never past column d.
+            src = G.as_strided((r1 - r0, n_full, c1 - c0), (G.stride(0), c, 1),
+                               G.storage_offset() + b0 * c + c0)
+            out[:n_full].copy_(src.permute(1, 0, 2))
+        if n_full < b1 - b0:  # only the last block can run past d
+            b = b0 + n_full
+            start, stop = b * c + c0, min(d, b * c + c1)
+            out[n_full:].zero_()
+            if stop > start:
+                out[n_full, :, : stop - start].copy_(G[:, start:stop])
+        return out
+
+    def _to_blocks(self, v: torch.Tensor) -> torch.Tensor:
+        """(d,) or (k, d) -> [nb, c, k] in compute dtype, zero-padded."""
+        V = v.reshape(-1, self.d).to(device=self.device, dtype=self._cdt)
+        k, pad = V.shape[0], self.n_blocks * self.block_size - self.d
+        if pad:
+            V = torch.nn.functional.pad(V, (0, pad))
+        return V.view(k, self.n_blocks, self.block_size).permute(1, 2, 0).contiguous()
+
+    def _from_blocks(self, vb: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
+        k = vb.shape[-1]
+        out = vb.permute(2, 0, 1).reshape(k, -1)[:, : self.d]
+        return out.reshape(like.shape).to(like.dtype)
+
+    def _note(self, *tensors: torch.Tensor) -> None:
+        live = self._kept_bytes + sum(t.numel() * t.element_size() for t in tensors)
+        self._peak_bytes = max(self._peak_bytes, live)
+
+
+class DiagonalFisher:
+    """The diagonal-Fisher baseline with the same interface: F replaced by its diagonal,
+    F_qq = lambda + (1/m) sum_i G_iq^2, so diag(F^-1) = 1/F_qq and F^-1 v = v / F_qq.
+    Costs one pass over G and d floats; OBS with it prunes by w_q^2 F_qq and moves nothing else."""
+
+    def __init__(self, grads: torch.Tensor, *, damp: float = 1e-5) -> None:
+        if grads.dim() != 2:
+            raise ValueError(f"grads must be (m, d), got shape {tuple(grads.shape)}")
+        if not damp > 0:
+            raise ValueError(f"damp (lambda) must be > 0, got {damp}")
+        self.m, self.d = grads.shape
+        self.damp = float(damp)
+        self.dtype, self.device = grads.dtype, grads.device
+        # Sum of squares in float64 without a float64 copy of G.
+        sq = torch.zeros(self.d, dtype=torch.float64, device=grads.device)
+        rows = max(1, (32 * 2**20) // max(1, self.d * 8))
+        for r0 in range(0, self.m, rows):
+            sq.add_(grads[r0:r0 + rows].to(torch.float64).square().sum(0))
+        self._fisher_diag = sq.div_(self.m).add_(self.damp)
+        self._peak_bytes = 2 * self.d * 8 + rows * self.d * 8
+
+    def diag(self) -> torch.Tensor:
+        return self._fisher_diag.reciprocal().to(self.dtype)
+
+    def fisher_diag(self) -> torch.Tensor:
+        return self._fisher_diag.to(self.dtype)
+
+    def mul(self, v: torch.Tensor) -> torch.Tensor:
+        return (v.to(torch.float64) / self._fisher_diag).to(v.dtype)
+
+    def peak_memory_bytes(self) -> int:
+        return int(self._peak_bytes)
+
+    def kept_memory_bytes(self) -> int:
+        return int(self.d * 8)

@@ -1,0 +1,109 @@
+"""The epoch loop shared by every trainer: schedule, train, evaluate, log, checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from layers import MaskSet, dense_state_dict
+from trainers.base import evaluate
+from trainers.checkpoint import rng_state, save_checkpoint
+from trainers.run_log import RunLog, sparsity_table
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the global RNG at the start of ``epoch``: an epoch depends only on (seed, epoch)
+    and the state it starts from, so a resumed run repeats the uninterrupted one exactly."""
+    return (seed * 1_000_003 + epoch * 7919) % (2**63 - 1)
+
+
+@dataclass
+class RunState:
+    start_epoch: int = 0
+    best_prec1: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSet | None, trainer,
+                     best_prec1: float, config: dict[str, Any]) -> dict[str, Any]:
+    optim = trainer.state_dict()
+    return {
+        "epoch": epoch,  # epochs completed, as HYDRA/BiP store it
+        "arch": arch,
+        "state_dict": model.state_dict(),
+        "best_prec1": best_prec1,
+        "optimizer": optim.get("optimizer"),
+        "mask_optimizer": optim.get("mask_optimizer"),
+        "trainer_state": optim,
+        "masks": maskset.masks() if maskset is not None else None,
+        "masks_frozen": bool(maskset.frozen) if maskset is not None else False,
+        "config": config,
+        "rng": rng_state(),
+    }
+
+
+def sparsity_scalars(maskset: MaskSet | None) -> dict[str, float]:
+    if maskset is None:
+        return {"sparsity/overall": 0.0}
+    rows = maskset.report()
+    out = {f"sparsity/{r.name}": r.sparsity for r in rows}
+    out["sparsity/overall"] = 1.0 - maskset.density()
+    return out
+
+
+def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: torch.device, epochs: int,
+        seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
+        save_dense: bool) -> RunState:
+    ckpt_dir = os.path.join(run_dir, "checkpoint")
+    for epoch in range(state.start_epoch, epochs):
+        loaders.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(seed, epoch))
+        lrs = trainer.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train = trainer.train_epoch(epoch, loaders)
+        val = evaluate(model, loaders.val if loaders.val is not None else loaders.test, device=device)
+        test = evaluate(model, loaders.test, device=device) if loaders.val is not None else val
+        seconds = time.perf_counter() - t0
+        is_best = val["top1"] > state.best_prec1 or epoch == 0 and state.best_prec1 == 0.0
+        state.best_prec1 = max(state.best_prec1, val["top1"])
+        sparsity = sparsity_scalars(maskset)
+        lr_text = "  ".join(f"{'mask_lr' if k == 'mask_optimizer' else 'lr'} {v:.4g}" for k, v in lrs.items())
+        log.info(f"epoch {epoch + 1:>3}/{epochs}  {lr_text}  train loss {train['loss']:.4f} top1 {train['top1']:6.2f}"
+                 f"  | val top1 {val['top1']:6.2f}  test top1 {test['top1']:6.2f}  | sparsity "
+                 f"{100 * sparsity['sparsity/overall']:6.2f}%  | {seconds:5.1f}s{'  *best' if is_best else ''}")
+        scalars = {"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
+                   "val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
+                   "test/loss": test["loss"], "test/top1": test["top1"], "test/top5": test["top5"], **sparsity}
+        for key, value in lrs.items():
+            scalars["lr/mask_lr" if key == "mask_optimizer" else "lr/lr"] = value
+        log.scalars(epoch + 1, scalars)
+        row = {"epoch": epoch + 1, **{f"lr_{k}": v for k, v in lrs.items()},
+               **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
+               **{f"test_{k}": v for k, v in test.items()}, "sparsity": sparsity["sparsity/overall"],
+               "seconds": round(seconds, 3)}
+        log.csv_row(row)
+        state.history.append(row)
+        ckpt = checkpoint_state(epoch=epoch + 1, arch=arch, model=model, maskset=maskset, trainer=trainer,
+                                best_prec1=state.best_prec1, config=config)
+        save_checkpoint(ckpt, os.path.join(ckpt_dir, "checkpoint.pth.tar"))
+        if is_best:
+            save_checkpoint(ckpt, os.path.join(ckpt_dir, "model_best.pth.tar"))
+        if save_dense:
+            dense = dense_state_dict(model)
+            save_checkpoint(dense, os.path.join(ckpt_dir, "checkpoint_dense.pth.tar"))
+            if is_best:
+                save_checkpoint(dense, os.path.join(ckpt_dir, "model_best_dense.pth.tar"))
+    return state
+
+
+def write_summary(run_dir: str, summary: dict[str, Any], maskset: MaskSet | None) -> None:
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=2)
+    if maskset is not None:
+        with open(os.path.join(run_dir, "sparsity.txt"), "w", encoding="utf-8") as fh:
+            fh.write(sparsity_table(maskset.report()) + "\n")
