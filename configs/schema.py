@@ -60,6 +60,7 @@ class Config:
     batch_size: int = opt(128, "training batch size", group="data")
     test_batch_size: int = opt(128, "evaluation batch size", group="data")
     num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", group="data")
+    data_fraction: float = opt(1.0, "train on this fraction of the training set (a fixed, seeded subset)", group="data")
     val_fraction: float = opt(0.0, "bilevel: hold out this fraction of the training set for the upper level "
                               "(0 = an independent shuffle of the whole training set, as BiP)", group="data")
     skip_bad_records: bool = opt(False, "LMDB: skip and count undecodable records instead of stopping", group="data")
@@ -113,6 +114,8 @@ class Config:
         for name in ("warmup_epochs", "num_workers", "layer_floor"):
             if getattr(self, name) < 0:
                 raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.data_fraction <= 1.0:
+            raise bad(f"--data-fraction must be in (0, 1], got {self.data_fraction}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise bad(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:

@@ -75,3 +75,17 @@ class RunLog:
 
 def warn(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def summary_table(summaries: list[dict]) -> str:
+    """One row per run: stage, trainer, k, test top-1, sparsity (the quick start's closing table)."""
+    lines = [f"{'stage':<9} {'trainer':<8} {'k':>6} {'test top-1':>10} {'sparsity':>9}", "-" * 46]
+    for s in summaries:
+        lines.append(f"{s['stage']:<9} {s['trainer']:<8} {s['k']:>6g} {s['test_top1']:>9.2f}% {100 * s['sparsity']:>8.2f}%")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m trainers.run_log RUN/summary.json ...
+    import json
+
+    print(summary_table([json.load(open(path, encoding="utf-8")) for path in sys.argv[1:]]))
