@@ -46,7 +46,10 @@ class MaskSet:
         self.frozen = False
         self.selections = 0  # how many times the selector ran (for tests and logs)
         self._seen: tuple | None = None
-        self._hook = model.register_forward_pre_hook(lambda module, args: self.step())
+        self._hook = model.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module: nn.Module, args) -> None:
+        self.step()  # must return None: a pre-hook's return value would replace the input
 
     def _score_versions(self) -> tuple:
         return tuple((id(l.popup_scores), l.popup_scores._version) for l in self.layers.values())
