@@ -372,7 +372,10 @@ class EmpiricalFisherInverse:
         k, pad = V.shape[0], self.n_blocks * self.block_size - self.d
         if pad:
             V = torch.nn.functional.pad(V, (0, pad))
-        return V.view(k, self.n_blocks, self.block_size).permute(1, 2, 0).contiguous()
+        # Always a fresh buffer: the products work in place on it, and .contiguous() would hand
+        # back the caller's own storage when k == 1 and no cast or pad was needed.
+        return V.view(k, self.n_blocks, self.block_size).permute(1, 2, 0).clone(
+            memory_format=torch.contiguous_format)
 
     def _from_blocks(self, vb: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor:
         k = vb.shape[-1]
