@@ -1,0 +1,156 @@
+"""Sparsity schedules for gradual pruning: AGP/polynomial, one-shot, iterative, and sub-steps.
+
+Pure functions of typed keyword arguments; epochs are integers, sparsities floats in [0, 1).
+
+Units. Everything here is in *sparsity* s (the fraction of units removed). The shared selector
+(``layers.selector``) works in *density* k = 1 - s and owns the count rule: a selection over N
+units keeps ``n_keep(k, N)`` of them (see its docstring; it is not re-implemented here, so that the
+rule is stated once). Passing ``k = 1 - s`` is a float round trip: for some (s, N),
+``1 - (1 - s)`` lands one ulp below s and a floor-based count prunes one unit fewer than s * N
+(e.g. s = 0.1, N = 10). Whoever converts should keep that in mind; the schedule itself returns
+the target value exactly as given at the last event (never a recomputed float).
+
+AGP (Zhu & Gupta 2017), as in the WoodFisher code, with power p (3 by default):
+
+    s(e) = s_f - (s_f - s_i) * (1 - min(1, (e - start) / (end - start)))^p
+
+evaluated at the pruning epochs start, start + freq, ..., and at ``end`` itself even when
+end - start is not a multiple of freq (the public code only prunes on the freq grid, so with such
+an end the target is never reached). At ``end`` the value is exactly s_f.
+
+``recompute_steps`` splits one pruning event into ``--recompute-num`` sub-steps (prune, recompute
+the Fisher, prune again) that go from the *current* sparsity to the event's target; the public
+code starts them from 0, which re-prunes nothing for the first sub-steps and then jumps.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class PruneEvent(NamedTuple):
+    """Prune to ``sparsity`` at the start of ``epoch``."""
+
+    epoch: int
+    sparsity: float
+
+
+def _check_sparsity(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def _check_window(start: int, freq: int, end: int) -> None:
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if freq < 1:
+        raise ValueError(f"freq must be >= 1, got {freq}")
+    if end < start:
+        raise ValueError(f"end ({end}) must be >= start ({start})")
+
+
+def polynomial_sparsity(epoch: float, *, start: int, end: int, initial: float, target: float,
+                        power: float = 3.0) -> float:
+    """The AGP formula at any epoch; progress is clamped to [0, 1] (s_i before start, s_f after end)."""
+    _check_sparsity("initial", initial)
+    _check_sparsity("target", target)
+    if end <= start:
+        return target if epoch >= end else initial
+    progress = min(1.0, max(0.0, (epoch - start) / (end - start)))
+    if progress >= 1.0:
+        return target  # exactly, not target - (target - initial) * 0.0 ** power round-off
+    return target - (target - initial) * (1.0 - progress) ** power
+
+
+def pruning_epochs(*, start: int, freq: int, end: int) -> list[int]:
+    """Epochs with a pruning event: start, start + freq, ... (< end), then end."""
+    _check_window(start, freq, end)
+    return list(range(start, end, freq)) + [end]
+
+
+def agp_schedule(*, start: int, freq: int, end: int, initial: float, target: float,
+                 power: float = 3.0) -> list[PruneEvent]:
+    """AGP events: (epoch, s(epoch)) at every pruning epoch; the last one is (end, target).
+
+    An event at s = 0 (start with initial = 0) is a no-op the trainer may skip.
+    """
+    if initial > target:
+        raise ValueError(f"initial sparsity {initial} exceeds the target {target}")
+    return [PruneEvent(e, polynomial_sparsity(e, start=start, end=end, initial=initial,
+                                              target=target, power=power))
+            for e in pruning_epochs(start=start, freq=freq, end=end)]
+
+
+def sparsity_at(epoch: int, *, start: int, freq: int, end: int, initial: float, target: float,
+                power: float = 3.0) -> float:
+    """Sparsity in force during ``epoch``: that of the latest pruning event at or before it
+    (0.0 before the first event, the target from ``end`` on)."""
+    value = 0.0
+    for event in agp_schedule(start=start, freq=freq, end=end, initial=initial, target=target, power=power):
+        if event.epoch > epoch:
+            break
+        value = event.sparsity
+    return value
+
+
+def one_shot_schedule(*, target: float, epoch: int = 0) -> list[PruneEvent]:
+    """Prune once, to the target."""
+    _check_sparsity("target", target)
+    return [PruneEvent(epoch, target)]
+
+
+def iterative_schedule(*, target: float, steps: int, start: int = 0, freq: int = 1,
+                       initial: float = 0.0, kind: str = "geometric") -> list[PruneEvent]:
+    """``steps`` events at start, start + freq, ...; the last reaches the target exactly.
+
+    kind="geometric": the same fraction of the remaining weights is pruned at each step (classic
+    iterative pruning), density_i = d_0 * (d_f / d_0)^(i / n) with d = 1 - s.
+    kind="linear": equal sparsity increments, s_i = s_0 + (s_f - s_0) i / n.
+    """
+    _check_sparsity("initial", initial)
+    _check_sparsity("target", target)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if initial > target:
+        raise ValueError(f"initial sparsity {initial} exceeds the target {target}")
+    _check_window(start, freq, start)
+    d0, df = 1.0 - initial, 1.0 - target
+    events = []
+    for i in range(1, steps + 1):
+        if i == steps:
+            s = target
+        elif kind == "geometric":
+            s = 1.0 - d0 * (df / d0) ** (i / steps)
+        elif kind == "linear":
+            s = initial + (target - initial) * i / steps
+        else:
+            raise ValueError(f"kind must be 'geometric' or 'linear', got {kind!r}")
+        events.append(PruneEvent(start + (i - 1) * freq, s))
+    return events
+
+
+def recompute_steps(*, current: float, target: float, num: int, kind: str = "linear",
+                    power: float = 3.0) -> list[float]:
+    """Sparsities of ``num`` sub-steps of one pruning event, from ``current`` (excluded) to
+    ``target`` (the last, exactly).
+
+    kind="linear": current + (target - current) * i / num.
+    kind="poly":   target - (target - current) * (1 - i / num)^power (large steps first, as AGP).
+    If current >= target there is nothing to prune: no sub-steps (an empty list).
+    """
+    _check_sparsity("current", current)
+    _check_sparsity("target", target)
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if kind not in ("linear", "poly"):
+        raise ValueError(f"kind must be 'linear' or 'poly', got {kind!r}")
+    if current >= target:
+        return []
+    out = []
+    for i in range(1, num + 1):
+        if i == num:
+            out.append(target)
+        elif kind == "linear":
+            out.append(current + (target - current) * i / num)
+        else:
+            out.append(target - (target - current) * (1.0 - i / num) ** power)
+    return out
