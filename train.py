@@ -7,7 +7,6 @@ Bad input exits with status 2 and a one-line ``error:`` naming the fix; nothing 
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import sys
@@ -58,13 +57,6 @@ def new_run_dir(cfg: Config) -> str:
     return path
 
 
-def training_subset(splits, *, fraction: float, seed: int):
-    """The same seeded subset of the training split on every machine (HYDRA's --data-fraction)."""
-    n = len(splits.train)
-    keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, int(fraction * n))]
-    return dataclasses.replace(splits, train=torch.utils.data.Subset(splits.train, sorted(keep.tolist())))
-
-
 def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
     weights = OptimSettings(optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
                             schedule=cfg.lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -84,11 +76,9 @@ def run(cfg: Config) -> int:
     # Everything that can fail on bad input happens before the run folder exists.
     splits = build_dataset(cfg.dataset, data_dir=cfg.data_dir, normalize=cfg.normalize, image_dim=cfg.image_dim,
                            num_classes=cfg.num_classes, skip_bad_records=cfg.skip_bad_records)
-    if cfg.data_fraction < 1.0:
-        splits = training_subset(splits, fraction=cfg.data_fraction, seed=cfg.seed)
     loaders = build_loaders(splits, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size, seed=cfg.seed,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                            val_fraction=cfg.val_fraction)
+                            val_fraction=cfg.val_fraction, data_fraction=cfg.data_fraction)
     model = build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                         image_size=splits.image_size)
     maskset = None

@@ -55,7 +55,8 @@ def _loader(dataset: Dataset, *, batch_size: int, sampler: EpochSampler | None, 
 
 
 def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: int, seed: int = 0,
-                  num_workers: int = 0, pin_memory: bool = False, val_fraction: float = 0.0) -> Loaders:
+                  num_workers: int = 0, pin_memory: bool = False, val_fraction: float = 0.0,
+                  data_fraction: float = 1.0) -> Loaders:
     if batch_size <= 0 or test_batch_size <= 0:
         raise UserError(f"batch sizes must be positive, got --batch-size {batch_size} "
                         f"--test-batch-size {test_batch_size}")
@@ -67,6 +68,13 @@ def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: in
     else:
         holdout_split(n, val_fraction=val_fraction, seed=seed)  # validates the range
         train_idx = upper_idx = list(range(n))
+    if data_fraction < 1.0:  # HYDRA's --data-fraction: the same seeded subset on every machine
+        if not 0.0 < data_fraction <= 1.0:
+            raise UserError(f"--data-fraction must be in (0, 1], got {data_fraction}")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_HOLDOUT, 1)))
+        subset = set(order[: max(1, int(data_fraction * n))].tolist())
+        train_idx = [i for i in train_idx if i in subset]
+        upper_idx = [i for i in upper_idx if i in subset] if val_fraction > 0 else train_idx
     common = dict(seed=seed, num_workers=num_workers, pin_memory=pin_memory)
     train = _loader(splits.train, batch_size=batch_size, stream=STREAM_TRAIN,
                     sampler=EpochSampler(train_idx, seed=seed, stream=STREAM_TRAIN), **common)

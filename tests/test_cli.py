@@ -1,0 +1,187 @@
+"""train.py end to end on Digits: config precedence, bad input, resume, dense export."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from configs.errors import UserError
+from configs.schema import load_config
+from models import build_model
+from trainers.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--epochs", "2", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
+
+
+def run_ok(tmp_path, *args):
+    assert train.main(["--result-dir", str(tmp_path / "res"), "--exp-name", "t", *FAST, *args]) == 0
+    return sorted(glob.glob(str(tmp_path / "res" / "t" / "*" / "*")), key=os.path.getmtime)[-1]
+
+
+def run_error(tmp_path, capsys, *args):
+    code = train.main(["--result-dir", str(tmp_path / "res"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "res").exists() or not glob.glob(str(tmp_path / "res" / "*" / "*" / "*"))
+    return err
+
+
+# -- configuration ---------------------------------------------------------------------------------
+def test_precedence_defaults_yaml_cli(tmp_path):
+    yml = tmp_path / "c.yml"
+    yml.write_text("lr: 0.3\nwd: 1e-4\nepochs: 7\nmask-lr: 0.2\n")
+    cfg = load_config(["--configs", str(yml), "--lr", "0.01"])
+    assert cfg.lr == 0.01            # command line beats YAML
+    assert cfg.wd == 1e-4 and cfg.epochs == 7 and cfg.mask_lr == 0.2   # YAML beats defaults ("1e-4" read as float)
+    assert cfg.momentum == 0.9       # default
+    assert load_config(["--configs", str(yml), "--no-normalize"]).normalize is False
+
+
+def test_every_shipped_config_loads():
+    for path in glob.glob(os.path.join(ROOT, "configs", "*", "*.yml")):
+        extra = ["--source-net", "x.pth.tar"] if not path.endswith("pretrain.yml") else []
+        load_config(["--configs", path, *extra])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lr-schedul", "cosine"], "did you mean '--lr-schedule'"),
+    (["--k", "0"], "must be in (0, 1]"),
+    (["--k", "1.5", "--exp-mode", "prune", "--source-net", "x"], "must be in (0, 1]"),
+    (["--k", "abc"], "invalid float value"),
+    (["--layer-type", "unstructurd"], "invalid choice"),
+    (["--exp-mode", "prune", "--k", "0.1"], "needs --source-net"),
+    (["--exp-mode", "finetune", "--k", "0.1"], "needs --source-net"),
+    (["--exp-mode", "prune", "--layer-type", "dense", "--k", "0.1", "--source-net", "x"], "masked layer"),
+    (["--k", "0.5"], "pretrain trains every weight"),
+])
+def test_bad_flags(tmp_path, capsys, args, needle):
+    assert needle in run_error(tmp_path, capsys, *args)
+
+
+def test_unknown_yaml_key_names_the_closest(tmp_path, capsys):
+    yml = tmp_path / "c.yml"
+    yml.write_text("mask_lr_schedul: step\n")
+    err = run_error(tmp_path, capsys, "--configs", str(yml))
+    assert "unknown key 'mask_lr_schedul'" in err and "mask_lr_schedule" in err
+
+
+def test_yaml_that_would_execute_code_is_rejected(tmp_path, capsys):
+    yml = tmp_path / "c.yml"
+    yml.write_text("lr: !!python/object/apply:os.system ['echo hi']\n")
+    assert "not valid YAML" in run_error(tmp_path, capsys, "--configs", str(yml))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--arch", "resnet19"], "did you mean 'resnet18'"),
+    (["--dataset", "CIFAR11"], "CIFAR1"),
+    (["--trainer", "bilevl", "--exp-mode", "prune", "--k", "0.1", "--source-net", "x"], "did you mean 'bilevel'"),
+    (["--exp-mode", "prune", "--k", "0.1", "--source-net", "/nonexistent.pth.tar"], "checkpoint not found"),
+    (["--dataset", "CIFAR10", "--data-dir", "/nonexistent-dir"], "/nonexistent-dir"),
+])
+def test_bad_names_and_missing_files(tmp_path, capsys, args, needle):
+    assert needle in run_error(tmp_path, capsys, *args)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):
+    ckpt = tmp_path / "other.pth.tar"
+    torch.save({"arch": "resnet20s", "state_dict": build_model("resnet20s", num_classes=10).state_dict()}, ckpt)
+    err = run_error(tmp_path, capsys, "--exp-mode", "prune", "--k", "0.1", "--source-net", str(ckpt))
+    assert "'resnet20s'" in err and "--arch resnet20s" in err
+    torch.save({"state_dict": build_model("resnet20s", num_classes=10).state_dict()}, ckpt)
+    err = run_error(tmp_path, capsys, "--exp-mode", "prune", "--k", "0.1", "--source-net", str(ckpt))
+    assert "does not fit this model" in err
+
+
+def test_subprocess_exit_code_and_single_line():
+    proc = subprocess.run([sys.executable, "train.py", "--k", "2"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and proc.stdout == ""
+
+
+# -- full pipeline, resume, export ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pre")
+    run_dir = run_ok(tmp)
+    return os.path.join(run_dir, "checkpoint", "model_best.pth.tar")
+
+
+def test_run_folder_contents(tmp_path, pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained,
+                     "--scaled-score-init", "--save-dense")
+    assert os.path.basename(run_dir) == "1--k-0.2_trainer-bilevel_epochs-2_arch-smallcnn"
+    for name in ("config.yml", "metrics.csv", "run.log", "summary.json", "sparsity.txt", "tensorboard",
+                 "checkpoint/checkpoint.pth.tar", "checkpoint/model_best.pth.tar", "checkpoint/checkpoint_dense.pth.tar"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    lines = open(os.path.join(run_dir, "metrics.csv")).read().splitlines()
+    assert len(lines) == 3 and "sparsity" in lines[0]
+    assert glob.glob(os.path.join(run_dir, "tensorboard", "events.out.tfevents.*"))
+    # the dense export holds the same masks and loads strictly into the plain model
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar"))
+    dense = torch.load(os.path.join(run_dir, "checkpoint", "checkpoint_dense.pth.tar"), weights_only=True)
+    plain = build_model("smallcnn", num_classes=10, in_channels=1, image_size=8)
+    plain.load_state_dict(dense, strict=True)
+    for name, mask in ckpt["masks"].items():
+        assert torch.equal(dense[f"{name}.weight"][~mask], torch.zeros(int((~mask).sum())))
+    total = sum(m.numel() for m in ckpt["masks"].values())
+    kept = sum(int(m.sum()) for m in ckpt["masks"].values())
+    assert kept == total - int(0.8 * total)
+
+
+def test_resume_equals_uninterrupted(tmp_path, pretrained, monkeypatch):
+    args = ["--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained, "--epochs", "3",
+            "--mask-lr-schedule", "step"]
+    full = run_ok(tmp_path / "a", *args)
+    # interrupt the same run after two epochs, then resume it
+    from trainers.bilevel import BilevelTrainer
+    original = BilevelTrainer.train_epoch
+
+    def stop_at_third(self, epoch, loaders):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, loaders)
+
+    monkeypatch.setattr(BilevelTrainer, "train_epoch", stop_at_third)
+    code = train.main(["--result-dir", str(tmp_path / "b" / "res"), "--exp-name", "t", *FAST, *args])
+    assert code == 130
+    monkeypatch.setattr(BilevelTrainer, "train_epoch", original)
+    cut = glob.glob(str(tmp_path / "b" / "res" / "t" / "prune" / "*"))[0]
+    ckpt = os.path.join(cut, "checkpoint", "checkpoint.pth.tar")
+    assert load_checkpoint(ckpt)["epoch"] == 2
+    assert train.main(["--result-dir", str(tmp_path / "b" / "res"), "--exp-name", "t", *FAST, *args, "--resume", ckpt]) == 0
+    a = load_checkpoint(os.path.join(full, "checkpoint", "checkpoint.pth.tar"))
+    b = load_checkpoint(ckpt)
+    assert b["epoch"] == 3
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert len(open(os.path.join(cut, "metrics.csv")).read().splitlines()) == 4  # continued in the same folder
+
+
+def test_resume_with_other_k_is_refused(tmp_path, capsys, pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.2", "--source-net", pretrained, "--epochs", "1")
+    ckpt = os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar")
+    err = run_error(tmp_path / "x", capsys, "--exp-mode", "prune", "--k", "0.3", "--resume", ckpt)
+    assert "k=0.2" in err and "--k 0.2" in err
+
+
+def test_hydra_prune_then_finetune_keeps_mask(tmp_path, pretrained):
+    pruned = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.1", "--scope", "layer", "--layer-type", "channel",
+                    "--source-net", pretrained, "--epochs", "1")
+    src = os.path.join(pruned, "checkpoint", "model_best.pth.tar")
+    fine = run_ok(tmp_path, "--exp-mode", "finetune", "--k", "0.1", "--scope", "layer", "--layer-type", "channel",
+                  "--source-net", src, "--epochs", "1")
+    before = load_checkpoint(src)["masks"]
+    after = load_checkpoint(os.path.join(fine, "checkpoint", "checkpoint.pth.tar"))["masks"]
+    for name in before:
+        assert torch.equal(before[name], after[name])
+
+
+def test_evaluate_writes_nothing(tmp_path, capsys, pretrained):
+    assert train.main(["--result-dir", str(tmp_path / "res"), "--source-net", pretrained, "--evaluate"]) == 0
+    out = capsys.readouterr().out
+    assert "test: loss" in out and not (tmp_path / "res").exists()
