@@ -8,6 +8,8 @@ from data.loaders import Loaders, build_loaders
 
 from data import digits as _digits  # noqa: F401  (registers Digits)
 from data import cifar as _cifar  # noqa: F401  (registers CIFAR10, CIFAR100)
+from data import imagenet as _imagenet  # noqa: F401  (registers ImageNet)
+from data import tiny_imagenet as _tiny_imagenet  # noqa: F401  (registers TinyImageNet)
 
 __all__ = ["DATASETS", "DatasetSplits", "Loaders", "build_dataset", "build_loaders", "dataset_names",
            "register_dataset"]

@@ -123,6 +123,10 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
 
 
+class UnsafePickleError(UserError):
+    """The pickle names a callable outside the allow-list: refused, never skippable."""
+
+
 def _materialize(obj: Any, depth: int = 0) -> Any:
     """Replace placeholder arrays by real ones; reject any placeholder left in a wrong place."""
     if depth > 50:
@@ -151,7 +155,7 @@ def safe_loads(data: bytes, *, source: str, allowed: dict[tuple[str, str], Any] 
         obj = _RestrictedUnpickler(io.BytesIO(data), allowed=allowed or {}, encoding=encoding).load()
         return _materialize(obj)
     except _ForbiddenGlobal as exc:
-        raise UserError(
+        raise UnsafePickleError(
             f"refusing to unpickle {source}: it asks for the callable {exc} which a data file never needs "
             "(the file is corrupt or malicious; nothing was executed; replace it with a copy from the "
             "official source)") from None

@@ -108,3 +108,100 @@ class EvalPayload:
 
     def __reduce__(self):
         return (eval, (f"open({self.marker!r}, 'w').close()",))
+
+
+# ---------------------------------------------------------------- images, folders, LMDB
+
+def image_bytes(seed: int, *, size: tuple[int, int] = (40, 30), fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """A small noise image encoded as ``fmt``; distinct bytes per seed."""
+    import io
+
+    from PIL import Image
+
+    channels = 3 if mode == "RGB" else 1
+    pixels = np.random.RandomState(seed).randint(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(pixels if channels == 3 else pixels[..., 0], mode=mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_image_folder(root: str, counts: dict[str, int], *, seed: int = 0, size: tuple[int, int] = (40, 30)) -> None:
+    """``root/<class>/img_<i>.JPEG`` (every third image a PNG, to cover more than one format)."""
+    for c, (name, count) in enumerate(sorted(counts.items())):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(count):
+            fmt, ext = ("PNG", "png") if i % 3 == 2 else ("JPEG", "JPEG")
+            with open(os.path.join(root, name, f"img_{i}.{ext}"), "wb") as handle:
+                handle.write(image_bytes(seed + 100 * c + i, size=size, fmt=fmt))
+
+
+TINY_WNIDS = ("n02085620", "n01443537", "n04067472")  # deliberately not in sorted order
+
+
+def write_tiny_imagenet(root: str, *, train_per_class: int = 3, val_per_class: int = 2) -> str:
+    """``root/tiny-imagenet-200`` as it unzips: wnids.txt, words.txt, train/<wnid>/{images/,*_boxes.txt},
+    val/images + val/val_annotations.txt (val images interleaved across classes), test/images."""
+    base = os.path.join(root, "tiny-imagenet-200")
+    os.makedirs(os.path.join(base, "val", "images"))
+    os.makedirs(os.path.join(base, "test", "images"))
+    with open(os.path.join(base, "wnids.txt"), "w") as handle:
+        handle.write("\n".join(TINY_WNIDS) + "\n")
+    with open(os.path.join(base, "words.txt"), "w") as handle:
+        handle.writelines(f"{w}\tthing {i}\n" for i, w in enumerate(TINY_WNIDS))
+    for c, wnid in enumerate(TINY_WNIDS):
+        images = os.path.join(base, "train", wnid, "images")
+        os.makedirs(images)
+        with open(os.path.join(base, "train", wnid, f"{wnid}_boxes.txt"), "w") as boxes:
+            for i in range(train_per_class):
+                name = f"{wnid}_{i}.JPEG"
+                with open(os.path.join(images, name), "wb") as handle:
+                    handle.write(image_bytes(1000 + 10 * c + i, size=(64, 64)))
+                boxes.write(f"{name}\t0\t0\t63\t63\n")
+    lines = []
+    for i in range(val_per_class * len(TINY_WNIDS)):
+        wnid = TINY_WNIDS[i % len(TINY_WNIDS)]
+        with open(os.path.join(base, "val", "images", f"val_{i}.JPEG"), "wb") as handle:
+            handle.write(image_bytes(2000 + i, size=(64, 64)))
+        lines.append(f"val_{i}.JPEG\t{wnid}\t1\t2\t50\t60\n")
+    with open(os.path.join(base, "val", "val_annotations.txt"), "w") as handle:
+        handle.writelines(lines)
+    with open(os.path.join(base, "test", "images", "test_0.JPEG"), "wb") as handle:
+        handle.write(image_bytes(3000, size=(64, 64)))
+    return base
+
+
+def write_bip_lmdb(path: str, records: list, *, with_keys: bool = True, with_len: bool = True) -> None:
+    """An LMDB file the way BiP's folder2lmdb script writes it: a single file (subdir=False), key
+    b"<i>" -> pickle.dumps((image bytes, label)), then b"__keys__" and b"__len__"."""
+    import lmdb
+
+    env = lmdb.open(path, subdir=False, map_size=1 << 26, readonly=False, meminit=False, map_async=True)
+    txn = env.begin(write=True)
+    for i, record in enumerate(records):
+        txn.put(f"{i}".encode("ascii"), record if isinstance(record, bytes) else pickle.dumps(record))
+    keys = [f"{k}".encode("ascii") for k in range(len(records))]
+    if with_keys:
+        txn.put(b"__keys__", pickle.dumps(keys))
+    if with_len:
+        txn.put(b"__len__", pickle.dumps(len(keys)))
+    txn.commit()
+    env.sync()
+    env.close()
+
+
+def tree_digest(root: str) -> dict[str, tuple[int, int, str]]:
+    """{relative path: (size, mtime_ns, sha256)} of every file and folder under ``root``."""
+    import hashlib
+
+    digest = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            stat = os.stat(path)
+            content = ""
+            if os.path.isfile(path):
+                with open(path, "rb") as handle:
+                    content = hashlib.sha256(handle.read()).hexdigest()
+            digest[os.path.relpath(path, root)] = (stat.st_size, stat.st_mtime_ns, content)
+    return digest
