@@ -61,7 +61,8 @@ def build_imagenet(*, data_dir: str, normalize: bool, image_dim: int | None, num
     class_to_idx = {name: i for i, name in enumerate(train_list.classes)}
     val_list = scan_image_folder(val_dir, class_to_idx=class_to_idx, skip_bad_records=skip_bad_records,
                                  fix=PREPARE_VAL)
-    classes = resolve_num_classes("ImageNet", found=len(train_list.classes), requested=num_classes)
+    classes = resolve_num_classes("ImageNet", found=len(train_list.classes), requested=num_classes,
+                                  where=train_dir)
     return DatasetSplits(train=FileImages(train_list, transform=train_tf, skip_bad_records=skip_bad_records),
                          val=None, test=FileImages(val_list, transform=eval_tf, skip_bad_records=skip_bad_records),
                          num_classes=classes, in_channels=3, image_size=size)

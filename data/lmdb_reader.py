@@ -146,18 +146,21 @@ class LmdbImages(Dataset):
     """Items ``(transform(decoded image), label)`` from one BiP-layout LMDB file."""
 
     def __init__(self, path: str, *, transform: Callable[[Any, "torch.Generator | None"], torch.Tensor],
-                 num_classes: int, skip_bad_records: bool = False, num_classes_flag: str = "--num-classes") -> None:
+                 num_classes: int, skip_bad_records: bool = False) -> None:
         self.path = path
         self.transform = transform
         self.num_classes = num_classes
-        self.num_classes_flag = num_classes_flag
         self._identity = file_identity(path)
         self._length, keys = read_index(reader_transaction(path, self._identity), path)
         # A numpy byte-string array, not 1.3M Python objects (see ImageList for why).
         self._keys = None if keys is None else np.array(keys, dtype=np.bytes_)
         self.bad = BadRecordPolicy(skip=skip_bad_records, source=path)
         if self._length:
-            self.raw(0)  # fail now, in the main process, on a file in another layout
+            try:
+                self.raw(0)  # fail now, in the main process, on a file in another layout
+            except BadRecordError:
+                if not skip_bad_records:
+                    raise
 
     def __len__(self) -> int:
         return self._length
@@ -198,9 +201,8 @@ class LmdbImages(Dataset):
             raise BadRecordError(f"{source} holds ({type(image).__name__}, {type(label).__name__}), expected "
                                  f"(bytes, int): {RECREATE}, or pass --skip-bad-records")
         if not 0 <= label < self.num_classes:
-            raise UserError(f"{source} has label {label}, out of range for {self.num_classes_flag} "
-                            f"{self.num_classes}: pass {self.num_classes_flag} {label + 1} or more if the file "
-                            "is right, else re-create it")
+            raise UserError(f"{source} has label {label}, out of range for --num-classes {self.num_classes}: "
+                            f"pass --num-classes {label + 1} or more if the file is right, else re-create it")
         return image, label
 
     def _load(self, index: int) -> tuple[Any, int]:

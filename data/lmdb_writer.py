@@ -22,7 +22,9 @@ import os
 import pickle
 import sys
 import zlib
+from array import array
 from dataclasses import dataclass
+from typing import Sequence
 
 from tqdm import tqdm
 
@@ -77,7 +79,10 @@ def _map_size(images: ImageList) -> int:
     """Room for every file rounded up to whole overflow pages, plus the index and B-tree pages."""
     total = 0
     for i in range(len(images)):
-        size = os.path.getsize(images.path(i))
+        try:
+            size = os.path.getsize(images.path(i))
+        except OSError:
+            size = 0  # unreadable: reported (or skipped) when the file is read
         total += (size + 64 + _PAGE - 1) // _PAGE * _PAGE
     return total + 64 * len(images) * 2 + (64 << 20)
 
@@ -92,7 +97,8 @@ def write_lmdb(images: ImageList, out_path: str, *, verify: bool = False, overwr
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     temp = os.path.join(os.path.dirname(os.path.abspath(out_path)),
                         f".{os.path.basename(out_path)}.partial-{os.getpid()}")
-    written: list[tuple[int, int]] = []  # (crc32, label) per record, for --verify
+    # crc32 and label of each record, for --verify; compact arrays, not 1.3M Python tuples
+    crcs, labels = array("L"), array("q")
     skipped = total_bytes = 0
     env = None
     try:
@@ -111,16 +117,17 @@ def write_lmdb(images: ImageList, out_path: str, *, verify: bool = False, overwr
                 bar.update(1)
                 continue
             label = int(images.labels[index])
-            key = str(len(written)).encode("ascii")
+            key = str(len(labels)).encode("ascii")
             pending.append((key, pickle.dumps((data, label), protocol=PICKLE_PROTOCOL)))
-            written.append((zlib.crc32(data), label))
+            crcs.append(zlib.crc32(data))
+            labels.append(label)
             total_bytes += len(data)
             if len(pending) >= commit_every:
                 _put_all(env, pending)
                 pending = []
             bar.update(1)
         bar.close()
-        keys = [str(i).encode("ascii") for i in range(len(written))]
+        keys = [str(i).encode("ascii") for i in range(len(labels))]
         # The index goes in last: a file cut short before this commit has no __len__ and is refused.
         pending += [(KEYS_KEY, pickle.dumps(keys, protocol=PICKLE_PROTOCOL)),
                     (LEN_KEY, pickle.dumps(len(keys), protocol=PICKLE_PROTOCOL))]
@@ -128,10 +135,10 @@ def write_lmdb(images: ImageList, out_path: str, *, verify: bool = False, overwr
         env.sync(True)
         env.close()
         env = None
-        if not written:
+        if not labels:
             raise UserError(f"no readable images for {out_path}: nothing to write")
         if verify:
-            verify_lmdb(temp, expected=written, progress=progress, name=out_path)
+            verify_lmdb(temp, crcs=crcs, labels=labels, progress=progress, name=out_path)
         os.replace(temp, out_path)
     except BaseException:
         if env is not None:
@@ -140,7 +147,7 @@ def write_lmdb(images: ImageList, out_path: str, *, verify: bool = False, overwr
             if os.path.exists(leftover):
                 os.remove(leftover)  # our own partial output, never a user file
         raise
-    return WriteReport(path=out_path, records=len(written), skipped=skipped, bytes=total_bytes)
+    return WriteReport(path=out_path, records=len(labels), skipped=skipped, bytes=total_bytes)
 
 
 def _put_all(env, items: list[tuple[bytes, bytes]]) -> None:
@@ -156,23 +163,24 @@ def _put_all(env, items: list[tuple[bytes, bytes]]) -> None:
             env.set_mapsize(env.info()["map_size"] * 2)
 
 
-def verify_lmdb(path: str, *, expected: list[tuple[int, int]], progress: bool = True, name: str = "") -> None:
+def verify_lmdb(path: str, *, crcs: Sequence[int], labels: Sequence[int], progress: bool = True,
+                name: str = "") -> None:
     """Re-read every record of a freshly written file and compare checksum and label."""
     close_lmdb_readers()  # py-lmdb opens a file once per process; our cached handle may hold it
     env = open_readonly(path)
     try:
         with env.begin(buffers=False) as txn:
             length, keys = read_index(txn, path)
-        if length != len(expected) or keys is not None:
+        if length != len(labels) or keys is not None:
             raise UserError(f"verification of {name or path} failed: index lists {length} records, "
-                            f"{len(expected)} were written; the disk may be full or faulty, rerun the conversion")
+                            f"{len(labels)} were written; the disk may be full or faulty, rerun the conversion")
         with env.begin(buffers=False) as txn:
             for i in tqdm(range(length), desc=f"verify {os.path.basename(name or path)}", unit="img",
                           disable=not progress, file=sys.stderr):
                 value = txn.get(str(i).encode("ascii"))
                 record = None if value is None else safe_loads(value, source=f"{path} key {i}", encoding="bytes")
                 if (not isinstance(record, tuple) or len(record) != 2 or not isinstance(record[0], bytes)
-                        or (zlib.crc32(record[0]), record[1]) != expected[i]):
+                        or zlib.crc32(record[0]) != crcs[i] or record[1] != labels[i]):
                     raise UserError(f"verification of {name or path} failed at record {i}: it does not read back "
                                     "as written; the disk may be full or faulty, rerun the conversion")
     finally:
@@ -181,7 +189,7 @@ def verify_lmdb(path: str, *, expected: list[tuple[int, int]], progress: bool = 
 
 def check_lmdb(path: str, *, decode: bool = False, progress: bool = True) -> tuple[int, list[str]]:
     """Read every record of an existing LMDB (e.g. one downloaded from BiP): (records, problems)."""
-    dataset = LmdbImages(path, transform=lambda image, generator: image, num_classes=1 << 62)
+    dataset = LmdbImages(path, transform=lambda image, generator: image, num_classes=1 << 62, skip_bad_records=True)
     problems: list[str] = []
     for i in tqdm(range(len(dataset)), desc=f"check {os.path.basename(path)}", unit="img", disable=not progress,
                   file=sys.stderr):

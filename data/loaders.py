@@ -68,13 +68,16 @@ def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: in
     else:
         holdout_split(n, val_fraction=val_fraction, seed=seed)  # validates the range
         train_idx = upper_idx = list(range(n))
+    if not 0.0 < data_fraction <= 1.0:
+        raise UserError(f"--data-fraction must be in (0, 1], got {data_fraction}")
     if data_fraction < 1.0:  # HYDRA's --data-fraction: the same seeded subset on every machine
-        if not 0.0 < data_fraction <= 1.0:
-            raise UserError(f"--data-fraction must be in (0, 1], got {data_fraction}")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_HOLDOUT, 1)))
         subset = set(order[: max(1, int(data_fraction * n))].tolist())
         train_idx = [i for i in train_idx if i in subset]
         upper_idx = [i for i in upper_idx if i in subset] if val_fraction > 0 else train_idx
+        if not train_idx or not upper_idx:
+            raise UserError(f"--data-fraction {data_fraction} with --val-fraction {val_fraction} leaves an empty "
+                            f"split of the {n} training images: raise --data-fraction")
     common = dict(seed=seed, num_workers=num_workers, pin_memory=pin_memory)
     train = _loader(splits.train, batch_size=batch_size, stream=STREAM_TRAIN,
                     sampler=EpochSampler(train_idx, seed=seed, stream=STREAM_TRAIN), **common)

@@ -67,7 +67,7 @@ def build_dataset(name: str, *, data_dir: str, normalize: bool = False, image_di
                    image_dim=image_dim, num_classes=num_classes, skip_bad_records=skip_bad_records)
 
 
-def resolve_num_classes(dataset: str, *, found: int, requested: int | None) -> int:
+def resolve_num_classes(dataset: str, *, found: int, requested: int | None, where: str = "") -> int:
     """The model's number of outputs: the dataset's own unless the user asked for more.
 
     Fewer outputs than the data has labels would make the loss index out of range mid-run, so it
@@ -76,6 +76,7 @@ def resolve_num_classes(dataset: str, *, found: int, requested: int | None) -> i
     if requested is None:
         return found
     if requested < found:
-        raise UserError(f"{dataset} has labels 0..{found - 1} but --num-classes is {requested}: "
+        source = f" ({found} class folders in {where})" if where else ""
+        raise UserError(f"{dataset} has labels 0..{found - 1}{source} but --num-classes is {requested}: "
                         f"pass --num-classes {found} (or leave it out)")
     return requested

@@ -62,7 +62,8 @@ def build_tiny_imagenet(*, data_dir: str, normalize: bool, image_dim: int | None
     train_list = scan_tiny_train(root, skip_bad_records=skip_bad_records)
     class_to_idx = {name: i for i, name in enumerate(train_list.classes)}
     val_list = scan_tiny_val(root, class_to_idx=class_to_idx, skip_bad_records=skip_bad_records)
-    classes = resolve_num_classes("TinyImageNet", found=len(train_list.classes), requested=num_classes)
+    classes = resolve_num_classes("TinyImageNet", found=len(train_list.classes), requested=num_classes,
+                                  where=os.path.join(root, "train"))
     return DatasetSplits(train=FileImages(train_list, transform=train_tf, skip_bad_records=skip_bad_records),
                          val=None, test=FileImages(val_list, transform=eval_tf, skip_bad_records=skip_bad_records),
                          num_classes=classes, in_channels=3, image_size=size)

@@ -162,6 +162,8 @@ def test_malicious_cifar_pickle_is_refused_and_nothing_runs(tmp_path, payload):
         build_dataset("CIFAR10", data_dir=str(tmp_path / "data"))
     assert os.path.join(folder, "data_batch_1") in str(err.value) and "refusing" in str(err.value)
     assert not marker.exists()
+    pickle.loads(pickle.dumps(payload(str(tmp_path / "live"))))  # the payload is live: plain pickle runs it
+    assert (tmp_path / "live").exists()
 
 
 def test_truncated_and_wrong_cifar_files(tmp_path):
@@ -255,6 +257,16 @@ def test_val_fraction_holds_out_disjoint_indices():
         build_loaders(_toy_splits(), batch_size=8, test_batch_size=16, val_fraction=1.5)
     with pytest.raises(UserError, match="empty split"):
         build_loaders(_toy_splits(), batch_size=8, test_batch_size=16, val_fraction=0.001)
+
+
+def test_data_fraction_range_and_empty_splits():
+    loaders = build_loaders(_toy_splits(), batch_size=8, test_batch_size=16, seed=1, data_fraction=0.5)
+    assert len(_epoch(loaders.train)[0]) == 20
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(UserError, match="--data-fraction"):
+            build_loaders(_toy_splits(), batch_size=8, test_batch_size=16, data_fraction=bad)
+    with pytest.raises(UserError, match="empty"):
+        build_loaders(_toy_splits(), batch_size=8, test_batch_size=16, data_fraction=0.01, val_fraction=0.5)
 
 
 def test_workers_give_the_same_batches_as_the_main_process():
