@@ -20,7 +20,7 @@ from torch import nn
 
 from layers.convert import masked_layers
 from layers.masked import MaskedLayer
-from layers.selector import select_masks, unit_counts
+from layers.selector import IncrementalTopK, n_keep, select_masks, unit_counts
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,13 @@ class MaskSet:
         self.frozen = False
         self.selections = 0  # how many times the selector ran (for tests and logs)
         self._seen: tuple | None = None
+        # Unstructured masks are re-selected incrementally (same result as select_masks, much faster
+        # on millions of scores); one selector per group of layers sharing a threshold.
+        self._incremental: list[tuple[list[MaskedLayer], IncrementalTopK]] | None = None
+        if granularity == "unstructured" and min_units == 0:
+            layers = list(self.layers.values())
+            groups = [layers] if scope == "global" else [[layer] for layer in layers]
+            self._incremental = [(group, IncrementalTopK()) for group in groups]
         self._hook = model.register_forward_pre_hook(self._before_forward)
 
     def _before_forward(self, module: nn.Module, args) -> None:
@@ -60,11 +67,16 @@ class MaskSet:
             return False
         if not force and self._seen == self._score_versions():
             return False
-        masks = select_masks([l.popup_scores for l in self.layers.values()], k=self.k,
-                             granularity=self.granularity, scope=self.scope, min_units=self.min_units)
         with torch.no_grad():
-            for layer, mask in zip(self.layers.values(), masks):
-                layer.mask.copy_(mask)
+            if self._incremental is not None:
+                for group, selector in self._incremental:
+                    count = n_keep(self.k, sum(l.weight.numel() for l in group))
+                    selector.select_into([l.popup_scores for l in group], [l.mask for l in group], count)
+            else:
+                masks = select_masks([l.popup_scores for l in self.layers.values()], k=self.k,
+                                     granularity=self.granularity, scope=self.scope, min_units=self.min_units)
+                for layer, mask in zip(self.layers.values(), masks):
+                    layer.mask.copy_(mask)
         self._seen = self._score_versions()
         self.selections += 1
         return True

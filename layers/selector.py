@@ -18,6 +18,7 @@ The selector never sorts: it finds the n_keep-th largest unit score with a parti
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -132,3 +133,71 @@ def select_masks(
                     offset += u.numel()
             keep = list(top_units(flat, n_keep(k, flat.numel())).split([u.numel() for u in units]))
         return [expand_units(kk, s.shape, granularity) for kk, s in zip(keep, scores)]
+
+
+class IncrementalTopK:
+    """Exact top-``count`` selection over |scores| of several tensors, reusing the last threshold.
+
+    Scores move a little per optimizer step, so the new threshold lies near the old one. Instead
+    of concatenating and partially sorting all N scores, this brackets the new threshold around the
+    old one with a few counting passes (|s| >= t written straight into the mask buffers), takes the
+    exact threshold from the few values inside the bracket, and writes ``|s| >= threshold``. The
+    result is identical to ``select_masks`` (ties fall back to it, so they keep the lowest indices).
+    Used by ``MaskSet`` for unstructured masks; the stateless function stays the reference.
+    """
+
+    def __init__(self) -> None:
+        self.threshold: float | None = None
+        self._abs: list[torch.Tensor] = []
+
+    def _count_at_least(self, value: float, masks: Sequence[torch.Tensor]) -> int:
+        return sum(int(torch.count_nonzero(torch.ge(a, value, out=m))) for a, m in zip(self._abs, masks))
+
+    def select_into(self, scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], count: int) -> None:
+        if len(self._abs) != len(scores) or any(a.shape != s.shape or a.device != s.device
+                                                for a, s in zip(self._abs, scores)):
+            self._abs = [torch.empty_like(s, dtype=s.dtype) for s in scores]
+        for a, s in zip(self._abs, scores):
+            torch.abs(s.detach(), out=a)
+        total = sum(a.numel() for a in self._abs)
+        if count >= total:
+            for m in masks:
+                m.fill_(True)
+            return
+        t = self.threshold
+        if t is None or not math.isfinite(t):
+            t = self._exact_threshold(count)
+        above = self._count_at_least(t, masks)
+        if above != count:
+            lo, hi = self._bracket(t, above, count, masks)
+            need = count - self._count_at_least(hi, masks)
+            if need == 0:  # exactly count values at or above hi: hi separates them from the rest
+                t = hi
+            else:
+                band = torch.cat([a[(a >= lo) & (a < hi)] for a in self._abs])
+                t = float(torch.topk(band, need, sorted=False).values.min())
+            above = self._count_at_least(t, masks)
+        self.threshold = t
+        if above != count:  # a tie straddles the threshold: the reference rule decides
+            flat_keep = top_units(torch.cat([a.flatten() for a in self._abs]), count)
+            for m, keep in zip(masks, flat_keep.split([a.numel() for a in self._abs])):
+                m.copy_(keep.view_as(m))
+
+    def _exact_threshold(self, count: int) -> float:
+        flat = torch.cat([a.flatten() for a in self._abs])
+        return float(torch.topk(flat, count, sorted=False).values.min())
+
+    def _bracket(self, t: float, above: int, count: int, masks) -> tuple[float, float]:
+        """(lo, hi) with count(|s| >= lo) >= count > count(|s| >= hi), widening geometrically."""
+        step = max(abs(t) * 1e-3, 1e-12)
+        if above > count:  # threshold moved up
+            lo, hi = t, t + step
+            while self._count_at_least(hi, masks) > count:
+                lo, step = hi, step * 4
+                hi = hi + step
+        else:  # too few at or above t: threshold moved down
+            lo, hi = t - step, t
+            while self._count_at_least(lo, masks) < count:
+                hi, step = lo, step * 4
+                lo = lo - step
+        return lo, hi

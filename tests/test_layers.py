@@ -221,3 +221,26 @@ def test_scaled_score_init_is_a_new_tensor():
         with torch.no_grad():
             layer.popup_scores.add_(1.0)
         assert not torch.equal(layer.popup_scores.detach(), layer.weight.detach())
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_incremental_selection_equals_reference_as_scores_drift(scope):
+    """MaskSet's incremental selector gives exactly select_masks' masks, ties included."""
+    torch.manual_seed(0)
+    model = to_masked(tiny_net(), granularity="unstructured")
+    ms = MaskSet(model, k=0.3, granularity="unstructured", scope=scope)
+    assert ms._incremental is not None
+    g = torch.Generator().manual_seed(5)
+    for it in range(25):
+        with torch.no_grad():
+            for layer in ms.layers.values():
+                layer.popup_scores.add_(0.02 * torch.randn(layer.popup_scores.shape, generator=g))
+                if it % 6 == 5:  # quantise: many exact ties at the threshold
+                    layer.popup_scores.copy_(torch.round(layer.popup_scores * 8) / 8)
+                if it == 12:  # a big jump: the threshold moves far
+                    layer.popup_scores.mul_(30.0)
+        ms.step()
+        ref = select_masks([l.popup_scores for l in ms.layers.values()], k=0.3, granularity="unstructured",
+                           scope=scope)
+        for layer, m in zip(ms.layers.values(), ref):
+            assert torch.equal(layer.mask, m), it
