@@ -65,7 +65,7 @@ class Config:
                               "(0 = an independent shuffle of the whole training set, as BiP)", group="data")
     skip_bad_records: bool = opt(False, "LMDB: skip and count undecodable records instead of stopping", group="data")
     # training
-    trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune) or bilevel (BiP)", group="train")
+    trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune), bilevel (BiP) or woodfisher (gradual OBS)", group="train")
     epochs: int = opt(100, "number of epochs", group="train")
     optimizer: str = opt("sgd", "optimizer of weights and of scores", OPTIMIZERS, "train")
     lr: float = opt(0.1, "learning rate (of scores in HYDRA prune, of weights otherwise)", group="train")
@@ -82,6 +82,31 @@ class Config:
     implicit_grad: str = opt("paper", "bilevel: implicit term -lr2*g_s*g_theta (paper) or -lr2*g_s*g_s (bip-code, "
                              "the public code's, to reproduce its numbers)", ("paper", "bip-code"), "bilevel")
     accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term", group="bilevel")
+    # woodfisher (gradual OBS pruning); see README "WoodFisher"
+    prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion (woodfisher, woodtaylor, magnitude, "
+                            "globalmagnitude, diagfisher)", group="woodfisher")
+    target_sparsity: Optional[float] = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)", group="woodfisher")
+    init_sparsity: float = opt(0.05, "woodfisher: sparsity of the first pruning event", group="woodfisher")
+    prune_start: int = opt(0, "woodfisher: epoch of the first pruning event", group="woodfisher")
+    prune_freq: int = opt(1, "woodfisher: epochs between pruning events", group="woodfisher")
+    prune_end: int = opt(0, "woodfisher: epoch of the last pruning event (target reached there)", group="woodfisher")
+    agp_power: int = opt(3, "woodfisher: exponent of the AGP schedule (3 = cubic)", group="woodfisher")
+    one_shot: bool = opt(False, "woodfisher: prune once to the target, no training, then evaluate", group="woodfisher")
+    fisher_subsample_size: int = opt(100, "woodfisher: m, number of gradients in the Fisher estimate", group="woodfisher")
+    fisher_mini_bsz: int = opt(1, "woodfisher: samples averaged into each of the m gradients", group="woodfisher")
+    max_mini_bsz: Optional[int] = opt(None, "woodfisher: split each Fisher mini-batch into chunks of at most this size", group="woodfisher")
+    fisher_damp: float = opt(1e-5, "woodfisher: lambda, the dampening of F = lambda I + G^T G / m", group="woodfisher")
+    fittable_params: int = opt(2000, "woodfisher: block size c (contiguous weights of one layer)", group="woodfisher")
+    fisher_blocks: str = opt("chunk", "woodfisher: chunk (--fittable-params per block), layer (one block per layer) "
+                             "or all (one block over every weight)", ("chunk", "layer", "all"), "woodfisher")
+    true_fisher: bool = opt(False, "woodfisher: labels sampled from the model (true Fisher) instead of the data's", group="woodfisher")
+    offload_grads: bool = opt(False, "woodfisher: keep the m gradients in CPU memory", group="woodfisher")
+    woodburry_joint_sparsify: bool = opt(True, "woodfisher: one global selection over all layers (else per layer)", group="woodfisher")
+    scale_prune_update: float = opt(1.0, "woodfisher: scale of the OBS weight update (0 = no compensation)", group="woodfisher")
+    recompute_num: int = opt(1, "woodfisher: sub-steps per pruning event, each with a fresh Fisher", group="woodfisher")
+    recompute_schedule: str = opt("linear", "woodfisher: spacing of the sub-steps", ("linear", "poly"), "woodfisher")
+    disable_wdecay_after_prune: bool = opt(False, "woodfisher: no weight decay after the last pruning event", group="woodfisher")
+    flops_power: float = opt(0.0, "woodfisher: weight the statistic by (layer FLOPs)^power (0 = off)", group="woodfisher")
     # run control
     resume: Optional[str] = opt(None, "checkpoint of this run to continue from", group="run")
     evaluate: bool = opt(False, "only evaluate the model (from --source-net or --resume) and exit", group="run")
@@ -232,3 +257,17 @@ def load_config(argv: list[str]) -> Config:
         values.update(read_yaml(cli["configs"]))
     values.update({name: coerce(name, v, "command line") for name, v in cli.items()})
     return Config(**values).validate()
+
+
+def flag_table() -> str:
+    """The README's flag table, generated from the schema (python -m configs.schema)."""
+    lines = ["| flag | YAML key | default | meaning |", "|---|---|---|---|"]
+    for name, f in FIELDS.items():
+        choices = f.metadata["choices"]
+        meaning = f.metadata["help"] + (f" ({' / '.join(choices)})" if choices else "")
+        lines.append(f"| `--{name.replace('_', '-')}` | `{name}` | `{f.default}` | {meaning.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(flag_table())
