@@ -95,7 +95,7 @@ def test_bench_reports_both_backends():
         import bench_data
     finally:
         sys.path.pop(0)
-    rows = bench_data.run(images=12, size=(64, 48), workers=0)
+    rows = bench_data.run(images=12, size=(64, 48), workers=0, repeats=1)
     backends = {(backend, stage) for backend, stage, _, rate in rows if backend != "sizes" and rate > 0}
     assert {("folder", "read bytes (shuffled)"), ("lmdb", "read bytes (shuffled)"),
             ("folder", "decode+resize+crop"), ("lmdb", "decode+resize+crop")} <= backends
