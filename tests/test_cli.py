@@ -173,7 +173,8 @@ def test_hydra_prune_then_finetune_keeps_mask(tmp_path, pretrained):
     pruned = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.1", "--scope", "layer", "--layer-type", "channel",
                     "--source-net", pretrained, "--epochs", "1")
     src = os.path.join(pruned, "checkpoint", "model_best.pth.tar")
-    fine = run_ok(tmp_path, "--exp-mode", "finetune", "--k", "0.1", "--scope", "layer", "--layer-type", "channel",
+    # the finetune run keeps the default (global) scope: stored masks are used as they are
+    fine = run_ok(tmp_path, "--exp-mode", "finetune", "--k", "0.1", "--layer-type", "channel",
                   "--source-net", src, "--epochs", "1")
     before = load_checkpoint(src)["masks"]
     after = load_checkpoint(os.path.join(fine, "checkpoint", "checkpoint.pth.tar"))["masks"]

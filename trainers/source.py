@@ -20,7 +20,7 @@ from layers import MaskSet, init_scores
 
 # Settings a resumed or fine-tuned checkpoint must share with the run (config key -> flag).
 RESUME_MUST_MATCH = ("arch", "dataset", "exp_mode", "trainer", "layer_type", "k", "scope")
-FINETUNE_MUST_MATCH = ("arch", "layer_type", "k", "scope")
+FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
 
 
 def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
@@ -58,7 +58,8 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     if mode == "finetune":
         if not has_scores and not masks:
             raise UserError(f"{source} has no scores or masks: finetune needs the output of --exp-mode prune")
-        check_matches(ckpt, run=run, keys=FINETUNE_MUST_MATCH, source=source)
+        keys = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
+        check_matches(ckpt, run=run, keys=keys, source=source)
     lacks = load_model_state(model, state, source=source, notice=notice,
                              may_lack=lambda k: k.endswith(".mask") or (mode == "prune" and k.endswith(".popup_scores")))
     if mode == "prune":
