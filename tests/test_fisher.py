@@ -44,6 +44,9 @@ CASES = [
     pytest.param(6, 67, None, 6 * 8 * 9, "dual", id="whole-layer-column-chunks"),
     pytest.param(5, 97, 20, 5 * 20 * 8 * 2, "dual", id="dual-two-blocks-per-chunk"),
     pytest.param(12, 12, 12, None, "primal", id="c-equals-m"),
+    # m > 64: the Gram's lower triangle is built recursively (odd halves included)
+    pytest.param(80, 230, 100, None, "dual", id="dual-recursive-gram"),
+    pytest.param(67, 150, None, 67 * 8 * 40, "dual", id="whole-layer-recursive-gram-column-chunks"),
 ]
 
 
@@ -148,9 +151,9 @@ def test_peak_memory_is_reported_and_bounded_by_the_chunk_budget():
     small = EmpiricalFisherInverse(G, block_size=500, damp=1e-5, max_chunk_bytes=16 * 500 * 8)
     kept = 8 * 16 * 16 * 8 + 2 * 4000 * 8  # 8 dual factors of m x m + diag + F_qq, float64
     assert small.kept_memory_bytes() == kept == big.kept_memory_bytes()
-    # one block of staging (m x c float64) on top of what is kept
-    assert small.peak_memory_bytes() == kept + 16 * 500 * 8
-    assert big.peak_memory_bytes() == kept + 8 * 16 * 500 * 8
+    # staging on top of what is kept: the chunk of G (m x c float64 per block) and its square
+    assert small.peak_memory_bytes() == kept + 2 * 16 * 500 * 8
+    assert big.peak_memory_bytes() == kept + 2 * 8 * 16 * 500 * 8
     torch.testing.assert_close(small.diag(), big.diag(), rtol=0, atol=0)
 
 

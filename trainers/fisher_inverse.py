@@ -40,9 +40,10 @@ The results are clamped into the bounds every SPD F satisfies,
 so round-off can never produce a negative or unbounded OBS denominator.
 
 Memory: G is never copied whole. It is read in chunks of blocks (or, for a single block wider than
-the budget, chunks of columns), each converted to float64 into a buffer of at most
-``max_chunk_bytes``; only the Cholesky factors (n_blocks x k x k, k = c primal / m dual) and two
-length-d vectors stay. ``peak_memory_bytes()`` reports the largest sum of live buffers this object
+the budget, chunks of columns), each converted to float64 into one reused staging buffer of at most
+``max_chunk_bytes`` (plus a scratch buffer of the same size while building); only the Cholesky
+factors (n_blocks x k x k, k = c primal / m dual) and two length-d vectors stay. Only the lower
+triangle of each Gram matrix is formed (it is all the Cholesky reads). ``peak_memory_bytes()`` reports the largest sum of live buffers this object
 allocated (an analytic count of its own temporaries, the figure the trainer logs).
 
 The dual form keeps a reference to G (no copy) because F^-1 v needs G_b again; do not modify G in
@@ -55,7 +56,12 @@ from typing import Iterator
 
 import torch
 
-_DEFAULT_CHUNK_BYTES = 128 * 2**20  # float64 staging buffer per batched call; bounds transient memory
+# Float64 staging buffer per batched call (bounds transient memory). On CPU, buffers above glibc's
+# mmap threshold (32 MiB) are returned to the kernel on free and page-faulted back on every chunk:
+# measured 1.4x slower for ResNet-20 blocks and 10x slower for a whole-layer F^-1 v at 128 MiB
+# than at 8 MiB. The CUDA caching allocator reuses large buffers, and larger batches feed the GPU.
+_CPU_CHUNK_BYTES = 8 * 2**20
+_GPU_CHUNK_BYTES = 256 * 2**20
 
 
 class EmpiricalFisherInverse:
@@ -66,7 +72,8 @@ class EmpiricalFisherInverse:
         whole vector one block (a whole layer, or all layers concatenated).
     damp: lambda > 0.
     compute_dtype: dtype of the factorisations and solves (float64 unless you know better).
-    max_chunk_bytes: bound on one staging buffer of G in ``compute_dtype``.
+    max_chunk_bytes: bound on one staging buffer of G in ``compute_dtype`` (default 8 MiB on
+        CPU, 256 MiB on a GPU); at least one block (or one column group) is staged at a time.
 
     Results (``diag``, ``mul``) come back in G's dtype (``diag``) or v's dtype (``mul``), on G's
     device.
@@ -79,7 +86,7 @@ class EmpiricalFisherInverse:
         block_size: int | None = None,
         damp: float = 1e-5,
         compute_dtype: torch.dtype = torch.float64,
-        max_chunk_bytes: int = _DEFAULT_CHUNK_BYTES,
+        max_chunk_bytes: int | None = None,
     ) -> None:
         if grads.dim() != 2:
             raise ValueError(f"grads must be (m, d), got shape {tuple(grads.shape)}")
@@ -101,6 +108,8 @@ class EmpiricalFisherInverse:
         self.device = grads.device
         self._cdt = compute_dtype
         self._item = torch.empty((), dtype=compute_dtype).element_size()
+        if max_chunk_bytes is None:
+            max_chunk_bytes = _CPU_CHUNK_BYTES if self.device.type == "cpu" else _GPU_CHUNK_BYTES
         self._max_chunk_bytes = int(max_chunk_bytes)
 
         c, nb = self.block_size, self.n_blocks
@@ -179,12 +188,15 @@ class EmpiricalFisherInverse:
         """F_b = lambda I + G_b^T G_b / m for all blocks, then Cholesky and diag(F^-1)."""
         m, c = self.m, self.block_size
         F = self._factor  # built in place, factored in place
-        for b0, b1, r0, r1 in self._row_chunks():
-            X = self._load(b0, b1, r0, r1, 0, c)  # [nbc, rows, c]
+        chunks = list(self._row_chunks())
+        stage = self._staging([(b1 - b0, r1 - r0, c) for b0, b1, r0, r1 in chunks])
+        sq = torch.empty_like(stage)
+        for b0, b1, r0, r1 in chunks:
+            X = self._load(b0, b1, r0, r1, 0, c, into=stage)  # [nbc, rows, c]
             F[b0:b1].baddbmm_(X.mT, X)
-            self._fisher_diag[b0:b1].add_(torch.linalg.vector_norm(X, dim=1).square_())
-            self._note(X)
-            del X
+            self._fisher_diag[b0:b1].add_(_column_sq_norms(X, into=sq))
+        self._note(stage, sq)
+        del stage, sq
         F.div_(m).diagonal(dim1=1, dim2=2).add_(self.damp)
         self._fisher_diag.div_(m).add_(self.damp)
         self._cholesky_in_place(F)
@@ -204,41 +216,44 @@ class EmpiricalFisherInverse:
         M = self._factor
         chunks = list(self._column_chunks())
         whole = all(c0 == 0 and c1 == c for _, _, c0, c1 in chunks)
+        stage = self._staging([(b1 - b0, m, c1 - c0) for b0, b1, c0, c1 in chunks])
+        sq = torch.empty_like(stage)
+        self._note(stage, sq)
         if whole:
             # Each chunk holds whole blocks: one load per chunk serves M, L and Z.
             for b0, b1, _, _ in chunks:
-                X = self._load(b0, b1, 0, m, 0, c)
+                X = self._load(b0, b1, 0, m, 0, c, into=stage)
                 Mc = M[b0:b1]
-                torch.baddbmm(Mc, X, X.mT, out=Mc)
+                _add_lower_gram_(Mc, X)
                 Mc.diagonal(dim1=1, dim2=2).add_(self.damp * m)
-                self._fisher_diag[b0:b1] = torch.linalg.vector_norm(X, dim=1).square_()
+                self._fisher_diag[b0:b1] = _column_sq_norms(X, into=sq)
                 self._cholesky_in_place(Mc)
                 torch.linalg.solve_triangular(Mc, X, upper=False, out=X)  # X <- Z, in place
-                self._diag[b0:b1] = torch.linalg.vector_norm(X, dim=1).square_().neg_().add_(1.0)
-                self._note(X)
-                del X
+                self._diag[b0:b1] = X.square_().sum(1).neg_().add_(1.0)  # Z is scratch: square in place
         else:
             # Blocks wider than the budget: accumulate M over column chunks, factor, then Z per chunk.
             for b0, b1, c0, c1 in chunks:
-                X = self._load(b0, b1, 0, m, c0, c1)
-                M[b0:b1].baddbmm_(X, X.mT)
-                self._fisher_diag[b0:b1, c0:c1] = torch.linalg.vector_norm(X, dim=1).square_()
-                self._note(X)
-                del X
+                X = self._load(b0, b1, 0, m, c0, c1, into=stage)
+                _add_lower_gram_(M[b0:b1], X)
+                self._fisher_diag[b0:b1, c0:c1] = _column_sq_norms(X, into=sq)
             M.diagonal(dim1=1, dim2=2).add_(self.damp * m)
             self._cholesky_in_place(M)
             for b0, b1, c0, c1 in chunks:
-                X = self._load(b0, b1, 0, m, c0, c1)
+                X = self._load(b0, b1, 0, m, c0, c1, into=stage)
                 torch.linalg.solve_triangular(M[b0:b1], X, upper=False, out=X)
-                self._diag[b0:b1, c0:c1] = torch.linalg.vector_norm(X, dim=1).square_().neg_().add_(1.0)
-                self._note(X)
-                del X
+                self._diag[b0:b1, c0:c1] = X.square_().sum(1).neg_().add_(1.0)
+        del stage, sq
         self._diag.div_(self.damp)
         self._fisher_diag.div_(m).add_(self.damp)
 
     def _cholesky_in_place(self, A: torch.Tensor) -> None:
         info = torch.empty(A.shape[:-2], dtype=torch.int32, device=A.device)
-        torch.linalg.cholesky_ex(A, out=(A, info))
+        # Factor the transposed view as U = L^T (upper=True): LAPACK is column-major, and A^T of a
+        # row-major A is column-major, so no internal copy is made (measured ~1.3x faster than
+        # cholesky_ex(A, out=A)). It reads A^T's upper triangle = A's lower one, the half we fill,
+        # and leaves L in A's lower triangle (zeros above).
+        At = A.mT
+        torch.linalg.cholesky_ex(At, upper=True, out=(At, info))
         if bool((info != 0).any()):
             raise FloatingPointError(
                 f"Cholesky of the damped Fisher failed in {int((info != 0).sum())} block(s); "
@@ -255,25 +270,21 @@ class EmpiricalFisherInverse:
         U = torch.zeros(self.n_blocks, m, k, dtype=self._cdt, device=self.device)
         chunks = list(self._column_chunks())
         whole = all(c0 == 0 and c1 == c for _, _, c0, c1 in chunks)
+        stage = self._staging([(b1 - b0, m, c1 - c0) for b0, b1, c0, c1 in chunks])
+        self._note(vb, U, U, stage)  # U and its cholesky_solve result
         if whole:
             for b0, b1, _, _ in chunks:
-                X = self._load(b0, b1, 0, m, 0, c)
+                X = self._load(b0, b1, 0, m, 0, c, into=stage)
                 U[b0:b1] = torch.cholesky_solve(torch.bmm(X, vb[b0:b1]), self._factor[b0:b1])
                 vb[b0:b1].baddbmm_(X.mT, U[b0:b1], alpha=-1.0)
-                self._note(vb, U, X)
-                del X
         else:
             for b0, b1, c0, c1 in chunks:
-                X = self._load(b0, b1, 0, m, c0, c1)
+                X = self._load(b0, b1, 0, m, c0, c1, into=stage)
                 U[b0:b1].baddbmm_(X, vb[b0:b1, c0:c1])
-                self._note(vb, U, X)
-                del X
             U = torch.cholesky_solve(U, self._factor)
             for b0, b1, c0, c1 in chunks:
-                X = self._load(b0, b1, 0, m, c0, c1)
+                X = self._load(b0, b1, 0, m, c0, c1, into=stage)
                 vb[b0:b1, c0:c1] -= torch.bmm(X.mT, U[b0:b1])
-                self._note(vb, U, X)
-                del X
         return vb.div_(self.damp)
 
     # ----------------------------------------------------------------------------------------
@@ -296,8 +307,10 @@ class EmpiricalFisherInverse:
     def _dual_group_solve(self, wb: torch.Tensor, u: torch.Tensor, g: int) -> None:
         m, lam = self.m, self.damp
         eye_m = torch.eye(m, dtype=self._cdt, device=self.device)
-        for b0, b1, c0, c1 in self._column_chunks(align=g):
-            Z = self._load(b0, b1, 0, m, c0, c1)
+        chunks = list(self._column_chunks(align=g))
+        stage = self._staging([(b1 - b0, m, c1 - c0) for b0, b1, c0, c1 in chunks])
+        for b0, b1, c0, c1 in chunks:
+            Z = self._load(b0, b1, 0, m, c0, c1, into=stage)
             torch.linalg.solve_triangular(self._factor[b0:b1], Z, upper=False, out=Z)
             nbc, q = b1 - b0, (c1 - c0) // g
             Zq = Z.view(nbc, m, q, g).permute(0, 2, 1, 3)  # [nbc, q, m, g]
@@ -313,8 +326,8 @@ class EmpiricalFisherInverse:
                 A = K
                 sol = (wq + torch.matmul(Zq.mT, torch.linalg.solve(K, torch.matmul(Zq, wq)))).mul_(lam)
             u[b0:b1, c0:c1] = sol.reshape(nbc, c1 - c0)
-            self._note(Z, A)
-            del Z, A, sol
+            self._note(stage, A)
+            del A, sol
 
     # ----------------------------------------------------------------------------------------
     # chunked access to G
@@ -345,12 +358,20 @@ class EmpiricalFisherInverse:
             for b0 in range(0, nb, step):
                 yield b0, min(b0 + step, nb), r0, min(r0 + rows, m)
 
-    def _load(self, b0: int, b1: int, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
-        """G rows r0:r1, columns c0:c1 of blocks b0:b1, as [b1-b0, r1-r0, c1-c0] in compute dtype;
-        columns past d (the padded tail of the last block) are zero."""
+    def _staging(self, shapes: list[tuple[int, int, int]]) -> torch.Tensor:
+        """One flat buffer for the largest chunk, reused by every chunk of a pass: a fresh
+        allocation per chunk costs page faults on CPU (measured ~0.5 ms per 8 MiB)."""
+        n = max(a * b * c for a, b, c in shapes)
+        return torch.empty(n, dtype=self._cdt, device=self.device)
+
+    def _load(self, b0: int, b1: int, r0: int, r1: int, c0: int, c1: int, *, into: torch.Tensor) -> torch.Tensor:
+        """G rows r0:r1, columns c0:c1 of blocks b0:b1, as [b1-b0, r1-r0, c1-c0] in compute dtype,
+        written into the front of the flat buffer ``into``; columns past d (the padded tail of the
+        last block) are zero."""
         c, d = self.block_size, self.d
         G = self._grads[r0:r1]
-        out = torch.empty(b1 - b0, r1 - r0, c1 - c0, dtype=self._cdt, device=self.device)
+        shape = (b1 - b0, r1 - r0, c1 - c0)
+        out = into[: shape[0] * shape[1] * shape[2]].view(shape)
         # Blocks whose columns c0:c1 all lie inside d are a strided view of G: one copy.
         n_full = max(0, min(b1, (d - c1) // c + 1) - b0) if d >= c1 else 0
         if n_full:
@@ -385,6 +406,31 @@ class EmpiricalFisherInverse:
     def _note(self, *tensors: torch.Tensor) -> None:
         live = self._kept_bytes + sum(t.numel() * t.element_size() for t in tensors)
         self._peak_bytes = max(self._peak_bytes, live)
+
+
+def _add_lower_gram_(M: torch.Tensor, X: torch.Tensor, *, base: int = 64) -> None:
+    """M += X X^T on and below the diagonal (batched, [b, m, m] += [b, m, c] [b, c, m]).
+
+    Only the lower triangle is read by the Cholesky (uplo='L'), so the upper off-diagonal
+    quadrants are skipped recursively: with m = 256 and base 64 this is 5/8 of the multiply-adds
+    of the full product, measured ~1.3x faster on CPU (torch exposes no batched syrk).
+    Entries above the diagonal are left partially filled; never read them."""
+    m = X.shape[-2]
+    if m <= base:
+        M.baddbmm_(X, X.mT)
+        return
+    h = m // 2
+    _add_lower_gram_(M[..., :h, :h], X[..., :h, :], base=base)
+    M[..., h:, :h].baddbmm_(X[..., h:, :], X[..., :h, :].mT)
+    _add_lower_gram_(M[..., h:, h:], X[..., h:, :], base=base)
+
+
+def _column_sq_norms(X: torch.Tensor, *, into: torch.Tensor) -> torch.Tensor:
+    """sum_i X[b, i, j]^2 -> [b, j]. Squaring into a scratch buffer (flat, at least X's size) and
+    summing over the middle dim runs ~4x faster on CPU than torch.linalg.vector_norm(X, dim=1),
+    whose strided reduction is slow."""
+    sq = into[: X.numel()].view(X.shape)
+    return torch.mul(X, X, out=sq).sum(1)
 
 
 class DiagonalFisher:
