@@ -148,9 +148,12 @@ class IncrementalTopK:
 
     def __init__(self) -> None:
         self.threshold: float | None = None
+        self.last_move = 0.0  # |change of the threshold| at the last selection: the next bracket's width
+        self.passes = 0       # counting passes over all scores (for tests and benchmarks)
         self._abs: list[torch.Tensor] = []
 
     def _count_at_least(self, value: float, masks: Sequence[torch.Tensor]) -> int:
+        self.passes += 1
         return sum(int(torch.count_nonzero(torch.ge(a, value, out=m))) for a, m in zip(self._abs, masks))
 
     def select_into(self, scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], count: int) -> None:
@@ -169,14 +172,16 @@ class IncrementalTopK:
             t = self._exact_threshold(count)
         above = self._count_at_least(t, masks)
         if above != count:
-            lo, hi = self._bracket(t, above, count, masks)
-            need = count - self._count_at_least(hi, masks)
+            lo, hi, n_hi = self._bracket(t, above, count, masks)
+            need = count - n_hi
             if need == 0:  # exactly count values at or above hi: hi separates them from the rest
                 t = hi
             else:
                 band = torch.cat([a[(a >= lo) & (a < hi)] for a in self._abs])
                 t = float(torch.topk(band, need, sorted=False).values.min())
             above = self._count_at_least(t, masks)
+        if self.threshold is not None:
+            self.last_move = abs(t - self.threshold)
         self.threshold = t
         if above != count:  # a tie straddles the threshold: the reference rule decides
             flat_keep = top_units(torch.cat([a.flatten() for a in self._abs]), count)
@@ -187,17 +192,24 @@ class IncrementalTopK:
         flat = torch.cat([a.flatten() for a in self._abs])
         return float(torch.topk(flat, count, sorted=False).values.min())
 
-    def _bracket(self, t: float, above: int, count: int, masks) -> tuple[float, float]:
-        """(lo, hi) with count(|s| >= lo) >= count > count(|s| >= hi), widening geometrically."""
-        step = max(abs(t) * 1e-3, 1e-12)
+    def _bracket(self, t: float, above: int, count: int, masks) -> tuple[float, float, int]:
+        """(lo, hi, count(|s| >= hi)) with count(|s| >= lo) >= count > count(|s| >= hi), widening
+        geometrically from the last move of the threshold."""
+        # Thresholds drift smoothly: a bracket 1.5x the last move usually needs a single probe.
+        step = max(1.5 * self.last_move, abs(t) * 1e-4, 1e-12)
         if above > count:  # threshold moved up
             lo, hi = t, t + step
-            while self._count_at_least(hi, masks) > count:
+            n_hi = self._count_at_least(hi, masks)
+            while n_hi > count:
                 lo, step = hi, step * 4
                 hi = hi + step
-        else:  # too few at or above t: threshold moved down
-            lo, hi = t - step, t
-            while self._count_at_least(lo, masks) < count:
-                hi, step = lo, step * 4
-                lo = lo - step
-        return lo, hi
+                n_hi = self._count_at_least(hi, masks)
+            return lo, hi, n_hi
+        # too few at or above t: the threshold moved down
+        lo, hi, n_hi = t - step, t, above
+        n_lo = self._count_at_least(lo, masks)
+        while n_lo < count:
+            hi, n_hi, step = lo, n_lo, step * 4
+            lo = lo - step
+            n_lo = self._count_at_least(lo, masks)
+        return lo, hi, n_hi

@@ -244,3 +244,19 @@ def test_incremental_selection_equals_reference_as_scores_drift(scope):
                            scope=scope)
         for layer, m in zip(ms.layers.values(), ref):
             assert torch.equal(layer.mask, m), it
+
+
+def test_incremental_selection_needs_few_passes_for_small_drift():
+    from layers.selector import IncrementalTopK
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(1000, generator=g), torch.randn(3000, generator=g)]
+    masks = [torch.empty(1000, dtype=torch.bool), torch.empty(3000, dtype=torch.bool)]
+    sel = IncrementalTopK()
+    sel.select_into(scores, masks, 200)
+    for _ in range(5):
+        scores = [s + 1e-3 * torch.randn(s.shape, generator=g) for s in scores]
+        before = sel.passes
+        sel.select_into(scores, masks, 200)
+        assert sel.passes - before <= 4
+        ref = select_masks(scores, k=200 / 4000, granularity="unstructured", scope="global")
+        assert all(torch.equal(m, r) for m, r in zip(masks, ref))

@@ -1,0 +1,26 @@
+"""The README documents every flag, every architecture and every dataset the code has."""
+import os
+
+from configs.schema import FIELDS, flag_table
+from data import dataset_names
+from models import model_names
+
+README = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"), encoding="utf-8").read()
+
+
+def test_flag_table_is_current():
+    assert flag_table() in README, "regenerate the README flag table with: python -m configs.schema"
+    for name in FIELDS:
+        assert f"`--{name.replace('_', '-')}`" in README
+
+
+def test_every_architecture_and_dataset_is_named():
+    for name in model_names():
+        assert name in README, name
+    for name in dataset_names():
+        assert name in README, name
+
+
+def test_readme_gives_the_ci_test_command():
+    ci = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ci", "run")).read()
+    assert "bash sh/test.sh" in README and "bash sh/test.sh" in ci
