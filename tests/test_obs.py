@@ -227,3 +227,12 @@ def test_group_obs_keeps_pruned_groups_and_channel_permutation():
     back[perm] = new
     assert bool((back.view(shape)[:, :2] == 0).all())
     assert group_permutation(shape=shape, granularity="filter") == (None, 12)
+
+
+def test_parameters_are_read_not_modified_and_no_graph_is_built():
+    G, w, inv, F = setup()
+    p = torch.nn.Parameter(w.clone())
+    rho = obs_statistic(weight=p, fisher_inverse=inv)
+    new = obs_update(weight=p, fisher_inverse=inv, prune=one_hot(50, 8))
+    assert not rho.requires_grad and not new.requires_grad
+    assert torch.equal(p.detach(), w) and new[8] == 0

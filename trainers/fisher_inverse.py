@@ -79,6 +79,7 @@ class EmpiricalFisherInverse:
     device.
     """
 
+    @torch.no_grad()
     def __init__(
         self,
         grads: torch.Tensor,
@@ -138,6 +139,7 @@ class EmpiricalFisherInverse:
         """F_qq = lambda + (1/m) sum_i G_iq^2, length d, in G's dtype (the diagonal-Fisher baseline)."""
         return self._fisher_diag.reshape(-1)[: self.d].to(self.dtype)
 
+    @torch.no_grad()
     def mul(self, v: torch.Tensor) -> torch.Tensor:
         """F^-1 v for v of shape (d,) or a batch (k, d); same shape and dtype as v."""
         if v.shape[-1] != self.d or v.dim() not in (1, 2):
@@ -150,6 +152,7 @@ class EmpiricalFisherInverse:
             out = self._dual_mul(vb)
         return self._from_blocks(out, like=v)
 
+    @torch.no_grad()
     def group_solve(self, w: torch.Tensor, *, group_size: int) -> torch.Tensor:
         """u with u_Q = ([F^-1]_QQ)^-1 w_Q for every group Q of ``group_size`` contiguous coordinates.
 
@@ -438,6 +441,7 @@ class DiagonalFisher:
     F_qq = lambda + (1/m) sum_i G_iq^2, so diag(F^-1) = 1/F_qq and F^-1 v = v / F_qq.
     Costs one pass over G and d floats; OBS with it prunes by w_q^2 F_qq and moves nothing else."""
 
+    @torch.no_grad()
     def __init__(self, grads: torch.Tensor, *, damp: float = 1e-5) -> None:
         if grads.dim() != 2:
             raise ValueError(f"grads must be (m, d), got shape {tuple(grads.shape)}")

@@ -38,6 +38,9 @@ weights by |score| (``layers.selector``), so the lowest score any unit can have 
 alive weight gets at least the smallest positive normal float (``torch.finfo(dtype).tiny``), so an
 alive weight always outranks a pruned one, with the raw scores and with their absolute values;
 ranking among alive weights is unchanged (only values below ~1e-38 collapse).
+
+The step is not differentiable: every function runs under ``torch.no_grad()`` and returns new
+tensors (weights passed as Parameters are read, never modified in place).
 """
 from __future__ import annotations
 
@@ -100,6 +103,7 @@ def _mean_grad(grad: torch.Tensor | None, d: int) -> torch.Tensor:
 # WoodFisher (OBS)
 
 
+@torch.no_grad()
 def obs_statistic(
     *,
     weight: torch.Tensor,
@@ -117,6 +121,7 @@ def obs_statistic(
     return _alive_score(w.square() / h, alive).reshape(weight.shape)
 
 
+@torch.no_grad()
 def obs_update(
     *,
     weight: torch.Tensor,
@@ -147,6 +152,7 @@ def obs_update(
 # WoodTaylor
 
 
+@torch.no_grad()
 def woodtaylor_statistic(
     *,
     weight: torch.Tensor,
@@ -162,6 +168,7 @@ def woodtaylor_statistic(
     return _alive_score((w - a).square() / h, alive).reshape(weight.shape)
 
 
+@torch.no_grad()
 def woodtaylor_update(
     *,
     weight: torch.Tensor,
@@ -196,6 +203,7 @@ def woodtaylor_update(
 # diagonal Fisher baseline
 
 
+@torch.no_grad()
 def diagonal_fisher_statistic(
     *,
     weight: torch.Tensor,
@@ -209,6 +217,7 @@ def diagonal_fisher_statistic(
     return _alive_score(w.square() * fisher_inverse.fisher_diag().to(w.dtype), alive).reshape(weight.shape)
 
 
+@torch.no_grad()
 def diagonal_fisher_update(
     *,
     weight: torch.Tensor,
@@ -250,6 +259,7 @@ def group_permutation(*, shape: tuple[int, ...] | torch.Size, granularity: str) 
     raise ValueError(f"group OBS supports granularity 'filter' or 'channel', got {granularity!r}")
 
 
+@torch.no_grad()
 def group_obs_statistic(
     *,
     weight: torch.Tensor,
@@ -267,6 +277,7 @@ def group_obs_statistic(
     return _alive_score(stat, alive)
 
 
+@torch.no_grad()
 def group_obs_update(
     *,
     weight: torch.Tensor,
