@@ -186,3 +186,30 @@ def test_evaluate_writes_nothing(tmp_path, capsys, pretrained):
     assert train.main(["--result-dir", str(tmp_path / "res"), "--source-net", pretrained, "--evaluate"]) == 0
     out = capsys.readouterr().out
     assert "test: loss" in out and not (tmp_path / "res").exists()
+
+
+def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch):
+    """DESIGN.md section 10's four commands, on CIFAR-10 files in the torchvision layout under ./data
+    (the configs' data_dir), with --epochs 1 appended to keep the test fast."""
+    from tests.fixtures_data import write_cifar10
+
+    write_cifar10(str(tmp_path / "data"), per_batch=8, test=10)
+    monkeypatch.chdir(tmp_path)
+    cfg = os.path.join(ROOT, "configs", "CIFAR10")
+    quick = ["--epochs", "1", "--no-progress", "--result-dir", str(tmp_path / "res")]
+    assert train.main(["--k", "1.0", "--arch", "resnet18", "--configs", f"{cfg}/pretrain.yml", "--seed", "1234",
+                       "--exp-name", "C10_r18_pre", *quick]) == 0
+    pre = glob.glob(str(tmp_path / "res" / "C10_r18_pre" / "pretrain" / "*" / "checkpoint" / "model_best.pth.tar"))[0]
+    assert train.main(["--arch", "resnet18", "--exp-mode", "prune", "--configs", f"{cfg}/bip.yml", "--k", "0.01",
+                       "--source-net", pre, "--seed", "1234", "--exp-name", "C10_r18_unstructured_bip_k0.01", *quick]) == 0
+    assert train.main(["--arch", "resnet18", "--exp-mode", "prune", "--configs", f"{cfg}/hydra.yml", "--layer-type",
+                       "channel", "--k", "0.5", "--source-net", pre, "--exp-name", "C10_r18_channel_hydra_k0.5", *quick]) == 0
+    pruned = glob.glob(str(tmp_path / "res" / "C10_r18_unstructured_bip_k0.01" / "prune" / "*" / "checkpoint"
+                           / "model_best.pth.tar"))[0]
+    assert train.main(["--arch", "resnet18", "--exp-mode", "finetune", "--configs", f"{cfg}/finetune.yml", "--k", "0.01",
+                       "--source-net", pruned, "--exp-name", "C10_r18_unstructured_bip_k0.01", *quick]) == 0
+    fine = glob.glob(str(tmp_path / "res" / "C10_r18_unstructured_bip_k0.01" / "finetune" / "*" / "checkpoint"
+                         / "checkpoint.pth.tar"))[0]
+    masks = load_checkpoint(fine)["masks"]
+    total = sum(m.numel() for m in masks.values())
+    assert sum(int(m.sum()) for m in masks.values()) == total - int(0.99 * total)

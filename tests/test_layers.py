@@ -260,3 +260,22 @@ def test_incremental_selection_needs_few_passes_for_small_drift():
         assert sel.passes - before <= 4
         ref = select_masks(scores, k=200 / 4000, granularity="unstructured", scope="global")
         assert all(torch.equal(m, r) for m, r in zip(masks, ref))
+
+
+def test_torchvision_model_converts_and_exports():
+    import torchvision
+
+    torch.manual_seed(0)
+    dense = torchvision.models.resnet18(weights=None, num_classes=7).eval()
+    masked = to_masked(torchvision.models.resnet18(weights=None, num_classes=7), granularity="filter")
+    masked.load_state_dict(dense.state_dict(), strict=False)  # test set-up only: scores/masks are new
+    masked.eval()
+    ms = MaskSet(masked, k=1.0, granularity="filter", scope="layer")
+    assert len(ms.layers) == 21  # 20 convs + fc
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(masked(x), dense(x))
+    ms.k = 0.5
+    ms.step(force=True)
+    plain = torchvision.models.resnet18(weights=None, num_classes=7).eval()
+    plain.load_state_dict(dense_state_dict(masked), strict=True)
+    torch.testing.assert_close(plain(x), masked(x))
