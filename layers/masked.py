@@ -38,6 +38,9 @@ class MaskedLayer(nn.Module):
     """Mixin for a layer with ``weight``, ``popup_scores`` and a ``mask`` buffer."""
 
     granularity: str
+    # False while a step needs no score gradient (BiP's lower level): forward then skips the
+    # straight-through path and its backward work on every weight.
+    score_grad: bool = True
 
     def _init_masking(self, granularity: str) -> None:
         self.granularity = granularity
@@ -47,7 +50,7 @@ class MaskedLayer(nn.Module):
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
 
     def masked_weight(self) -> torch.Tensor:
-        if self.popup_scores.requires_grad and torch.is_grad_enabled():
+        if self.score_grad and self.popup_scores.requires_grad and torch.is_grad_enabled():
             return _StraightThroughMask.apply(self.weight, self.popup_scores, self.mask)
         return self.weight * self.mask
 

@@ -13,6 +13,7 @@ Two regimes:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,17 @@ class MaskSet:
         self._seen = self._score_versions()
         self.selections += 1
         return True
+
+    @contextmanager
+    def scores_fixed(self):
+        """Within this block forward passes compute no score gradient (a weight-only step)."""
+        for layer in self.layers.values():
+            layer.score_grad = False
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.score_grad = True
 
     def freeze(self) -> None:
         """Stop following the scores: the current masks stay until set explicitly."""

@@ -68,18 +68,23 @@ class BilevelTrainer(BaseTrainer):
         if self.accelerate:
             loss_up, _ = self._loss(x2, y2)
             self._apply(mask_opt, self.scores, torch.autograd.grad(loss_up, self.scores))
+            with self.maskset.scores_fixed():
+                loss, logits = self._loss(x1, y1)
+                self._apply(opt, self.weights, torch.autograd.grad(loss, self.weights))
+            return loss.detach(), logits.detach(), y1
+        # 1. lower level: weights on x1 (no score gradient needed)
+        with self.maskset.scores_fixed():
             loss, logits = self._loss(x1, y1)
             self._apply(opt, self.weights, torch.autograd.grad(loss, self.weights))
-            return loss.detach(), logits.detach(), y1
-        # 1. lower level: weights on x1
-        loss, logits = self._loss(x1, y1)
-        self._apply(opt, self.weights, torch.autograd.grad(loss, self.weights))
         # 2. upper level: scores on x2 at the new weights, with the implicit-gradient term
         loss_up, _ = self._loss(x2, y2)
         n = len(self.scores)
         grads = torch.autograd.grad(loss_up, self.scores + self.masked_weights)
         g_s, g_theta = grads[:n], grads[n:]
-        partner = g_theta if self.implicit_grad == "paper" else g_s
-        score_grads = [gs - self.lr2 * gs * gp for gs, gp in zip(g_s, partner)]
+        # g_s - lr2 * g_s * partner, built in place in g_theta's buffers (no longer needed)
+        score_grads = []
+        for gs, gt in zip(g_s, g_theta):
+            partner = gt if self.implicit_grad == "paper" else gt.copy_(gs)
+            score_grads.append(partner.mul_(gs).mul_(-self.lr2).add_(gs))
         self._apply(mask_opt, self.scores, score_grads)
         return loss.detach(), logits.detach(), y1
