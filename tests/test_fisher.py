@@ -31,14 +31,15 @@ def gradients(m: int, d: int, *, seed: int, rank: int | None = None, scale: floa
     return (coef @ basis) * scale / rank**0.5 + 1e-3 * scale * torch.randn(m, d, generator=gen, dtype=torch.float64)
 
 
-# (m, d, block, max_chunk_bytes, expected form): primal, dual, padded last block in both forms,
+# (m, d, block, max_chunk_bytes, expected form): primal, dual, a short last block in both forms,
 # a whole-layer block, and chunked staging (row chunks for the primal Gram, column chunks for a
 # dual block wider than the budget, several blocks per chunk).
 CASES = [
     pytest.param(40, 90, 10, None, "primal", id="primal"),
-    pytest.param(40, 95, 10, None, "primal", id="primal-padded"),
+    pytest.param(40, 95, 10, None, "primal", id="primal-short-last-block"),
     pytest.param(6, 60, 20, None, "dual", id="dual"),
-    pytest.param(6, 67, 20, None, "dual", id="dual-padded"),
+    pytest.param(6, 67, 20, None, "dual", id="dual-short-last-block"),
+    pytest.param(6, 64, 20, None, "dual", id="dual-blocks-primal-last-block"),  # last block 4 <= m
     pytest.param(8, 123, None, None, "dual", id="whole-layer"),
     pytest.param(30, 95, 10, 30 * 10 * 8 // 3, "primal", id="primal-row-chunks"),
     pytest.param(6, 67, None, 6 * 8 * 9, "dual", id="whole-layer-column-chunks"),
@@ -70,10 +71,10 @@ def test_diag_and_mul_match_explicit_inverse(m, d, block, chunk, form, damp):
     torch.testing.assert_close(out, V @ full.T, rtol=1e-8, atol=1e-8 * (V @ full.T).abs().max().item())
 
 
-def test_padded_last_block_is_exact_not_approximate():
-    """The padded tail must not leak into real coordinates: the short block's inverse equals the
-    inverse of its own (unpadded) Fisher, for both forms."""
-    for m, d, c in [(40, 95, 10), (6, 67, 20)]:
+def test_short_last_block_is_its_own_block():
+    """The short last block's inverse is the inverse of its own Fisher (no coupling to the
+    previous block, nothing from padding), whichever form it takes."""
+    for m, d, c in [(40, 95, 10), (6, 67, 20), (6, 64, 20)]:
         G = gradients(m, d, seed=3)
         inv = EmpiricalFisherInverse(G, block_size=c, damp=1e-3)
         tail = d - (d // c) * c
@@ -128,6 +129,8 @@ def test_all_layers_at_once_is_one_block_over_the_concatenation():
     (6, 64, 16, 4),      # dual, g <= m
     (6, 64, 32, 16),     # dual, g > m (Woodbury on the group)
     (5, 60, None, 12),   # whole layer, g > m
+    (6, 68, 16, 4),      # dual blocks and a short primal last block of one group
+    (6, 72, 32, 8),      # dual blocks, g > m, a short dual last block
 ])
 def test_group_solve_matches_explicit(m, d, block, g):
     G = gradients(m, d, seed=8)
@@ -155,6 +158,12 @@ def test_peak_memory_is_reported_and_bounded_by_the_chunk_budget():
     assert small.peak_memory_bytes() == kept + 2 * 16 * 500 * 8
     assert big.peak_memory_bytes() == kept + 2 * 8 * 16 * 500 * 8
     torch.testing.assert_close(small.diag(), big.diag(), rtol=0, atol=0)
+    # with a short last block (its own batch): factors of both batches are kept; the peak is the
+    # larger batch's staging on top of everything kept
+    tail = EmpiricalFisherInverse(G[:, :3700], block_size=500, damp=1e-5)
+    kept_tail = 7 * 16 * 16 * 8 + 16 * 16 * 8 + 2 * 3700 * 8
+    assert tail.kept_memory_bytes() == kept_tail and tail.n_blocks == 8
+    assert tail.peak_memory_bytes() == kept_tail + 2 * 7 * 16 * 500 * 8
 
 
 def test_does_not_copy_or_modify_gradients_and_keeps_dtype():
