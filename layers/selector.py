@@ -5,10 +5,12 @@ Every trainer, the dense export, evaluation and the sparsity report go through
 
 Counting rule (stated once, here): a selection over N units at density k keeps
 
-    n_keep(k, N) = N - int((1 - k) * N)        (at least 1 unit)
+    n_keep(k, N) = N - floor((1 - k) * N)      (at least 1 unit)
 
-evaluated in Python float64 exactly as the public HYDRA/BiP code does, so that a checkpoint they
-wrote gives the same mask here for the same k. In exact arithmetic this is ceil(k * N).
+the public HYDRA/BiP rule (``N - int((1 - k) * N)`` in float64), so that a checkpoint they wrote
+gives the same mask here for the same k; in exact arithmetic it is ceil(k * N). One difference:
+float64 noise of a few ulps just below an integer is rounded away. Their code keeps all 10 units
+at k = 0.9, N = 10 because 1 - 0.9 is 0.0999...98; this rule keeps 9, as asked.
 
 Ties at the threshold are broken deterministically: among equal unit scores the one with the
 lower flat index (module order, then row-major order) is kept.
@@ -19,6 +21,7 @@ The selector never sorts: it finds the n_keep-th largest unit score with a parti
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable, Sequence
 
 import torch
@@ -31,7 +34,9 @@ def n_keep(k: float, n: int) -> int:
     """Number of units kept at density ``k`` out of ``n`` (see the module docstring)."""
     if not 0.0 < k <= 1.0:
         raise ValueError(f"density k must be in (0, 1], got {k}")
-    return min(n, max(1, n - int((1 - k) * n)))
+    pruned = (1 - k) * n
+    pruned = math.floor(pruned + 8 * sys.float_info.epsilon * max(1.0, pruned))
+    return min(n, max(1, n - pruned))
 
 
 # A unit score per granularity: |s| per weight, or the L2 norm of the scores of a filter

@@ -18,10 +18,22 @@ def tiny_net():
 
 # -- counting rule ------------------------------------------------------------------------------
 @pytest.mark.parametrize("k,n,expected", [(0.05, 432, 22), (0.1, 10, 1), (0.01, 1728, 18), (1.0, 7, 7),
-                                          (0.5, 3, 2), (1e-6, 100, 1), (0.9, 11_000_000, 9_900_001)])
+                                          (0.5, 3, 2), (1e-6, 100, 1), (0.37, 1000, 370), (0.05, 11_164_352, 558_218)])
 def test_n_keep_is_the_hydra_bip_rule(k, n, expected):
     assert n_keep(k, n) == expected
     assert n_keep(k, n) == max(1, n - int((1 - k) * n))
+
+
+@pytest.mark.parametrize("k,n,expected", [(0.9, 10, 9), (0.9, 11_000_000, 9_900_000), (0.7, 10, 7), (0.2, 5, 1)])
+def test_n_keep_rounds_away_float_noise(k, n, expected):
+    # the public code keeps one more here (1 - 0.9 == 0.0999...98 in float64)
+    assert n_keep(k, n) == expected
+
+
+def test_n_keep_matches_sparsity_counts():
+    for n in range(1, 400):
+        for s in (0.05, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98):
+            assert n_keep(1 - s, n) == max(1, n - math.floor(s * n + 1e-9)), (n, s)
 
 
 @pytest.mark.parametrize("k", [0.0, -0.1, 1.01])
