@@ -70,6 +70,8 @@ def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
 def run(cfg: Config) -> int:
     device = resolve_device(cfg.device)
     trainer_cls = get_trainer(cfg.trainer)
+    trainer_cls.check_options(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope, epochs=cfg.epochs,
+                              **{name: getattr(cfg, name) for name in trainer_cls.option_names})
     seed_everything(cfg.seed)
     run_cfg = cfg.as_dict()
 

@@ -96,6 +96,20 @@ class BaseTrainer:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.setup(weights=weights, masks=masks, freeze_bn=freeze_bn, **method_options)
 
+    @classmethod
+    def check_options(cls, *, mode: str, layer_type: str, k: float, scope: str, epochs: int, **options) -> None:
+        """Reject a bad combination of the run's settings and this trainer's ``option_names`` with a
+        UserError, before train.py creates the run folder. Nothing to check for the base trainer."""
+
+    def final_masks(self, epoch: int) -> bool:
+        """Whether the model after ``epoch`` has the run's final masks (only those epochs compete for
+        model_best). Always, for trainers whose masks keep density k throughout."""
+        return True
+
+    def pop_notes(self) -> list[str]:
+        """Lines for the run log that the epoch loop prints after ``train_epoch`` (e.g. pruning events)."""
+        return []
+
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, weights: OptimSettings, masks: OptimSettings | None, freeze_bn: bool) -> None:
         scores, bn, other = split_parameters(self.model)

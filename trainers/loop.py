@@ -66,11 +66,16 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
         lrs = trainer.set_epoch(epoch)
         t0 = time.perf_counter()
         train = trainer.train_epoch(epoch, loaders)
+        for line in trainer.pop_notes():
+            log.info(line)
         val = evaluate(model, loaders.val if loaders.val is not None else loaders.test, device=device)
         test = evaluate(model, loaders.test, device=device) if loaders.val is not None else val
         seconds = time.perf_counter() - t0
-        is_best = val["top1"] > state.best_prec1 or epoch == 0 and state.best_prec1 == 0.0
-        state.best_prec1 = max(state.best_prec1, val["top1"])
+        # Only epochs with the run's final masks compete for model_best (not a gradual pruner's denser early epochs).
+        final = trainer.final_masks(epoch)
+        is_best = final and (val["top1"] > state.best_prec1 or state.best_prec1 == 0.0)
+        if final:
+            state.best_prec1 = max(state.best_prec1, val["top1"])
         sparsity = sparsity_scalars(maskset)
         lr_text = "  ".join(f"{'mask_lr' if k == 'mask_optimizer' else 'lr'} {v:.4g}" for k, v in lrs.items())
         log.info(f"epoch {epoch + 1:>3}/{epochs}  {lr_text}  train loss {train['loss']:.4f} top1 {train['top1']:6.2f}"

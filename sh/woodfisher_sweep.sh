@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Sweep WoodFisher gradual pruning over target sparsities (0.8 0.9 0.95 0.98 unless SPARSITIES is set).
+#
+#   sh/woodfisher_sweep.sh CONFIG SOURCE_NET [more train.py flags]
+#   e.g. sh/woodfisher_sweep.sh configs/CIFAR10/woodfisher.yml results/.../model_best.pth.tar --prune-method globalmagnitude
+#
+# One train.py run per sparsity s with --k = 1 - s (the density kept); runs land in the config's result folder,
+# named ...--k-<k>_trainer-woodfisher_...; each run's summary.json holds its test top-1 and sparsity.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ $# -lt 2 || "$1" == -* ]]; then
+  echo "usage: $0 CONFIG SOURCE_NET [train.py flags]" >&2
+  exit 2
+fi
+config="$1"; source_net="$2"; shift 2
+source sh/setup_env.sh
+for s in ${SPARSITIES:-0.8 0.9 0.95 0.98}; do
+  k="$(python -c "print(f'{1 - $s:.6g}')")"
+  echo "== target sparsity $s (k = $k)" >&2
+  python train.py --configs "$config" --source-net "$source_net" --k "$k" "$@"
+done

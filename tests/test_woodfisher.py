@@ -1,0 +1,295 @@
+"""The WoodFisher trainer: exact counts per schedule event, pruned weights stay zero, optimizer state
+of pruned weights cleared, OBS update scaling, gradient collection, one-shot, CLI end to end."""
+import glob
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import train
+from configs.errors import UserError
+from layers import MaskSet, n_keep, to_masked
+from trainers.base import OptimSettings
+from trainers.checkpoint import load_checkpoint
+from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, check_woodfisher_options
+
+CPU = torch.device("cpu")
+FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
+
+
+def tiny_model(granularity="unstructured"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 6))
+    to_masked(model, granularity=granularity)
+    return model
+
+
+def tiny_loaders(n=48):
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 6, (n,), generator=g)
+    train_loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
+    return SimpleNamespace(train=train_loader, upper=train_loader, val=None, test=train_loader)
+
+
+def sgd(lr=0.05, momentum=0.9, wd=0.0, epochs=5, optimizer="sgd"):
+    return OptimSettings(optimizer=optimizer, lr=lr, momentum=momentum, wd=wd, schedule="constant", epochs=epochs)
+
+
+def make(granularity="unstructured", k=0.1, scope="global", weights=None, **options):
+    model = tiny_model(granularity)
+    ms = MaskSet(model, k=k, granularity=granularity, scope=scope)
+    defaults = dict(prune_start=0, prune_freq=1, prune_end=3, init_sparsity=0.2, fisher_subsample_size=6,
+                    fisher_mini_bsz=4, fittable_params=16, fisher_damp=1e-4)
+    defaults.update(options)
+    trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU,
+                                weights=weights or sgd(epochs=max(defaults["prune_end"] + 1, 1)), progress=False,
+                                **defaults)
+    return model, ms, trainer
+
+
+def kept_units(ms, granularity):
+    out = []
+    for layer in ms.layers.values():
+        m = layer.mask
+        if granularity == "unstructured":
+            out.append(int(m.sum()))
+        elif granularity == "filter":
+            out.append(int(m.flatten(1).any(1).sum()))
+        else:
+            out.append(int(m.transpose(0, 1).flatten(1).any(1).sum()))
+    return out
+
+
+def total_units(ms, granularity):
+    return ms.unit_counts()
+
+
+@pytest.mark.parametrize("granularity,method,joint,blocks", [
+    ("unstructured", "woodfisher", True, "chunk"),
+    ("unstructured", "woodfisher", False, "layer"),
+    ("unstructured", "woodfisher", True, "all"),
+    ("unstructured", "woodtaylor", True, "chunk"),
+    ("unstructured", "diagfisher", True, "chunk"),
+    ("unstructured", "magnitude", True, "chunk"),
+    ("unstructured", "globalmagnitude", True, "chunk"),
+    ("filter", "woodfisher", True, "chunk"),
+    ("channel", "woodfisher", False, "layer"),
+    ("channel", "diagfisher", True, "chunk"),
+])
+def test_exact_kept_counts_after_each_event(granularity, method, joint, blocks):
+    k = 0.3 if granularity != "unstructured" else 0.1
+    model, ms, trainer = make(granularity, k=k, prune_method=method, woodburry_joint_sparsify=joint,
+                              fisher_blocks=blocks)
+    loaders = tiny_loaders()
+    scope = PRUNE_METHODS[method].scope or ("global" if joint else "layer")
+    units = total_units(ms, granularity)
+    events = {e.epoch: e.sparsity for e in trainer.events}
+    assert sorted(events) == [0, 1, 2, 3] and events[3] == pytest.approx(1 - k)
+    previous = list(units)
+    for epoch in range(4):
+        trainer.set_epoch(epoch)
+        trainer.train_epoch(epoch, loaders)
+        density = k if epoch == 3 else 1 - events[epoch]
+        kept = kept_units(ms, granularity)
+        if scope == "global":
+            assert sum(kept) == n_keep(density, sum(units)), (epoch, kept)
+        else:
+            assert kept == [n_keep(density, u) for u in units], (epoch, kept)
+        assert all(a <= b for a, b in zip(kept, previous))  # nothing revived
+        previous = kept
+        for layer in ms.layers.values():  # masks are whole units, and pruned weights are exactly zero
+            assert torch.equal(layer.weight[~layer.mask], torch.zeros(int((~layer.mask).sum())))
+            if granularity == "filter":
+                assert torch.equal(layer.mask.flatten(1).all(1), layer.mask.flatten(1).any(1))
+            if granularity == "channel":
+                m = layer.mask.transpose(0, 1).flatten(1)
+                assert torch.equal(m.all(1), m.any(1))
+    assert len(trainer.history) == 4 and trainer.history[-1]["sparsity"] == pytest.approx(1 - k, abs=0.05)
+
+
+def test_recompute_substeps_start_from_the_current_sparsity():
+    model, ms, trainer = make(recompute_num=3, prune_end=1, init_sparsity=0.3)
+    loaders = tiny_loaders()
+    trainer.prune_to(0.3, epoch=0, loaders=loaders)
+    assert [round(r["target"], 6) for r in trainer.history] == [0.1, 0.2, 0.3]
+    trainer.prune_to(0.9, epoch=1, loaders=loaders)  # from 0.3 (current), not from 0
+    assert [round(r["target"], 6) for r in trainer.history[3:]] == [0.5, 0.7, 0.9]
+    assert sum(kept_units(ms, "unstructured")) == n_keep(0.1, 36 + 384)
+
+
+def test_pruned_weights_stay_exactly_zero_and_momentum_is_cleared(monkeypatch):
+    model, ms, trainer = make(weights=sgd(lr=0.1, momentum=0.9, wd=0.05), prune_end=3)
+    loaders = tiny_loaders()
+    layers = list(ms.layers.values())
+    for batch in loaders.train:  # dense steps first: momentum buffers are non-zero everywhere
+        trainer.step(batch)
+    opt = trainer.optimizers["optimizer"]
+    assert all(bool((opt.state[l.weight]["momentum_buffer"] != 0).all()) for l in layers)
+    trainer.prune_to(0.6, epoch=0, loaders=loaders)
+    for l in layers:
+        pruned = ~l.mask
+        assert int(pruned.sum()) > 0
+        assert bool((opt.state[l.weight]["momentum_buffer"][pruned] == 0).all())  # cleared
+        assert bool((opt.state[l.weight]["momentum_buffer"][l.mask] != 0).any())  # the rest kept
+    # Masks are re-applied after every step: with the state clearing disabled, a second event leaves
+    # stale momentum on the newly pruned weights, and still they stay exactly zero.
+    monkeypatch.setattr(trainer, "clear_pruned_state", lambda: None)
+    trainer.prune_to(0.8, epoch=1, loaders=loaders)
+    assert any(bool((opt.state[l.weight]["momentum_buffer"][~l.mask] != 0).any()) for l in layers)
+    for _ in range(3):
+        for batch in loaders.train:
+            trainer.step(batch)
+    for l in layers:
+        assert torch.equal(l.weight[~l.mask], torch.zeros(int((~l.mask).sum())))
+        assert bool((l.weight[l.mask] != 0).all())
+
+
+def test_pruned_weights_stay_zero_under_adam():
+    model, ms, trainer = make(weights=sgd(lr=0.05, optimizer="adam", wd=0.01), prune_end=3)
+    loaders = tiny_loaders()
+    for batch in loaders.train:
+        trainer.step(batch)
+    trainer.prune_to(0.7, epoch=0, loaders=loaders)
+    for batch in loaders.train:
+        trainer.step(batch)
+    for l in ms.layers.values():
+        assert torch.equal(l.weight[~l.mask], torch.zeros(int((~l.mask).sum())))
+
+
+@pytest.mark.parametrize("method", ["woodfisher", "woodtaylor"])
+def test_scale_zero_leaves_survivors_untouched(method):
+    weights = {}
+    for scale in (0.0, 1.0):
+        model, ms, trainer = make(prune_method=method, scale_prune_update=scale)
+        before = {n: l.weight.detach().clone() for n, l in ms.layers.items()}
+        trainer.prune_to(0.5, epoch=0, loaders=tiny_loaders())
+        weights[scale] = {n: l.weight.detach().clone() for n, l in ms.layers.items()}
+        masks = {n: l.mask.clone() for n, l in ms.layers.items()}
+        for n in before:
+            assert bool((weights[scale][n][~masks[n]] == 0).all())
+            if scale == 0.0:
+                assert torch.equal(weights[scale][n][masks[n]], before[n][masks[n]])
+    # ... while with scale 1 the OBS update does move the survivors
+    assert any(not torch.equal(weights[0.0][n], weights[1.0][n]) for n in weights[0.0])
+
+
+def test_gradient_rows_are_minibatch_means_with_pruned_columns_zero():
+    model, ms, trainer = make(fisher_subsample_size=3, fisher_mini_bsz=5)
+    loaders = tiny_loaders()
+    layers = list(ms.layers.values())
+    with torch.no_grad():
+        layers[1].mask[0, :10] = False
+    G = trainer.collect_gradients(loaders, epoch=0)
+    assert G.shape == (3, 36 + 384)
+    # the same rows with mini-batches split into chunks of 2 (accumulated in place)
+    chunked = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(epochs=4),
+                                progress=False, prune_end=3, fisher_subsample_size=3, fisher_mini_bsz=5,
+                                max_mini_bsz=2)
+    torch.testing.assert_close(chunked.collect_gradients(loaders, epoch=0), G, rtol=1e-5, atol=1e-7)
+    # row 0 by hand: the mean loss gradient over the first 5 samples of the Fisher stream, in eval mode
+    batch = next(iter(trainer._fisher_loader(loaders, epoch=0, substep=0)))
+    assert batch[0].shape[0] == 5
+    model.eval()
+    loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
+    grads = torch.autograd.grad(loss, [l.weight for l in layers])
+    torch.testing.assert_close(G[0], torch.cat([g.reshape(-1) for g in grads]), rtol=1e-5, atol=1e-7)
+    assert bool((G[:, 36:46] == 0).all()) and bool((G[:, 46:] != 0).any())
+
+
+def test_true_fisher_samples_labels_from_the_model_reproducibly():
+    model, ms, trainer = make(true_fisher=True, fisher_subsample_size=4, fisher_mini_bsz=3)
+    loaders = tiny_loaders()
+    G = trainer.collect_gradients(loaders, epoch=0)
+    torch.testing.assert_close(trainer.collect_gradients(loaders, epoch=0), G, rtol=0, atol=0)  # seeded
+    empirical = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(epochs=4),
+                                  progress=False, prune_end=3, fisher_subsample_size=4, fisher_mini_bsz=3)
+    assert not torch.allclose(empirical.collect_gradients(loaders, epoch=0), G)
+
+
+def test_one_shot_prunes_once_and_takes_no_optimizer_step(monkeypatch):
+    model, ms, trainer = make(one_shot=True, k=0.25, weights=sgd(epochs=1))
+    opt = trainer.optimizers["optimizer"]
+    calls = []
+    monkeypatch.setattr(opt, "step", lambda *a, **kw: calls.append(1))
+    bn = model[1].running_mean.clone()
+    trainer.set_epoch(0)
+    metrics = trainer.train_epoch(0, tiny_loaders())
+    assert calls == [] and not opt.state
+    assert torch.equal(model[1].running_mean, bn)  # no training-mode forward either
+    assert len(trainer.history) == 1
+    assert sum(kept_units(ms, "unstructured")) == n_keep(0.25, 420)
+    assert set(metrics) == {"loss", "top1", "top5"}
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(prune_method="woodtaylor", layer_type="filter"), "does not support --layer-type filter"),
+    (dict(prune_method="woodfishr"), "did you mean 'woodfisher'"),
+    (dict(layer_type="channel", fisher_blocks="all"), "aligned to whole"),
+    (dict(flops_power=0.3), "--flops-power"),
+    (dict(target_sparsity=0.8), "disagrees with --k"),
+    (dict(prune_end=9), "--epochs 10"),
+    (dict(prune_start=4, prune_end=2), "--prune-end"),
+    (dict(one_shot=True), "--epochs 1"),
+    (dict(scope="layer"), "--no-woodburry-joint-sparsify"),
+    (dict(mode="finetune"), "--exp-mode prune"),
+])
+def test_bad_combinations_are_user_errors(kwargs, needle):
+    settings = dict(mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=5, prune_end=3)
+    settings.update(kwargs)
+    with pytest.raises(UserError) as info:
+        check_woodfisher_options(**settings)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("dataset", ["Digits", "CIFAR10", "ImageNet"])
+def test_shipped_configs_pass_the_woodfisher_checks(dataset):
+    from configs.schema import load_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(["--configs", os.path.join(root, "configs", dataset, "woodfisher.yml"), "--source-net", "x"])
+    assert cfg.trainer == "woodfisher"
+    opts = check_woodfisher_options(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope,
+                                    epochs=cfg.epochs, **{n: getattr(cfg, n) for n in WoodFisherTrainer.option_names})
+    assert opts.schedule()[-1].sparsity == pytest.approx(1 - cfg.k)
+
+
+# -- train.py end to end on Digits ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pre")
+    assert train.main(["--result-dir", str(tmp), "--exp-name", "p", "--epochs", "2", *FAST]) == 0
+    return glob.glob(str(tmp / "p" / "pretrain" / "*" / "checkpoint" / "model_best.pth.tar"))[0]
+
+
+def test_cli_end_to_end_reaches_the_exact_target(tmp_path, pretrained):
+    args = ["--result-dir", str(tmp_path), "--exp-name", "w", "--exp-mode", "prune", "--trainer", "woodfisher",
+            "--k", "0.2", "--source-net", pretrained, "--epochs", "2", "--prune-start", "0", "--prune-freq", "1",
+            "--prune-end", "1", "--init-sparsity", "0.5", "--fisher-subsample-size", "8", "--fisher-mini-bsz", "4",
+            "--fittable-params", "256", "--disable-wdecay-after-prune", *FAST]
+    assert train.main(args) == 0
+    run_dir = glob.glob(str(tmp_path / "w" / "prune" / "*"))[0]
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):  # model_best only among epochs at the target
+        ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint", name))
+        assert ckpt["epoch"] == 2 and ckpt["masks_frozen"] is True
+        masks = ckpt["masks"]
+        total = sum(m.numel() for m in masks.values())
+        assert sum(int(m.sum()) for m in masks.values()) == n_keep(0.2, total)
+        for layer, mask in masks.items():
+            w = ckpt["state_dict"][f"{layer}.weight"]
+            assert torch.equal(w[~mask], torch.zeros(int((~mask).sum())))
+        assert ckpt["optimizer"]["param_groups"][0]["weight_decay"] == 0.0  # disabled after the last event
+    log = open(os.path.join(run_dir, "run.log")).read()
+    assert log.count("prune epoch") == 2 and "peak memory" in log
+
+
+def test_cli_unsupported_combination_exits_2_and_writes_nothing(tmp_path, capsys, pretrained):
+    code = train.main(["--result-dir", str(tmp_path / "res"), "--exp-mode", "prune", "--trainer", "woodfisher",
+                       "--k", "0.5", "--source-net", pretrained, "--layer-type", "filter", "--prune-method",
+                       "woodtaylor", "--epochs", "2", "--prune-end", "1", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "woodtaylor" in err and err.count("\n") == 1
+    assert not (tmp_path / "res").exists()
