@@ -70,6 +70,25 @@ class SortEveryForward:
                 layer.mask.copy_(m.view_as(layer.mask).bool())
 
 
+def public_bilevel_step(model: nn.Module, opt_w, opt_s, weights, scores, batch1, batch2, lr2: float) -> None:
+    """One iteration of the public BiP bilevel trainer's algorithm (re-implemented, not copied):
+    a weight step on one batch, then a backward for weights+scores and another for scores only on
+    the other batch, the implicit term, a score step, and an extra forward for its accuracy log.
+    Every forward fully sorts all scores (SortEveryForward)."""
+    (x1, y1), (x2, y2) = batch1, batch2
+    ce = nn.functional.cross_entropy
+    for p, g in zip(weights, torch.autograd.grad(ce(model(x2), y2), weights)):
+        p.grad = g
+    opt_w.step()
+    both = torch.autograd.grad(ce(model(x1), y1), weights + scores)[len(weights):]
+    g_s = torch.autograd.grad(ce(model(x1), y1), scores)
+    for p, gs, gb in zip(scores, g_s, both):
+        p.grad = gs - lr2 * gs * gb
+    opt_s.step()
+    with torch.no_grad():
+        model(x1)
+
+
 def settings(lr: float) -> OptimSettings:
     return OptimSettings(optimizer="sgd", lr=lr, momentum=0.9, wd=5e-4, schedule="constant", epochs=1)
 
@@ -111,6 +130,15 @@ def main() -> None:
     ms.frozen = True  # masks come from the sort-every-forward hook below instead
     SortEveryForward(model, args.k)
     public = BaseTrainer(model=model, maskset=ms, mode="prune", device=device, weights=settings(0.1), progress=False)
+    model_pb, ms_pb = fresh(True)
+    ms_pb.frozen = True
+    SortEveryForward(model_pb, args.k)
+    pb_scores = [l.popup_scores for l in ms_pb.layers.values()]
+    pb_weights = [p for n, p in model_pb.named_parameters() if not n.endswith("popup_scores")]
+    for p in pb_scores + pb_weights:
+        p.requires_grad_(True)
+    pb_opt_w = torch.optim.SGD(pb_weights, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    pb_opt_s = torch.optim.SGD(pb_scores, lr=0.1, momentum=0.9, weight_decay=5e-4)
     scores = [l.popup_scores.detach() for l in ms.layers.values()]
     flat = torch.cat([s.abs().flatten() for s in scores])
     t = interleaved_medians({
@@ -118,6 +146,8 @@ def main() -> None:
         f"prune step (ours, HYDRA, global k={args.k})": lambda: prune.step((x, y)),
         "bilevel step (ours, BiP)": lambda: bilevel.step(((x, y), (x2, y2))),
         "prune step, public-code algorithm (sort every forward)": lambda: public.step((x, y)),
+        "bilevel step, public-code algorithm": lambda: public_bilevel_step(
+            model_pb, pb_opt_w, pb_opt_s, pb_weights, pb_scores, (x, y), (x2, y2), 1e-4),
         "selector": lambda: select_masks(scores, k=args.k, granularity="unstructured", scope="global"),
         "sort": lambda: flat.sort(),
     }, args.steps, device)

@@ -48,11 +48,25 @@ class MaskedLayer(nn.Module):
         # HYDRA/BiP's default score init; train.py may replace it (see layers.scores_init).
         nn.init.kaiming_uniform_(self.popup_scores, a=math.sqrt(5))
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
+        self._multiplier: torch.Tensor | None = None
+        self._multiplier_of: tuple = ()
+
+    def multiplier(self) -> torch.Tensor:
+        """The mask in the weight's dtype, cached until the boolean mask changes.
+
+        Multiplying by a bool tensor converts it on every call (measured 3x slower than a float
+        product); the cache is refreshed when the mask's version counter, storage or device changes.
+        """
+        key = (self.mask.data_ptr(), self.mask._version, self.mask.device, self.weight.dtype)
+        if key != self._multiplier_of:
+            self._multiplier = self.mask.to(self.weight.dtype)
+            self._multiplier_of = key
+        return self._multiplier
 
     def masked_weight(self) -> torch.Tensor:
         if self.score_grad and self.popup_scores.requires_grad and torch.is_grad_enabled():
-            return _StraightThroughMask.apply(self.weight, self.popup_scores, self.mask)
-        return self.weight * self.mask
+            return _StraightThroughMask.apply(self.weight, self.popup_scores, self.multiplier())
+        return self.weight * self.multiplier()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, granularity={self.granularity}"
