@@ -379,16 +379,17 @@ def run(device: torch.device, *, repeats: int, whole_layer: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (default 1: on a shared machine multi-threaded LAPACK "
-                         "stalls on busy cores; both sides run with the same setting)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for both sides (default: torch's, one per core; pass 1 on a "
+                         "machine shared with other jobs, where multi-threaded LAPACK stalls on busy cores)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: CPU, then CUDA too when available")
     ap.add_argument("--skip-whole-layer", action="store_true")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     devices = [torch.device("cpu")] if args.device in ("auto", "cpu") else []
     if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()):
         devices.append(torch.device("cuda"))

@@ -83,8 +83,9 @@ class Config:
                              "the public code's, to reproduce its numbers)", ("paper", "bip-code"), "bilevel")
     accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term", group="bilevel")
     # woodfisher (gradual OBS pruning); see README "WoodFisher"
-    prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion (woodfisher, woodtaylor, magnitude, "
-                            "globalmagnitude, diagfisher)", group="woodfisher")
+    prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion: woodfisher (unstructured/filter/channel), "
+                            "woodtaylor (unstructured), diagfisher, magnitude (per layer), globalmagnitude (all three "
+                            "granularities)", group="woodfisher")
     target_sparsity: Optional[float] = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)", group="woodfisher")
     init_sparsity: float = opt(0.05, "woodfisher: sparsity of the first pruning event", group="woodfisher")
     prune_start: int = opt(0, "woodfisher: epoch of the first pruning event", group="woodfisher")
@@ -106,7 +107,10 @@ class Config:
     recompute_num: int = opt(1, "woodfisher: sub-steps per pruning event, each with a fresh Fisher", group="woodfisher")
     recompute_schedule: str = opt("linear", "woodfisher: spacing of the sub-steps", ("linear", "poly"), "woodfisher")
     disable_wdecay_after_prune: bool = opt(False, "woodfisher: no weight decay after the last pruning event", group="woodfisher")
-    flops_power: float = opt(0.0, "woodfisher: weight the statistic by (layer FLOPs)^power (0 = off)", group="woodfisher")
+    flops_power: float = opt(0.0, "woodfisher: divide each weight's statistic by (FLOPs per weight of its layer)^power, "
+                             "so FLOP-heavy layers are pruned more (0 = off)", group="woodfisher")
+    flops_target: Optional[float] = opt(None, "woodfisher: prune until the kept fraction of the dense model's FLOPs is this "
+                                        "(searched once per event, then one OBS update); replaces the weight-count target", group="woodfisher")
     # run control
     resume: Optional[str] = opt(None, "checkpoint of this run to continue from", group="run")
     evaluate: bool = opt(False, "only evaluate the model (from --source-net or --resume) and exit", group="run")
