@@ -238,12 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + name.replace("_", "-")
-        help_text = f"{meta['help']} (default: {f.default})"
+        help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
         if _base_type(name) is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             t = _base_type(name)
-            group.add_argument(flag, type=t, choices=meta["choices"], help=help_text, metavar=t.__name__.upper())
+            metavar = None if meta["choices"] else t.__name__.upper()  # None: argparse shows {a,b,c}
+            group.add_argument(flag, type=t, choices=meta["choices"], help=help_text, metavar=metavar)
     return parser
 
 

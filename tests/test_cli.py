@@ -97,6 +97,13 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "does not fit this model" in err
 
 
+def test_help_lists_every_flag():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--exp-mode", "--mask-lr-schedule", "--implicit-grad", "--fisher-damp", "--layer-floor"):
+        assert flag in proc.stdout
+
+
 def test_subprocess_exit_code_and_single_line():
     proc = subprocess.run([sys.executable, "train.py", "--k", "2"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
