@@ -1,5 +1,6 @@
 """The WoodFisher trainer: exact counts per schedule event, pruned weights stay zero, optimizer state
 of pruned weights cleared, OBS update scaling, gradient collection, one-shot, CLI end to end."""
+import dataclasses
 import glob
 import os
 from types import SimpleNamespace
@@ -14,6 +15,9 @@ from configs.errors import UserError
 from layers import MaskSet, n_keep, to_masked
 from trainers.base import OptimSettings
 from trainers.checkpoint import load_checkpoint
+from trainers.fisher_inverse import EmpiricalFisherInverse
+from trainers.flops import flops_budget, flops_per_weight, largest_prefix_within
+from trainers.obs import obs_statistic, obs_update
 from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, check_woodfisher_options
 
 CPU = torch.device("cpu")
@@ -229,7 +233,14 @@ def test_one_shot_prunes_once_and_takes_no_optimizer_step(monkeypatch):
     (dict(prune_method="woodtaylor", layer_type="filter"), "does not support --layer-type filter"),
     (dict(prune_method="woodfishr"), "did you mean 'woodfisher'"),
     (dict(layer_type="channel", fisher_blocks="all"), "aligned to whole"),
-    (dict(flops_power=0.3), "--flops-power"),
+    (dict(flops_power=-1.0), "--flops-power must be >= 0"),
+    (dict(flops_target=0.3), "leave --k at 1"),
+    (dict(flops_target=0.3, k=1.0, target_sparsity=0.5), "pass only --flops-target"),
+    (dict(flops_target=1.0, k=1.0), "nothing to prune"),
+    (dict(flops_target=1.5, k=1.0), "in (0, 1)"),
+    (dict(flops_target=0.3, k=1.0, prune_method="magnitude"), "--prune-method globalmagnitude"),
+    (dict(flops_target=0.3, k=1.0, woodburry_joint_sparsify=False), "drop --no-woodburry-joint-sparsify"),
+    (dict(flops_target=0.3, k=1.0, init_sparsity=0.8), "FLOPs sparsity"),
     (dict(target_sparsity=0.8), "disagrees with --k"),
     (dict(prune_end=9), "--epochs 10"),
     (dict(prune_start=4, prune_end=2), "--prune-end"),
@@ -292,4 +303,206 @@ def test_cli_unsupported_combination_exits_2_and_writes_nothing(tmp_path, capsys
                        "woodtaylor", "--epochs", "2", "--prune-end", "1", *FAST])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "woodtaylor" in err and err.count("\n") == 1
+    assert not (tmp_path / "res").exists()
+
+
+# -- FLOPs-aware pruning (--flops-power, --flops-target) ---------------------------------------------
+def test_flops_per_weight_by_hand():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False),  # 5x6 -> 5x6: 30 MACs per weight
+                          nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 2, 3, stride=2, padding=1),  # -> 3x3: 9
+                          nn.Flatten(), nn.Linear(18, 3))  # 1 per sample
+    to_masked(model, granularity="unstructured")
+    model.train()
+    layers = MaskSet(model, k=1.0, granularity="unstructured", scope="global").layers
+    bn = model[1].running_mean.clone()
+    assert flops_per_weight(model, example=torch.randn(2, 1, 5, 6), layers=layers) == {"0": 30, "2": 9, "4": 1}
+    assert model.training and torch.equal(model[1].running_mean, bn)  # eval-mode probe, mode restored
+
+    class Shared(nn.Module):  # a linear layer on a sequence (7 positions), called twice
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.fc(self.fc(x))
+
+    shared = Shared()
+    assert flops_per_weight(shared, example=torch.randn(3, 7, 5), layers={"fc": shared.fc}) == {"fc": 14}
+
+
+def test_flops_budget_and_prefix_search():
+    assert flops_budget(0.3, 1000) == 300 and flops_budget(0.29, 100) == 29  # 28.999999999999996 -> 29
+    assert flops_budget(1.0, 7) == 7
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        costs = torch.randint(0, 20, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        budget = int(torch.randint(0, int(costs.sum()) + 5, (1,), generator=g))
+        n = largest_prefix_within(costs, budget)
+        assert int(costs[:n].sum()) <= budget  # within the budget ...
+        assert n == costs.numel() or int(costs[:n + 1].sum()) > budget  # ... and the next unit would exceed it
+    assert largest_prefix_within(torch.tensor([5, 1, 1]), 4) == 0  # a prefix: the cheap units later do not count
+    assert largest_prefix_within(torch.tensor([5, 1, 1]), 6) == 2
+
+
+def two_layer_trainer(*, method="globalmagnitude", flops_power=0.0, granularity="unstructured", k=0.5):
+    """Conv 1->2 (18 weights, 16 MACs each on 4x4 inputs) then linear 32->4 (128 weights, 1 MAC each),
+    all weights equal: every method's statistic ties across layers."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(32, 4, bias=False))
+    to_masked(model, granularity=granularity)
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[2].weight.fill_(0.5)
+    ms = MaskSet(model, k=k, granularity=granularity, scope="global")
+    trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(epochs=2),
+                                progress=False, prune_method=method, prune_end=1, flops_power=flops_power)
+    return ms, trainer
+
+
+def test_flops_power_prunes_the_flop_heavy_layer_first():
+    loaders = tiny_loaders()
+    pruned = {}
+    for power in (0.0, 0.5, 1.0):
+        ms, trainer = two_layer_trainer(flops_power=power)
+        trainer.prune_to(0.07, epoch=0, loaders=loaders)  # floor(0.07 * 146) = 10 weights pruned
+        assert trainer.flops == {"0": 16, "2": 1}
+        pruned[power] = [int((~l.mask).sum()) for l in ms.layers.values()]
+    assert pruned[0.0] == [0, 10]  # equal statistics: ties keep the lower index, the linear layer loses
+    assert pruned[0.5] == pruned[1.0] == [10, 0]  # statistic / 16^p < the linear layer's: the conv loses
+
+
+@pytest.mark.parametrize("method,granularity", [
+    ("woodfisher", "unstructured"), ("woodtaylor", "unstructured"), ("diagfisher", "unstructured"),
+    ("magnitude", "unstructured"), ("woodfisher", "filter"), ("diagfisher", "channel"),
+    ("globalmagnitude", "filter"),
+])
+def test_flops_power_keeps_the_count_and_moves_pruning_to_heavy_layers(method, granularity):
+    loaders = tiny_loaders()
+    k = 0.3 if granularity != "unstructured" else 0.4
+    conv_kept, kept = {}, {}
+    for power in (0.0, 1.0):
+        model, ms, trainer = make(granularity, k=k, prune_method=method, flops_power=power, prune_end=1)
+        trainer.prune_to(1 - k, epoch=1, loaders=loaders)
+        kept[power] = kept_units(ms, granularity)
+        conv_kept[power] = kept[power][0]
+    units = total_units(ms, granularity)
+    scope = PRUNE_METHODS[method].scope or "global"
+    for power in kept:  # the unit count is still n_keep at the event's density
+        if scope == "global":
+            assert sum(kept[power]) == n_keep(k, sum(units))
+        else:
+            assert kept[power] == [n_keep(k, u) for u in units]
+    if scope == "global" and granularity != "channel":  # the conv (16 MACs per weight) loses more
+        assert conv_kept[1.0] < conv_kept[0.0], conv_kept
+    elif scope == "global":  # its single input channel: never more than without the weighting
+        assert conv_kept[1.0] <= conv_kept[0.0], conv_kept
+    else:  # per layer a constant factor changes nothing
+        assert conv_kept[1.0] == conv_kept[0.0]
+
+
+def kept_flops(ms, flops):
+    return sum(int(l.mask.sum()) * flops[n] for n, l in ms.layers.items())
+
+
+def test_flops_target_search_meets_the_budget_with_a_single_update(monkeypatch):
+    model, ms, trainer = make(k=1.0, flops_target=0.4, prune_end=1, init_sparsity=0.3)
+    loaders = tiny_loaders()
+    G = trainer.collect_gradients(loaders, epoch=1)
+    monkeypatch.setattr(trainer, "collect_gradients", lambda *a, **kw: G.clone())  # the same G for our check
+    calls = []
+    update = trainer.method.update
+
+    def counting_update(**kwargs):
+        calls.append(1)
+        return update(**kwargs)
+
+    trainer.method = dataclasses.replace(trainer.method, update=counting_update)
+    layers = list(ms.layers.values())
+    w0 = [l.weight.detach().clone() for l in layers]
+    final = trainer.events[-1].sparsity
+    trainer.prune_to(final, epoch=1, loaders=loaders)
+    # ONE update per Fisher unit (here: per layer) for the whole event, not one per search step
+    assert len(calls) == len(trainer._units()) == 2
+    flops = {"0": 16, "4": 1}  # conv 1->4 on 4x4 inputs, then the linear layer
+    assert trainer.flops == flops
+    dense = 36 * 16 + 384 * 1
+    budget = int(0.4 * dense)  # 384
+    kept = kept_flops(ms, flops)
+    record = trainer.history[-1]
+    assert record["flops_budget"] == budget and record["flops_kept"] == pytest.approx(kept / dense)
+    assert kept <= budget < kept + record["flops_next"]
+    # The same by hand: rank all weights by the OBS statistic of the same Fisher; the kept set is the
+    # longest prefix within the budget, and the next weight in rank order would exceed it.
+    invs = [EmpiricalFisherInverse(G[:, :36], block_size=16, damp=1e-4),
+            EmpiricalFisherInverse(G[:, 36:], block_size=16, damp=1e-4)]
+    stat = torch.cat([obs_statistic(weight=w, fisher_inverse=inv).reshape(-1) for w, inv in zip(w0, invs)])
+    cost = torch.tensor([16] * 36 + [1] * 384)
+    order = torch.sort(stat, descending=True, stable=True).indices
+    n = int(torch.cat([l.mask.reshape(-1) for l in layers]).sum())
+    cumulative = torch.cumsum(cost[order], 0)
+    assert int(cumulative[n - 1]) == kept <= budget < int(cumulative[n])
+    expected_keep = torch.zeros(420, dtype=torch.bool)
+    expected_keep[order[:n]] = True
+    assert torch.equal(torch.cat([l.mask.reshape(-1) for l in layers]), expected_keep)
+    # ... and the weights are exactly one OBS update's result for that set
+    for layer, w, inv in zip(layers, w0, invs):
+        one = obs_update(weight=w, fisher_inverse=inv, prune=~layer.mask)
+        torch.testing.assert_close(layer.weight.detach(), one, rtol=1e-5, atol=1e-6)
+    assert "FLOPs kept 100.00% -> " in trainer.pop_notes()[-1]
+
+
+def test_flops_target_schedule_runs_over_flops_with_groups():
+    model, ms, trainer = make("filter", k=1.0, prune_method="diagfisher", flops_target=0.5, flops_power=0.5,
+                              init_sparsity=0.2, prune_end=2, recompute_num=2)
+    loaders = tiny_loaders()
+    dense = 36 * 16 + 384
+    for epoch, event in enumerate(trainer.events):
+        trainer.set_epoch(epoch)
+        trainer.prune_to(event.sparsity, epoch=epoch, loaders=loaders)
+        kept = kept_flops(ms, trainer.flops)
+        budget = flops_budget(0.5 if epoch == 2 else 1 - event.sparsity, dense)
+        assert kept <= budget
+        steps = [r for r in trainer.history if r["epoch"] == epoch]
+        # Whole filters are coarse (144 FLOPs per conv filter): a step may already be below the next
+        # event's budget, and then that event has nothing to do.
+        if steps:
+            assert len(steps) == 2 and steps[-1]["flops_budget"] == budget
+            assert kept <= budget < kept + steps[-1]["flops_next"]
+        for layer in ms.layers.values():  # whole filters
+            assert torch.equal(layer.mask.flatten(1).all(1), layer.mask.flatten(1).any(1))
+    assert [r["epoch"] for r in trainer.history] == [0, 0, 1, 1]
+    assert trainer.history[0]["target"] == pytest.approx(0.1)  # sub-steps from the current FLOPs sparsity 0
+
+
+def test_cli_flops_target_end_to_end(tmp_path, pretrained):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--configs", os.path.join(root, "configs", "Digits", "woodfisher.yml"), "--source-net", pretrained,
+            "--epochs", "2", "--prune-end", "1", "--data-fraction", "0.3", "--no-progress",
+            "--result-dir", str(tmp_path), "--flops-target", "0.3", "--k", "1.0",
+            "--fisher-subsample-size", "16"]  # the gradients are most of the time: 16 of them keep the test light
+    assert train.main(args) == 0
+    run_dir = glob.glob(str(tmp_path / "*" / "prune" / "*"))[0]
+    from models import build_model
+
+    model = to_masked(build_model("smallcnn", num_classes=10, in_channels=1, image_size=8), granularity="unstructured")
+    layers = MaskSet(model, k=1.0, granularity="unstructured", scope="global").layers
+    flops = flops_per_weight(model, example=torch.zeros(1, 1, 8, 8), layers=layers)
+    assert flops == {"conv1": 64, "conv2": 64, "conv3": 16, "fc1": 1, "fc2": 1}
+    dense = sum(l.weight.numel() * flops[n] for n, l in layers.items())
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):  # model_best only at the final masks
+        ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint", name))
+        assert ckpt["epoch"] == 2
+        masks = ckpt["masks"]
+        kept = sum(int(m.sum()) * flops[n] for n, m in masks.items())
+        assert 0.29 < kept / dense <= 0.3
+    log = open(os.path.join(run_dir, "run.log")).read()
+    assert log.count("FLOPs kept") == 2 and "(target 30.00%)" in log
+
+
+def test_cli_flops_target_with_a_weight_target_exits_2(tmp_path, capsys, pretrained):
+    code = train.main(["--result-dir", str(tmp_path / "res"), "--exp-mode", "prune", "--trainer", "woodfisher",
+                       "--k", "0.5", "--flops-target", "0.3", "--source-net", pretrained, "--epochs", "2",
+                       "--prune-end", "1", *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "--k" in err and err.count("\n") == 1
     assert not (tmp_path / "res").exists()

@@ -33,7 +33,23 @@ Granularity support per method (``PruneMethod.granularities``):
     diagfisher       unstructured, filter, channel  (group statistic = sum of w_q^2 F_qq)
     magnitude        unstructured, filter, channel  (per layer; group statistic = ||w_Q||^2)
     globalmagnitude  unstructured, filter, channel  (global)
-``flops_power`` != 0 is rejected (not implemented).
+FLOPs-aware pruning (``trainers.flops`` counts one MAC per weight per output position and sample,
+measured once with forward hooks on one training input):
+    --flops-power p   every method's statistic is divided by flops_per_weight[layer]^p before the
+                      global selection, so FLOP-heavy layers lose more weights; the number of kept
+                      units is unchanged (n_keep at the event's density). A group's FLOPs per
+                      weight is its layer's. With a per-layer selection (magnitude,
+                      --no-woodburry-joint-sparsify) one factor per layer changes nothing.
+    --flops-target f  the run's final target is a fraction f of the dense FLOPs of the masked
+                      layers instead of a weight count: AGP runs over FLOPs sparsity, from
+                      --init-sparsity to 1 - f, and each (sub-)step keeps the largest prefix of the
+                      units ranked by the (weighted) statistic whose FLOPs fit the step's budget;
+                      the search only sums FLOPs, then ONE update is applied for the chosen set
+                      (the public code re-applies the OBS update at every step of its binary
+                      search). --k must stay 1 (the density then follows from the FLOPs budget);
+                      the selection is global (not with a per-layer method or
+                      --no-woodburry-joint-sparsify); the weight sparsity reached is what the run
+                      reports, and every event logs the kept FLOPs fraction.
 
 Everything tensor-valued in an event runs on the model's device (with ``offload_grads`` only the
 storage of G is on the CPU; each layer's slice is copied to the device to be used).
@@ -52,9 +68,10 @@ from torch.utils.data import DataLoader
 
 from configs.errors import UserError
 from data.sampling import EpochSampler, derive_seed
-from layers.selector import expand_units, select_masks, unit_counts
+from layers.selector import UNIT_SCORES, expand_units, select_masks, unit_counts
 from trainers.base import BaseTrainer, OptimSettings, own_only, split_parameters
 from trainers.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
+from trainers.flops import flops_budget, flops_per_weight, largest_prefix_within
 from trainers.obs import (
     diagonal_fisher_statistic,
     diagonal_fisher_update,
@@ -171,7 +188,7 @@ def granularity_note() -> str:
 @dataclass(frozen=True)
 class WoodFisherOptions:
     prune_method: str = "woodfisher"
-    target: float = 0.9  # final sparsity
+    target: float = 0.9  # final sparsity: of units, or of FLOPs when flops_target is set
     init_sparsity: float = 0.05
     prune_start: int = 0
     prune_freq: int = 1
@@ -191,6 +208,8 @@ class WoodFisherOptions:
     recompute_num: int = 1
     recompute_schedule: str = "linear"
     disable_wdecay_after_prune: bool = False
+    flops_power: float = 0.0
+    flops_target: float | None = None  # kept FLOPs fraction at the end (then target = 1 - flops_target)
     seed: int = 0
 
     def schedule(self) -> list[PruneEvent]:
@@ -215,7 +234,7 @@ def check_woodfisher_options(*, mode: str, layer_type: str, k: float, scope: str
                              woodburry_joint_sparsify: bool = True, scale_prune_update: float = 1.0,
                              recompute_num: int = 1, recompute_schedule: str = "linear",
                              disable_wdecay_after_prune: bool = False, flops_power: float = 0.0,
-                             seed: int = 0) -> WoodFisherOptions:
+                             flops_target: float | None = None, seed: int = 0) -> WoodFisherOptions:
     """Validate the WoodFisher options of a run (UserError naming the fix) and return them typed."""
     if mode != "prune":
         raise UserError(f"the woodfisher trainer prunes: use --exp-mode prune (got {mode})")
@@ -230,22 +249,17 @@ def check_woodfisher_options(*, mode: str, layer_type: str, k: float, scope: str
     if layer_type != "unstructured" and fisher_blocks == "all" and method.group_statistic is not None:
         raise UserError(f"--layer-type {layer_type} with --prune-method {prune_method} needs blocks aligned to "
                         "whole filters/channels of one layer: use --fisher-blocks chunk or layer, not all")
-    if flops_power != 0:
-        raise UserError("--flops-power (FLOPs-aware pruning) is not implemented in the woodfisher trainer; "
-                        "pass --flops-power 0")
-    default_target = 1.0 - k
-    if target_sparsity is None:
-        target = default_target
+    if not (flops_power >= 0 and math.isfinite(flops_power)):
+        raise UserError(f"--flops-power must be >= 0 (0 = off; p > 0 prunes FLOP-heavy layers more), got {flops_power}")
+    if flops_target is None:
+        target = _weight_target(k=k, target_sparsity=target_sparsity)
     else:
-        if abs(target_sparsity - default_target) > 1e-9:
-            raise UserError(f"--target-sparsity {target_sparsity:g} disagrees with --k {k:g} (sparsity = 1 - k = "
-                            f"{default_target:g}); drop --target-sparsity or pass --k {1 - target_sparsity:g}")
-        target = target_sparsity
-    if not 0.0 < target < 1.0:
-        raise UserError(f"--k {k:g} leaves nothing to prune: pass a density --k < 1 (the weights kept at the end)")
+        target = _flops_sparsity_target(flops_target=flops_target, k=k, target_sparsity=target_sparsity,
+                                        method=method, scope=scope, woodburry_joint_sparsify=woodburry_joint_sparsify)
     if not one_shot:
         if not 0.0 <= init_sparsity <= target:
-            raise UserError(f"--init-sparsity must be in [0, target sparsity {target:g}], got {init_sparsity:g}")
+            what = "FLOPs sparsity 1 - --flops-target" if flops_target is not None else "sparsity"
+            raise UserError(f"--init-sparsity must be in [0, target {what} {target:g}], got {init_sparsity:g}")
         if prune_start < 0 or prune_freq < 1:
             raise UserError(f"--prune-start must be >= 0 and --prune-freq >= 1, got {prune_start} and {prune_freq}")
         if prune_end < prune_start:
@@ -281,7 +295,46 @@ def check_woodfisher_options(*, mode: str, layer_type: str, k: float, scope: str
         fisher_damp=fisher_damp, fittable_params=fittable_params, fisher_blocks=fisher_blocks,
         true_fisher=true_fisher, offload_grads=offload_grads, woodburry_joint_sparsify=woodburry_joint_sparsify,
         scale_prune_update=scale_prune_update, recompute_num=recompute_num, recompute_schedule=recompute_schedule,
-        disable_wdecay_after_prune=disable_wdecay_after_prune, seed=seed)
+        disable_wdecay_after_prune=disable_wdecay_after_prune, flops_power=flops_power, flops_target=flops_target,
+        seed=seed)
+
+
+def _weight_target(*, k: float, target_sparsity: float | None) -> float:
+    """The final sparsity of units: 1 - k (--target-sparsity, if given, must agree)."""
+    default_target = 1.0 - k
+    target = default_target
+    if target_sparsity is not None:
+        if abs(target_sparsity - default_target) > 1e-9:
+            raise UserError(f"--target-sparsity {target_sparsity:g} disagrees with --k {k:g} (sparsity = 1 - k = "
+                            f"{default_target:g}); drop --target-sparsity or pass --k {1 - target_sparsity:g}")
+        target = target_sparsity
+    if not 0.0 < target < 1.0:
+        raise UserError(f"--k {k:g} leaves nothing to prune: pass a density --k < 1 (the weights kept at the end)")
+    return target
+
+
+def _flops_sparsity_target(*, flops_target: float, k: float, target_sparsity: float | None, method: PruneMethod,
+                           scope: str, woodburry_joint_sparsify: bool) -> float:
+    """The final FLOPs sparsity 1 - flops_target, after checking that nothing else sets a target and
+    that the selection is global (the FLOPs search ranks the units of all layers together)."""
+    if flops_target == 1.0:
+        raise UserError("--flops-target 1 keeps every FLOP: nothing to prune; pass a fraction in (0, 1)")
+    if not 0.0 < flops_target < 1.0:
+        raise UserError(f"--flops-target is the fraction of the dense FLOPs kept, in (0, 1); got {flops_target:g}")
+    if k != 1.0:
+        raise UserError(f"--flops-target replaces the weight-count target --k: leave --k at 1 (got --k {k:g}); "
+                        "the weight sparsity the FLOPs budget leads to is reported at the end")
+    if target_sparsity is not None:
+        raise UserError("--target-sparsity is a weight-count target and --flops-target a FLOPs one: pass only "
+                        "--flops-target")
+    if method.scope == "layer":
+        raise UserError(f"--flops-target ranks the units of all layers together, but --prune-method {method.name} "
+                        "selects per layer: use --prune-method globalmagnitude")
+    if scope == "layer":
+        raise UserError("--flops-target ranks the units of all layers together: pass --scope global")
+    if method.scope is None and not woodburry_joint_sparsify:
+        raise UserError("--flops-target ranks the units of all layers together: drop --no-woodburry-joint-sparsify")
+    return 1.0 - flops_target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +362,7 @@ class WoodFisherTrainer(BaseTrainer):
                     "prune_end", "agp_power", "one_shot", "fisher_subsample_size", "fisher_mini_bsz",
                     "max_mini_bsz", "fisher_damp", "fittable_params", "fisher_blocks", "true_fisher",
                     "offload_grads", "woodburry_joint_sparsify", "scale_prune_update", "recompute_num",
-                    "recompute_schedule", "disable_wdecay_after_prune", "flops_power")
+                    "recompute_schedule", "disable_wdecay_after_prune", "flops_power", "flops_target")
 
     @classmethod
     def check_options(cls, **settings) -> None:
@@ -328,6 +381,9 @@ class WoodFisherTrainer(BaseTrainer):
         self.events = self.opts.schedule()
         self.history: list[dict] = []  # one record per pruning sub-step
         self._notes: list[str] = []
+        # FLOPs per weight by layer: measured at the first event that has data (architecture and
+        # input size only, so never re-measured; a resumed run measures the same values).
+        self.flops: dict[str, int] | None = None
         scores, bn, other = split_parameters(self.model)
         params = other + ([] if freeze_bn else bn)
         own_only(self.model, params)  # scores are unused and frozen
@@ -399,10 +455,112 @@ class WoodFisherTrainer(BaseTrainer):
         alive = sum(int(self._alive_units(l.mask).sum()) for l in layers)
         return 1.0 - alive / total
 
+    # -- FLOPs -----------------------------------------------------------------------------------
+    def _needs_flops(self) -> bool:
+        return self.opts.flops_power != 0 or self.opts.flops_target is not None
+
+    def measure_flops(self, loaders) -> None:
+        """FLOPs per weight of every masked layer, from one training input (once). Without data it
+        stays unknown, which only FLOPs-aware pruning cannot do without."""
+        if self.flops is not None:
+            return
+        if loaders is None:
+            if self._needs_flops():
+                raise ValueError("FLOPs-aware pruning needs training data to measure FLOPs per weight (loaders)")
+            return
+        example = self._probe_input(loaders.train)
+        self.flops = flops_per_weight(self.model, example=example, layers=self.maskset.layers)
+
+    def _probe_input(self, train: DataLoader) -> torch.Tensor:
+        """One training input as a batch of one, on the device. Read under a forked RNG (and with the
+        sampler's key type, so a seeded augmentation is used where the dataset has one): measuring
+        FLOPs must not shift the random streams of training, or a resumed run would differ."""
+        sampler = train.sampler
+        key = (int(sampler.indices[0]), 0) if isinstance(sampler, EpochSampler) else 0
+        with torch.random.fork_rng(devices=[]):
+            x, _ = train.collate_fn([train.dataset[key]])
+        return x.to(self.device)
+
+    def dense_flops(self) -> int:
+        return sum(layer.weight.numel() * self.flops[name] for name, layer in self.maskset.layers.items())
+
+    def kept_flops_fraction(self) -> float | None:
+        """Kept FLOPs of the masked layers over their dense FLOPs (None while FLOPs are unmeasured)."""
+        if self.flops is None:
+            return None
+        kept = sum(int(layer.mask.sum()) * self.flops[name] for name, layer in self.maskset.layers.items())
+        return kept / self.dense_flops()
+
+    def schedule_sparsity(self) -> float:
+        """Where the schedule stands now: FLOPs sparsity with --flops-target, unit sparsity otherwise."""
+        if self.opts.flops_target is not None:
+            return 1.0 - self.kept_flops_fraction()
+        return self.current_sparsity()
+
+    def _weight_by_flops(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scores whose statistic is divided by flops_per_weight[layer]^flops_power.
+
+        The selector ranks |score| per weight but the L2 norm of a filter's/channel's scores, and
+        group scores are sqrt(statistic)-valued (see ``_score``): dividing each score of a group by
+        f^(p/2) divides the group's statistic by f^p."""
+        p = self.opts.flops_power if self.granularity == "unstructured" else self.opts.flops_power / 2
+        out = {}
+        for name, s in scores.items():
+            weighted = s.abs() / float(self.flops[name]) ** p
+            # An alive weight must still outrank a pruned one (score 0): no underflow to 0.
+            tiny = torch.finfo(weighted.dtype).tiny
+            out[name] = torch.where(s != 0, weighted.clamp_min(tiny), torch.zeros((), dtype=s.dtype, device=s.device))
+        return out
+
+    def _ranked_units(self, scores: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(order, unit FLOPs, forced): all layers' units best first, ranked exactly as the shared
+        selector ranks them (its unit scores, each layer's best ``min_units`` first, ties to the
+        lower flat index, so a stable descending sort), the FLOPs of every unit (its weights times
+        its layer's FLOPs per weight), and how many units the floor forces in."""
+        layers = self.maskset.layers
+        units = [UNIT_SCORES[self.granularity](scores[n].detach()) for n in layers]
+        flat = torch.cat(units)
+        forced, offset = 0, 0
+        for u in units:  # the --layer-floor of select_masks, mirrored
+            floor = min(self.maskset.min_units, u.numel())
+            if floor:
+                flat[offset + torch.topk(u, floor).indices] = float("inf")
+            forced += floor
+            offset += u.numel()
+        costs = torch.cat([torch.full((u.numel(),), (layer.weight.numel() // u.numel()) * self.flops[n],
+                                      dtype=torch.int64, device=flat.device)
+                           for (n, layer), u in zip(layers.items(), units)])
+        order = torch.sort(flat, descending=True, stable=True).indices
+        return order, costs, forced
+
+    def _select_within_flops(self, scores: dict[str, torch.Tensor], *, fraction: float) -> tuple[dict, dict]:
+        """Masks keeping the largest prefix of the ranked units whose FLOPs fit ``fraction`` of the
+        dense FLOPs, and a record of the search. Only FLOPs are summed here (a binary search over the
+        cumulative sums); no weight is touched: the step applies ONE update for the chosen set."""
+        layers = self.maskset.layers
+        order, costs, forced = self._ranked_units(scores)
+        ranked = costs[order]
+        budget = flops_budget(fraction, self.dense_flops())
+        n = largest_prefix_within(ranked, budget)
+        alive = sum(int(self._alive_units(layer.mask).sum()) for layer in layers.values())
+        # Never revive (alive units rank first: pruned ones score 0); the floor and one unit win over
+        # the budget, as n_keep keeps at least one unit.
+        n = min(max(n, 1, forced), alive)
+        keep = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
+        keep[order[:n]] = True
+        counts = unit_counts([l.weight.shape for l in layers.values()], self.granularity)
+        new = {name: expand_units(part, layer.weight.shape, self.granularity)
+               for (name, layer), part in zip(layers.items(), keep.split(counts))}
+        search = {"flops_budget": budget, "flops_dense": self.dense_flops(), "kept_units": n,
+                  "flops_next": int(ranked[n]) if n < alive else None}
+        return new, search
+
     # -- a pruning event -------------------------------------------------------------------------
     def prune_to(self, sparsity: float, *, epoch: int, loaders) -> None:
-        """Prune from the current sparsity to ``sparsity`` in ``recompute_num`` sub-steps."""
-        steps = recompute_steps(current=self.current_sparsity(), target=sparsity, num=self.opts.recompute_num,
+        """Prune from the current sparsity to ``sparsity`` in ``recompute_num`` sub-steps (sparsity of
+        FLOPs with --flops-target, of units otherwise)."""
+        self.measure_flops(loaders)
+        steps = recompute_steps(current=self.schedule_sparsity(), target=sparsity, num=self.opts.recompute_num,
                                 kind=self.opts.recompute_schedule)
         for i, s in enumerate(steps):
             self.prune_step(s, epoch=epoch, substep=i, substeps=len(steps), loaders=loaders)
@@ -424,9 +582,16 @@ class WoodFisherTrainer(BaseTrainer):
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             cuda_base = torch.cuda.memory_allocated(self.device)
+        self.measure_flops(loaders)
         before = self.current_sparsity()
-        # The final target is the run's --k exactly (1 - (1 - k) can land one ulp off and change a count).
-        density = self.k if sparsity == self.opts.target else 1.0 - sparsity
+        flops_before = self.kept_flops_fraction()
+        # The final target is the run's --k (or --flops-target) exactly: 1 - (1 - k) can land one
+        # ulp off and change a count.
+        final = sparsity == self.opts.target
+        flops_fraction = None
+        if self.opts.flops_target is not None:
+            flops_fraction = self.opts.flops_target if final else 1.0 - sparsity
+        density = self.k if final else 1.0 - sparsity
         layers = self.maskset.layers
         G = None
         if self.method.fisher is not None:
@@ -454,12 +619,20 @@ class WoodFisherTrainer(BaseTrainer):
                     kept_bytes += cost
                 del ctx, inv
             names = list(layers)
-            new_masks = select_masks([scores[n] for n in names], k=density, granularity=self.granularity,
-                                     scope=self.scope, min_units=self.maskset.min_units)
-            new = dict(zip(names, new_masks))
+            if self.opts.flops_power:
+                scores = self._weight_by_flops(scores)
+            search: dict = {}
+            if flops_fraction is not None:
+                new, search = self._select_within_flops(scores, fraction=flops_fraction)
+                goal = f"kept FLOPs fraction {flops_fraction}"
+            else:
+                new_masks = select_masks([scores[n] for n in names], k=density, granularity=self.granularity,
+                                         scope=self.scope, min_units=self.maskset.min_units)
+                new = dict(zip(names, new_masks))
+                goal = f"density {density}"
             for name in names:
                 if bool((new[name] & ~layers[name].mask).any()):
-                    raise RuntimeError(f"selection at density {density} would revive pruned weights of {name}")
+                    raise RuntimeError(f"selection at {goal} would revive pruned weights of {name}")
             for i, unit in enumerate(units):
                 if i in kept:
                     ctx, inv, cost = kept.pop(i)
@@ -478,7 +651,8 @@ class WoodFisherTrainer(BaseTrainer):
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "substep": substep, "target": sparsity, "before": before,
                   "sparsity": self.current_sparsity(), "seconds": seconds, "grad_seconds": t_grads,
-                  "grads_bytes": grads_bytes, "inverse_peak_bytes": peak, "peak_bytes": grads_bytes + peak}
+                  "grads_bytes": grads_bytes, "inverse_peak_bytes": peak, "peak_bytes": grads_bytes + peak,
+                  "flops_before": flops_before, "flops_kept": self.kept_flops_fraction(), **search}
         if cuda:
             torch.cuda.synchronize(self.device)
             record["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(self.device) - cuda_base
@@ -488,12 +662,24 @@ class WoodFisherTrainer(BaseTrainer):
                   + (f" {o.fittable_params}" if o.fisher_blocks == "chunk" else "") + f", damp {o.fisher_damp:g}"
                   if self.method.fisher else "")
         cuda_text = f", CUDA peak {_mib(record['cuda_peak_bytes']):.1f} MiB" if cuda else ""
-        line = (f"prune epoch {epoch} step {substep + 1}/{substeps}: {self.method.name} ({self.scope}{fisher}) "
-                f"sparsity {100 * before:.2f}% -> {100 * record['sparsity']:.2f}% (target {100 * sparsity:.2f}%) "
-                f"in {seconds:.2f}s (gradients {t_grads:.2f}s); peak memory {_mib(record['peak_bytes']):.1f} MiB "
+        line = (f"prune epoch {epoch} step {substep + 1}/{substeps}: {self.method.name} ({self.scope}{fisher}"
+                + (f", flops power {o.flops_power:g}" if o.flops_power else "") + ") "
+                + self._progress_text(record, sparsity=sparsity, flops_fraction=flops_fraction)
+                + f" in {seconds:.2f}s (gradients {t_grads:.2f}s); peak memory {_mib(record['peak_bytes']):.1f} MiB "
                 f"(gradients {_mib(grads_bytes):.1f} + inverse {_mib(peak):.1f}){cuda_text}")
         self._notes.append(line)  # the epoch loop prints it (console and run.log): see pop_notes
         return record
+
+    def _progress_text(self, record: dict, *, sparsity: float, flops_fraction: float | None) -> str:
+        """'sparsity a% -> b% (target t%), FLOPs kept x% -> y%', the FLOPs first and as the target
+        with --flops-target."""
+        units = f"sparsity {100 * record['before']:.2f}% -> {100 * record['sparsity']:.2f}%"
+        if record["flops_kept"] is None:
+            return f"{units} (target {100 * sparsity:.2f}%)"
+        flops = f"FLOPs kept {100 * record['flops_before']:.2f}% -> {100 * record['flops_kept']:.2f}%"
+        if flops_fraction is None:
+            return f"{units} (target {100 * sparsity:.2f}%), {flops}"
+        return f"{flops} (target {100 * flops_fraction:.2f}%), {units}"
 
     # -- the pieces of a step --------------------------------------------------------------------
     def _unit_context(self, unit: _Unit, G: torch.Tensor | None) -> dict:
