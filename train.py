@@ -112,19 +112,22 @@ def run(cfg: Config) -> int:
         return 0
 
     weights, masks = optim_settings(cfg)
+    log = RunLog()
+    trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weights=weights,
+                          masks=masks, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
+                          progress=cfg.progress, log=log.debug, print_freq=cfg.print_freq,
+                          **{name: getattr(cfg, name) for name in trainer_cls.option_names})
+    if resume is not None:
+        trainer.load_state_dict(resume["trainer_state"])
+        state = RunState(start_epoch=int(resume["epoch"]), best_prec1=float(resume["best_prec1"]))
+        set_rng_state(resume["rng"])
+
+    # Everything is validated: from here on the run writes its folder.
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume))) if resume is not None else None
     if run_dir is None or not os.path.isfile(os.path.join(run_dir, "config.yml")):
         run_dir = new_run_dir(cfg)
-    log = RunLog(run_dir)
+    log.open(run_dir)
     try:
-        trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weights=weights,
-                              masks=masks, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
-                              progress=cfg.progress, log=log.debug, print_freq=cfg.print_freq,
-                              **{name: getattr(cfg, name) for name in trainer_cls.option_names})
-        if resume is not None:
-            trainer.load_state_dict(resume["trainer_state"])
-            state = RunState(start_epoch=int(resume["epoch"]), best_prec1=float(resume["best_prec1"]))
-            set_rng_state(resume["rng"])
         with open(os.path.join(run_dir, "config.yml"), "w", encoding="utf-8") as fh:
             yaml.safe_dump(run_cfg, fh, sort_keys=False)
         log.info(f"run folder: {run_dir}")

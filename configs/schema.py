@@ -50,7 +50,7 @@ class Config:
     layer_floor: int = opt(0, "with --scope global, every layer keeps at least this many units", group="model")
     scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
-    freeze_bn: bool = opt(False, "prune with the base trainer: keep BatchNorm affine parameters fixed", group="model")
+    freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
     source_net: Optional[str] = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
     # data
     dataset: str = opt("Digits", "dataset name (Digits ships with scikit-learn: no download)", group="data")
@@ -149,9 +149,11 @@ class Config:
             raise bad(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise bad(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("lr", "mask_lr", "warmup_lr", "wd", "momentum", "lr2"):
-            if getattr(self, name) < 0:
-                raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "mask_lr", "warmup_lr", "wd", "momentum", "lr2", "fisher_damp", "scale_prune_update",
+                     "init_sparsity", "flops_power"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         return self
 
     def as_dict(self) -> dict[str, Any]:

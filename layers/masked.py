@@ -49,7 +49,7 @@ class MaskedLayer(nn.Module):
         nn.init.kaiming_uniform_(self.popup_scores, a=math.sqrt(5))
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self._multiplier: torch.Tensor | None = None
-        self._multiplier_of: tuple = ()
+        self._multiplier_of: tuple = (None, -1, None)
 
     def multiplier(self) -> torch.Tensor:
         """The mask in the weight's dtype, cached until the boolean mask changes.
@@ -57,10 +57,12 @@ class MaskedLayer(nn.Module):
         Multiplying by a bool tensor converts it on every call (measured 3x slower than a float
         product); the cache is refreshed when the mask's version counter, storage or device changes.
         """
-        key = (self.mask.data_ptr(), self.mask._version, self.mask.device, self.weight.dtype)
-        if key != self._multiplier_of:
+        source, version, dtype = self._multiplier_of
+        # ``is`` on the mask tensor itself (held here), not its address: a new mask allocated where
+        # a freed one lived must never match.
+        if source is not self.mask or version != self.mask._version or dtype != self.weight.dtype:
             self._multiplier = self.mask.to(self.weight.dtype)
-            self._multiplier_of = key
+            self._multiplier_of = (self.mask, self.mask._version, self.weight.dtype)
         return self._multiplier
 
     def masked_weight(self) -> torch.Tensor:

@@ -72,11 +72,18 @@ def expand_units(keep: torch.Tensor, shape: torch.Size, granularity: str) -> tor
     raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
 
 
+def check_finite(values: torch.Tensor) -> None:
+    """Scores that became NaN cannot be ranked: stop with a clear error instead of a wrong mask."""
+    if bool(torch.isnan(values).any()):
+        raise FloatingPointError("importance scores became NaN (training diverged); lower --lr / --mask-lr")
+
+
 def top_units(values: torch.Tensor, count: int) -> torch.Tensor:
     """Boolean vector with exactly ``count`` True entries at the largest ``values``.
 
-    Ties at the threshold keep the lowest indices. ``values`` is 1-D.
+    Ties at the threshold keep the lowest indices. ``values`` is 1-D and free of NaN (+-inf is fine).
     """
+    check_finite(values)
     n = values.numel()
     if count >= n:
         return torch.ones(n, dtype=torch.bool, device=values.device)
@@ -140,6 +147,10 @@ def select_masks(
         return [expand_units(kk, s.shape, granularity) for kk, s in zip(keep, scores)]
 
 
+class _Unbracketable(Exception):
+    """The threshold cannot be bracketed by finite values (infinite scores)."""
+
+
 class IncrementalTopK:
     """Exact top-``count`` selection over |scores| of several tensors, reusing the last threshold.
 
@@ -162,7 +173,7 @@ class IncrementalTopK:
         return sum(int(torch.count_nonzero(torch.ge(a, value, out=m))) for a, m in zip(self._abs, masks))
 
     def select_into(self, scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], count: int) -> None:
-        if len(self._abs) != len(scores) or any(a.shape != s.shape or a.device != s.device
+        if len(self._abs) != len(scores) or any(a.shape != s.shape or a.device != s.device or a.dtype != s.dtype
                                                 for a, s in zip(self._abs, scores)):
             self._abs = [torch.empty_like(s, dtype=s.dtype) for s in scores]
         for a, s in zip(self._abs, scores):
@@ -175,9 +186,18 @@ class IncrementalTopK:
         t = self.threshold
         if t is None or not math.isfinite(t):
             t = self._exact_threshold(count)
+        if not math.isfinite(t):  # NaN raises; an infinite threshold cannot be bracketed: exact path
+            self.threshold = None
+            self._copy_reference(masks, count)
+            return
         above = self._count_at_least(t, masks)
         if above != count:
-            lo, hi, n_hi = self._bracket(t, above, count, masks)
+            try:
+                lo, hi, n_hi = self._bracket(t, above, count, masks)
+            except _Unbracketable:  # infinite scores around the threshold: the exact path decides
+                self.threshold = None
+                self._copy_reference(masks, count)
+                return
             need = count - n_hi
             if need == 0:  # exactly count values at or above hi: hi separates them from the rest
                 t = hi
@@ -189,12 +209,16 @@ class IncrementalTopK:
             self.last_move = abs(t - self.threshold)
         self.threshold = t
         if above != count:  # a tie straddles the threshold: the reference rule decides
-            flat_keep = top_units(torch.cat([a.flatten() for a in self._abs]), count)
-            for m, keep in zip(masks, flat_keep.split([a.numel() for a in self._abs])):
-                m.copy_(keep.view_as(m))
+            self._copy_reference(masks, count)
+
+    def _copy_reference(self, masks, count: int) -> None:
+        flat_keep = top_units(torch.cat([a.flatten() for a in self._abs]), count)
+        for m, keep in zip(masks, flat_keep.split([a.numel() for a in self._abs])):
+            m.copy_(keep.view_as(m))
 
     def _exact_threshold(self, count: int) -> float:
         flat = torch.cat([a.flatten() for a in self._abs])
+        check_finite(flat)
         return float(torch.topk(flat, count, sorted=False).values.min())
 
     def _bracket(self, t: float, above: int, count: int, masks) -> tuple[float, float, int]:
@@ -206,6 +230,8 @@ class IncrementalTopK:
             lo, hi = t, t + step
             n_hi = self._count_at_least(hi, masks)
             while n_hi > count:
+                if not math.isfinite(hi):  # more than count infinite scores
+                    raise _Unbracketable
                 lo, step = hi, step * 4
                 hi = hi + step
                 n_hi = self._count_at_least(hi, masks)
@@ -214,6 +240,8 @@ class IncrementalTopK:
         lo, hi, n_hi = t - step, t, above
         n_lo = self._count_at_least(lo, masks)
         while n_lo < count:
+            if not math.isfinite(lo):
+                raise _Unbracketable
             hi, n_hi, step = lo, n_lo, step * 4
             lo = lo - step
             n_lo = self._count_at_least(lo, masks)

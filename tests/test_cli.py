@@ -220,3 +220,35 @@ def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch)
     masks = load_checkpoint(fine)["masks"]
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == total - int(0.99 * total)
+
+
+def test_diverging_run_stops_with_an_error_not_a_hang(tmp_path, capsys, pretrained):
+    code = train.main(["--result-dir", str(tmp_path / "res"), "--exp-name", "t", *FAST, "--exp-mode", "prune",
+                       "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained, "--lr", "1e6", "--mask-lr", "1e6"])
+    err = capsys.readouterr().err
+    assert code == 1 and "lower --lr" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--lr", "nan"], ["--mask-lr", "inf"], ["--wd", "-1"]])
+def test_non_finite_or_negative_rates_are_rejected(tmp_path, capsys, args):
+    assert "finite number >= 0" in run_error(tmp_path, capsys, *args)
+
+
+def test_resume_with_another_seed_or_mode_is_refused(tmp_path, capsys, pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.2", "--source-net", pretrained, "--epochs", "1")
+    ckpt = os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar")
+    err = run_error(tmp_path / "x", capsys, "--exp-mode", "prune", "--k", "0.2", "--resume", ckpt, "--seed", "7",
+                    "--batch-size", "128", "--data-fraction", "0.3")
+    assert "seed=1234" in err
+    err = run_error(tmp_path / "y", capsys, "--exp-mode", "finetune", "--k", "0.2", "--resume", ckpt,
+                    "--batch-size", "128", "--data-fraction", "0.3")
+    assert "--source-net instead of --resume" in err
+
+
+def test_freeze_bn_is_honoured_by_bilevel(tmp_path, pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained,
+                     "--epochs", "1", "--freeze-bn")
+    before = load_checkpoint(pretrained)["state_dict"]
+    after = load_checkpoint(os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar"))["state_dict"]
+    assert torch.equal(before["bn1.weight"], after["bn1.weight"]) and torch.equal(before["bn1.bias"], after["bn1.bias"])
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])

@@ -24,3 +24,19 @@ def test_every_architecture_and_dataset_is_named():
 def test_readme_gives_the_ci_test_command():
     ci = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".ci", "run")).read()
     assert "bash sh/test.sh" in README and "bash sh/test.sh" in ci
+
+
+def test_schema_choices_match_the_registries():
+    """configs/ lists choices without importing layers/ or trainers/; this keeps the lists honest."""
+    from configs import schema
+    from layers import LAYER_TYPES, SCOPES, SCORE_INITS
+    from trainers.base import OPTIMIZERS
+    from trainers.bilevel import IMPLICIT_GRADS
+    from trainers.schedules import SCHEDULES
+
+    assert set(schema.LAYER_TYPES) == set(LAYER_TYPES)
+    assert set(schema.SCOPES) == set(SCOPES)
+    assert set(schema.SCORE_INITS) == set(SCORE_INITS) - {"scaled"}  # scaled: --scaled-score-init
+    assert set(schema.OPTIMIZERS) == set(OPTIMIZERS)
+    assert set(schema.SCHEDULES) == set(SCHEDULES)
+    assert set(schema.FIELDS["implicit_grad"].metadata["choices"]) == set(IMPLICIT_GRADS)

@@ -11,6 +11,7 @@ speed matter only: correctness comes from each optimizer owning exactly its para
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -42,6 +43,8 @@ class OptimSettings:
                      warmup_epochs=self.warmup_epochs, warmup_lr=self.warmup_lr, milestones=self.milestones)
 
 
+# Not fused=True: fused kernels do not bump a parameter's version counter, which MaskSet reads to
+# know that the scores changed.
 OPTIMIZERS: dict[str, Callable[[list, OptimSettings], torch.optim.Optimizer]] = {
     "sgd": lambda p, s: torch.optim.SGD(p, lr=s.lr, momentum=s.momentum, weight_decay=s.wd),
     "adam": lambda p, s: torch.optim.Adam(p, lr=s.lr, weight_decay=s.wd),
@@ -113,10 +116,11 @@ class BaseTrainer:
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, weights: OptimSettings, masks: OptimSettings | None, freeze_bn: bool) -> None:
         scores, bn, other = split_parameters(self.model)
+        kept_bn = [] if freeze_bn else bn
         if self.mode == "prune":
-            params = scores + ([] if freeze_bn else bn)
+            params = scores + kept_bn
         else:
-            params = bn + other
+            params = kept_bn + other
             if self.maskset is not None:
                 self.maskset.freeze()
         own_only(self.model, params)
@@ -164,16 +168,17 @@ class BaseTrainer:
         for i, batch in enumerate(bar):
             loss, logits, y = self.step(batch)
             n = y.shape[0]
+            value = float(loss)
+            if not math.isfinite(value):  # stop at once: a diverged run only wastes time from here
+                raise FloatingPointError(f"training loss is {value} at epoch {epoch}, batch {i}; lower --lr (or --mask-lr)")
             c1, c5 = correct_topk(logits, y)
-            loss_avg.update(float(loss), n)
+            loss_avg.update(value, n)
             top1.update(100.0 * c1 / n, n)
             top5.update(100.0 * c5 / n, n)
             bar.set_postfix(loss=f"{loss_avg.mean:.4f}", top1=f"{top1.mean:.2f}")
             if i % self.print_freq == 0:
                 self.log(f"epoch {epoch} [{i}/{total}] loss {loss_avg.mean:.4f} top1 {top1.mean:.2f} top5 {top5.mean:.2f}")
         bar.close()
-        if not torch.isfinite(torch.tensor(loss_avg.mean)):
-            raise FloatingPointError(f"training loss is {loss_avg.mean} in epoch {epoch}; lower --lr (or --mask-lr)")
         return {"loss": loss_avg.mean, "top1": top1.mean, "top5": top5.mean}
 
     # -- state -------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class BilevelTrainer(BaseTrainer):
         self.accelerate = accelerate
         scores, bn, other = split_parameters(self.model)
         self.scores = scores
-        self.weights = bn + other
+        self.weights = ([] if freeze_bn else bn) + other
         layers = list(self.maskset.layers.values())
         self.masked_weights = [layer.weight for layer in layers]
         if [id(l.popup_scores) for l in layers] != [id(s) for s in scores]:

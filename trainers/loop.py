@@ -52,8 +52,14 @@ def sparsity_scalars(maskset: MaskSet | None) -> dict[str, float]:
         return {"sparsity/overall": 0.0}
     rows = maskset.report()
     out = {f"sparsity/{r.name}": r.sparsity for r in rows}
-    out["sparsity/overall"] = 1.0 - maskset.density()
+    total = sum(r.params for r in rows)
+    out["sparsity/overall"] = 1.0 - sum(r.kept for r in rows) / total if total else 0.0
     return out
+
+
+def lr_names(lrs: dict[str, float]) -> dict[str, float]:
+    """Optimizer keys -> the names users know: lr (weights, or HYDRA's scores) and mask_lr (BiP)."""
+    return {"mask_lr" if key == "mask_optimizer" else "lr": value for key, value in lrs.items()}
 
 
 def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: torch.device, epochs: int,
@@ -63,7 +69,7 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
     for epoch in range(state.start_epoch, epochs):
         loaders.set_epoch(epoch)
         torch.manual_seed(epoch_seed(seed, epoch))
-        lrs = trainer.set_epoch(epoch)
+        lrs = lr_names(trainer.set_epoch(epoch))
         t0 = time.perf_counter()
         train = trainer.train_epoch(epoch, loaders)
         for line in trainer.pop_notes():
@@ -77,17 +83,16 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
         if final:
             state.best_prec1 = max(state.best_prec1, val["top1"])
         sparsity = sparsity_scalars(maskset)
-        lr_text = "  ".join(f"{'mask_lr' if k == 'mask_optimizer' else 'lr'} {v:.4g}" for k, v in lrs.items())
+        lr_text = "  ".join(f"{k} {v:.4g}" for k, v in lrs.items())
         log.info(f"epoch {epoch + 1:>3}/{epochs}  {lr_text}  train loss {train['loss']:.4f} top1 {train['top1']:6.2f}"
                  f"  | val top1 {val['top1']:6.2f}  test top1 {test['top1']:6.2f}  | sparsity "
                  f"{100 * sparsity['sparsity/overall']:6.2f}%  | {seconds:5.1f}s{'  *best' if is_best else ''}")
         scalars = {"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
                    "val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
                    "test/loss": test["loss"], "test/top1": test["top1"], "test/top5": test["top5"], **sparsity}
-        for key, value in lrs.items():
-            scalars["lr/mask_lr" if key == "mask_optimizer" else "lr/lr"] = value
+        scalars.update({f"lr/{k}": v for k, v in lrs.items()})
         log.scalars(epoch + 1, scalars)
-        row = {"epoch": epoch + 1, **{f"lr_{k}": v for k, v in lrs.items()},
+        row = {"epoch": epoch + 1, **lrs,
                **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
                **{f"test_{k}": v for k, v in test.items()}, "sparsity": sparsity["sparsity/overall"],
                "seconds": round(seconds, 3)}

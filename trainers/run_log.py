@@ -27,16 +27,25 @@ def sparsity_table(rows: Iterable[LayerSparsity]) -> str:
 class RunLog:
     """Console + ``run.log`` lines, ``metrics.csv`` rows and tensorboard scalars of one run folder."""
 
-    def __init__(self, folder: str | None, *, tensorboard: bool = True) -> None:
-        self.folder = folder
+    def __init__(self, folder: str | None = None, *, tensorboard: bool = True) -> None:
+        self.folder = None
+        self.tensorboard = tensorboard
         self._file = None
         self._writer = None
-        self._csv_fields: list[str] | None = None
+        self._pending: list[str] = []  # debug lines written before the folder exists
         if folder:
-            self._file = open(os.path.join(folder, "run.log"), "a", encoding="utf-8")
-            if tensorboard:
-                from tensorboardX import SummaryWriter  # imported lazily: only runs with a folder need it
-                self._writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+            self.open(folder)
+
+    def open(self, folder: str) -> None:
+        """Start writing into ``folder`` (created by the caller once the run's input is validated)."""
+        self.folder = folder
+        self._file = open(os.path.join(folder, "run.log"), "a", encoding="utf-8")
+        for line in self._pending:
+            self._file.write(line + "\n")
+        self._pending.clear()
+        if self.tensorboard:
+            from tensorboardX import SummaryWriter  # imported lazily: only runs with a folder need it
+            self._writer = SummaryWriter(os.path.join(folder, "tensorboard"))
 
     def info(self, line: str) -> None:
         """A line for the console and the log file."""
@@ -48,6 +57,8 @@ class RunLog:
         if self._file:
             self._file.write(line + "\n")
             self._file.flush()
+        else:
+            self._pending.append(line)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer:

@@ -19,7 +19,11 @@ from configs.errors import UserError
 from layers import MaskSet, init_scores
 
 # Settings a resumed or fine-tuned checkpoint must share with the run (config key -> flag).
-RESUME_MUST_MATCH = ("arch", "dataset", "exp_mode", "trainer", "layer_type", "k", "scope")
+# seed, batch size and data fractions fix each epoch's batches: a resumed run repeats the rest exactly.
+RESUME_MUST_MATCH = ("arch", "dataset", "exp_mode", "trainer", "layer_type", "k", "scope", "seed", "batch_size",
+                     "data_fraction", "val_fraction")
+# What to do instead of matching, where changing the flag is not the fix.
+HINTS = {"exp_mode": "to start the next stage from it, pass it to --source-net instead of --resume"}
 FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
 
 
@@ -30,8 +34,8 @@ def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str,
     for key in keys:
         if key in saved and saved[key] != run[key]:
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{source} was written with {key}={saved[key]!r} but this run has {key}={run[key]!r}; "
-                            f"pass {flag} {saved[key]} (or use a matching checkpoint)")
+            fix = HINTS.get(key, f"pass {flag} {saved[key]} (or use a matching checkpoint)")
+            raise UserError(f"{source} was written with {key}={saved[key]!r} but this run has {key}={run[key]!r}; {fix}")
 
 
 def _is_score_or_mask(key: str) -> bool:
@@ -45,8 +49,7 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     from trainers.checkpoint import load_model_state
 
     state = ckpt["state_dict"]
-    if "arch" in ckpt and ckpt["arch"] != run["arch"]:
-        raise UserError(f"{source} holds a '{ckpt['arch']}' but this run builds '{run['arch']}'; pass --arch {ckpt['arch']}")
+    check_matches(ckpt, run=run, keys=("arch",), source=source)
     if maskset is None:  # a dense model (pretrain, or evaluating one)
         if any(_is_score_or_mask(k) for k in state):
             raise UserError(f"{source} is a pruned (masked) checkpoint; evaluate or fine-tune it with "
@@ -71,6 +74,9 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     elif masks:
         maskset.set_masks({name: m for name, m in masks.items()})
     else:
+        if not ckpt.get("config"):  # a public HYDRA/BiP checkpoint: its scope is not recorded
+            notice(f"{source}: masks derived from its scores with k={maskset.k:g}, {maskset.granularity}, "
+                   f"scope {maskset.scope} (HYDRA prunes per layer: pass --scope layer for its checkpoints)")
         maskset.step(force=True)
         maskset.freeze()
 
