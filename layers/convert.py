@@ -12,32 +12,31 @@ from torch import nn
 from layers.masked import MaskedConv2d, MaskedLayer, MaskedLinear
 
 
+def _conv_args(m: nn.Conv2d) -> dict:
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size, stride=m.stride,
+                padding=m.padding, dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+                padding_mode=m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+
+
+def _linear_args(m: nn.Linear) -> dict:
+    return dict(in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None,
+                device=m.weight.device, dtype=m.weight.dtype)
+
+
 def _masked_conv(m: nn.Conv2d, granularity: str) -> MaskedConv2d:
-    return MaskedConv2d(
-        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-        dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-        granularity=granularity, device=m.weight.device, dtype=m.weight.dtype,
-    )
+    return MaskedConv2d(**_conv_args(m), granularity=granularity)
 
 
 def _masked_linear(m: nn.Linear, granularity: str) -> MaskedLinear:
-    return MaskedLinear(
-        m.in_features, m.out_features, bias=m.bias is not None, granularity=granularity,
-        device=m.weight.device, dtype=m.weight.dtype,
-    )
+    return MaskedLinear(**_linear_args(m), granularity=granularity)
 
 
 def _plain_conv(m: MaskedConv2d) -> nn.Conv2d:
-    return nn.Conv2d(
-        m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-        dilation=m.dilation, groups=m.groups, bias=m.bias is not None, padding_mode=m.padding_mode,
-        device=m.weight.device, dtype=m.weight.dtype,
-    )
+    return nn.Conv2d(**_conv_args(m))
 
 
 def _plain_linear(m: MaskedLinear) -> nn.Linear:
-    return nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                     device=m.weight.device, dtype=m.weight.dtype)
+    return nn.Linear(**_linear_args(m))
 
 
 # Registries: plain type -> masked twin constructor, and back. Exact types, so that a masked

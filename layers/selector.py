@@ -102,6 +102,19 @@ def top_units(values: torch.Tensor, count: int) -> torch.Tensor:
     return above | (at & (torch.cumsum(at, 0) <= need))
 
 
+def global_ranking(units: Sequence[torch.Tensor], *, min_units: int = 0) -> torch.Tensor:
+    """All layers' unit scores in one vector, as a global selection ranks them: each layer's best
+    ``min_units`` (the per-layer floor) raised above everything else, so the total stays exact."""
+    flat = torch.cat(list(units))
+    offset = 0
+    for u in units:
+        floor = min(min_units, u.numel())
+        if floor:
+            flat[offset + torch.topk(u, floor).indices] = float("inf")
+        offset += u.numel()
+    return flat
+
+
 def unit_counts(shapes: Sequence[torch.Size], granularity: str) -> list[int]:
     """Number of selectable units of each layer."""
     if granularity == "unstructured":
@@ -134,15 +147,7 @@ def select_masks(
         if scope == "layer":
             keep = [top_units(u, max(n_keep(k, u.numel()), min(min_units, u.numel()))) for u in units]
         else:
-            flat = torch.cat(units)
-            if min_units > 0:
-                # Rank each layer's best min_units above everything else; the total stays n_keep.
-                offset = 0
-                for u in units:
-                    floor = min(min_units, u.numel())
-                    best = torch.topk(u, floor).indices
-                    flat[offset + best] = float("inf")
-                    offset += u.numel()
+            flat = global_ranking(units, min_units=min_units)
             keep = list(top_units(flat, n_keep(k, flat.numel())).split([u.numel() for u in units]))
         return [expand_units(kk, s.shape, granularity) for kk, s in zip(keep, scores)]
 

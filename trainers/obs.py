@@ -300,3 +300,24 @@ def group_obs_update(
     S = torch.where(q[:, None], u, torch.zeros((), dtype=u.dtype, device=u.device)).reshape(-1)
     w_new = w - scale_prune_update * fisher_inverse.mul(S.to(w.dtype))
     return _finish(w_new, dead, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# magnitude baselines
+
+
+@torch.no_grad()
+def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse=None, mask: torch.Tensor | None = None,
+                        grad: torch.Tensor | None = None) -> torch.Tensor:
+    """w_q^2 (the ranking of |w|); 0 on already-pruned weights. Needs no Fisher."""
+    w = weight.reshape(-1)
+    return _alive_score(w.square(), _alive(mask, w)).reshape(weight.shape)
+
+
+@torch.no_grad()
+def zero_update(*, weight: torch.Tensor, fisher_inverse, prune: torch.Tensor, mask: torch.Tensor | None = None,
+                scale_prune_update: float = 1.0, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """No compensation: pruned and already-pruned weights set to 0, the rest untouched."""
+    w = weight.reshape(-1)
+    dead = _flat(prune, w.numel(), "prune").to(torch.bool) | ~_alive(mask, w)
+    return _finish(w, dead, weight)

@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader
 
 from configs.errors import UserError
 from data.sampling import EpochSampler, derive_seed
-from layers.selector import UNIT_SCORES, expand_units, select_masks, unit_counts
+from layers.selector import UNIT_SCORES, expand_units, global_ranking, select_masks, unit_counts
 from trainers.base import BaseTrainer, OptimSettings, own_only, split_parameters
 from trainers.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from trainers.flops import flops_budget, flops_per_weight, largest_prefix_within
@@ -78,10 +78,12 @@ from trainers.obs import (
     group_obs_statistic,
     group_obs_update,
     group_permutation,
+    magnitude_statistic,
     obs_statistic,
     obs_update,
     woodtaylor_statistic,
     woodtaylor_update,
+    zero_update,
 )
 from trainers.prune_schedule import PruneEvent, agp_schedule, one_shot_schedule, recompute_steps
 from trainers.registry import register_trainer
@@ -91,30 +93,6 @@ FISHER_STREAM = 0x5F  # sampler stream of the Fisher mini-batches (independent o
 
 # ---------------------------------------------------------------------------------------------
 # prune methods: a registry, one entry per criterion
-
-
-def _alive_only(stat: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """stat on alive weights (at least finfo.tiny, so an alive weight outranks a pruned one), 0 on pruned."""
-    tiny = torch.finfo(stat.dtype).tiny
-    return torch.where(alive, stat.clamp_min(tiny), torch.zeros((), dtype=stat.dtype, device=stat.device))
-
-
-def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse=None, mask: torch.Tensor | None = None,
-                        grad: torch.Tensor | None = None) -> torch.Tensor:
-    """w_q^2 (the ranking of |w|); 0 on already-pruned weights."""
-    w = weight.reshape(-1)
-    alive = torch.ones_like(w, dtype=torch.bool) if mask is None else mask.reshape(-1).to(torch.bool)
-    return _alive_only(w.square(), alive).reshape(weight.shape)
-
-
-def zero_update(*, weight: torch.Tensor, fisher_inverse, prune: torch.Tensor, mask: torch.Tensor | None = None,
-                scale_prune_update: float = 1.0, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """No compensation: pruned and already-pruned weights set to 0, the rest untouched."""
-    w = weight.reshape(-1)
-    dead = prune.reshape(-1).to(torch.bool)
-    if mask is not None:
-        dead = dead | ~mask.reshape(-1).to(torch.bool)
-    return w.masked_fill(dead, 0.0).reshape(weight.shape)
 
 
 @dataclass(frozen=True)
@@ -519,14 +497,8 @@ class WoodFisherTrainer(BaseTrainer):
         its layer's FLOPs per weight), and how many units the floor forces in."""
         layers = self.maskset.layers
         units = [UNIT_SCORES[self.granularity](scores[n].detach()) for n in layers]
-        flat = torch.cat(units)
-        forced, offset = 0, 0
-        for u in units:  # the --layer-floor of select_masks, mirrored
-            floor = min(self.maskset.min_units, u.numel())
-            if floor:
-                flat[offset + torch.topk(u, floor).indices] = float("inf")
-            forced += floor
-            offset += u.numel()
+        flat = global_ranking(units, min_units=self.maskset.min_units)  # the selector's own ranking
+        forced = sum(min(self.maskset.min_units, u.numel()) for u in units)
         costs = torch.cat([torch.full((u.numel(),), (layer.weight.numel() // u.numel()) * self.flops[n],
                                       dtype=torch.int64, device=flat.device)
                            for (n, layer), u in zip(layers.items(), units)])
