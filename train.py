@@ -18,7 +18,7 @@ import yaml
 from configs.errors import UserError
 from configs.schema import Config, load_config
 from data import build_dataset, build_loaders
-from layers import MaskSet, to_masked
+from layers import MaskSet, SelectionError, to_masked
 from models import build_model
 from trainers import get_trainer
 from trainers.base import OptimSettings, evaluate
@@ -84,10 +84,20 @@ def run(cfg: Config) -> int:
     model = build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                         image_size=splits.image_size)
     maskset = None
+    notices: list[str] = []
     if cfg.exp_mode != "pretrain":
         to_masked(model, granularity=cfg.layer_type)
-        maskset = MaskSet(model, k=cfg.k, granularity=cfg.layer_type, scope=cfg.scope, min_units=cfg.layer_floor)
-    notices: list[str] = []
+        try:
+            maskset = MaskSet(model, k=cfg.k, granularity=cfg.layer_type, scope=cfg.scope, min_units=cfg.layer_floor)
+        except SelectionError as exc:
+            raise UserError(str(exc)) from None
+        if not maskset.layers:
+            raise UserError(f"--layer-type {cfg.layer_type} masks convolutions only (linear layers stay dense, as in "
+                            f"BiP) and {cfg.arch} has none: use --layer-type unstructured")
+        if cfg.scope == "global" and maskset.min_units:
+            unit = {"filter": "filter", "channel": "channel"}.get(cfg.layer_type, "weight")
+            notices.append(f"every masked layer keeps at least {maskset.min_units} {unit}(s) "
+                           f"(--layer-floor {maskset.min_units}), so no layer is emptied")
     state = RunState()
     resume = load_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:

@@ -47,7 +47,8 @@ class Config:
     layer_type: str = opt("unstructured", "mask granularity; dense = plain layers, no mask", LAYER_TYPES, "model")
     k: float = opt(1.0, "density: fraction of weights (or filters/channels) KEPT, in (0, 1]", group="model")
     scope: str = opt("global", "global: one top-k over all layers (BiP); layer: k in every layer (HYDRA)", SCOPES, "model")
-    layer_floor: int = opt(0, "with --scope global, every layer keeps at least this many units", group="model")
+    layer_floor: Optional[int] = opt(None, "with --scope global, every layer keeps at least this many units "
+                                     "(default: 1 filter/channel for structured masks, 0 for unstructured)", group="model")
     scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
@@ -141,7 +142,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("warmup_epochs", "num_workers", "layer_floor"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.data_fraction <= 1.0:
             raise bad(f"--data-fraction must be in (0, 1], got {self.data_fraction}")

@@ -1,8 +1,14 @@
 """Dense <-> masked conversion, so that architectures are written once, dense.
 
-``to_masked`` swaps every nn.Conv2d / nn.Linear of any model (ours or torchvision's) for its
-masked twin with the same weights; ``to_dense`` and ``dense_state_dict`` go back, with the masks
-applied, giving a model / state dict that loads strictly into the plain architecture.
+``to_masked`` swaps the nn.Conv2d / nn.Linear layers of any model (ours or torchvision's) for
+their masked twins with the same weights; ``to_dense`` and ``dense_state_dict`` go back, with the
+masks applied, giving a model / state dict that loads strictly into the plain architecture.
+
+Which layers are masked depends on the granularity (``MASKED_TYPES``): every conv and linear layer
+for unstructured masks; convolutions only for filter and channel masks, as in BiP (its
+``get_layers`` returns a plain nn.Linear for them). A filter of a classifier is an output class,
+so masking linear rows would delete classes; and BiP's structured checkpoints have no scores for
+their linear layers, so they load here only if those layers stay plain.
 """
 from __future__ import annotations
 
@@ -43,6 +49,12 @@ def _plain_linear(m: MaskedLinear) -> nn.Linear:
 # layer (a subclass of its plain type) is never converted twice.
 MASKED_TWIN = {nn.Conv2d: _masked_conv, nn.Linear: _masked_linear}
 PLAIN_TWIN = {MaskedConv2d: _plain_conv, MaskedLinear: _plain_linear}
+# Plain types that get a mask, per granularity (see the module docstring).
+MASKED_TYPES: dict[str, tuple[type, ...]] = {
+    "unstructured": (nn.Conv2d, nn.Linear),
+    "filter": (nn.Conv2d,),
+    "channel": (nn.Conv2d,),
+}
 
 
 def _swap(model: nn.Module, make) -> nn.Module:
@@ -57,11 +69,15 @@ def _swap(model: nn.Module, make) -> nn.Module:
 
 
 def to_masked(model: nn.Module, *, granularity: str) -> nn.Module:
-    """Replace every Conv2d/Linear by its masked twin (all-ones mask), in place; returns model."""
+    """Replace the Conv2d/Linear layers the granularity masks (``MASKED_TYPES``) by their masked
+    twins (all-ones mask), in place; returns model."""
+    if granularity not in MASKED_TYPES:
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {tuple(MASKED_TYPES)}")
+    masked_types = MASKED_TYPES[granularity]
 
     def make(child: nn.Module):
         factory = MASKED_TWIN.get(type(child))
-        if factory is None:
+        if factory is None or type(child) not in masked_types:
             return None
         twin = factory(child, granularity)
         with torch.no_grad():

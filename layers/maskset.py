@@ -21,7 +21,12 @@ from torch import nn
 
 from layers.convert import masked_layers
 from layers.masked import MaskedLayer
-from layers.selector import IncrementalTopK, n_keep, select_masks, unit_counts
+from layers.selector import IncrementalTopK, check_floor, n_keep, select_masks, unit_counts
+
+# The per-layer floor of a global selection when none is given: a structured selection keeps at
+# least one filter/channel in every layer, because a layer with none left cuts the network in two
+# (everything after it sees a constant). Unstructured global masks keep BiP's semantics (no floor).
+DEFAULT_MIN_UNITS = {"unstructured": 0, "filter": 1, "channel": 1}
 
 
 @dataclass(frozen=True)
@@ -38,19 +43,23 @@ class LayerSparsity:
 
 class MaskSet:
     def __init__(self, model: nn.Module, *, k: float, granularity: str, scope: str,
-                 min_units: int = 0) -> None:
+                 min_units: int | None = None) -> None:
+        """min_units: per-layer floor (None: ``DEFAULT_MIN_UNITS`` of the granularity). Raises
+        ``SelectionError`` when the floors of a global selection do not fit in its budget."""
         self.layers: dict[str, MaskedLayer] = masked_layers(model)
         self.k = k
         self.granularity = granularity
         self.scope = scope
-        self.min_units = min_units
+        self.min_units = DEFAULT_MIN_UNITS[granularity] if min_units is None else min_units
+        if scope == "global" and self.min_units and self.layers:
+            check_floor(self.unit_counts(), k=k, min_units=self.min_units)
         self.frozen = False
         self.selections = 0  # how many times the selector ran (for tests and logs)
         self._seen: tuple | None = None
         # Unstructured masks are re-selected incrementally (same result as select_masks, much faster
         # on millions of scores); one selector per group of layers sharing a threshold.
         self._incremental: list[tuple[list[MaskedLayer], IncrementalTopK]] | None = None
-        if granularity == "unstructured" and min_units == 0:
+        if granularity == "unstructured" and self.min_units == 0:
             layers = list(self.layers.values())
             groups = [layers] if scope == "global" else [[layer] for layer in layers]
             self._incremental = [(group, IncrementalTopK()) for group in groups]

@@ -9,11 +9,23 @@ Counting rule (stated once, here): a selection over N units at density k keeps
 
 the public HYDRA/BiP rule (``N - int((1 - k) * N)`` in float64), so that a checkpoint they wrote
 gives the same mask here for the same k; in exact arithmetic it is ceil(k * N). One difference:
-float64 noise of a few ulps just below an integer is rounded away. Their code keeps all 10 units
-at k = 0.9, N = 10 because 1 - 0.9 is 0.0999...98; this rule keeps 9, as asked.
+float64 noise of a few ulps just below an integer is rounded away (1 - 0.9 is 0.0999...98, so
+their code keeps all 10 units at k = 0.9, N = 10; this rule keeps 9). See below for where exactly.
 
-Ties at the threshold are broken deterministically: among equal unit scores the one with the
-lower flat index (module order, then row-major order) is kept.
+Ties at the threshold are broken deterministically, as HYDRA/BiP break them: among equal unit
+scores the one with the HIGHER flat index (module order, then row-major order) is kept. Their
+GetSubnet sorts the scores ascending and zeroes the first (1 - k) N entries of the order, and the
+sort lists equal values by increasing index, so the lower indices are the ones pruned. Keeping the
+same order makes a public checkpoint with tied scores give the same mask here.
+
+Where the counts differ from theirs: only where (1 - k) * N, computed in float64, lands a few ulps
+below an integer j. Their ``int()`` then prunes j - 1 units and this rule prunes j, so they keep one
+unit more. ``public_count_differs`` names those (k, N). Among the densities people use (the
+k = 0.9 ... 0.005 grid and the BiP paper's lottery series 0.8, 0.64, ..., 0.0092, checked for every
+N < 200,000) it happens at four: k = 0.9 for every N that is a multiple of 10 (so every
+10-class classifier: 5,120 weights on 512 features keep 4,608 here, 4,609 there), k = 0.8 for every
+multiple of 5, and k = 0.3 / 0.328 for some multiples of 10 / 125.
+Everywhere else the counts are identical.
 
 The selector never sorts: it finds the n_keep-th largest unit score with a partial
 ``torch.topk`` (a selection) and only counts/cumsums the entries equal to it when there is a tie.
@@ -37,6 +49,32 @@ def n_keep(k: float, n: int) -> int:
     pruned = (1 - k) * n
     pruned = math.floor(pruned + 8 * sys.float_info.epsilon * max(1.0, pruned))
     return min(n, max(1, n - pruned))
+
+
+def public_n_keep(k: float, n: int) -> int:
+    """The count HYDRA/BiP's GetSubnet keeps: n - int((1 - k) * n) in float64 (for comparisons)."""
+    return n - int((1 - k) * n)
+
+
+def public_count_differs(k: float, n: int) -> bool:
+    """Whether ``n_keep`` keeps fewer units than HYDRA/BiP for this (k, n) (float noise; see above)."""
+    return n_keep(k, n) != public_n_keep(k, n)
+
+
+class SelectionError(ValueError):
+    """A selection that the settings make impossible (e.g. per-layer floors above the budget)."""
+
+
+def check_floor(unit_counts: Sequence[int], *, k: float, min_units: int) -> None:
+    """Raise SelectionError when every layer's floor of ``min_units`` cannot fit in a global
+    selection at density ``k`` (the floors would crowd out whole layers instead of adding up)."""
+    floors = sum(min(min_units, n) for n in unit_counts)
+    budget = n_keep(k, sum(unit_counts))
+    if floors > budget:
+        raise SelectionError(
+            f"--layer-floor {min_units} asks for {floors} units over {len(unit_counts)} layers, but k={k:g} keeps "
+            f"only {budget} of {sum(unit_counts)}: lower --layer-floor (at most {budget // max(1, len(unit_counts))} "
+            f"per layer here) or raise --k")
 
 
 # A unit score per granularity: |s| per weight, or the L2 norm of the scores of a filter
@@ -81,7 +119,8 @@ def check_finite(values: torch.Tensor) -> None:
 def top_units(values: torch.Tensor, count: int) -> torch.Tensor:
     """Boolean vector with exactly ``count`` True entries at the largest ``values``.
 
-    Ties at the threshold keep the lowest indices. ``values`` is 1-D and free of NaN (+-inf is fine).
+    Ties at the threshold keep the highest indices (HYDRA/BiP's order, see the module docstring).
+    ``values`` is 1-D and free of NaN (+-inf is fine).
     """
     check_finite(values)
     n = values.numel()
@@ -99,7 +138,9 @@ def top_units(values: torch.Tensor, count: int) -> torch.Tensor:
     above = values > threshold
     at = values == threshold
     need = count - int(torch.count_nonzero(above))
-    return above | (at & (torch.cumsum(at, 0) <= need))
+    # Rank of each tied entry counted from the end: the last ``need`` of them are kept.
+    from_end = torch.cumsum(at.flip(0), 0).flip(0)
+    return above | (at & (from_end <= need))
 
 
 def global_ranking(units: Sequence[torch.Tensor], *, min_units: int = 0) -> torch.Tensor:
@@ -109,8 +150,8 @@ def global_ranking(units: Sequence[torch.Tensor], *, min_units: int = 0) -> torc
     offset = 0
     for u in units:
         floor = min(min_units, u.numel())
-        if floor:
-            flat[offset + torch.topk(u, floor).indices] = float("inf")
+        if floor:  # top_units, not topk: the floor breaks ties like every other selection
+            flat[offset:offset + u.numel()].masked_fill_(top_units(u, floor), float("inf"))
         offset += u.numel()
     return flat
 

@@ -42,13 +42,47 @@ def test_n_keep_rejects_density_outside_unit_interval(k):
         n_keep(k, 10)
 
 
-def test_top_units_ties_keep_lowest_index():
+def public_keep(values, k):
+    """HYDRA/BiP's GetSubnet on a 1-D tensor: sort ascending, zero the first int((1 - k) N)."""
+    _, idx = values.sort(stable=True)
+    j = int((1 - k) * values.numel())
+    keep = torch.ones(values.numel(), dtype=torch.bool)
+    keep[idx[:j]] = False
+    return keep
+
+
+def test_top_units_ties_keep_highest_index_as_hydra_and_bip():
+    v = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])
+    assert top_units(v, 2).tolist() == [False, False, False, True, True]   # the issue's example, k = 0.4
+    assert top_units(v, 2).tolist() == public_keep(v, 0.4).tolist()
     v = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 0.5])
-    assert top_units(v, 2).tolist() == [False, True, False, False, True, False]
-    assert top_units(v, 3).tolist() == [False, True, True, False, True, False]
+    assert top_units(v, 3).tolist() == [False, False, True, True, True, False]
     assert top_units(v, 4).tolist() == [False, True, True, True, True, False]
-    assert top_units(torch.zeros(7), 3).tolist() == [True, True, True, False, False, False, False]
+    assert top_units(torch.zeros(7), 3).tolist() == [False, False, False, False, True, True, True]
     assert top_units(v, 6).all() and top_units(v, 10).all()
+
+
+@pytest.mark.parametrize("k", [0.05, 0.1, 0.25, 0.5, 0.75])
+def test_tied_scores_give_the_public_code_mask(k):
+    """Deliberately tied scores (few distinct values): the same mask as their sort, entry by entry."""
+    g = torch.Generator().manual_seed(7)
+    v = torch.randint(0, 5, (10_007,), generator=g).float()
+    assert n_keep(k, v.numel()) == v.numel() - int((1 - k) * v.numel())
+    assert torch.equal(top_units(v, n_keep(k, v.numel())), public_keep(v, k))
+    scores = [v[:4007].view(4007, 1), v[4007:].view(6, 1000)]
+    glob = select_masks(scores, k=k, granularity="unstructured", scope="global")
+    assert torch.equal(torch.cat([m.flatten() for m in glob]), public_keep(v, k))
+
+
+def test_count_rule_differs_from_the_public_code_exactly_where_documented():
+    from layers.selector import public_count_differs, public_n_keep
+    # k = 0.9: every multiple of 10 (every 10-class classifier), k = 0.8: every multiple of 5
+    assert all(public_count_differs(0.9, n) for n in range(10, 20_000, 10))
+    assert not any(public_count_differs(0.9, n) for n in range(1, 20_000) if n % 10)
+    assert all(public_count_differs(0.8, n) for n in range(5, 20_000, 5))
+    assert (n_keep(0.9, 5120), public_n_keep(0.9, 5120)) == (4608, 4609)
+    for k in (0.5, 0.1, 0.05, 0.01, 0.64, 0.512, 0.2097, 0.0092):
+        assert not any(public_count_differs(k, n) for n in range(1, 20_000)), k
 
 
 def test_top_units_large_counts_use_both_sides():
@@ -283,7 +317,8 @@ def test_torchvision_model_converts_and_exports():
     masked.load_state_dict(dense.state_dict(), strict=False)  # test set-up only: scores/masks are new
     masked.eval()
     ms = MaskSet(masked, k=1.0, granularity="filter", scope="layer")
-    assert len(ms.layers) == 21  # 20 convs + fc
+    assert len(ms.layers) == 20  # 20 convs; the classifier fc stays plain under filter masks (BiP)
+    assert type(masked.fc) is nn.Linear
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(masked(x), dense(x))
     ms.k = 0.5
@@ -291,3 +326,43 @@ def test_torchvision_model_converts_and_exports():
     plain = torchvision.models.resnet18(weights=None, num_classes=7).eval()
     plain.load_state_dict(dense_state_dict(masked), strict=True)
     torch.testing.assert_close(plain(x), masked(x))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "channel"])
+def test_structured_masks_leave_linear_layers_plain_and_keep_every_class(granularity):
+    model = to_masked(tiny_net(), granularity=granularity)
+    assert type(model[7]) is nn.Linear and isinstance(model[0], MaskedConv2d)
+    ms = MaskSet(model, k=0.2, granularity=granularity, scope="global")
+    assert list(ms.layers) == ["0", "3"]
+    # every class keeps its full row of the classifier: no output is constant
+    x = torch.randn(16, 3, 6, 6)
+    assert (model(x).std(0) > 0).all()
+    assert type(to_masked(tiny_net(), granularity="unstructured")[7]) is MaskedLinear
+
+
+@pytest.mark.parametrize("granularity", ["filter", "channel"])
+def test_structured_global_selection_never_empties_a_layer_by_default(granularity):
+    # layer "3"'s scores are tiny: without the default floor of one unit it would lose every unit
+    model = to_masked(tiny_net(), granularity=granularity)
+    ms = MaskSet(model, k=0.3, granularity=granularity, scope="global")
+    assert ms.min_units == 1
+    with torch.no_grad():
+        ms.layers["0"].popup_scores.normal_().add_(10)
+        ms.layers["3"].popup_scores.normal_().mul_(1e-3)
+    ms.step(force=True)
+    dim = 0 if granularity == "filter" else 1
+    units = [l.mask.transpose(0, dim).flatten(1).all(1) for l in ms.layers.values()]
+    assert [int(u.sum()) for u in units][1] == 1
+    assert sum(int(u.sum()) for u in units) == n_keep(0.3, sum(u.numel() for u in units))
+    ms0 = MaskSet(to_masked(tiny_net(), granularity=granularity), k=0.3, granularity=granularity, scope="global",
+                  min_units=0)
+    assert ms0.min_units == 0
+
+
+@pytest.mark.parametrize("floor", [5, 1_000_000_000])
+def test_floors_above_the_budget_are_refused(floor):
+    from layers import SelectionError
+    model = to_masked(tiny_net(), granularity="filter")   # 8 + 6 filters; k = 0.5 keeps 7
+    with pytest.raises(SelectionError, match="--layer-floor"):
+        MaskSet(model, k=0.5, granularity="filter", scope="global", min_units=floor)
+    MaskSet(to_masked(tiny_net(), granularity="filter"), k=0.5, granularity="filter", scope="global", min_units=3)

@@ -177,7 +177,7 @@ def test_step_schedules_honour_warmup_and_milestones():
 
 # -- checkpoints -----------------------------------------------------------------------------------
 def test_checkpoint_round_trip_weights_only(tmp_path):
-    model = small_model()
+    model = small_model(granularity="filter")
     ms = MaskSet(model, k=0.2, granularity="filter", scope="global")
     trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(0.1, momentum=0.9),
                              masks=sgd(0.1, momentum=0.9), progress=False)
@@ -229,35 +229,49 @@ def hydra_style_checkpoint(model, path):
 
 
 def bip_unstructured_mask(scores, k):
-    """BiP's GetSubnetUnstructured over the concatenation of all scores (read from its public code)."""
+    """BiP's GetSubnetUnstructured over the concatenation of all scores (read from its public code).
+    Their sort lists equal scores by increasing index (stable=True makes that explicit here)."""
     flat = torch.cat([s.abs().flatten() for s in scores])
-    _, idx = flat.sort()
+    _, idx = flat.sort(stable=True)
     j = int((1 - k) * flat.numel())
     out = torch.zeros_like(flat)
     out[idx[j:]] = 1
     return out.bool().split([s.numel() for s in scores])
 
 
-def hydra_filter_mask(scores, k):
-    """BiP's GetSubnetFilter per layer (L2 norm of each filter's scores)."""
+def bip_structured_mask(scores, k, granularity):
+    """BiP's GetSubnetFilter / GetSubnetChannel per layer, with p = 2 (set by set_prune_rate): the
+    L2 norm of each filter's (dim 0) or input channel's (dim 1) |scores|."""
     out = []
     for s in scores:
-        norms = torch.norm(s.abs().flatten(1), p=2, dim=1)
-        _, idx = norms.sort()
-        j = int((1 - k) * s.shape[0])
-        keep = torch.zeros(s.shape[0], dtype=torch.bool)
+        t = s.abs() if granularity == "filter" else s.abs().transpose(0, 1)
+        norms = torch.norm(t.flatten(1), p=2, dim=1)
+        _, idx = norms.sort(stable=True)
+        j = int((1 - k) * t.shape[0])
+        keep = torch.zeros(t.shape[0], dtype=torch.bool)
         keep[idx[j:]] = True
         out.append(keep)
     return out
 
 
+def bip_structured_net():
+    """Two convs (BiP masks these under filter/channel) and a plain linear classifier (as BiP's
+    get_layers leaves it): the layer set of their structured checkpoints."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 5, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 16, 3))
+
+
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("k", [0.05, 0.1, 0.37])
-def test_public_code_checkpoint_gives_their_mask(tmp_path, k):
+def test_public_code_checkpoint_gives_their_mask(tmp_path, k, ties):
     torch.manual_seed(1)
     theirs = small_model()
     for layer in masked_layers(theirs).values():
         with torch.no_grad():
             layer.popup_scores.normal_()
+            if ties:  # a handful of distinct values: the tie order decides most of the mask
+                layer.popup_scores.round_()
     path = tmp_path / "hydra.pth.tar"
     hydra_style_checkpoint(theirs, path)
     ours = small_model()
@@ -268,15 +282,36 @@ def test_public_code_checkpoint_gives_their_mask(tmp_path, k):
     expected = bip_unstructured_mask([l.popup_scores.detach() for l in masked_layers(theirs).values()], k)
     for layer, m in zip(ms.layers.values(), expected):
         assert torch.equal(layer.mask.flatten(), m)
-    # and the filter granularity, per layer
-    filt = small_model(granularity="filter")
-    fms = MaskSet(filt, k=k, granularity="filter", scope="layer")
-    load_source(filt, fms, load_checkpoint(str(path)), mode="finetune", run={"arch": "tiny", "k": k,
-                "layer_type": "filter", "scope": "layer"}, source="hydra", scores_init_type="kaiming_uniform",
+
+
+@pytest.mark.parametrize("granularity", ["filter", "channel"])
+@pytest.mark.parametrize("k", [0.1, 0.5, 0.7])  # not 0.8: with 5 filters BiP's count keeps one more (selector doc)
+def test_bip_structured_checkpoint_loads_and_gives_its_own_logits(tmp_path, granularity, k):
+    """A BiP filter/channel checkpoint has scores for its convolutions only; it loads strictly, gives
+    BiP's per-layer masks and BiP's logits (weights times those masks, classifier dense)."""
+    torch.manual_seed(2)
+    theirs = to_masked(bip_structured_net(), granularity=granularity)
+    assert type(theirs[6]) is nn.Linear  # no linear.popup_scores in the checkpoint
+    for layer in masked_layers(theirs).values():
+        with torch.no_grad():
+            layer.popup_scores.normal_()
+    path = tmp_path / "bip.pth.tar"
+    hydra_style_checkpoint(theirs, path)
+    scores = [l.popup_scores.detach() for l in masked_layers(theirs).values()]
+    plain = bip_structured_net()  # BiP's forward: conv(x, weight * mask)
+    plain.load_state_dict({k2: v for k2, v in theirs.state_dict().items() if not k2.endswith((".mask", ".popup_scores"))})
+    for i, keep in zip((0, 3), bip_structured_mask(scores, k, granularity)):
+        with torch.no_grad():
+            shape = (-1, 1, 1, 1) if granularity == "filter" else (1, -1, 1, 1)
+            plain[i].weight.mul_(keep.view(shape))
+    ours = to_masked(bip_structured_net(), granularity=granularity)
+    ms = MaskSet(ours, k=k, granularity=granularity, scope="layer")
+    load_source(ours, ms, load_checkpoint(str(path)), mode="finetune", run={"arch": "tiny", "k": k,
+                "layer_type": granularity, "scope": "layer"}, source="bip", scores_init_type="kaiming_uniform",
                 scaled_score_init=False, notice=print)
-    expected = hydra_filter_mask([l.popup_scores.detach() for l in masked_layers(theirs).values()], k)
-    for layer, keep in zip(fms.layers.values(), expected):
-        assert torch.equal(layer.mask.flatten(1).all(dim=1), keep)
+    x = torch.randn(4, 1, 4, 4)
+    plain.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=1e-6)
 
 
 def test_wrn_sub_block1_is_dropped_with_notice_and_other_extras_fail():
@@ -304,3 +339,15 @@ def test_prune_source_without_scores_gets_scaled_init_and_exact_count():
     torch.testing.assert_close(conv.popup_scores.detach(), math.sqrt(6 / 9) * w / w.abs().max())
     total = sum(l.mask.numel() for l in ms.layers.values())
     assert sum(int(l.mask.sum()) for l in ms.layers.values()) == n_keep(0.25, total)
+
+
+def test_public_structured_checkpoint_with_global_scope_is_refused(tmp_path):
+    theirs = to_masked(bip_structured_net(), granularity="filter")
+    path = tmp_path / "bip.pth.tar"
+    hydra_style_checkpoint(theirs, path)
+    ours = to_masked(bip_structured_net(), granularity="filter")
+    ms = MaskSet(ours, k=0.5, granularity="filter", scope="global")
+    with pytest.raises(UserError, match="pass --scope layer"):
+        load_source(ours, ms, load_checkpoint(str(path)), mode="finetune", run={"arch": "tiny", "k": 0.5,
+                    "layer_type": "filter", "scope": "global"}, source="bip", scores_init_type="kaiming_uniform",
+                    scaled_score_init=False, notice=print)

@@ -74,6 +74,11 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     elif masks:
         maskset.set_masks({name: m for name, m in masks.items()})
     else:
+        if not ckpt.get("config") and maskset.granularity != "unstructured" and maskset.scope == "global":
+            # BiP selects filters/channels layer by layer (HYDRA has no structured masks): a global
+            # selection would give another mask than the one the checkpoint was trained with.
+            raise UserError(f"{source} is a public BiP {maskset.granularity} checkpoint, whose masks are chosen per "
+                            f"layer: pass --scope layer")
         if not ckpt.get("config"):  # a public HYDRA/BiP checkpoint: its scope is not recorded
             notice(f"{source}: masks derived from its scores with k={maskset.k:g}, {maskset.granularity}, "
                    f"scope {maskset.scope} (HYDRA prunes per layer: pass --scope layer for its checkpoints)")

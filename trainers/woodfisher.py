@@ -493,7 +493,7 @@ class WoodFisherTrainer(BaseTrainer):
     def _ranked_units(self, scores: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(order, unit FLOPs, forced): all layers' units best first, ranked exactly as the shared
         selector ranks them (its unit scores, each layer's best ``min_units`` first, ties to the
-        lower flat index, so a stable descending sort), the FLOPs of every unit (its weights times
+        higher flat index: a stable ascending sort, reversed), the FLOPs of every unit (its weights times
         its layer's FLOPs per weight), and how many units the floor forces in."""
         layers = self.maskset.layers
         units = [UNIT_SCORES[self.granularity](scores[n].detach()) for n in layers]
@@ -502,7 +502,7 @@ class WoodFisherTrainer(BaseTrainer):
         costs = torch.cat([torch.full((u.numel(),), (layer.weight.numel() // u.numel()) * self.flops[n],
                                       dtype=torch.int64, device=flat.device)
                            for (n, layer), u in zip(layers.items(), units)])
-        order = torch.sort(flat, descending=True, stable=True).indices
+        order = torch.sort(flat, stable=True).indices.flip(0)
         return order, costs, forced
 
     def _select_within_flops(self, scores: dict[str, torch.Tensor], *, fraction: float) -> tuple[dict, dict]:
