@@ -123,9 +123,12 @@ def run(cfg: Config) -> int:
 
     weights, masks = optim_settings(cfg)
     log = RunLog()
+    # A bar redraws ~190 bytes per step: into a redirected stderr (a cluster log) that is noise, so
+    # without a terminal the per-batch lines at --print-freq go to the console instead.
+    bar = sys.stderr.isatty() if cfg.progress is None else cfg.progress
     trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weights=weights,
                           masks=masks, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
-                          progress=cfg.progress, log=log.debug, print_freq=cfg.print_freq,
+                          progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq,
                           **{name: getattr(cfg, name) for name in trainer_cls.option_names})
     if resume is not None:
         trainer.load_state_dict(resume["trainer_state"])

@@ -97,7 +97,8 @@ class Config:
     fisher_subsample_size: int = opt(100, "woodfisher: m, number of gradients in the Fisher estimate", group="woodfisher")
     fisher_mini_bsz: int = opt(1, "woodfisher: samples averaged into each of the m gradients", group="woodfisher")
     max_mini_bsz: Optional[int] = opt(None, "woodfisher: split each Fisher mini-batch into chunks of at most this size", group="woodfisher")
-    fisher_damp: float = opt(1e-5, "woodfisher: lambda, the dampening of F = lambda I + G^T G / m", group="woodfisher")
+    fisher_damp: Optional[float] = opt(None, "woodfisher: lambda, the dampening of F = lambda I + G^T G / m (default: "
+                                       "1e-5, and 1 for woodtaylor, whose Newton step needs it)", group="woodfisher")
     fittable_params: int = opt(2000, "woodfisher: block size c (contiguous weights of one layer)", group="woodfisher")
     fisher_blocks: str = opt("chunk", "woodfisher: chunk (--fittable-params per block), layer (one block per layer) "
                              "or all (one block over every weight)", ("chunk", "layer", "all"), "woodfisher")
@@ -119,7 +120,8 @@ class Config:
     seed: int = opt(1234, "random seed", group="run")
     print_freq: int = opt(100, "log every N batches in the run log", group="run")
     val_method: str = opt("base", "evaluation on unmodified inputs (accepted for BiP configs)", ("base",), "run")
-    progress: bool = opt(True, "show a progress bar per epoch (false in YAML or --no-progress to hide)", group="run")
+    progress: Optional[bool] = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
+                                   "and with --no-progress, a line every --print-freq batches)", group="run")
 
     def validate(self) -> "Config":
         def bad(msg: str) -> UserError:
@@ -153,6 +155,8 @@ class Config:
         for name in ("lr", "mask_lr", "warmup_lr", "wd", "momentum", "lr2", "fisher_damp", "scale_prune_update",
                      "init_sparsity", "flops_power"):
             value = getattr(self, name)
+            if value is None:
+                continue
             if not math.isfinite(value) or value < 0:
                 raise bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
         return self

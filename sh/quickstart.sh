@@ -4,14 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/setup_env.sh
+source sh/lib.sh
 OUT="${OUT:-results/quickstart-$(date +%Y%m%d-%H%M%S)}"
 common=(--result-dir "$OUT" --exp-name quickstart "$@")
-latest() { ls -d "$OUT/quickstart/$1"/*/ | sort -t/ -k1 | tail -n 1; }
 
-python train.py --configs configs/Digits/pretrain.yml "${common[@]}"
-PRE="$(latest pretrain)"
-python train.py --configs configs/Digits/bip.yml --source-net "$PRE/checkpoint/model_best.pth.tar" "${common[@]}"
-PRUNED="$(latest prune)"
-python train.py --configs configs/Digits/finetune.yml --source-net "$PRUNED/checkpoint/model_best.pth.tar" "${common[@]}"
-FINE="$(latest finetune)"
-python -m trainers.run_log "$PRE/summary.json" "$PRUNED/summary.json" "$FINE/summary.json"
+run_train PRE --configs configs/Digits/pretrain.yml "${common[@]}"
+run_train PRUNED --configs configs/Digits/bip.yml --source-net "$PRE/checkpoint/model_best.pth.tar" "${common[@]}"
+run_train FINE --configs configs/Digits/finetune.yml --source-net "$PRUNED/checkpoint/model_best.pth.tar" "${common[@]}"
+"$PY" -m trainers.run_log "$PRE/summary.json" "$PRUNED/summary.json" "$FINE/summary.json"

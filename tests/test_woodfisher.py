@@ -516,3 +516,11 @@ def test_cli_flops_target_with_a_weight_target_exits_2(tmp_path, capsys, pretrai
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "--k" in err and err.count("\n") == 1
     assert not (tmp_path / "res").exists()
+
+
+def test_each_method_has_its_own_default_damp():
+    common = dict(mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=2, prune_end=1)
+    assert check_woodfisher_options(**common).fisher_damp == 1e-5
+    # WoodTaylor's Newton step collapses the network at 1e-5 (Digits: chance accuracy); 1 works
+    assert check_woodfisher_options(**common, prune_method="woodtaylor").fisher_damp == 1.0
+    assert check_woodfisher_options(**common, prune_method="woodtaylor", fisher_damp=1e-3).fisher_damp == 1e-3

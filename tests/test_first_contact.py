@@ -1,0 +1,71 @@
+"""What a new user meets first: quiet logs when stderr is not a terminal, launchers that use the run
+folder each run printed, shipped configs that point at the CLI's data folder, structured runs that
+keep every class."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["--epochs", "1", "--batch-size", "64", "--data-fraction", "0.3", "--lr", "0.05"]
+
+
+def run_train(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_no_progress_bar_into_a_redirected_stderr(tmp_path):
+    proc = run_train("--result-dir", str(tmp_path), "--print-freq", "2", *QUICK)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""                      # no bar redraws (a bar writes ~190 bytes per step)
+    assert "epoch 0 [0/" in proc.stdout and "epoch 0 [2/" in proc.stdout   # per --print-freq lines instead
+    forced = run_train("--result-dir", str(tmp_path), "--progress", *QUICK)
+    assert forced.returncode == 0 and "epoch 0:" in forced.stderr        # --progress still draws one
+
+
+def test_shipped_configs_read_data_from_the_cli_default_folder():
+    for path in glob.glob(os.path.join(ROOT, "configs", "*", "*.yml")):
+        data = yaml.safe_load(open(path, encoding="utf-8"))
+        assert data.get("data_dir", "./datasets") == "./datasets", path
+
+
+def test_pipeline_uses_the_folder_each_run_printed(tmp_path, digits_pretrained):
+    """Nine older prune runs under the same name: sorting names would pick '9--...' over '10--...'."""
+    out = tmp_path / "res"
+    name = "Digits_bip_k0.1"
+    for n in range(1, 10):
+        os.makedirs(out / name / "prune" / f"{n}--k-0.1_trainer-bilevel_epochs-8_arch-smallcnn" / "checkpoint")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "PRETRAINED": digits_pretrained}
+    proc = subprocess.run(["bash", "sh/pipeline.sh", "Digits", "bip", "0.1", *QUICK], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fine = glob.glob(str(out / name / "finetune" / "*" / "summary.json"))
+    assert len(fine) == 1
+    source = torch.load(glob.glob(str(out / name / "finetune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0],
+                        weights_only=True)["config"]["source_net"]
+    assert "/10--" in source and json.load(open(fine[0]))["stage"] == "finetune"
+
+
+@pytest.mark.parametrize("trainer", ["base", "bilevel", "woodfisher"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_structured_runs_keep_every_class_and_never_empty_a_layer(tmp_path, digits_pretrained, trainer, scope):
+    config = {"base": "hydra", "bilevel": "bip", "woodfisher": "woodfisher"}[trainer]
+    extra = ["--prune-end", "0", "--fisher-subsample-size", "16", "--no-woodburry-joint-sparsify"] \
+        if trainer == "woodfisher" and scope == "layer" else \
+        (["--prune-end", "0", "--fisher-subsample-size", "16"] if trainer == "woodfisher" else [])
+    args = ["--configs", f"configs/Digits/{config}.yml", "--source-net", digits_pretrained, "--layer-type", "filter",
+            "--k", "0.05", "--scope", scope, "--result-dir", str(tmp_path), "--no-progress", *QUICK, *extra]
+    proc = run_train(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = torch.load(glob.glob(str(tmp_path / "*" / "prune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0],
+                      weights_only=True)
+    masks = ckpt["masks"]
+    assert set(masks) == {"conv1", "conv2", "conv3"}          # fc1/fc2 stay plain: no class is removed
+    for name, mask in masks.items():
+        assert int(mask.flatten(1).all(1).sum()) >= 1, name   # every conv keeps at least one filter
+    assert "fc2.popup_scores" not in ckpt["state_dict"] and "fc2.weight" in ckpt["state_dict"]
