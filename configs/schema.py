@@ -80,8 +80,14 @@ class Config:
     mask_lr: float = opt(0.1, "bilevel: learning rate of the scores (upper level)", group="bilevel")
     mask_lr_schedule: str = opt("cosine", "bilevel: schedule of --mask-lr (step: x0.1 at 75%, x0.01 at 90%)", SCHEDULES, "bilevel")
     lr2: float = opt(1e-4, "bilevel: lower-level step size in the implicit-gradient term", group="bilevel")
-    implicit_grad: str = opt("paper", "bilevel: implicit term -lr2*g_s*g_theta (paper) or -lr2*g_s*g_s (bip-code, "
-                             "the public code's, to reproduce its numbers)", ("paper", "bip-code"), "bilevel")
+    implicit_grad: str = opt("paper", "bilevel: paper = Algorithm 1 of the paper, term -lr2*g_s*g_theta, each optimizer "
+                             "owning its own parameters; bip-code = the public BiP code's iteration as it runs on "
+                             "PyTorch 1.x: both optimizers (the mask one always SGD) own every parameter and step each "
+                             "one that has had a gradient, zero gradients included (weight decay and momentum then move "
+                             "the scores in weight steps and the weights in mask steps; the mask step also trains "
+                             "BatchNorm), term -lr2*g*g on scores and BatchNorm, every forward pass in train mode (4 per "
+                             "iteration, 2 with --accelerate); unlike the public code, --mask-lr and its schedule are "
+                             "honoured; refuses --freeze-bn", ("paper", "bip-code"), "bilevel")
     accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term", group="bilevel")
     # woodfisher (gradual OBS pruning); see README "WoodFisher"
     prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion: woodfisher (unstructured/filter/channel), "
