@@ -19,11 +19,13 @@ from configs.errors import UserError
 from configs.schema import Config, load_config
 from data import build_dataset, build_loaders
 from layers import MaskSet, SelectionError, to_masked
+from layers.convert import MASKED_TYPES
 from models import build_model
 from trainers import get_trainer
 from trainers.base import OptimSettings, evaluate
 from trainers.checkpoint import load_checkpoint, set_rng_state
 from trainers.loop import RunState, fit, write_summary
+from trainers.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
 from trainers.run_log import RunLog, sparsity_table
 from trainers.schedules import MASK_MILESTONES
 from trainers.source import load_source, resume_into
@@ -57,6 +59,21 @@ def new_run_dir(cfg: Config) -> str:
     return path
 
 
+def check_memory(cfg: Config, *, trainer_cls, splits, device: torch.device) -> None:
+    """Refuse a run that cannot fit in memory before anything is allocated (trainers.memory): the
+    architecture is measured on the meta device, so a huge --image-dim costs nothing here."""
+    shapes = meta_model(lambda: build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
+                                            image_size=splits.image_size))
+    per_sample = activation_bytes_per_sample(shapes, in_channels=splits.in_channels, image_size=splits.image_size)
+    masked_types = MASKED_TYPES.get(cfg.layer_type, ()) if cfg.exp_mode != "pretrain" else ()
+    masked = sum(m.weight.numel() for m in shapes.modules() if type(m) in masked_types)
+    needs = trainer_cls.memory_needs(per_sample_bytes=per_sample, batch_size=cfg.batch_size,
+                                     model_bytes=model_bytes(shapes), masked_weights=masked,
+                                     on_gpu=device.type == "cuda",
+                                     **{name: getattr(cfg, name) for name in trainer_cls.option_names})
+    check_fits(needs, device=device)
+
+
 def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
     weights = OptimSettings(optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
                             schedule=cfg.lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -81,6 +98,7 @@ def run(cfg: Config) -> int:
     loaders = build_loaders(splits, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size, seed=cfg.seed,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                             val_fraction=cfg.val_fraction, data_fraction=cfg.data_fraction)
+    check_memory(cfg, trainer_cls=trainer_cls, splits=splits, device=device)
     model = build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                         image_size=splits.image_size)
     maskset = None

@@ -69,3 +69,36 @@ def test_structured_runs_keep_every_class_and_never_empty_a_layer(tmp_path, digi
     for name, mask in masks.items():
         assert int(mask.flatten(1).all(1).sum()) >= 1, name   # every conv keeps at least one filter
     assert "fc2.popup_scores" not in ckpt["state_dict"] and "fc2.weight" in ckpt["state_dict"]
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["--trainer", "woodfisher", "--fisher-subsample-size", "100000000"], "--fisher-subsample-size"),
+    (["--trainer", "woodfisher", "--fisher-mini-bsz", "100000000"], "--max-mini-bsz"),
+    (["--image-dim", "100000"], "--image-dim"),
+    (["--arch", "resnet18", "--image-dim", "100000"], "--image-dim"),
+])
+def test_runs_that_cannot_fit_in_memory_are_refused_up_front(tmp_path, capsys, digits_pretrained, args, flag):
+    import train
+    base = ["--exp-mode", "prune", "--k", "0.1", "--source-net", digits_pretrained, "--epochs", "2",
+            "--prune-end", "1", "--result-dir", str(tmp_path), "--no-progress"]
+    if "resnet18" in args:
+        base = ["--result-dir", str(tmp_path), "--no-progress"]
+    assert train.main([*base, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: this run needs at least") and "\n" not in err and flag in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_image_size_the_architecture_cannot_take_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import train
+    from torch import nn
+    from models import registry
+
+    def needs_8_pixels(*, num_classes, in_channels, image_size):
+        return nn.Sequential(nn.Conv2d(in_channels, 4, 8), nn.Flatten(), nn.LazyLinear(num_classes))
+
+    monkeypatch.setitem(registry.MODELS, "needs8", needs_8_pixels)
+    assert train.main(["--arch", "needs8", "--image-dim", "4", "--result-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot take 4x4 inputs" in err and "--image-dim" in err and "\n" not in err
+    assert not list(tmp_path.iterdir())

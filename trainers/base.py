@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from layers import MaskSet
+from trainers.memory import MemoryNeed, size
 from trainers.metrics import Average, correct_topk
 from trainers.registry import register_trainer
 from trainers.schedules import WEIGHT_MILESTONES, lr_at
@@ -103,6 +104,17 @@ class BaseTrainer:
     def check_options(cls, *, mode: str, layer_type: str, k: float, scope: str, epochs: int, **options) -> None:
         """Reject a bad combination of the run's settings and this trainer's ``option_names`` with a
         UserError, before train.py creates the run folder. Nothing to check for the base trainer."""
+
+    @classmethod
+    def memory_needs(cls, *, per_sample_bytes: int, batch_size: int, model_bytes: int, masked_weights: int,
+                     on_gpu: bool, **options) -> list[MemoryNeed]:
+        """The run's largest allocations (lower bounds; see ``trainers.memory``), for a check before
+        the run folder exists. A trainer with more (WoodFisher's gradients) adds its own."""
+        return [
+            MemoryNeed("the model's parameters and buffers", model_bytes, False, "use a smaller --arch"),
+            MemoryNeed(f"the activations of a batch of {batch_size}", per_sample_bytes * batch_size, False,
+                       f"lower --batch-size or --image-dim (each sample needs {size(per_sample_bytes)})"),
+        ]
 
     def final_masks(self, epoch: int) -> bool:
         """Whether the model after ``epoch`` has the run's final masks (only those epochs compete for

@@ -72,6 +72,7 @@ from layers.selector import UNIT_SCORES, expand_units, global_ranking, select_ma
 from trainers.base import BaseTrainer, OptimSettings, own_only, split_parameters
 from trainers.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from trainers.flops import flops_budget, flops_per_weight, largest_prefix_within
+from trainers.memory import MemoryNeed
 from trainers.obs import (
     diagonal_fisher_statistic,
     diagonal_fisher_update,
@@ -354,6 +355,25 @@ class WoodFisherTrainer(BaseTrainer):
     @classmethod
     def check_options(cls, **settings) -> None:
         check_woodfisher_options(**settings)
+
+    @classmethod
+    def memory_needs(cls, *, per_sample_bytes: int, batch_size: int, model_bytes: int, masked_weights: int,
+                     on_gpu: bool, **options) -> list[MemoryNeed]:
+        """Training's needs plus the m x D gradient matrix and one Fisher mini-batch chunk's activations."""
+        needs = super().memory_needs(per_sample_bytes=per_sample_bytes, batch_size=batch_size,
+                                     model_bytes=model_bytes, masked_weights=masked_weights, on_gpu=on_gpu)
+        if PRUNE_METHODS.get(options.get("prune_method", "woodfisher"), PRUNE_METHODS["woodfisher"]).fisher is None:
+            return needs
+        m = options.get("fisher_subsample_size", 100)
+        offload = bool(options.get("offload_grads")) and on_gpu
+        hint = "" if offload or not on_gpu else ", or pass --offload-grads to keep them in host memory"
+        needs.append(MemoryNeed(f"the {m} x {masked_weights:,} Fisher gradients", m * masked_weights * 4, offload,
+                                f"lower --fisher-subsample-size{hint}"))
+        mini = options.get("fisher_mini_bsz", 1)
+        chunk = min(mini, options.get("max_mini_bsz") or mini)
+        needs.append(MemoryNeed(f"the activations of a Fisher mini-batch chunk of {chunk}", per_sample_bytes * chunk,
+                                False, "pass --max-mini-bsz to split each --fisher-mini-bsz batch into smaller chunks"))
+        return needs
 
     def setup(self, *, weights: OptimSettings, masks: OptimSettings | None, freeze_bn: bool, **options) -> None:
         if self.mode != "prune" or self.maskset is None:

@@ -1,0 +1,117 @@
+"""Will the run fit in memory? Estimated before anything is allocated, so that an impossible
+``--batch-size``, ``--image-dim`` or Fisher size is a one-line error naming the flag that lowers it,
+not an allocation failure (or the kernel's OOM killer) minutes into the run.
+
+The estimates are LOWER bounds, so that a run is only refused when it certainly cannot fit:
+- activations: the outputs of every leaf module for one sample, measured by a forward pass of the
+  architecture built on PyTorch's ``meta`` device (shapes only, no memory, no compute), times the
+  batch size. Autograd keeps at least these for the backward pass.
+- parameters: every parameter and buffer of the model, once.
+- WoodFisher adds its m x D gradient matrix and the activations of one Fisher mini-batch chunk.
+Available memory: free CUDA memory on a GPU; MemAvailable of /proc/meminfo on the host.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from configs.errors import UserError
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """One allocation a run will make: its size, where it lives, and the flags that shrink it."""
+
+    what: str
+    bytes: int
+    on_host: bool  # True: host memory even when the run is on a GPU (e.g. --offload-grads)
+    fix: str
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def size(n: float) -> str:
+    """Bytes in the unit a person reads best."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def available_bytes(device: torch.device, *, on_host: bool = False) -> int | None:
+    """Free memory where an allocation would go, or None where it cannot be read."""
+    if device.type == "cuda" and not on_host:
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def meta_model(build: Callable[[], nn.Module]) -> nn.Module:
+    """The architecture built on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return build()
+
+
+def activation_bytes_per_sample(model: nn.Module, *, in_channels: int, image_size: int,
+                                dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of all leaf-module outputs for one sample of ``image_size`` pixels, from a forward pass
+    of a meta-device ``model`` (see ``meta_model``). A shape the architecture cannot take (an image
+    too small for its strides) raises UserError naming --image-dim."""
+    total = 0
+
+    def count(module: nn.Module, args, output) -> None:
+        nonlocal total
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        total += sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        model.eval()
+        model(torch.empty(1, in_channels, image_size, image_size, dtype=dtype, device="meta"))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"the architecture cannot take {image_size}x{image_size} inputs ({first[:160]}); "
+                        "pass a larger --image-dim") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def model_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_fits(needs: list[MemoryNeed], *, device: torch.device) -> None:
+    """Raise UserError when the needs on one memory (the GPU's, or the host's) exceed what is free."""
+    if device.type == "cuda":
+        pools = [(False, [n for n in needs if not n.on_host]), (True, [n for n in needs if n.on_host])]
+    else:
+        pools = [(True, list(needs))]  # a CPU run: one memory for everything
+    for on_host, group in pools:
+        free = available_bytes(device, on_host=on_host) if group else None
+        if free is None:
+            continue
+        total = sum(n.bytes for n in group)
+        if total > free:
+            worst = max(group, key=lambda n: n.bytes)
+            where = "host memory" if on_host else f"{device} memory"
+            raise UserError(f"this run needs at least {gib(total)} of {where} but {gib(free)} is free; the largest "
+                            f"part is {worst.what} ({gib(worst.bytes)}): {worst.fix}")
