@@ -196,11 +196,11 @@ def test_evaluate_writes_nothing(tmp_path, capsys, pretrained):
 
 
 def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch):
-    """DESIGN.md section 10's four commands, on CIFAR-10 files in the torchvision layout under ./data
-    (the configs' data_dir), with --epochs 1 appended to keep the test fast."""
+    """The README's four pipeline commands, on CIFAR-10 files in the torchvision layout under ./datasets
+    (the configs' data_dir and the CLI default), with --epochs 1 appended to keep the test fast."""
     from tests.fixtures_data import write_cifar10
 
-    write_cifar10(str(tmp_path / "data"), per_batch=8, test=10)
+    write_cifar10(str(tmp_path / "datasets"), per_batch=8, test=10)
     monkeypatch.chdir(tmp_path)
     cfg = os.path.join(ROOT, "configs", "CIFAR10")
     quick = ["--epochs", "1", "--no-progress", "--result-dir", str(tmp_path / "res")]
