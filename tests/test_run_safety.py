@@ -585,3 +585,17 @@ def test_reset_head_finetune_keeps_the_masks_and_a_dense_new_head(tmp_path):
         assert torch.equal(masks[name], src["masks"][name]), name
     assert masks["fc2"].shape == (10, 128) and bool(masks["fc2"].all())
     assert "stays dense" in open(os.path.join(run_dir, "run.log")).read()
+
+
+def test_resume_with_frozen_masks_that_do_not_fit_names_the_file(runs):
+    from trainers.source import resume_into
+
+    ckpt = load_checkpoint(runs.pruned_ckpt)
+    ckpt["masks_frozen"] = True
+    ckpt["masks"].pop(sorted(ckpt["masks"])[0])
+    model = build_model("smallcnn", num_classes=10, in_channels=1, image_size=8)
+    to_masked(model, granularity="unstructured")
+    ms = MaskSet(model, k=0.2, granularity="unstructured", scope="global")
+    with pytest.raises(UserError, match="stored masks do not fit this model") as info:
+        resume_into(model, ms, ckpt, source="RUN/checkpoint.pth.tar", notice=print)
+    assert "RUN/checkpoint.pth.tar" in str(info.value)
