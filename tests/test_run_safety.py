@@ -22,7 +22,7 @@ from configs.schema import load_config, read_options
 from layers import MaskSet, to_masked
 from models import build_model
 from trainers.base import BaseTrainer
-from trainers.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from trainers.checkpoint import atomic_write, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
