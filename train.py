@@ -4,42 +4,53 @@
 
 Options: defaults < YAML (--configs) < command line; see ``python train.py --help`` and README.md.
 Bad input exits with status 2 and a one-line ``error:`` naming the fix; nothing is written then.
+A run that cannot go on (a full disk) exits with status 1, an interrupted one (SIGINT, SIGTERM) with
+130; both keep the last complete checkpoint, and ``--resume`` continues from it.
 """
 from __future__ import annotations
 
 import os
 import random
+import re
+import signal
 import sys
+import threading
+import time
 
 import numpy as np
 import torch
 import yaml
 
-from configs.errors import UserError
-from configs.schema import Config, load_config
+from configs.errors import RunStopped, UserError
+from configs.schema import Config, Options, read_options, resumed_config
 from data import build_dataset, build_loaders
 from layers import MaskSet, SelectionError, to_masked
 from layers.convert import MASKED_TYPES
 from models import build_model
 from trainers import get_trainer
 from trainers.base import OptimSettings, evaluate
-from trainers.checkpoint import load_checkpoint, set_rng_state
+from trainers.checkpoint import (check_resumable, is_storage_error, load_checkpoint, remove_stale_temps,
+                                 set_rng_state, write_text)
 from trainers.loop import RunState, fit, write_summary
 from trainers.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
-from trainers.run_log import RunLog, sparsity_table
+from trainers.run_log import RunLog, csv_history, sparsity_table
 from trainers.schedules import MASK_MILESTONES
-from trainers.source import load_source, resume_into
+from trainers.source import load_source, load_trainer_state, resume_into
+
+INTERRUPTED = "interrupted; the last checkpoint.pth.tar is complete (writes are atomic); continue with --resume"
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1}); pass one of them")
+    return torch.device(name)  # the schema admits only auto, cpu, cuda and cuda:N
 
 
 def seed_everything(seed: int) -> None:
@@ -48,15 +59,59 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_writable(folder: str, flag: str) -> None:
+    """Fail before any work when ``folder`` (or the nearest existing folder above it) cannot be written."""
+    probe = os.path.abspath(folder)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{flag} {folder}: {probe} is a file, not a folder; pass a folder path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder}: {probe} is not writable (read-only or no permission); pass a writable folder")
+
+
+RUN_NUMBER = re.compile(r"(\d+)--")
+CLAIM = re.compile(r"\.(\d+)\.claim")
+
+
 def new_run_dir(cfg: Config) -> str:
-    """RESULT_DIR/EXP_NAME/EXP_MODE/<n>--k-<k>_trainer-<t>_epochs-<E>_arch-<a>, n one past the largest."""
+    """RESULT_DIR/EXP_NAME/EXP_MODE/<n>--k-<k>_trainer-<t>_epochs-<E>_arch-<a>, n one past the largest in use.
+
+    Runs started at the same time must not share n: a number is taken by creating the hidden file
+    ``.<n>.claim`` with O_EXCL, which exactly one process wins; the loser tries n+1. Claims stay, so
+    a number is never reused, even when its folder is deleted.
+    """
     parent = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
-    os.makedirs(parent, exist_ok=True)
-    taken = [int(d.split("--", 1)[0]) for d in os.listdir(parent) if d.split("--", 1)[0].isdigit()]
-    n = max(taken, default=0) + 1
-    path = os.path.join(parent, f"{n}--k-{cfg.k:g}_trainer-{cfg.trainer}_epochs-{cfg.epochs}_arch-{cfg.arch}")
-    os.makedirs(path)
-    return path
+    name = f"--k-{cfg.k:g}_trainer-{cfg.trainer}_epochs-{cfg.epochs}_arch-{cfg.arch}"
+    try:
+        os.makedirs(parent, exist_ok=True)
+        folders, claims = _numbers_in_use(parent)
+        n = max(folders | claims, default=0) + 1
+        while True:
+            try:
+                os.close(os.open(os.path.join(parent, f".{n}.claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                n += 1
+                continue
+            if n in _numbers_in_use(parent)[0]:  # a folder made without a claim (an older train.py)
+                n += 1
+                continue
+            path = os.path.join(parent, f"{n}{name}")
+            os.mkdir(path)
+            return path
+    except OSError as exc:
+        raise UserError(f"cannot create the run folder under --result-dir {cfg.result_dir} "
+                        f"({exc.strerror or exc}: {exc.filename}); pass a writable folder") from None
+
+
+def _numbers_in_use(parent: str) -> tuple[set[int], set[int]]:
+    folders, claims = set(), set()
+    for entry in os.listdir(parent):
+        if match := RUN_NUMBER.match(entry):
+            folders.add(int(match.group(1)))
+        elif match := CLAIM.fullmatch(entry):
+            claims.add(int(match.group(1)))
+    return folders, claims
 
 
 def check_memory(cfg: Config, *, trainer_cls, splits, device: torch.device) -> None:
@@ -84,11 +139,36 @@ def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
     return weights, masks
 
 
-def run(cfg: Config) -> int:
+def resumed_folder(checkpoint: str) -> str | None:
+    """The run folder a checkpoint lies in (RUN/checkpoint/x.pth.tar), if it is one (has config.yml)."""
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    return run_dir if os.path.isfile(os.path.join(run_dir, "config.yml")) else None
+
+
+def run(options: Options) -> int:
+    started = time.monotonic()
+    notices: list[str] = []
+    resume, changed = None, {}
+    if options.values["resume"]:
+        source = options.values["resume"]
+        resume = load_checkpoint(source)
+        check_resumable(resume, source)
+        resumed = resumed_config(resume["config"], options, source=source)
+        cfg, changed = resumed.config, resumed.changed
+        if resumed.defaulted:
+            notices.append(f"{source}: its config predates {', '.join(resumed.defaulted)}: they take their defaults")
+    else:
+        cfg = options.config()
     device = resolve_device(cfg.device)
     trainer_cls = get_trainer(cfg.trainer)
     trainer_cls.check_options(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope, epochs=cfg.epochs,
                               **{name: getattr(cfg, name) for name in trainer_cls.option_names})
+    run_dir = resumed_folder(cfg.resume) if resume is not None else None
+    if not cfg.evaluate:  # evaluating writes nothing
+        if run_dir is not None:
+            check_writable(run_dir, "--resume: the run folder")
+        else:
+            check_writable(cfg.result_dir, "--result-dir")
     seed_everything(cfg.seed)
     run_cfg = cfg.as_dict()
 
@@ -102,7 +182,6 @@ def run(cfg: Config) -> int:
     model = build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                         image_size=splits.image_size)
     maskset = None
-    notices: list[str] = []
     if cfg.exp_mode != "pretrain":
         to_masked(model, granularity=cfg.layer_type)
         try:
@@ -117,13 +196,12 @@ def run(cfg: Config) -> int:
             notices.append(f"every masked layer keeps at least {maskset.min_units} {unit}(s) "
                            f"(--layer-floor {maskset.min_units}), so no layer is emptied")
     state = RunState()
-    resume = load_checkpoint(cfg.resume) if cfg.resume else None
     if resume is not None:
-        resume_into(model, maskset, resume, run=run_cfg, source=cfg.resume, notice=notices.append)
+        resume_into(model, maskset, resume, source=cfg.resume, notice=notices.append)
     elif cfg.source_net:
         load_source(model, maskset, load_checkpoint(cfg.source_net), mode=cfg.exp_mode, run=run_cfg,
                     source=cfg.source_net, scores_init_type=cfg.scores_init_type,
-                    scaled_score_init=cfg.scaled_score_init, notice=notices.append)
+                    scaled_score_init=cfg.scaled_score_init, notice=notices.append, reset_head=cfg.reset_head)
     elif maskset is not None:
         maskset.step(force=True)
     model.to(device)
@@ -149,18 +227,31 @@ def run(cfg: Config) -> int:
                           progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq,
                           **{name: getattr(cfg, name) for name in trainer_cls.option_names})
     if resume is not None:
-        trainer.load_state_dict(resume["trainer_state"])
-        state = RunState(start_epoch=int(resume["epoch"]), best_prec1=float(resume["best_prec1"]))
+        load_trainer_state(trainer, resume["trainer_state"], cfg.resume)
+        history = resume.get("history")
+        if history is None:  # written before checkpoints held it: take metrics.csv up to the checkpoint
+            history = csv_history(run_dir, resume["epoch"]) if run_dir else []
+            notices.append(f"{cfg.resume} holds no per-epoch history (an older train.py): metrics.csv "
+                           + (f"keeps its rows up to epoch {resume['epoch']}" if run_dir else
+                              f"starts at epoch {resume['epoch'] + 1}"))
+        state = RunState(start_epoch=resume["epoch"], best_prec1=float(resume["best_prec1"]), history=list(history))
         set_rng_state(resume["rng"])
 
     # Everything is validated: from here on the run writes its folder.
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(cfg.resume))) if resume is not None else None
-    if run_dir is None or not os.path.isfile(os.path.join(run_dir, "config.yml")):
+    fresh = run_dir is None
+    if fresh:
         run_dir = new_run_dir(cfg)
-    log.open(run_dir)
     try:
-        with open(os.path.join(run_dir, "config.yml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(run_cfg, fh, sort_keys=False)
+        log.open(run_dir)
+        if fresh:
+            write_text(os.path.join(run_dir, "config.yml"), yaml.safe_dump(run_cfg, sort_keys=False))
+        else:
+            for folder in (run_dir, os.path.join(run_dir, "checkpoint")):
+                for name in remove_stale_temps(folder):
+                    notices.append(f"removed {os.path.join(folder, name)}, left by an interrupted write")
+            record_changes(run_dir, changed, epoch=state.start_epoch, notice=notices.append)
+        if resume is not None:
+            log.rewrite_csv(state.history)  # exactly the checkpoint's epochs: none twice, none lost
         log.info(f"run folder: {run_dir}")
         for line in notices:
             log.info(line)
@@ -177,27 +268,80 @@ def run(cfg: Config) -> int:
         log.info(f"done: {cfg.exp_mode} k {cfg.k:g}  test top1 {final['top1']:.2f}  best val top1 "
                  f"{state.best_prec1:.2f}  sparsity {100 * (1 - density):.2f}%  checkpoints in "
                  f"{os.path.join(run_dir, 'checkpoint')}")
-        write_summary(run_dir, {"stage": cfg.exp_mode, "trainer": cfg.trainer, "arch": cfg.arch, "k": cfg.k,
-                                "test_top1": final["top1"], "best_val_top1": state.best_prec1,
-                                "sparsity": 1 - density, "run_dir": run_dir}, maskset)
-    finally:
-        log.close()
+        write_summary(run_dir, summary(cfg, run_dir=run_dir, masked=maskset is not None, final=final,
+                                       state=state, density=density, wall_seconds=time.monotonic() - started), maskset)
+    except OSError as exc:
+        log.close(after_error=True)
+        if is_storage_error(exc):
+            raise RunStopped(stopped_message(exc, run_dir)) from None
+        raise
+    except BaseException:
+        log.close(after_error=True)
+        raise
+    log.close()
     return 0
 
 
+def summary(cfg: Config, *, run_dir: str, masked: bool, final: dict, state: RunState, density: float,
+            wall_seconds: float) -> dict:
+    """summary.json: one row of a results table. ``wall_seconds`` is this invocation; ``train_seconds``
+    sums the epochs of the whole run, across resumes."""
+    return {"stage": cfg.exp_mode, "exp_name": cfg.exp_name, "exp_mode": cfg.exp_mode, "dataset": cfg.dataset,
+            "arch": cfg.arch, "layer_type": cfg.layer_type if masked else "dense", "scope": cfg.scope, "k": cfg.k,
+            "trainer": cfg.trainer, "seed": cfg.seed, "epochs": cfg.epochs,
+            "test_top1": final["top1"], "test_top5": final["top5"], "best_val_top1": state.best_prec1,
+            "sparsity": 1 - density, "run_dir": run_dir, "wall_seconds": round(wall_seconds, 3),
+            "train_seconds": round(sum(float(row.get("seconds") or 0) for row in state.history), 3)}
+
+
+def record_changes(run_dir: str, changed: dict, *, epoch: int, notice) -> None:
+    """Run-control options a resume changed: a line in run.log and a comment at the end of config.yml
+    (its settings stay those the run started with; comments keep it valid YAML)."""
+    if not changed:
+        return
+    text = "; ".join(f"{key}: {new!r} (was {old!r})" for key, (old, new) in changed.items())
+    notice(f"resumed after epoch {epoch} with {text}")
+    path = os.path.join(run_dir, "config.yml")
+    with open(path, encoding="utf-8") as fh:
+        original = fh.read()
+    write_text(path, original.rstrip("\n") + f"\n# resumed after epoch {epoch} with {text}\n")
+
+
+def stopped_message(exc: OSError, run_dir: str) -> str:
+    ckpt = os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar")
+    kept = (f"the last complete checkpoint is kept: free space (or fix the disk) and continue with --resume {ckpt}"
+            if os.path.isfile(ckpt) else "no checkpoint was written yet: free space (or fix the disk) and start again")
+    return f"could not write {exc.filename} ({exc.strerror}); {kept}"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (what clusters send) ends a run like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run(load_config(sys.argv[1:] if argv is None else argv))
+        return run(read_options(sys.argv[1:] if argv is None else argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except FloatingPointError as exc:
+    except (RunStopped, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full disk while closing the log, after the last checkpoint
+        if not is_storage_error(exc):
+            raise
+        print(f"error: could not write {exc.filename} ({exc.strerror}); completed checkpoints are kept: "
+              "free space and continue with --resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint.pth.tar is complete (writes are atomic); continue with --resume",
-              file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ One dataclass field per option; the argparse parser and the YAML validation are 
 from it, so a flag and its YAML key can never drift apart. YAML keys use underscores
 (``mask_lr``) as in the HYDRA/BiP files; flags use dashes (``--mask-lr``). An unknown key or flag
 is a ``UserError`` naming the closest valid one. YAML is read with ``yaml.safe_load`` only.
+
+A resumed run (``--resume``) takes its configuration from the checkpoint: see ``resumed_config``.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,6 +29,8 @@ SCOPES = ("global", "layer")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
 SCORE_INITS = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, group: str = "general"):
@@ -53,6 +58,8 @@ class Config:
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
     source_net: Optional[str] = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
+    reset_head: bool = opt(False, "drop the --source-net classifier (the model's last Linear layer) and keep a freshly "
+                           "initialised one, e.g. to start from an ImageNet checkpoint on another class count", group="model")
     # data
     dataset: str = opt("Digits", "dataset name (Digits ships with scikit-learn: no download)", group="data")
     data_dir: str = opt("./datasets", "folder holding the dataset files", group="data")
@@ -133,6 +140,10 @@ class Config:
         def bad(msg: str) -> UserError:
             return UserError(msg)
 
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise bad(f"unsupported --device '{self.device}'; use auto, cpu, cuda or cuda:N")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise bad(f"--seed must be in [0, 2**63), got {self.seed}")
         if not (isinstance(self.k, float) and 0.0 < self.k <= 1.0) or math.isnan(self.k):
             raise bad(f"--k is the density (fraction kept) and must be in (0, 1], got {self.k}; e.g. --k 0.05 keeps 5%")
         if self.exp_mode == "pretrain" and self.k != 1.0:
@@ -142,6 +153,8 @@ class Config:
         if self.exp_mode in ("prune", "finetune") and not self.source_net and not self.resume:
             what = "a pretrained checkpoint" if self.exp_mode == "prune" else "a pruned checkpoint"
             raise bad(f"--exp-mode {self.exp_mode} needs --source-net: pass {what} (.pth.tar)")
+        if self.reset_head and not self.source_net:
+            raise bad("--reset-head replaces the classifier of --source-net; pass --source-net or drop --reset-head")
         if self.exp_mode == "pretrain" and self.trainer != "base":
             raise bad(f"pretrain uses the base trainer; drop --trainer {self.trainer} or use --exp-mode prune")
         if self.exp_mode == "finetune" and self.trainer != "base":
@@ -261,20 +274,101 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config(argv: list[str]) -> Config:
-    """Parse a command line (without the program name) into a validated Config."""
+@dataclass(frozen=True)
+class Options:
+    """A parsed command line: every value (defaults < YAML < command line, each type-checked) and
+    which keys the user set, so that a resumed run can tell a choice from a default."""
+    values: dict[str, Any]
+    from_cli: frozenset[str]
+    from_yaml: frozenset[str]
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        return self.from_cli | self.from_yaml
+
+    def config(self) -> Config:
+        return Config(**self.values).validate()
+
+
+def read_options(argv: list[str]) -> Options:
+    """Parse a command line (without the program name); nothing is validated across options yet."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         first = unknown[0]
         flags = ["--" + n.replace("_", "-") for n in FIELDS]
         raise UserError(f"unknown option '{first}'{_closest(first.split('=')[0], flags)} (see python train.py --help)")
-    cli = vars(args)
+    cli = vars(args)  # argument_default=SUPPRESS: only the flags given
     values = {name: f.default for name, f in FIELDS.items()}
-    if cli.get("configs"):
-        values.update(read_yaml(cli["configs"]))
+    yaml_values = read_yaml(cli["configs"]) if cli.get("configs") else {}
+    values.update(yaml_values)
     values.update({name: coerce(name, v, "command line") for name, v in cli.items()})
-    return Config(**values).validate()
+    return Options(values=values, from_cli=frozenset(cli), from_yaml=frozenset(yaml_values))
+
+
+def load_config(argv: list[str]) -> Config:
+    """Parse a command line (without the program name) into a validated Config."""
+    return read_options(argv).config()
+
+
+# -- resume: the checkpoint's config is the run's config ------------------------------------------
+# Options that do not change what the run computes: a resumed run may use new values (recorded in
+# its run.log and config.yml). Every other option shapes the trajectory (optimizer, rates,
+# schedules, data, trainer options, ...) and must keep the value the run started with.
+RUN_CONTROL = ("configs", "resume", "result_dir", "exp_name", "device", "data_dir", "num_workers", "test_batch_size",
+               "progress", "print_freq", "skip_bad_records", "evaluate", "save_dense")
+# What to do instead of dropping the flag, where that is not what the user wants.
+RESUME_HINTS = {"exp_mode": "to start the next stage from it, pass it to --source-net instead of --resume"}
+
+
+@dataclass(frozen=True)
+class Resumed:
+    config: Config
+    changed: dict[str, tuple[Any, Any]]  # run-control key -> (saved value, value used now)
+    defaulted: tuple[str, ...]           # keys newer than the checkpoint: they take their defaults
+
+
+def _as_flag(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + name.replace("_", "-")
+    return f"{flag} {value}"
+
+
+def resumed_config(saved: dict[str, Any], options: Options, *, source: str) -> Resumed:
+    """The config of a resumed run: the checkpoint's ``saved`` config, with new values only for
+    the ``RUN_CONTROL`` options the user set. An option set to another value than the saved one
+    is refused, naming both values; options not set keep the saved value (not the default)."""
+    unknown = sorted(set(saved) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{source}: its config has options this train.py does not know ({', '.join(unknown[:5])}); "
+                        "resume it with the version of train.py that wrote it")
+    where = f"{source} (saved config)"
+    values = {name: coerce(name, value, where) for name, value in saved.items()}
+    defaulted = tuple(name for name in FIELDS if name not in values)
+    values.update({name: FIELDS[name].default for name in defaulted})
+    changed: dict[str, tuple[Any, Any]] = {}
+    conflicts = []
+    for name in FIELDS:
+        if name not in options.explicit or options.values[name] == values[name]:
+            continue
+        if name in RUN_CONTROL:
+            if name not in ("configs", "resume"):  # these two differ on every resume: not worth a line
+                changed[name] = (values[name], options.values[name])
+            values[name] = options.values[name]
+        else:
+            conflicts.append(name)
+    if conflicts:
+        name = conflicts[0]
+        old, new = values[name], options.values[name]
+        drop = f"drop {_as_flag(name, new).split()[0]}" if name in options.from_cli else \
+            f"drop {name} from {options.values['configs']}"
+        keep = f" (or pass {_as_flag(name, old)})" if old is not None else ""
+        fix = RESUME_HINTS.get(name, f"a resumed run keeps its settings: {drop}{keep}, "
+                                     "or start a new run from it with --source-net")
+        more = f" (also differs: {', '.join(conflicts[1:4])})" if len(conflicts) > 1 else ""
+        raise UserError(f"{source} was written with {name}={old!r} but this run asks for {name}={new!r}{more}; {fix}")
+    return Resumed(config=Config(**values).validate(), changed=changed, defaulted=defaulted)
 
 
 def flag_table() -> str:

@@ -389,7 +389,7 @@ def test_bip_code_resume_equals_uninterrupted(tmp_path, accelerate):
             p.zero_()  # nothing of the fresh model may leak into the resumed one
     ms = MaskSet(resumed, k=K, granularity="unstructured", scope="global")
     ckpt = load_checkpoint(str(path))
-    resume_into(resumed, ms, ckpt, run=config, source=str(path), notice=print)
+    resume_into(resumed, ms, ckpt, source=str(path), notice=print)
     trainer = BilevelTrainer(model=resumed, maskset=ms, mode="prune", device=CPU, weights=sgd(LR),
                              masks=sgd(MASK_LR), lr2=LR2, implicit_grad="bip-code", accelerate=accelerate,
                              progress=False)

@@ -1,8 +1,16 @@
-"""Checkpoints: atomic writes, ``weights_only`` reads, and HYDRA/BiP compatibility.
+"""Checkpoints: atomic writes, ``weights_only`` reads checked for shape, and HYDRA/BiP compatibility.
 
 A checkpoint is a dict with HYDRA/BiP's keys ``epoch arch state_dict best_prec1 optimizer`` plus
-``mask_optimizer masks config rng``. Everything in it is tensors and plain containers, so it loads
-with ``torch.load(weights_only=True)``: a checkpoint never executes code.
+``mask_optimizer trainer_state masks masks_frozen config rng history``. Everything in it is
+tensors and plain containers, so it loads with ``torch.load(weights_only=True)``: a checkpoint
+never executes code. ``load_checkpoint`` checks the structure every caller relies on and
+``check_resumable`` what a resumed run needs, so a damaged or foreign file is one clear error
+here instead of a traceback deep in the run.
+
+Every file of a run folder that is rewritten (checkpoints, summary.json, metrics.csv) goes through
+``atomic_write``: a temporary ``.tmp-*`` file in the same folder, fsync, then a rename, with
+SIGINT/SIGTERM held until the file is complete. A crash leaves the previous file whole and at
+worst a stale temporary file, which ``remove_stale_temps`` deletes when the run is resumed.
 
 Loading a state dict into a model is strict. The only keys allowed to be absent are the ones the
 caller names (mask buffers are a function of the scores; a dense checkpoint has no scores when it
@@ -11,11 +19,16 @@ dropped with a notice. Anything else that does not match is an error listing the
 """
 from __future__ import annotations
 
+import errno
+import numbers
 import os
 import pickle
 import random
+import signal
 import tempfile
-from typing import Any, Callable
+import threading
+from contextlib import contextmanager
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,39 +37,149 @@ from torch import nn
 from configs.errors import UserError
 
 DROPPED_PREFIXES = ("sub_block1.",)  # HYDRA/BiP WideResNet: built, saved, never used
+TMP_PREFIX = ".tmp-"
+TMP_SUFFIXES = (".pth.tar", ".json", ".csv", ".yml", ".txt")  # the files a run rewrites atomically
+# A full or failing disk: the run cannot go on, but nothing about its input is wrong.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the legacy pickle format
 
 
-def save_checkpoint(state: dict[str, Any], path: str) -> None:
-    """Write ``state`` to ``path`` atomically (a temp file in the same folder, then a rename)."""
+def is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+
+
+# -- writing --------------------------------------------------------------------------------------
+_holding = False  # a deferred_interrupts block is active (blocks nest: the outermost one holds)
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while the block runs, then raise KeyboardInterrupt if one came.
+
+    An interrupt inside ``torch.save`` surfaces as a RuntimeError with a traceback; held, the
+    file is finished first and the run ends with its one-line "interrupted" message. Python
+    runs signal handlers in the main thread only, so elsewhere this does nothing. If the block
+    itself raises, that error is the one reported.
+    """
+    global _holding
+    if _holding or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    _holding = True
+    try:
+        yield
+    finally:
+        _holding = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if received:
+        raise KeyboardInterrupt
+
+
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write: torch.save reports it as a
+    RuntimeError ("unexpected pos"), losing the errno that tells a full disk from a bug."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def atomic_write(path: str, write: Callable[[Any], None]) -> None:
+    """Write ``path`` with ``write(file)`` atomically: the old content stays until the new one is
+    complete on disk. An OSError carries ``path`` as its filename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth.tar", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=folder)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        with deferred_interrupts():
+            with os.fdopen(fd, "wb") as fh:
+                out = _RecordingWriter(fh)
+                try:
+                    write(out)
+                except RuntimeError:
+                    if out.error is not None:
+                        raise out.error from None
+                    raise
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = path
         raise
 
 
+def save_checkpoint(state: dict[str, Any], path: str) -> None:
+    """Write ``state`` to ``path`` atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda fh: torch.save(state, fh))
+
+
+def write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def remove_stale_temps(folder: str) -> list[str]:
+    """Delete the temporary files an interrupted ``atomic_write`` left in ``folder``; only ours
+    (the prefix and a suffix of a file we write), never anything else. Returns their names."""
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIXES) and os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    return removed
+
+
+# -- reading --------------------------------------------------------------------------------------
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Read a checkpoint (ours, HYDRA's, BiP's, or a bare state dict) without executing code.
 
-    Returns a dict that always has ``state_dict`` (with any DataParallel ``module.`` prefix removed).
+    Returns a dict that always has ``state_dict`` (with any DataParallel ``module.`` prefix
+    removed) mapping names to tensors; ``masks`` and ``config``, where present, are checked too.
     """
     if not path or not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}; pass the path of a .pth.tar file written by a previous run")
+    if os.path.basename(path).startswith(TMP_PREFIX):
+        raise UserError(f"{path} is the temporary file of an unfinished checkpoint write; "
+                        "pass checkpoint.pth.tar or model_best.pth.tar of the same folder")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
+    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+        what = "it is empty" if not head else f"it starts with {head!r}"
+        raise UserError(f"{path}: not a PyTorch checkpoint ({what}); pass a .pth.tar file written by torch.save")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise UserError(f"{path}: refusing to load: it holds objects other than tensors and plain containers "
                         f"({first[:120]}); re-save it as a plain state dict") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # parsing a damaged file can fail in many ways; none is a bug of ours
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}); "
                         "is the file complete and written by torch.save?") from None
     if not isinstance(obj, dict):
@@ -65,12 +188,75 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             obj = {"state_dict": obj}  # a bare state dict (e.g. from --save-dense)
         else:
-            raise UserError(f"{path}: no 'state_dict' in the checkpoint (keys: {sorted(obj)[:6]}); "
+            raise UserError(f"{path}: no 'state_dict' in the checkpoint (keys: {sorted(map(str, obj))[:6]}); "
                             "pass a checkpoint written by train.py, HYDRA or BiP")
+    _check_structure(obj, path)
     sd = obj["state_dict"]
     if sd and all(k.startswith("module.") for k in sd):
         obj["state_dict"] = {k[len("module."):]: v for k, v in sd.items()}
     return obj
+
+
+def _bad(path: str, what: str) -> UserError:
+    return UserError(f"{path}: {what}; the file is damaged or not a model checkpoint "
+                     "(pass one written by train.py, HYDRA or BiP)")
+
+
+def _check_structure(obj: dict[str, Any], path: str) -> None:
+    sd = obj["state_dict"]
+    if not isinstance(sd, dict):
+        raise _bad(path, f"'state_dict' is a {type(sd).__name__}, expected a mapping of parameter names to tensors")
+    for key, value in sd.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise _bad(path, f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
+    masks = obj.get("masks")
+    if masks is not None:
+        if not isinstance(masks, dict):
+            raise _bad(path, f"'masks' is a {type(masks).__name__}, expected a mapping of layer names to bool tensors")
+        for name, mask in masks.items():
+            if not isinstance(name, str) or not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                what = f"a {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else f"a {type(mask).__name__}"
+                raise _bad(path, f"masks[{name!r}] is {what}, expected a bool tensor")
+            weight = sd.get(f"{name}.weight", sd.get(f"module.{name}.weight"))
+            if weight is not None and weight.shape != mask.shape:
+                raise _bad(path, f"masks[{name!r}] has shape {tuple(mask.shape)} but {name}.weight has {tuple(weight.shape)}")
+    config = obj.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise _bad(path, f"'config' is a {type(config).__name__}, expected a mapping of option: value")
+
+
+def check_resumable(ckpt: dict[str, Any], source: str) -> None:
+    """What ``--resume`` needs beyond ``load_checkpoint``: the run's config, its epoch and best
+    accuracy, optimizer state, RNG state and (since it exists) the per-epoch history."""
+    if not ckpt.get("config"):
+        raise UserError(f"{source} was not written by this train.py (no config in it); "
+                        "use --source-net to start from it instead of --resume")
+    epoch = ckpt.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise _bad(source, f"'epoch' is {epoch!r}, expected the number of completed epochs")
+    best = ckpt.get("best_prec1")
+    if isinstance(best, bool) or not isinstance(best, numbers.Real):
+        raise _bad(source, f"'best_prec1' is {best!r}, expected a number")
+    state = ckpt.get("trainer_state")
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        raise _bad(source, "no usable 'trainer_state' (optimizer state) to continue from")
+    if ckpt.get("masks_frozen") and not isinstance(ckpt.get("masks"), dict):
+        raise _bad(source, "'masks_frozen' is set but it holds no masks")
+    try:
+        _rng_parts(ckpt.get("rng"))
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
+        raise _bad(source, f"no usable 'rng' state ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    history = ckpt.get("history")
+    if history is not None:
+        if not isinstance(history, list) or not all(isinstance(row, dict) and isinstance(row.get("epoch"), int)
+                                                    for row in history):
+            raise _bad(source, "'history' is not a list of per-epoch rows")
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The model's classifier: its last ``nn.Linear`` in module order (None if it has none)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else None
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str,
@@ -96,10 +282,15 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
             parts.append(f"unexpected {len(unexpected)} keys (e.g. {', '.join(unexpected[:3])})")
         raise UserError(f"{source} does not fit this model: {'; '.join(parts)}; check --arch, --layer-type "
                         "and --dataset (class count) against the run that wrote it")
+    head = classifier_name(model)
     for key, value in state_dict.items():
         if value.shape != own[key].shape:
-            raise UserError(f"{source}: {key} has shape {tuple(value.shape)} but the model expects "
-                            f"{tuple(own[key].shape)}; check --arch, --num-classes and --dataset")
+            shapes = f"{source}: {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
+            if head is not None and key.startswith(head + ".") and value.shape[:1] != own[key].shape[:1]:
+                raise UserError(f"{shapes}: its classifier has {value.shape[0]} classes, this model "
+                                f"{own[key].shape[0]}; pass --reset-head to start a fresh classifier (or the "
+                                "--dataset / --num-classes it was trained on)")
+            raise UserError(f"{shapes}; check --arch, --num-classes and --dataset")
     merged = {**own, **state_dict}
     model.load_state_dict(merged, strict=True)
     return absent
@@ -119,11 +310,32 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def _rng_parts(state: Any) -> tuple[torch.Tensor, tuple, tuple, list | None]:
+    """(torch, numpy, python, cuda) states from ``rng_state()``'s dict, each tried on a fresh
+    generator so that a malformed one raises here (TypeError/ValueError) and not mid-run."""
+    if not isinstance(state, dict) or not {"torch", "numpy", "python"} <= set(state):
+        raise ValueError("expected torch, numpy and python entries")
+    t, n, py, cuda = state["torch"], state["numpy"], state["python"], state.get("cuda")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+        raise TypeError("the torch state is not a uint8 tensor")
+    torch.Generator().set_state(t)
+    if not isinstance(n, dict) or not isinstance(n.get("keys"), torch.Tensor) or n["keys"].shape != (624,):
+        raise TypeError("the numpy state has no key tensor of MT19937's 624 words")
+    np_state = ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    np.random.RandomState().set_state(np_state)
+    if not isinstance(py, (tuple, list)) or len(py) != 3 or not isinstance(py[1], (tuple, list)):
+        raise TypeError("the python state is not (version, internal state, gauss)")
+    py_state = (py[0], tuple(py[1]), py[2])
+    random.Random().setstate(py_state)
+    if cuda is not None and not (isinstance(cuda, list) and all(isinstance(c, torch.Tensor) for c in cuda)):
+        raise TypeError("the cuda state is not a list of tensors")
+    return t, np_state, py_state, cuda
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    random.setstate(tuple(state["python"]) if not isinstance(state["python"], tuple) else state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    t, np_state, py_state, cuda = _rng_parts(state)
+    torch.set_rng_state(t)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

@@ -1,4 +1,10 @@
-"""The epoch loop shared by every trainer: schedule, train, evaluate, log, checkpoint."""
+"""The epoch loop shared by every trainer: schedule, train, evaluate, log, checkpoint.
+
+The checkpoint is the record of a run: it holds the per-epoch rows (``history``) that
+metrics.csv shows, and checkpoint.pth.tar is written last in an epoch, so a run killed at any
+point resumes from a consistent state and redoes at most the epoch it was in (rewriting the
+model_best and CSV rows of that epoch).
+"""
 from __future__ import annotations
 
 import json
@@ -12,7 +18,7 @@ from torch import nn
 
 from layers import MaskSet, dense_state_dict
 from trainers.base import evaluate
-from trainers.checkpoint import rng_state, save_checkpoint
+from trainers.checkpoint import deferred_interrupts, rng_state, save_checkpoint, write_text
 from trainers.run_log import RunLog, sparsity_table
 
 
@@ -30,7 +36,8 @@ class RunState:
 
 
 def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSet | None, trainer,
-                     best_prec1: float, config: dict[str, Any]) -> dict[str, Any]:
+                     best_prec1: float, config: dict[str, Any],
+                     history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     optim = trainer.state_dict()
     return {
         "epoch": epoch,  # epochs completed, as HYDRA/BiP store it
@@ -44,6 +51,7 @@ def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSe
         "masks_frozen": bool(maskset.frozen) if maskset is not None else False,
         "config": config,
         "rng": rng_state(),
+        "history": list(history or []),  # metrics.csv is rewritten from it on resume
     }
 
 
@@ -99,21 +107,23 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
         log.csv_row(row)
         state.history.append(row)
         ckpt = checkpoint_state(epoch=epoch + 1, arch=arch, model=model, maskset=maskset, trainer=trainer,
-                                best_prec1=state.best_prec1, config=config)
-        save_checkpoint(ckpt, os.path.join(ckpt_dir, "checkpoint.pth.tar"))
-        if is_best:
-            save_checkpoint(ckpt, os.path.join(ckpt_dir, "model_best.pth.tar"))
-        if save_dense:
-            dense = dense_state_dict(model)
-            save_checkpoint(dense, os.path.join(ckpt_dir, "checkpoint_dense.pth.tar"))
+                                best_prec1=state.best_prec1, config=config, history=state.history)
+        # checkpoint.pth.tar last: until it is written a resume redoes this epoch and every other file
+        # with it, so model_best can never fall behind best_prec1. An interrupt waits for all of them.
+        with deferred_interrupts():
+            dense = dense_state_dict(model) if save_dense else None
             if is_best:
-                save_checkpoint(dense, os.path.join(ckpt_dir, "model_best_dense.pth.tar"))
+                save_checkpoint(ckpt, os.path.join(ckpt_dir, "model_best.pth.tar"))
+                if dense is not None:
+                    save_checkpoint(dense, os.path.join(ckpt_dir, "model_best_dense.pth.tar"))
+            if dense is not None:
+                save_checkpoint(dense, os.path.join(ckpt_dir, "checkpoint_dense.pth.tar"))
+            save_checkpoint(ckpt, os.path.join(ckpt_dir, "checkpoint.pth.tar"))
     return state
 
 
 def write_summary(run_dir: str, summary: dict[str, Any], maskset: MaskSet | None) -> None:
-    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2)
+    """summary.json (and sparsity.txt), each written atomically: a reader never sees half a file."""
+    write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     if maskset is not None:
-        with open(os.path.join(run_dir, "sparsity.txt"), "w", encoding="utf-8") as fh:
-            fh.write(sparsity_table(maskset.report()) + "\n")
+        write_text(os.path.join(run_dir, "sparsity.txt"), sparsity_table(maskset.report()) + "\n")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 import sys
-from typing import Iterable
+from typing import Any, Iterable
 
 from layers import LayerSparsity
+from trainers.checkpoint import write_text
 
 
 def sparsity_table(rows: Iterable[LayerSparsity]) -> str:
@@ -77,11 +79,59 @@ class RunLog:
                 writer.writeheader()
             writer.writerow(row)
 
-    def close(self) -> None:
-        if self._writer:
-            self._writer.close()
-        if self._file:
-            self._file.close()
+    def rewrite_csv(self, rows: list[dict[str, Any]]) -> None:
+        """Replace metrics.csv with ``rows`` at once (on resume: the checkpoint's history, so that an
+        epoch redone after a kill is not listed twice)."""
+        fields: list[str] = []
+        for row in rows:
+            fields += [key for key in row if key not in fields]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\r\n")  # csv's default, as csv_row
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(os.path.join(self.folder, "metrics.csv"), out.getvalue() if rows else "")
+
+    def close(self, *, after_error: bool = False) -> None:
+        """Close the log and tensorboard files. ``after_error``: a failure to flush them is not
+        raised, so that the error that ended the run (e.g. a full disk) is the one reported."""
+        for close in (self._writer.close if self._writer else None, self._file.close if self._file else None):
+            if close is None:
+                continue
+            try:
+                close()
+            except OSError:
+                if not after_error:
+                    raise
+        self._writer = self._file = None
+
+
+def csv_history(folder: str, last_epoch: int) -> list[dict[str, Any]]:
+    """The rows of ``folder``/metrics.csv up to ``last_epoch``, one per epoch (the last one written):
+    the history of a checkpoint written before checkpoints stored it."""
+    path = os.path.join(folder, "metrics.csv")
+    if not os.path.isfile(path):
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if None in row.values() or None in row:
+                continue  # a line cut short by the kill (or garbled): the checkpoint does not hold it
+            try:
+                epoch = int(row["epoch"])
+            except (KeyError, ValueError):
+                continue
+            if epoch <= last_epoch:
+                rows[epoch] = {key: _number(value) for key, value in row.items()}
+    return [rows[e] for e in sorted(rows)]
+
+
+def _number(text: str | None) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            pass
+    return text
 
 
 def warn(line: str) -> None:

@@ -1,30 +1,32 @@
-"""Bringing a checkpoint into a run: the source network of prune/finetune, or a run to resume.
+"""Bringing a checkpoint into a run: the source network of pretrain/prune/finetune, or a run to resume.
 
 The rules, per mode:
+- pretrain: a dense checkpoint to continue training from (e.g. a torchvision ImageNet model).
 - prune: weights (and scores, if the checkpoint has them) load into the masked model; missing
   scores get the configured init; ``scaled_score_init`` always re-derives them from the weights.
 - finetune: the checkpoint must be pruned (scores or masks). Its stored masks are used as they
   are; a HYDRA/BiP checkpoint has none, so the selector derives them from its scores with this
   run's k, layer type and scope (the same rule the public code applies).
-- resume: the checkpoint must come from a run with the same arch, dataset, mode, trainer, layer
-  type, k and scope.
+- ``reset_head`` (any of the three): the source's classifier (the model's last Linear) is dropped
+  and the freshly initialised one kept, so a checkpoint trained on another class count can be
+  used. In finetune the new classifier stays dense: it has no learned mask to keep.
+- resume: the checkpoint's config is the run's config (``configs.schema.resumed_config``), so
+  everything it holds fits the model built from it; what does not is a damaged file.
+Stored masks or optimizer state that do not fit are a UserError naming the file.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from configs.errors import UserError
 from layers import MaskSet, init_scores
+from trainers.checkpoint import classifier_name, load_model_state
 
-# Settings a resumed or fine-tuned checkpoint must share with the run (config key -> flag).
-# seed, batch size and data fractions fix each epoch's batches: a resumed run repeats the rest exactly.
-RESUME_MUST_MATCH = ("arch", "dataset", "exp_mode", "trainer", "layer_type", "k", "scope", "seed", "batch_size",
-                     "data_fraction", "val_fraction")
-# What to do instead of matching, where changing the flag is not the fix.
-HINTS = {"exp_mode": "to start the next stage from it, pass it to --source-net instead of --resume"}
 FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
+HEAD_KEYS = ("weight", "bias", "popup_scores", "mask")  # what a (masked) classifier stores
 
 
 def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
@@ -34,27 +36,53 @@ def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str,
     for key in keys:
         if key in saved and saved[key] != run[key]:
             flag = "--" + key.replace("_", "-")
-            fix = HINTS.get(key, f"pass {flag} {saved[key]} (or use a matching checkpoint)")
-            raise UserError(f"{source} was written with {key}={saved[key]!r} but this run has {key}={run[key]!r}; {fix}")
+            raise UserError(f"{source} was written with {key}={saved[key]!r} but this run has {key}={run[key]!r}; "
+                            f"pass {flag} {saved[key]} (or use a matching checkpoint)")
 
 
 def _is_score_or_mask(key: str) -> bool:
     return key.endswith(".popup_scores") or key.endswith(".mask")
 
 
+def set_stored_masks(maskset: MaskSet, masks: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        maskset.set_masks(masks)
+    except ValueError as exc:
+        raise UserError(f"{source}: its stored masks do not fit this model ({exc}); check --arch and "
+                        "--layer-type against the run that wrote it") from None
+
+
+def drop_classifier(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> tuple[dict, str, str]:
+    """``state`` without the classifier entries; returns (state, classifier name, notice)."""
+    head = classifier_name(model)
+    if head is None:
+        raise UserError(f"--reset-head: this --arch has no Linear classifier to reset; drop --reset-head")
+    if f"{head}.weight" not in state:
+        raise UserError(f"--reset-head: {source} has no {head}.weight (this model's classifier); "
+                        "check --arch against the network it holds")
+    theirs = state[f"{head}.weight"].shape[0]
+    ours = model.get_submodule(head).out_features
+    kept = {k: v for k, v in state.items() if k not in {f"{head}.{name}" for name in HEAD_KEYS}}
+    return kept, head, (f"{source}: --reset-head: dropped its classifier {head} ({theirs} classes); "
+                        f"{head} is freshly initialised for {ours} classes")
+
+
 def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any], *, mode: str,
                 run: dict[str, Any], source: str, scores_init_type: str, scaled_score_init: bool,
-                notice: Callable[[str], None]) -> None:
+                notice: Callable[[str], None], reset_head: bool = False) -> None:
     """Load ``ckpt`` (from ``load_checkpoint``) as the source network of a ``mode`` run."""
-    from trainers.checkpoint import load_model_state
-
     state = ckpt["state_dict"]
     check_matches(ckpt, run=run, keys=("arch",), source=source)
+    head = None
+    if reset_head:
+        state, head, line = drop_classifier(model, state, source)
+        notice(line + ("; in finetune it stays dense (it has no learned mask)" if mode == "finetune" else ""))
+    is_head = (lambda k: k.rsplit(".", 1)[0] == head) if head else (lambda k: False)
     if maskset is None:  # a dense model (pretrain, or evaluating one)
         if any(_is_score_or_mask(k) for k in state):
             raise UserError(f"{source} is a pruned (masked) checkpoint; evaluate or fine-tune it with "
                             "--exp-mode finetune --layer-type <its layer type> --k <its k>")
-        load_model_state(model, state, source=source, notice=notice)
+        load_model_state(model, state, source=source, notice=notice, may_lack=is_head)
         return
     has_scores = any(k.endswith(".popup_scores") for k in state)
     masks = ckpt.get("masks")
@@ -64,42 +92,52 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         keys = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
         check_matches(ckpt, run=run, keys=keys, source=source)
     lacks = load_model_state(model, state, source=source, notice=notice,
-                             may_lack=lambda k: k.endswith(".mask") or (mode == "prune" and k.endswith(".popup_scores")))
+                             may_lack=lambda k: k.endswith(".mask") or is_head(k)
+                             or (mode == "prune" and k.endswith(".popup_scores")))
     if mode == "prune":
         if scaled_score_init:
             init_scores(maskset.layers, kind="scaled")
-        elif any(k.endswith(".popup_scores") for k in lacks):
-            init_scores(maskset.layers, kind=scores_init_type)
+        else:  # only the layers whose scores the checkpoint lacks (all of them for a dense source)
+            fresh = {name: layer for name, layer in maskset.layers.items() if f"{name}.popup_scores" in lacks}
+            init_scores(fresh, kind=scores_init_type)
         maskset.step(force=True)
-    elif masks:
-        maskset.set_masks({name: m for name, m in masks.items()})
-    else:
-        if not ckpt.get("config") and maskset.granularity != "unstructured" and maskset.scope == "global":
-            # BiP selects filters/channels layer by layer (HYDRA has no structured masks): a global
-            # selection would give another mask than the one the checkpoint was trained with.
-            raise UserError(f"{source} is a public BiP {maskset.granularity} checkpoint, whose masks are chosen per "
-                            f"layer: pass --scope layer")
-        if not ckpt.get("config"):  # a public HYDRA/BiP checkpoint: its scope is not recorded
-            notice(f"{source}: masks derived from its scores with k={maskset.k:g}, {maskset.granularity}, "
-                   f"scope {maskset.scope} (HYDRA prunes per layer: pass --scope layer for its checkpoints)")
-        maskset.step(force=True)
-        maskset.freeze()
+        return
+    dense_head = {head: torch.ones_like(maskset.layers[head].mask)} if head in maskset.layers else {}
+    if masks:
+        set_stored_masks(maskset, {**{n: m for n, m in masks.items() if n != head}, **dense_head}, source)
+        return
+    if not ckpt.get("config") and maskset.granularity != "unstructured" and maskset.scope == "global":
+        # BiP selects filters/channels layer by layer (HYDRA has no structured masks): a global
+        # selection would give another mask than the one the checkpoint was trained with.
+        raise UserError(f"{source} is a public BiP {maskset.granularity} checkpoint, whose masks are chosen per "
+                        f"layer: pass --scope layer")
+    if not ckpt.get("config"):  # a public HYDRA/BiP checkpoint: its scope is not recorded
+        notice(f"{source}: masks derived from its scores with k={maskset.k:g}, {maskset.granularity}, "
+               f"scope {maskset.scope} (HYDRA prunes per layer: pass --scope layer for its checkpoints)")
+    maskset.step(force=True)
+    maskset.freeze()
+    if dense_head:
+        set_stored_masks(maskset, {**maskset.masks(), **dense_head}, source)
 
 
-def resume_into(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any], *, run: dict[str, Any],
-                source: str, notice: Callable[[str], None]) -> None:
-    from trainers.checkpoint import load_model_state
-
-    if not ckpt.get("config"):
-        raise UserError(f"{source} was not written by this train.py (no config in it); "
-                        "use --source-net to start from it instead of --resume")
-    check_matches(ckpt, run=run, keys=RESUME_MUST_MATCH, source=source)
+def resume_into(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any], *, source: str,
+                notice: Callable[[str], None]) -> None:
+    """Load a checkpoint checked by ``check_resumable`` into the model built from its own config."""
     load_model_state(model, ckpt["state_dict"], source=source, notice=notice)
     if maskset is None:
         return
     # Frozen masks (finetune, OBS steps) are data; learned masks are a function of the scores.
     if ckpt.get("masks_frozen"):
-        maskset.set_masks(ckpt["masks"])
+        set_stored_masks(maskset, ckpt["masks"], source)
     else:
         maskset.step(force=True)
 
+
+def load_trainer_state(trainer, state: dict[str, Any], source: str) -> None:
+    """Optimizer state from a checkpoint; one that does not fit the trainer is a damaged file."""
+    try:
+        trainer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise UserError(f"{source}: its optimizer state does not fit this run ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); the file is damaged "
+                        "or was edited; resume from another checkpoint of the run") from None
