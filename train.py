@@ -236,6 +236,12 @@ def run(options: Options) -> int:
                               f"starts at epoch {resume['epoch'] + 1}"))
         state = RunState(start_epoch=resume["epoch"], best_prec1=float(resume["best_prec1"]), history=list(history))
         set_rng_state(resume["rng"])
+    elif cfg.source_net:
+        # What the run starts from (after the trainer's set-up: WoodFisher starts dense), and the
+        # reference of the first epoch's collapse check.
+        start = evaluate(model, loaders.val if loaders.val is not None else loaders.test, device=device)
+        state.source_top1 = start["top1"]
+        notices.append(f"source network before the first epoch: val top1 {start['top1']:.2f}")
 
     # Everything is validated: from here on the run writes its folder.
     fresh = run_dir is None
@@ -260,7 +266,7 @@ def run(options: Options) -> int:
                  + (f", resuming after epoch {state.start_epoch}" if resume is not None else ""))
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,
                     seed=cfg.seed, arch=cfg.arch, config=run_cfg, run_dir=run_dir, log=log, state=state,
-                    save_dense=cfg.save_dense)
+                    save_dense=cfg.save_dense, num_classes=splits.num_classes)
         final = evaluate(model, loaders.test, device=device)
         density = maskset.density() if maskset is not None else 1.0
         if maskset is not None:
@@ -268,6 +274,10 @@ def run(options: Options) -> int:
         log.info(f"done: {cfg.exp_mode} k {cfg.k:g}  test top1 {final['top1']:.2f}  best val top1 "
                  f"{state.best_prec1:.2f}  sparsity {100 * (1 - density):.2f}%  checkpoints in "
                  f"{os.path.join(run_dir, 'checkpoint')}")
+        fallen = [row["epoch"] for row in state.history if row.get("collapsed")]
+        if fallen:
+            log.info(f"WARNING: accuracy collapsed to about chance in epoch(s) {', '.join(map(str, fallen))} "
+                     "(see the warnings above); this run's results are not a fair measure of the method")
         write_summary(run_dir, summary(cfg, run_dir=run_dir, masked=maskset is not None, final=final,
                                        state=state, density=density, wall_seconds=time.monotonic() - started), maskset)
     except OSError as exc:
@@ -291,6 +301,7 @@ def summary(cfg: Config, *, run_dir: str, masked: bool, final: dict, state: RunS
             "trainer": cfg.trainer, "seed": cfg.seed, "epochs": cfg.epochs,
             "test_top1": final["top1"], "test_top5": final["top5"], "best_val_top1": state.best_prec1,
             "sparsity": 1 - density, "run_dir": run_dir, "wall_seconds": round(wall_seconds, 3),
+            "collapsed_epochs": [row["epoch"] for row in state.history if row.get("collapsed")],
             "train_seconds": round(sum(float(row.get("seconds") or 0) for row in state.history), 3)}
 
 

@@ -102,3 +102,24 @@ def test_an_image_size_the_architecture_cannot_take_is_a_clear_error(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert "cannot take 4x4 inputs" in err and "--image-dim" in err and "\n" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_collapse_rule():
+    from trainers.loop import collapsed
+    assert collapsed(before=99.0, after=10.0, num_classes=10)
+    assert collapsed(before=30.0, after=15.0, num_classes=10)
+    assert not collapsed(before=29.0, after=10.0, num_classes=10)    # was not clearly above chance
+    assert not collapsed(before=99.0, after=16.0, num_classes=10)    # did not reach chance
+    assert not collapsed(before=None, after=1.0, num_classes=10)
+
+
+def test_a_pruning_step_that_breaks_the_network_is_reported_loudly(tmp_path, digits_pretrained):
+    """WoodTaylor's Newton step at a tiny damp (the collapse the old default gave) in a one-shot run."""
+    proc = run_train("--configs", "configs/Digits/woodfisher.yml", "--source-net", digits_pretrained,
+                     "--prune-method", "woodtaylor", "--fisher-damp", "1e-7", "--one-shot", "--epochs", "1",
+                     "--fisher-subsample-size", "16", "--result-dir", str(tmp_path), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "WARNING: val top-1 collapsed" in proc.stderr and "right after a pruning event" in proc.stderr
+    assert "WARNING: accuracy collapsed to about chance in epoch(s) 1" in proc.stdout
+    summary = json.load(open(glob.glob(str(tmp_path / "*" / "prune" / "*" / "summary.json"))[0]))
+    assert summary["collapsed_epochs"] == [1]

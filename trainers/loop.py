@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,22 @@ class RunState:
     start_epoch: int = 0
     best_prec1: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    source_top1: float | None = None  # val top-1 of the source network before the run's first epoch
+
+
+def collapsed(*, before: float | None, after: float, num_classes: int) -> bool:
+    """Whether accuracy fell from clearly above chance (3x) to about chance (1.5x) in one epoch: what a
+    broken pruning step (e.g. a Newton step that left the quadratic model's region) looks like."""
+    chance = 100.0 / num_classes
+    return before is not None and before >= 3 * chance and after <= 1.5 * chance
+
+
+def collapse_warning(*, epoch: int, before: float, after: float, num_classes: int, pruned: bool) -> str:
+    cause = (" right after a pruning event: the pruning step broke the network (for OBS methods try a larger "
+             "--fisher-damp or a smaller step, e.g. more --recompute-num)" if pruned else
+             ": the training diverged or the learning rate is too high (lower --lr / --mask-lr)")
+    return (f"WARNING: val top-1 collapsed from {before:.2f}% to {after:.2f}% (chance {100 / num_classes:.1f}%) "
+            f"in epoch {epoch}{cause}")
 
 
 def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSet | None, trainer,
@@ -72,7 +89,7 @@ def lr_names(lrs: dict[str, float]) -> dict[str, float]:
 
 def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: torch.device, epochs: int,
         seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
-        save_dense: bool) -> RunState:
+        save_dense: bool, num_classes: int) -> RunState:
     ckpt_dir = os.path.join(run_dir, "checkpoint")
     for epoch in range(state.start_epoch, epochs):
         loaders.set_epoch(epoch)
@@ -80,7 +97,8 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
         lrs = lr_names(trainer.set_epoch(epoch))
         t0 = time.perf_counter()
         train = trainer.train_epoch(epoch, loaders)
-        for line in trainer.pop_notes():
+        notes = trainer.pop_notes()
+        for line in notes:
             log.info(line)
         val = evaluate(model, loaders.val if loaders.val is not None else loaders.test, device=device)
         test = evaluate(model, loaders.test, device=device) if loaders.val is not None else val
@@ -95,6 +113,13 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
         log.info(f"epoch {epoch + 1:>3}/{epochs}  {lr_text}  train loss {train['loss']:.4f} top1 {train['top1']:6.2f}"
                  f"  | val top1 {val['top1']:6.2f}  test top1 {test['top1']:6.2f}  | sparsity "
                  f"{100 * sparsity['sparsity/overall']:6.2f}%  | {seconds:5.1f}s{'  *best' if is_best else ''}")
+        before = state.history[-1]["val_top1"] if state.history else state.source_top1
+        fell = collapsed(before=before, after=val["top1"], num_classes=num_classes)
+        if fell:  # loud: on the console, in run.log, and on stderr, where a cluster job's errors go
+            line = collapse_warning(epoch=epoch + 1, before=before, after=val["top1"], num_classes=num_classes,
+                                    pruned=bool(notes))
+            log.info(line)
+            print(line, file=sys.stderr, flush=True)
         scalars = {"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
                    "val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
                    "test/loss": test["loss"], "test/top1": test["top1"], "test/top5": test["top5"], **sparsity}
@@ -103,7 +128,7 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
         row = {"epoch": epoch + 1, **lrs,
                **{f"train_{k}": v for k, v in train.items()}, **{f"val_{k}": v for k, v in val.items()},
                **{f"test_{k}": v for k, v in test.items()}, "sparsity": sparsity["sparsity/overall"],
-               "seconds": round(seconds, 3)}
+               "seconds": round(seconds, 3), "collapsed": int(fell)}
         log.csv_row(row)
         state.history.append(row)
         ckpt = checkpoint_state(epoch=epoch + 1, arch=arch, model=model, maskset=maskset, trainer=trainer,
