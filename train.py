@@ -28,14 +28,15 @@ from layers import MaskSet, SelectionError, to_masked
 from layers.convert import MASKED_TYPES
 from models import build_model
 from trainers import get_trainer
-from trainers.base import OptimSettings, evaluate
-from trainers.checkpoint import (check_resumable, is_storage_error, load_checkpoint, remove_stale_temps,
+from engine.evaluate import evaluate
+from engine.optim import OptimSettings
+from engine.checkpoint import (check_resumable, is_storage_error, load_checkpoint, remove_stale_temps,
                                  set_rng_state, write_text)
-from trainers.loop import RunState, fit, write_summary
-from trainers.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
-from trainers.run_log import RunLog, csv_history, sparsity_table
-from trainers.schedules import MASK_MILESTONES
-from trainers.source import load_source, load_trainer_state, resume_into
+from engine.loop import RunState, fit, write_summary
+from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
+from engine.run_log import RunLog, csv_history, sparsity_table
+from engine.lr_schedules import MASK_MILESTONES
+from engine.source import load_source, load_trainer_state, resume_into
 
 INTERRUPTED = "interrupted; the last checkpoint.pth.tar is complete (writes are atomic); continue with --resume"
 
@@ -115,7 +116,7 @@ def _numbers_in_use(parent: str) -> tuple[set[int], set[int]]:
 
 
 def check_memory(cfg: Config, *, trainer_cls, splits, device: torch.device) -> None:
-    """Refuse a run that cannot fit in memory before anything is allocated (trainers.memory): the
+    """Refuse a run that cannot fit in memory before anything is allocated (engine.memory): the
     architecture is measured on the meta device, so a huge --image-dim costs nothing here."""
     shapes = meta_model(lambda: build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                                             image_size=splits.image_size))

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.woodbury_sequential import SequentialWoodburyInverse, sequential_peak_bytes, split_bounds  # noqa: E402
-from trainers.fisher_inverse import EmpiricalFisherInverse  # noqa: E402
+from pruning.fisher_inverse import EmpiricalFisherInverse  # noqa: E402
 
 DAMP = 1e-5
 BLOCK = 1000

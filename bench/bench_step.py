@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from layers import MaskSet, masked_layers, n_keep, select_masks, to_masked  # noqa: E402
 from models import build_model  # noqa: E402
-from trainers.base import BaseTrainer, OptimSettings  # noqa: E402
+from engine.optim import OptimSettings  # noqa: E402
+from trainers.base import BaseTrainer  # noqa: E402
 from trainers.bilevel import BilevelTrainer  # noqa: E402
 
 

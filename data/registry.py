@@ -6,7 +6,6 @@ num_classes, skip_bad_records``) and returns ``DatasetSplits``; a new dataset is
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -14,6 +13,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from configs.errors import UserError
+from configs.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -27,38 +27,15 @@ class DatasetSplits:
 
 
 DatasetBuilder = Callable[..., DatasetSplits]
-DATASETS: dict[str, DatasetBuilder] = {}
-
-
-def register_dataset(name: str) -> Callable[[DatasetBuilder], DatasetBuilder]:
-    def decorate(builder: DatasetBuilder) -> DatasetBuilder:
-        if name in DATASETS:
-            raise ValueError(f"dataset {name!r} registered twice")
-        DATASETS[name] = builder
-        return builder
-    return decorate
-
-
-def dataset_names() -> list[str]:
-    return sorted(DATASETS)
-
-
-def _resolve_name(name: str) -> str:
-    if name in DATASETS:
-        return name
-    # Accept a different spelling of case ("cifar10"): names are unique ignoring case.
-    by_lower = {key.lower(): key for key in DATASETS}
-    if name.lower() in by_lower:
-        return by_lower[name.lower()]
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.0)
-    hint = f"did you mean {by_lower[close[0]]!r}? " if close else ""
-    raise UserError(f"unknown dataset {name!r}: {hint}choose one of {', '.join(dataset_names())}")
+DATASETS: Registry[DatasetBuilder] = Registry("dataset", flag="--dataset")
+register_dataset = DATASETS.register
+dataset_names = DATASETS.names
 
 
 def build_dataset(name: str, *, data_dir: str, normalize: bool = False, image_dim: int | None = None,
                   num_classes: int | None = None, skip_bad_records: bool = False) -> DatasetSplits:
     """Build the splits of dataset ``name`` from files under ``data_dir`` (never downloads)."""
-    builder = DATASETS[_resolve_name(name)]
+    builder = DATASETS.get(name)
     if image_dim is not None and image_dim <= 0:
         raise UserError(f"--image-dim must be a positive number of pixels, got {image_dim}")
     if num_classes is not None and num_classes <= 0:

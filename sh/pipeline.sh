@@ -28,4 +28,4 @@ run_train PRUNED --configs "configs/$DATASET/$METHOD.yml" --k "$K" --source-net 
 run_train FINE --configs "configs/$DATASET/finetune.yml" --k "$K" --source-net "$PRUNED/checkpoint/model_best.pth.tar" \
   "${common[@]}"
 summaries+=("$PRUNED/summary.json" "$FINE/summary.json")
-"$PY" -m trainers.run_log "${summaries[@]}"
+"$PY" -m engine.run_log "${summaries[@]}"

@@ -11,4 +11,4 @@ common=(--result-dir "$OUT" --exp-name quickstart "$@")
 run_train PRE --configs configs/Digits/pretrain.yml "${common[@]}"
 run_train PRUNED --configs configs/Digits/bip.yml --source-net "$PRE/checkpoint/model_best.pth.tar" "${common[@]}"
 run_train FINE --configs configs/Digits/finetune.yml --source-net "$PRUNED/checkpoint/model_best.pth.tar" "${common[@]}"
-"$PY" -m trainers.run_log "$PRE/summary.json" "$PRUNED/summary.json" "$FINE/summary.json"
+"$PY" -m engine.run_log "$PRE/summary.json" "$PRUNED/summary.json" "$FINE/summary.json"

@@ -21,4 +21,4 @@ for K in $KS; do
     --source-net "$PRUNED/checkpoint/model_best.pth.tar" "${common[@]}"
   summaries+=("$FINE/summary.json")
 done
-"$PY" -m trainers.run_log "${summaries[@]}"
+"$PY" -m engine.run_log "${summaries[@]}"

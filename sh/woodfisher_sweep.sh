@@ -23,4 +23,4 @@ for s in ${SPARSITIES:-0.8 0.9 0.95 0.98}; do
   run_train RUN --configs "$config" --source-net "$source_net" --k "$k" "$@"
   summaries+=("$RUN/summary.json")
 done
-"$PY" -m trainers.run_log "${summaries[@]}"
+"$PY" -m engine.run_log "${summaries[@]}"

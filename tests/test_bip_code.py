@@ -18,11 +18,11 @@ from torch.nn.parameter import Parameter
 
 from configs.errors import UserError
 from layers import MaskSet, n_keep, to_masked
-from trainers.base import OptimSettings
+from engine.optim import OptimSettings
 from trainers.bilevel import BilevelTrainer
-from trainers.checkpoint import load_checkpoint, save_checkpoint
-from trainers.loop import checkpoint_state
-from trainers.source import resume_into
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.loop import checkpoint_state
+from engine.source import resume_into
 
 CPU = torch.device("cpu")
 K = 0.3            # 228 scores: their N - int((1 - k) N) and our n_keep both keep 69

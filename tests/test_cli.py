@@ -11,7 +11,7 @@ import train
 from configs.errors import UserError
 from configs.schema import load_config
 from models import build_model
-from trainers.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "2", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]

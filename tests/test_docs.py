@@ -30,9 +30,9 @@ def test_schema_choices_match_the_registries():
     """configs/ lists choices without importing layers/ or trainers/; this keeps the lists honest."""
     from configs import schema
     from layers import LAYER_TYPES, SCOPES, SCORE_INITS
-    from trainers.base import OPTIMIZERS
+    from engine.optim import OPTIMIZERS
     from trainers.bilevel import IMPLICIT_GRADS
-    from trainers.schedules import SCHEDULES
+    from engine.lr_schedules import SCHEDULES
 
     assert set(schema.LAYER_TYPES) == set(LAYER_TYPES)
     assert set(schema.SCOPES) == set(SCOPES)

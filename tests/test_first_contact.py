@@ -97,15 +97,18 @@ def test_an_image_size_the_architecture_cannot_take_is_a_clear_error(tmp_path, c
     def needs_8_pixels(*, num_classes, in_channels, image_size):
         return nn.Sequential(nn.Conv2d(in_channels, 4, 8), nn.Flatten(), nn.LazyLinear(num_classes))
 
-    monkeypatch.setitem(registry.MODELS, "needs8", needs_8_pixels)
-    assert train.main(["--arch", "needs8", "--image-dim", "4", "--result-dir", str(tmp_path)]) == 2
+    registry.MODELS.add("needs8", needs_8_pixels)
+    try:
+        assert train.main(["--arch", "needs8", "--image-dim", "4", "--result-dir", str(tmp_path)]) == 2
+    finally:
+        registry.MODELS.pop("needs8")
     err = capsys.readouterr().err.strip()
     assert "cannot take 4x4 inputs" in err and "--image-dim" in err and "\n" not in err
     assert not list(tmp_path.iterdir())
 
 
 def test_collapse_rule():
-    from trainers.loop import collapsed
+    from engine.loop import collapsed
     assert collapsed(before=99.0, after=10.0, num_classes=10)
     assert collapsed(before=30.0, after=15.0, num_classes=10)
     assert not collapsed(before=29.0, after=10.0, num_classes=10)    # was not clearly above chance

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
+from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 
 
 def explicit_blocks(G: torch.Tensor, block: int | None, damp: float) -> list[torch.Tensor]:

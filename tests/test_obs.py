@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
-from trainers.obs import (
+from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
+from pruning.obs import (
     diagonal_fisher_statistic,
     diagonal_fisher_update,
     group_obs_statistic,

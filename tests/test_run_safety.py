@@ -22,7 +22,7 @@ from configs.schema import load_config, read_options
 from layers import MaskSet, to_masked
 from models import build_model
 from trainers.base import BaseTrainer
-from trainers.checkpoint import atomic_write, load_checkpoint
+from engine.checkpoint import atomic_write, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -334,9 +334,9 @@ def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 # -- B6: metrics.csv is the checkpoint's history; model_best never falls behind ---------------------
 def fail_on_write(monkeypatch, name, epoch, exc):
     """Make ``save_checkpoint`` raise ``exc`` instead of writing ``name`` at ``epoch``."""
-    import trainers.loop
+    import engine.loop
 
-    real = trainers.loop.save_checkpoint
+    real = engine.loop.save_checkpoint
     order = []
 
     def save(state, path):
@@ -345,7 +345,7 @@ def fail_on_write(monkeypatch, name, epoch, exc):
             raise exc
         real(state, path)
 
-    monkeypatch.setattr(trainers.loop, "save_checkpoint", save)
+    monkeypatch.setattr(engine.loop, "save_checkpoint", save)
     return order
 
 
@@ -393,9 +393,9 @@ def test_summary_has_what_a_results_table_needs(runs):
 DRIVER = r"""
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-import trainers.checkpoint
+import engine.checkpoint
 import train
-real_write = trainers.checkpoint.atomic_write
+real_write = engine.checkpoint.atomic_write
 count = [0]
 
 def atomic_write(path, write):
@@ -409,7 +409,7 @@ def atomic_write(path, write):
             return real_write(path, write_interrupted)
     return real_write(path, write)
 
-trainers.checkpoint.atomic_write = atomic_write
+engine.checkpoint.atomic_write = atomic_write
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -430,7 +430,7 @@ def test_signal_during_checkpoint_write(tmp_path, sig):
 
 
 def test_interrupt_while_closing_the_log_is_one_line(tmp_path, capsys, monkeypatch):
-    from trainers.run_log import RunLog
+    from engine.run_log import RunLog
 
     def close(self, *, after_error=False):
         raise KeyboardInterrupt
@@ -458,9 +458,9 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch, 
 FSIZE_DRIVER = r"""
 import os, resource, signal, sys
 sys.path.insert(0, {root!r})
-import trainers.loop
+import engine.loop
 import train
-real = trainers.loop.save_checkpoint
+real = engine.loop.save_checkpoint
 
 def save(state, path):
     real(state, path)
@@ -470,7 +470,7 @@ def save(state, path):
         limit = os.path.getsize(path) - 1
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-trainers.loop.save_checkpoint = save
+engine.loop.save_checkpoint = save
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -588,7 +588,7 @@ def test_reset_head_finetune_keeps_the_masks_and_a_dense_new_head(tmp_path):
 
 
 def test_resume_with_frozen_masks_that_do_not_fit_names_the_file(runs):
-    from trainers.source import resume_into
+    from engine.source import resume_into
 
     ckpt = load_checkpoint(runs.pruned_ckpt)
     ckpt["masks_frozen"] = True

@@ -9,12 +9,13 @@ from torch import nn
 
 from configs.errors import UserError
 from layers import MaskSet, masked_layers, n_keep, to_masked
-from trainers.base import BaseTrainer, OptimSettings
+from engine.optim import OptimSettings
+from trainers.base import BaseTrainer
 from trainers.bilevel import BilevelTrainer
-from trainers.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from trainers.loop import checkpoint_state
-from trainers.schedules import MASK_MILESTONES, lr_at
-from trainers.source import load_source
+from engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from engine.loop import checkpoint_state
+from engine.lr_schedules import MASK_MILESTONES, lr_at
+from engine.source import load_source
 
 CPU = torch.device("cpu")
 

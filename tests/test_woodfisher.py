@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import train
 from configs.errors import UserError
 from layers import MaskSet, n_keep, to_masked
-from trainers.base import OptimSettings
-from trainers.checkpoint import load_checkpoint
-from trainers.fisher_inverse import EmpiricalFisherInverse
-from trainers.flops import flops_budget, flops_per_weight, largest_prefix_within
-from trainers.obs import obs_statistic, obs_update
+from engine.optim import OptimSettings
+from engine.checkpoint import load_checkpoint
+from pruning.fisher_inverse import EmpiricalFisherInverse
+from pruning.flops import flops_budget, flops_per_weight, largest_prefix_within
+from pruning.obs import obs_statistic, obs_update
 from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, check_woodfisher_options
 
 CPU = torch.device("cpu")

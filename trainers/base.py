@@ -19,62 +19,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine.memory import MemoryNeed, size
+from engine.metrics import Average, correct_topk
+from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
 from layers import MaskSet
-from trainers.memory import MemoryNeed, size
-from trainers.metrics import Average, correct_topk
 from trainers.registry import register_trainer
-from trainers.schedules import WEIGHT_MILESTONES, lr_at
-
-
-@dataclass(frozen=True)
-class OptimSettings:
-    """One optimizer and its schedule."""
-    optimizer: str
-    lr: float
-    momentum: float
-    wd: float
-    schedule: str
-    epochs: int
-    warmup_epochs: int = 0
-    warmup_lr: float = 0.0
-    milestones: tuple[float, ...] = WEIGHT_MILESTONES
-
-    def lr_at(self, epoch: int) -> float:
-        return lr_at(self.schedule, epoch=epoch, base_lr=self.lr, epochs=self.epochs,
-                     warmup_epochs=self.warmup_epochs, warmup_lr=self.warmup_lr, milestones=self.milestones)
-
-
-# Not fused=True: fused kernels do not bump a parameter's version counter, which MaskSet reads to
-# know that the scores changed.
-OPTIMIZERS: dict[str, Callable[[list, OptimSettings], torch.optim.Optimizer]] = {
-    "sgd": lambda p, s: torch.optim.SGD(p, lr=s.lr, momentum=s.momentum, weight_decay=s.wd),
-    "adam": lambda p, s: torch.optim.Adam(p, lr=s.lr, weight_decay=s.wd),
-    "rmsprop": lambda p, s: torch.optim.RMSprop(p, lr=s.lr, momentum=s.momentum, weight_decay=s.wd),
-}
-
-
-def make_optimizer(params: list[nn.Parameter], settings: OptimSettings) -> torch.optim.Optimizer:
-    return OPTIMIZERS[settings.optimizer](params, settings)
-
-
-def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
-    """(scores, batch-norm affine parameters, all other parameters), each in module order."""
-    scores, bn, other = [], [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if name == "popup_scores":
-                scores.append(p)
-            elif isinstance(module, nn.modules.batchnorm._NormBase):
-                bn.append(p)
-            else:
-                other.append(p)
-    return scores, bn, other
-
-
-def own_only(model: nn.Module, trainable: Iterable[nn.Parameter]) -> None:
-    keep = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep)
 
 
 @register_trainer("base")
@@ -108,7 +57,7 @@ class BaseTrainer:
     @classmethod
     def memory_needs(cls, *, per_sample_bytes: int, batch_size: int, model_bytes: int, masked_weights: int,
                      on_gpu: bool, **options) -> list[MemoryNeed]:
-        """The run's largest allocations (lower bounds; see ``trainers.memory``), for a check before
+        """The run's largest allocations (lower bounds; see ``engine.memory``), for a check before
         the run folder exists. A trainer with more (WoodFisher's gradients) adds its own."""
         return [
             MemoryNeed("the model's parameters and buffers", model_bytes, False, "use a smaller --arch"),
@@ -202,18 +151,3 @@ class BaseTrainer:
             if state.get(key) is None:
                 raise ValueError(f"checkpoint has no state for {key}")
             opt.load_state_dict(state[key])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device) -> dict[str, float]:
-    """Loss, top-1 and top-5 (percent) of ``model`` on ``loader``."""
-    model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss, c1, c5, n = 0.0, 0, 0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss += float(criterion(logits, y))
-        a, b = correct_topk(logits, y)
-        c1, c5, n = c1 + a, c5 + b, n + y.shape[0]
-    return {"loss": loss / max(n, 1), "top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}

@@ -28,7 +28,8 @@ from torch import nn
 
 from configs.errors import UserError
 from layers import MaskSet
-from trainers.base import BaseTrainer, OptimSettings, own_only, split_parameters
+from engine.optim import OptimSettings, own_only, split_parameters
+from trainers.base import BaseTrainer
 from trainers.registry import register_trainer
 
 IMPLICIT_GRADS = ("paper", "bip-code")

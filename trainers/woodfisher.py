@@ -9,7 +9,7 @@ event:
    labels true or sampled from the model (``true_fisher``), pruned coordinates zeroed; they are
    written into ONE preallocated (m x D) matrix (D = all masked weights, layers side by side), on
    the model's device or in CPU memory (``offload_grads``);
-2. build the block inverse of F = lambda I + G^T G / m (``trainers.fisher_inverse``) per layer in
+2. build the block inverse of F = lambda I + G^T G / m (``pruning.fisher_inverse``) per layer in
    blocks of ``fittable_params`` (``fisher_blocks chunk``), per whole layer (``layer``) or over all
    weights at once (``all``);
 3. score every weight (or filter / channel) with the method's statistic (a registry below, one
@@ -33,7 +33,7 @@ Granularity support per method (``PruneMethod.granularities``):
     diagfisher       unstructured, filter, channel  (group statistic = sum of w_q^2 F_qq)
     magnitude        unstructured, filter, channel  (per layer; group statistic = ||w_Q||^2)
     globalmagnitude  unstructured, filter, channel  (global)
-FLOPs-aware pruning (``trainers.flops`` counts one MAC per weight per output position and sample,
+FLOPs-aware pruning (``pruning.flops`` counts one MAC per weight per output position and sample,
 measured once with forward hooks on one training input):
     --flops-power p   every method's statistic is divided by flops_per_weight[layer]^p before the
                       global selection, so FLOP-heavy layers lose more weights; the number of kept
@@ -69,11 +69,12 @@ from torch.utils.data import DataLoader
 from configs.errors import UserError
 from data.sampling import EpochSampler, derive_seed
 from layers.selector import UNIT_SCORES, expand_units, global_ranking, select_masks, unit_counts
-from trainers.base import BaseTrainer, OptimSettings, own_only, split_parameters
-from trainers.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
-from trainers.flops import flops_budget, flops_per_weight, largest_prefix_within
-from trainers.memory import MemoryNeed
-from trainers.obs import (
+from engine.optim import OptimSettings, own_only, split_parameters
+from trainers.base import BaseTrainer
+from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
+from pruning.flops import flops_budget, flops_per_weight, largest_prefix_within
+from engine.memory import MemoryNeed
+from pruning.obs import (
     diagonal_fisher_statistic,
     diagonal_fisher_update,
     group_obs_statistic,
@@ -86,7 +87,7 @@ from trainers.obs import (
     woodtaylor_update,
     zero_update,
 )
-from trainers.prune_schedule import PruneEvent, agp_schedule, one_shot_schedule, recompute_steps
+from pruning.schedule import PruneEvent, agp_schedule, one_shot_schedule, recompute_steps
 from trainers.registry import register_trainer
 
 FISHER_STREAM = 0x5F  # sampler stream of the Fisher mini-batches (independent of the training streams)
@@ -102,7 +103,7 @@ class PruneMethod:
 
     fisher: which curvature it needs: ``empirical`` (the block inverse of the damped empirical
         Fisher), ``diagonal`` (its diagonal) or ``None`` (no gradients are collected).
-    statistic / update: per-weight functions with the signature of ``trainers.obs`` (weight,
+    statistic / update: per-weight functions with the signature of ``pruning.obs`` (weight,
         fisher_inverse, mask, grad / prune, scale_prune_update).
     group_statistic / group_update: per-group versions for filter/channel masks (group OBS).
     additive: the per-weight statistic adds up over a group (a group is scored by the sum), so

@@ -23,7 +23,7 @@ from torch import nn
 
 from configs.errors import UserError
 from layers import MaskSet, init_scores
-from trainers.checkpoint import classifier_name, load_model_state
+from engine.checkpoint import classifier_name, load_model_state
 
 FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
 HEAD_KEYS = ("weight", "bias", "popup_scores", "mask")  # what a (masked) classifier stores

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from trainers.prune_schedule import (
+from pruning.schedule import (
     PruneEvent,
     agp_schedule,
     iterative_schedule,

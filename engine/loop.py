@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from layers import MaskSet, dense_state_dict
-from trainers.base import evaluate
-from trainers.checkpoint import deferred_interrupts, rng_state, save_checkpoint, write_text
-from trainers.run_log import RunLog, sparsity_table
+from engine.evaluate import evaluate
+from engine.checkpoint import deferred_interrupts, rng_state, save_checkpoint, write_text
+from engine.run_log import RunLog, sparsity_table
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -8,7 +8,7 @@ import sys
 from typing import Any, Iterable
 
 from layers import LayerSparsity
-from trainers.checkpoint import write_text
+from engine.checkpoint import write_text
 
 
 def sparsity_table(rows: Iterable[LayerSparsity]) -> str:
@@ -146,7 +146,7 @@ def summary_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m trainers.run_log RUN/summary.json ...
+if __name__ == "__main__":  # python -m engine.run_log RUN/summary.json ...
     import json
 
     print(summary_table([json.load(open(path, encoding="utf-8")) for path in sys.argv[1:]]))

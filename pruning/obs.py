@@ -3,7 +3,7 @@
 Model-agnostic: every function takes the flattened weights ``weight`` (the same coordinate order as
 the columns of the gradient matrix G the Fisher inverse was built from; any shape is accepted and
 returned), an inverse object with ``diag()``, ``mul(v)`` and ``fisher_diag()`` (see
-``trainers.fisher_inverse``), and boolean masks with True = alive (kept) and True = pruned now.
+``pruning.fisher_inverse``), and boolean masks with True = alive (kept) and True = pruned now.
 
 Quadratic model of the loss around w with curvature F (the damped empirical Fisher):
     L(w + dw) - L(w) ~= g^T dw + 1/2 dw^T F dw.
