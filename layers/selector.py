@@ -116,13 +116,16 @@ def check_finite(values: torch.Tensor) -> None:
         raise FloatingPointError("importance scores became NaN (training diverged); lower --lr / --mask-lr")
 
 
-def top_units(values: torch.Tensor, count: int) -> torch.Tensor:
+def top_units(values: torch.Tensor, count: int, *, check: bool = True) -> torch.Tensor:
     """Boolean vector with exactly ``count`` True entries at the largest ``values``.
 
     Ties at the threshold keep the highest indices (HYDRA/BiP's order, see the module docstring).
-    ``values`` is 1-D and free of NaN (+-inf is fine).
+    ``values`` is 1-D and free of NaN (+-inf is fine); ``check=False`` skips the NaN check, whose
+    result must be read on the host: with it off the selection never synchronises with a GPU (the
+    OBS step checks its statistics once for all layers instead).
     """
-    check_finite(values)
+    if check:
+        check_finite(values)
     n = values.numel()
     if count >= n:
         return torch.ones(n, dtype=torch.bool, device=values.device)
@@ -132,12 +135,9 @@ def top_units(values: torch.Tensor, count: int) -> torch.Tensor:
         threshold = torch.topk(values, count, sorted=False).values.min()
     else:
         threshold = torch.topk(values, n - count + 1, largest=False, sorted=False).values.max()
-    keep = values >= threshold
-    if int(torch.count_nonzero(keep)) == count:  # the common case: no tie straddles the threshold
-        return keep
     above = values > threshold
     at = values == threshold
-    need = count - int(torch.count_nonzero(above))
+    need = count - above.sum()  # a 0-dim tensor: nothing here is read back on the host
     # Rank of each tied entry counted from the end: the last ``need`` of them are kept.
     from_end = torch.cumsum(at.flip(0), 0).flip(0)
     return above | (at & (from_end <= need))
@@ -151,7 +151,7 @@ def global_ranking(units: Sequence[torch.Tensor], *, min_units: int = 0) -> torc
     for u in units:
         floor = min(min_units, u.numel())
         if floor:  # top_units, not topk: the floor breaks ties like every other selection
-            flat[offset:offset + u.numel()].masked_fill_(top_units(u, floor), float("inf"))
+            flat[offset:offset + u.numel()].masked_fill_(top_units(u, floor, check=False), float("inf"))
         offset += u.numel()
     return flat
 
@@ -171,6 +171,7 @@ def select_masks(
     granularity: str,
     scope: str,
     min_units: int = 0,
+    check: bool = True,
 ) -> list[torch.Tensor]:
     """Boolean masks (weight-shaped) keeping the top-``k`` fraction of units.
 
@@ -178,6 +179,7 @@ def select_masks(
     scope: ``global`` (one threshold over all layers' units) or ``layer`` (k in every layer).
     min_units: per-layer floor; every layer keeps at least this many of its best units
         (only changes which units a global selection keeps, never the total).
+    check: refuse NaN scores (a host synchronisation; see ``top_units``).
     """
     if granularity not in UNIT_SCORES:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
@@ -186,10 +188,10 @@ def select_masks(
     with torch.no_grad():
         units = [UNIT_SCORES[granularity](s.detach()) for s in scores]
         if scope == "layer":
-            keep = [top_units(u, max(n_keep(k, u.numel()), min(min_units, u.numel()))) for u in units]
+            keep = [top_units(u, max(n_keep(k, u.numel()), min(min_units, u.numel())), check=check) for u in units]
         else:
             flat = global_ranking(units, min_units=min_units)
-            keep = list(top_units(flat, n_keep(k, flat.numel())).split([u.numel() for u in units]))
+            keep = list(top_units(flat, n_keep(k, flat.numel()), check=check).split([u.numel() for u in units]))
         return [expand_units(kk, s.shape, granularity) for kk, s in zip(keep, scores)]
 
 

@@ -93,6 +93,7 @@ class EmpiricalFisherInverse:
         damp: float = 1e-5,
         compute_dtype: torch.dtype = torch.float64,
         max_chunk_bytes: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         if grads.dim() != 2:
             raise ValueError(f"grads must be (m, d), got shape {tuple(grads.shape)}")
@@ -108,7 +109,10 @@ class EmpiricalFisherInverse:
         self.m, self.d = m, d
         self.block_size = d if block_size is None else min(block_size, d)
         self.damp = float(damp)
-        self.dtype, self.device = grads.dtype, grads.device
+        # G may stay in host memory (--offload-grads) while the algebra runs on the GPU: chunks of
+        # it are staged to ``device`` as they are needed, and the object never holds a device copy.
+        self.dtype = grads.dtype
+        self.device = grads.device if device is None else torch.device(device)
         self._cdt = compute_dtype
         if max_chunk_bytes is None:
             max_chunk_bytes = _CPU_CHUNK_BYTES if self.device.type == "cpu" else _GPU_CHUNK_BYTES
@@ -119,7 +123,7 @@ class EmpiricalFisherInverse:
         self._parts: list[tuple[int, int, _BlockBatch]] = []
         for a, b, width in spans:
             self._parts.append((a, b, _BlockBatch(grads[:, a:b], width=width, damp=self.damp,
-                                                  compute_dtype=compute_dtype,
+                                                  compute_dtype=compute_dtype, device=self.device,
                                                   max_chunk_bytes=int(max_chunk_bytes))))
         # "primal" or "dual" of the full blocks (the short last block decides for itself)
         self.form = self._parts[0][2].form
@@ -163,6 +167,24 @@ class EmpiricalFisherInverse:
         W = w.reshape(-1).to(device=self.device, dtype=self._cdt)
         return torch.cat([part.group_solve(W[a:b], g) for a, b, part in self._parts]).to(w.dtype)
 
+    @torch.no_grad()
+    def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
+        """s with s_Q = ([F^-1]_QQ)^-1 t_Q in every block, Q = the block's coordinates where ``prune``
+        is True, and s = 0 elsewhere: the joint OBS solve for removing the set Q at once (the update
+        is then -F^-1 s). Exact for any Q; the cost per block is bounded by min(|Q|, c, m)^3:
+        primal blocks (c <= m) solve a c x c system, dual blocks an m x m one (Woodbury), so a set
+        of any size costs no more than one block's inverse. Returns shape (d,), in t's dtype."""
+        if t.numel() != self.d or prune.numel() != self.d:
+            raise ValueError(f"t and prune must have {self.d} entries, got {t.numel()} and {prune.numel()}")
+        T = t.reshape(-1).to(device=self.device, dtype=self._cdt)
+        P = prune.reshape(-1).to(device=self.device, dtype=torch.bool)
+        return torch.cat([part.solve_pruned(T[a:b], P[a:b]) for a, b, part in self._parts]).to(t.dtype)
+
+    def failed(self) -> torch.Tensor:
+        """A 0-dim bool tensor on the device: whether any Cholesky factorisation failed. Checking it
+        is a host synchronisation, so the caller does it once per pruning step, not per block."""
+        return torch.stack([part.failed for _, _, part in self._parts]).any()
+
     def peak_memory_bytes(self) -> int:
         """Largest sum of buffers held at once (all kept factors + one batch's staging), in bytes."""
         kept = [part.kept_bytes for _, _, part in self._parts]
@@ -178,7 +200,7 @@ class _BlockBatch:
     batched calls; the primal or dual form by c <= m. Inputs and outputs in compute dtype."""
 
     def __init__(self, grads: torch.Tensor, *, width: int, damp: float, compute_dtype: torch.dtype,
-                 max_chunk_bytes: int) -> None:
+                 max_chunk_bytes: int, device: torch.device) -> None:
         m, d = grads.shape
         assert d % width == 0, (d, width)
         self._grads = grads
@@ -187,7 +209,8 @@ class _BlockBatch:
         self.n_blocks = d // width
         self.damp = damp
         self.form = "primal" if width <= m else "dual"
-        self.device = grads.device
+        self.device = device
+        self.failed = torch.zeros((), dtype=torch.bool, device=device)
         self._cdt = compute_dtype
         self._item = torch.empty((), dtype=compute_dtype).element_size()
         self._max_chunk_bytes = max_chunk_bytes
@@ -305,10 +328,9 @@ class _BlockBatch:
         # and leaves L in A's lower triangle (zeros above).
         At = A.mT
         torch.linalg.cholesky_ex(At, upper=True, out=(At, info))
-        if bool((info != 0).any()):
-            raise FloatingPointError(
-                f"Cholesky of the damped Fisher failed in {int((info != 0).sum())} block(s); "
-                f"increase damp (now {self.damp}) or check the gradients for inf/nan")
+        # Recorded, not checked here: reading it is a host synchronisation, which the OBS step does
+        # once for all blocks (``EmpiricalFisherInverse.failed``).
+        self.failed = self.failed | (info != 0).any()
         # Only the lower triangle is read afterwards (solve_triangular / cholesky_solve /
         # cholesky_inverse with upper=False), so the factor is left exactly as LAPACK returns it.
 
@@ -337,6 +359,62 @@ class _BlockBatch:
                 X = self._load(b0, b1, 0, m, c0, c1, into=stage)
                 vb[b0:b1, c0:c1] -= torch.bmm(X.mT, U[b0:b1])
         return vb.div_(self.damp)
+
+    # ----------------------------------------------------------------------------------------
+    # joint OBS over a set of pruned coordinates
+
+    def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
+        tb = t.reshape(self.n_blocks, self.block_size)
+        pb = prune.reshape(self.n_blocks, self.block_size)
+        out = torch.zeros_like(tb)
+        if self.form == "primal":
+            self._primal_solve_pruned(tb, pb, out)
+        else:
+            self._dual_solve_pruned(tb, pb, out)
+        return out.reshape(-1)
+
+    def _primal_solve_pruned(self, tb: torch.Tensor, pb: torch.Tensor, out: torch.Tensor) -> None:
+        """[F^-1]_QQ z = t_Q as one c x c system per block: F^-1 where both coordinates are in Q, the
+        identity elsewhere, and a right-hand side that is 0 off Q (so z is 0 there)."""
+        c = self.block_size
+        step = max(1, self._max_chunk_bytes // (2 * c * c * self._item))
+        for b0 in range(0, self.n_blocks, step):
+            b1 = min(b0 + step, self.n_blocks)
+            inv = torch.cholesky_inverse(self._factor[b0:b1])  # [nbc, c, c]
+            both = pb[b0:b1, :, None] & pb[b0:b1, None, :]
+            eye = torch.eye(c, dtype=self._cdt, device=self.device).expand_as(inv)
+            A = torch.where(both, inv, eye)
+            rhs = torch.where(pb[b0:b1], tb[b0:b1], torch.zeros((), dtype=self._cdt, device=self.device))
+            out[b0:b1] = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
+            self._note(inv, A)
+            del inv, A
+
+    def _dual_solve_pruned(self, tb: torch.Tensor, pb: torch.Tensor, out: torch.Tensor) -> None:
+        """With Z = L^-1 G_b and Z_Q its columns in Q, [F^-1]_QQ = (I - Z_Q^T Z_Q) / lambda, whose
+        inverse by Woodbury is lambda (I + Z_Q^T (I_m - Z_Q Z_Q^T)^-1 Z_Q): only m x m systems.
+        Z_Q Z_Q^T and Z_Q t_Q accumulate over column chunks; the result needs Z_Q once more."""
+        m = self.m
+        nb = self.n_blocks
+        gram = torch.zeros(nb, m, m, dtype=self._cdt, device=self.device)
+        zt = torch.zeros(nb, m, 1, dtype=self._cdt, device=self.device)
+        chunks = list(self._column_chunks())
+        stage = self._staging([(b1 - b0, m, c1 - c0) for b0, b1, c0, c1 in chunks])
+        self._note(stage, gram, gram)
+        for b0, b1, c0, c1 in chunks:
+            Z = self._load(b0, b1, 0, m, c0, c1, into=stage)
+            torch.linalg.solve_triangular(self._factor[b0:b1], Z, upper=False, out=Z)
+            Z.mul_(pb[b0:b1, None, c0:c1])  # Z_Q: columns outside Q zeroed
+            gram[b0:b1].baddbmm_(Z, Z.mT)
+            zt[b0:b1].baddbmm_(Z, tb[b0:b1, c0:c1, None])
+        K = torch.eye(m, dtype=self._cdt, device=self.device).expand(nb, m, m) - gram
+        y = torch.linalg.solve(K, zt)  # (I - Z_Q Z_Q^T)^-1 Z_Q t_Q
+        del gram, K
+        for b0, b1, c0, c1 in chunks:
+            Z = self._load(b0, b1, 0, m, c0, c1, into=stage)
+            torch.linalg.solve_triangular(self._factor[b0:b1], Z, upper=False, out=Z)
+            part = tb[b0:b1, c0:c1] + torch.bmm(Z.mT, y[b0:b1]).squeeze(-1)
+            out[b0:b1, c0:c1] = torch.where(pb[b0:b1, c0:c1], part * self.damp,
+                                            torch.zeros((), dtype=self._cdt, device=self.device))
 
     # ----------------------------------------------------------------------------------------
     # group OBS
@@ -468,19 +546,20 @@ class DiagonalFisher:
     Costs one pass over G and d floats; OBS with it prunes by w_q^2 F_qq and moves nothing else."""
 
     @torch.no_grad()
-    def __init__(self, grads: torch.Tensor, *, damp: float = 1e-5) -> None:
+    def __init__(self, grads: torch.Tensor, *, damp: float = 1e-5, device: torch.device | str | None = None) -> None:
         if grads.dim() != 2:
             raise ValueError(f"grads must be (m, d), got shape {tuple(grads.shape)}")
         if not damp > 0:
             raise ValueError(f"damp (lambda) must be > 0, got {damp}")
         self.m, self.d = grads.shape
         self.damp = float(damp)
-        self.dtype, self.device = grads.dtype, grads.device
-        # Sum of squares in float64 without a float64 copy of G.
-        sq = torch.zeros(self.d, dtype=torch.float64, device=grads.device)
+        self.dtype = grads.dtype
+        self.device = grads.device if device is None else torch.device(device)
+        # Sum of squares in float64 without a float64 copy of G (staged to the device by row chunks).
+        sq = torch.zeros(self.d, dtype=torch.float64, device=self.device)
         rows = max(1, (32 * 2**20) // max(1, self.d * 8))
         for r0 in range(0, self.m, rows):
-            sq.add_(grads[r0:r0 + rows].to(torch.float64).square().sum(0))
+            sq.add_(grads[r0:r0 + rows].to(device=self.device, dtype=torch.float64).square().sum(0))
         self._fisher_diag = sq.div_(self.m).add_(self.damp)
         self._peak_bytes = 2 * self.d * 8 + rows * self.d * 8
 
@@ -492,6 +571,14 @@ class DiagonalFisher:
 
     def mul(self, v: torch.Tensor) -> torch.Tensor:
         return (v.to(torch.float64) / self._fisher_diag).to(v.dtype)
+
+    def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
+        """[F^-1]_QQ is diagonal (1/F_qq), so s_Q = t_Q F_qq and -F^-1 s = -t on Q, 0 elsewhere."""
+        s = t.reshape(-1).to(torch.float64) * self._fisher_diag
+        return torch.where(prune.reshape(-1), s, torch.zeros((), dtype=s.dtype, device=s.device)).to(t.dtype)
+
+    def failed(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.bool, device=self.device)
 
     def peak_memory_bytes(self) -> int:
         return int(self._peak_bytes)

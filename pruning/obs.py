@@ -12,11 +12,15 @@ WoodFisher / OBS (g taken as 0 at a trained point; Hassibi & Stork 1993; Singh &
 removing weight q (e_q^T dw = -w_q) at least cost gives
     dw = -(w_q / [F^-1]_qq) F^-1 e_q,        loss change = 1/2 w_q^2 / [F^-1]_qq.
 The statistic is rho_q = w_q^2 / [F^-1]_qq (the 1/2 dropped: it does not change the ranking).
-For the set Q pruned at once the update is the sum of the single-weight updates (the WoodFisher
-approximation, which ignores the interaction between pruned weights of one block):
-    dw = -F^-1 s,   s_q = w_q / [F^-1]_qq on Q, 0 elsewhere,
-scaled by ``scale_prune_update`` (0 keeps the mask with no compensation); then the pruned weights
-are set to exactly 0 (the sum of updates does not zero them when |Q| > 1).
+For the set Q pruned at once there are two updates, both dw = -F^-1 s with s = 0 off Q:
+    joint (exact under the quadratic model):  s_Q = ([F^-1]_QQ)^-1 w_Q,
+              dw = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q,   loss change 1/2 w_Q^T ([F^-1]_QQ)^-1 w_Q;
+    sum (WoodFisher's approximation, the sum of the single-weight updates, which ignores the
+              interaction between the pruned weights of one block):  s_q = w_q / [F^-1]_qq.
+The joint solve is blockwise (``EmpiricalFisherInverse.solve_pruned``) and never costs more than
+one block's inverse. Either update is scaled by ``scale_prune_update`` (0 keeps the mask with no
+compensation); then the pruned weights are set to exactly 0 (the sum does not zero them when
+|Q| > 1; the joint update does, up to round-off).
 
 WoodTaylor (the first-order term kept, g = the mean of the m gradient rows): with a = F^-1 g,
     dw = -a - ((w_q - a_q) / [F^-1]_qq) F^-1 e_q,
@@ -58,6 +62,8 @@ class FisherInverse(Protocol):
 
     def mul(self, v: torch.Tensor) -> torch.Tensor: ...
 
+    def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor: ...
+
 
 class EmpiricalFisherInverseLike(FisherInverse, Protocol):
     """Group OBS also needs ([F^-1]_QQ)^-1 w_Q per group (``EmpiricalFisherInverse.group_solve``)."""
@@ -91,6 +97,15 @@ def _finish(w_new: torch.Tensor, dead: torch.Tensor, like: torch.Tensor) -> torc
     """Pruned and already-pruned weights exactly 0, original shape and dtype."""
     w_new = w_new.masked_fill(dead, 0.0)
     return w_new.reshape(like.shape).to(like.dtype)
+
+
+def pruned_solve(fisher_inverse: FisherInverse, t: torch.Tensor, prune: torch.Tensor, *, joint: bool) -> torch.Tensor:
+    """s with s = 0 off the pruned set Q and, on Q, ([F^-1]_QQ)^-1 t_Q (joint) or t_q / [F^-1]_qq (sum):
+    the update for removing Q is then -F^-1 s (see the module docstring)."""
+    if joint:
+        return fisher_inverse.solve_pruned(t, prune)
+    h = fisher_inverse.diag().to(t.dtype)
+    return torch.where(prune, t / h, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
 def _mean_grad(grad: torch.Tensor | None, d: int) -> torch.Tensor:
@@ -130,20 +145,21 @@ def obs_update(
     mask: torch.Tensor | None = None,
     scale_prune_update: float = 1.0,
     grad: torch.Tensor | None = None,
+    joint: bool = False,
 ) -> torch.Tensor:
     """New weights after pruning the set ``prune`` (True = pruned now) with the OBS update.
 
-    w + scale * (-F^-1 s), s_q = w_q / [F^-1]_qq on the pruned set; then pruned and already-pruned
-    (mask False) weights set to exactly 0. Returns a new tensor shaped like ``weight``.
+    w + scale * (-F^-1 s), s the joint or summed solve on the pruned set (``pruned_solve``); then
+    pruned and already-pruned (mask False) weights set to exactly 0. Returns a new tensor shaped
+    like ``weight``. No host synchronisation: an empty set simply gives s = 0.
     """
     w = weight.reshape(-1)
     alive = _alive(mask, w)
     q = _flat(prune, w.numel(), "prune").to(torch.bool) & alive
     dead = q | ~alive
-    if scale_prune_update == 0 or not bool(q.any()):
+    if scale_prune_update == 0:
         return _finish(w, dead, weight)
-    h = fisher_inverse.diag().to(w.dtype)
-    s = torch.where(q, w / h, torch.zeros((), dtype=w.dtype, device=w.device))
+    s = pruned_solve(fisher_inverse, w, q, joint=joint)
     w_new = w - scale_prune_update * fisher_inverse.mul(s)
     return _finish(w_new, dead, weight)
 
@@ -177,9 +193,11 @@ def woodtaylor_update(
     mask: torch.Tensor | None = None,
     scale_prune_update: float = 1.0,
     grad: torch.Tensor | None = None,
+    joint: bool = False,
 ) -> torch.Tensor:
-    """w + scale * (-F^-1 g - F^-1 s), s_q = (w_q - (F^-1 g)_q) / [F^-1]_qq on the pruned set;
-    pruned and already-pruned weights then exactly 0.
+    """w + scale * (-F^-1 g - F^-1 s), s the joint or summed solve of (w - F^-1 g) on the pruned set
+    (the constrained minimiser of g^T dw + 1/2 dw^T F dw with w_Q + dw_Q = 0 when joint); pruned and
+    already-pruned weights then exactly 0.
 
     The Newton term -F^-1 g is zero on already-pruned coordinates when their gradient columns were
     masked to 0 (they are decoupled in F), as the gradient collection does.
@@ -192,8 +210,7 @@ def woodtaylor_update(
         return _finish(w, dead, weight)
     g = _mean_grad(grad, w.numel()).to(w.dtype)
     a = fisher_inverse.mul(g)
-    h = fisher_inverse.diag().to(w.dtype)
-    s = torch.where(q, (w - a) / h, torch.zeros((), dtype=w.dtype, device=w.device))
+    s = pruned_solve(fisher_inverse, w - a, q, joint=joint)
     # One product for both terms: F^-1 g + F^-1 s = F^-1 (g + s).
     w_new = w - scale_prune_update * fisher_inverse.mul(g + s)
     return _finish(w_new, dead, weight)
@@ -226,9 +243,11 @@ def diagonal_fisher_update(
     mask: torch.Tensor | None = None,
     scale_prune_update: float = 1.0,
     grad: torch.Tensor | None = None,
+    joint: bool = False,
 ) -> torch.Tensor:
     """The OBS update under a diagonal F moves only the pruned weight itself (to 0): zero the pruned
-    and already-pruned weights, leave the rest untouched (``scale_prune_update`` has nothing to scale)."""
+    and already-pruned weights, leave the rest untouched (``scale_prune_update`` has nothing to scale,
+    and the joint solve equals the sum for a diagonal F)."""
     w = weight.reshape(-1)
     alive = _alive(mask, w)
     q = _flat(prune, w.numel(), "prune").to(torch.bool) & alive
@@ -239,13 +258,14 @@ def diagonal_fisher_update(
 # group OBS (filters / channels)
 
 
-def group_permutation(*, shape: tuple[int, ...] | torch.Size, granularity: str) -> tuple[torch.Tensor | None, int]:
+def group_permutation(*, shape: tuple[int, ...] | torch.Size, granularity: str,
+                      device: torch.device | str | None = None) -> tuple[torch.Tensor | None, int]:
     """Order of the flattened weight that makes each unit a contiguous group, and the group size.
 
     ``filter`` (output channel, dim 0): already contiguous in row-major order -> (None, numel/shape[0]).
     ``channel`` (input channel, dim 1): perm such that w.flatten()[perm] lists channel 0's weights,
     then channel 1's, ...; apply it to the weight and to the columns of G before building the
-    inverse, and scatter the result back with ``out[perm] = result``.
+    inverse, and scatter the result back with ``out[perm] = result``. Made on ``device`` directly.
     """
     shape = tuple(int(s) for s in shape)
     n = 1
@@ -254,7 +274,7 @@ def group_permutation(*, shape: tuple[int, ...] | torch.Size, granularity: str) 
     if granularity == "filter":
         return None, n // shape[0]
     if granularity == "channel":
-        perm = torch.arange(n).view(shape).transpose(0, 1).reshape(-1)
+        perm = torch.arange(n, device=device).view(shape).transpose(0, 1).reshape(-1)
         return perm, n // shape[1]
     raise ValueError(f"group OBS supports granularity 'filter' or 'channel', got {granularity!r}")
 
@@ -266,12 +286,14 @@ def group_obs_statistic(
     fisher_inverse: EmpiricalFisherInverseLike,
     group_size: int,
     mask: torch.Tensor | None = None,
+    solved: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per group Q (contiguous, ``group_size`` weights): rho_Q = w_Q^T ([F^-1]_QQ)^-1 w_Q;
-    0 on already-pruned groups (``mask``: one bool per group, True = alive). Shape (n_groups,)."""
+    0 on already-pruned groups (``mask``: one bool per group, True = alive). Shape (n_groups,).
+    ``solved``: u = ([F^-1]_QQ)^-1 w_Q per group if already computed (``group_obs_update`` reuses it)."""
     w = weight.reshape(-1)
     n_groups = w.numel() // group_size
-    u = fisher_inverse.group_solve(w, group_size=group_size)
+    u = fisher_inverse.group_solve(w, group_size=group_size) if solved is None else solved
     stat = (w.view(n_groups, group_size) * u.view(n_groups, group_size)).sum(1)
     alive = torch.ones(n_groups, dtype=torch.bool, device=w.device) if mask is None else mask.reshape(-1).to(torch.bool)
     return _alive_score(stat, alive)
@@ -286,19 +308,30 @@ def group_obs_update(
     prune: torch.Tensor,
     mask: torch.Tensor | None = None,
     scale_prune_update: float = 1.0,
+    joint: bool = False,
+    solved: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """w + scale * (-F^-1 S), S_Q = ([F^-1]_QQ)^-1 w_Q on the pruned groups, 0 elsewhere; pruned
-    and already-pruned groups then exactly 0. ``prune``/``mask``: one bool per group."""
+    """Remove the pruned groups (``prune``/``mask``: one bool per group) with the OBS update.
+
+    joint: s on the union Q of all pruned groups' coordinates of a block is ([F^-1]_QQ)^-1 w_Q (the
+    exact optimum for removing them together); otherwise the sum over groups of the single-group
+    updates, S_Q = ([F^-1]_QQ)^-1 w_Q per group (``solved`` passes in that per-group solve when the
+    statistic already computed it, so it is not solved twice). Then w + scale * (-F^-1 s), pruned
+    and already-pruned groups exactly 0."""
     w = weight.reshape(-1)
     n_groups = w.numel() // group_size
     alive = torch.ones(n_groups, dtype=torch.bool, device=w.device) if mask is None else mask.reshape(-1).to(torch.bool)
     q = prune.reshape(-1).to(torch.bool) & alive
     dead = (q | ~alive).repeat_interleave(group_size)
-    if scale_prune_update == 0 or not bool(q.any()):
+    if scale_prune_update == 0:
         return _finish(w, dead, weight)
-    u = fisher_inverse.group_solve(w, group_size=group_size).view(n_groups, group_size)
-    S = torch.where(q[:, None], u, torch.zeros((), dtype=u.dtype, device=u.device)).reshape(-1)
-    w_new = w - scale_prune_update * fisher_inverse.mul(S.to(w.dtype))
+    q_weights = q.repeat_interleave(group_size)
+    if joint:
+        s = fisher_inverse.solve_pruned(w, q_weights)
+    else:
+        u = fisher_inverse.group_solve(w, group_size=group_size) if solved is None else solved
+        s = torch.where(q_weights, u.reshape(-1), torch.zeros((), dtype=u.dtype, device=u.device))
+    w_new = w - scale_prune_update * fisher_inverse.mul(s.to(w.dtype))
     return _finish(w_new, dead, weight)
 
 
@@ -316,7 +349,7 @@ def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse=None, mask: torc
 
 @torch.no_grad()
 def zero_update(*, weight: torch.Tensor, fisher_inverse, prune: torch.Tensor, mask: torch.Tensor | None = None,
-                scale_prune_update: float = 1.0, grad: torch.Tensor | None = None) -> torch.Tensor:
+                scale_prune_update: float = 1.0, grad: torch.Tensor | None = None, joint: bool = False) -> torch.Tensor:
     """No compensation: pruned and already-pruned weights set to 0, the rest untouched."""
     w = weight.reshape(-1)
     dead = _flat(prune, w.numel(), "prune").to(torch.bool) | ~_alive(mask, w)

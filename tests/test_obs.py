@@ -236,3 +236,57 @@ def test_parameters_are_read_not_modified_and_no_graph_is_built():
     new = obs_update(weight=p, fisher_inverse=inv, prune=one_hot(50, 8))
     assert not rho.requires_grad and not new.requires_grad
     assert torch.equal(p.detach(), w) and new[8] == 0
+
+
+# -- joint OBS for a set: against the fp64 brute-force constrained minimiser ----------------------
+def brute_force_joint(F, w, Q, g=None):
+    """argmin g^T dw + 1/2 dw^T F dw subject to w_Q + dw_Q = 0, by the KKT system in float64."""
+    d = w.numel()
+    g = torch.zeros(d, dtype=torch.float64) if g is None else g
+    E = torch.zeros(d, len(Q), dtype=torch.float64)
+    E[Q, torch.arange(len(Q))] = 1.0
+    kkt = torch.cat([torch.cat([F, E], 1), torch.cat([E.T, torch.zeros(len(Q), len(Q), dtype=torch.float64)], 1)], 0)
+    rhs = torch.cat([-g, -w[Q]])
+    return torch.linalg.solve(kkt, rhs)[:d]
+
+
+@pytest.mark.parametrize("block", [20, 4, None])  # dual, primal, whole vector (dual)
+@pytest.mark.parametrize("n_pruned", [1, 3, 17])
+def test_joint_update_is_the_exact_constrained_optimum(block, n_pruned):
+    G, w, inv, F = setup(block=block)
+    Q = torch.randperm(50, generator=torch.Generator().manual_seed(n_pruned))[:n_pruned].sort().values.tolist()
+    prune = one_hot(50, *Q)
+    dw = brute_force_joint(F, w, Q)
+    w_joint = obs_update(weight=w, fisher_inverse=inv, prune=prune, joint=True)
+    torch.testing.assert_close(w_joint - w, dw, rtol=1e-7, atol=1e-9)
+    # it removes Q by itself (the final zeroing only cleans round-off) ...
+    assert float((w - inv.mul(inv.solve_pruned(w, prune)))[Q].abs().max()) < 1e-8
+    # ... and never leaves a larger quadratic loss than the sum of single-weight updates
+    w_sum = obs_update(weight=w, fisher_inverse=inv, prune=prune, joint=False)
+    loss = lambda v: float(0.5 * (v - w) @ F @ (v - w))  # noqa: E731
+    assert loss(w_joint) <= loss(w_sum) + 1e-12
+    if n_pruned == 1:  # one weight: joint and sum are the same update
+        torch.testing.assert_close(w_joint, w_sum, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [20, 4])
+def test_woodtaylor_joint_is_the_exact_constrained_optimum_with_gradient(block):
+    G, w, inv, F = setup(block=block)
+    g = G.mean(0)
+    Q = [1, 2, 8, 22, 23, 40]
+    dw = brute_force_joint(F, w, Q, g=g)
+    w_new = woodtaylor_update(weight=w, fisher_inverse=inv, prune=one_hot(50, *Q), grad=g, joint=True)
+    torch.testing.assert_close(w_new - w, dw, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("block,g", [(20, 5), (10, 5), (None, 10)])
+def test_group_joint_update_removes_several_groups_at_the_optimum(block, g):
+    G, w, inv, F = setup(block=block)
+    groups = torch.tensor([True, False, True, False, False, True, False, False, False, False])[: 50 // g]
+    Q = torch.arange(50).view(-1, g)[groups].flatten().tolist()
+    dw = brute_force_joint(F, w, Q)
+    w_new = group_obs_update(weight=w, fisher_inverse=inv, group_size=g, prune=groups, joint=True)
+    torch.testing.assert_close(w_new - w, dw, rtol=1e-7, atol=1e-9)
+    summed = group_obs_update(weight=w, fisher_inverse=inv, group_size=g, prune=groups, joint=False)
+    loss = lambda v: float(0.5 * (v - w) @ F @ (v - w))  # noqa: E731
+    assert loss(w_new) <= loss(summed) + 1e-12
