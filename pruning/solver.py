@@ -1,0 +1,386 @@
+"""The OBS solver: one Optimal Brain Surgeon step on a set of masked layers, for every trainer.
+
+A small model-agnostic class in the manner of IST-DASLab's ``sparsegpt.py``; its names follow the
+WoodFisher paper (m gradients, damp lambda, blocks of c weights, statistic rho, update dw):
+
+    solver = OBSSolver(layers, granularity="unstructured", method=PRUNE_METHODS["woodfisher"],
+                       fisher=FisherSettings(m=64, samples_per_grad=8, damp=1e-5, block_size=512))
+    solver.collect(model, batches)          # or solver.add_gradients(G), G = m x D rows
+    masks = solver.prune_to(0.1, scope="global")      # score, select (shared selector), update, install
+    # or, for a mask chosen by someone else (a learned HYDRA/BiP mask):
+    record = solver.compensate(new_masks)
+
+``scores()`` is the method's statistic per weight (weight-shaped, ready for the selector: it ranks
+|score| per weight and the L2 norm of a filter's/channel's scores), ``compensate(new_masks)`` the
+update for removing every currently alive weight that ``new_masks`` drops: per Fisher block the
+joint OBS solution dw = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q (exact under the quadratic model), or the
+sum of single-weight updates (WoodFisher's approximation) with ``joint=False`` or where the joint
+system would exceed ``joint_limit`` (it never costs more than one block's inverse: at most
+min(c, m)^2 numbers per block; see ``EmpiricalFisherInverse.solve_pruned``). The record says which.
+
+Blocks (weights that share one Fisher inverse): chunks of ``block_size`` contiguous weights of one
+layer, a whole layer, or all layers at once. Filter/channel masks always use whole-layer blocks: a
+pruned group's update must be able to move the other groups of its layer (a group at least as wide
+as a chunk would otherwise be a block of its own, and its update would move nothing).
+
+Everything tensor-valued stays on the solver's device, with no host synchronisation inside the
+per-layer work: the few numbers a caller logs are read once, at the end of a step. G itself may live
+in host memory (``offload``); chunks of it are staged to the device when an inverse needs them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from layers.masked import MaskedLayer
+from layers.selector import expand_units, select_masks
+from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
+from pruning.gradients import collect_gradients
+from pruning.methods import PruneMethod
+from pruning.obs import group_permutation
+
+BLOCKS = ("chunk", "layer", "all")
+
+
+@dataclass(frozen=True)
+class FisherSettings:
+    """How the damped empirical Fisher F = damp I + G^T G / m is estimated and blocked."""
+
+    m: int = 100                     # number of gradient rows (--fisher-subsample-size)
+    samples_per_grad: int = 1        # samples averaged into each row (--fisher-mini-bsz)
+    max_samples: int | None = None   # at most this many samples of a row per forward (--max-mini-bsz)
+    damp: float = 1e-5               # lambda (--fisher-damp)
+    block_size: int = 2000           # c, for blocks="chunk" (--fittable-params)
+    blocks: str = "chunk"            # chunk | layer | all (--fisher-blocks)
+    offload: bool = False            # keep G in host memory (--offload-grads; matters on a GPU only)
+    joint_limit: int = 4096          # largest per-block system (min(|Q|, c, m)) of the joint solve
+
+    def __post_init__(self) -> None:
+        if self.blocks not in BLOCKS:
+            raise ValueError(f"blocks must be one of {BLOCKS}, got {self.blocks!r}")
+        if self.m < 1 or self.samples_per_grad < 1 or self.block_size < 1 or not self.damp > 0:
+            raise ValueError(f"invalid Fisher settings {self}")
+
+
+@dataclass(frozen=True)
+class BlockGroup:
+    """Layers that share one block-diagonal inverse: one layer, or all layers (blocks="all")."""
+
+    names: tuple[str, ...]
+    start: int  # first column in G
+    size: int   # number of columns (weights)
+
+
+@dataclass
+class _Prepared:
+    """A block group's weights, alive mask, gradient columns and inverse, in its (permuted) order."""
+
+    w: torch.Tensor
+    alive: torch.Tensor
+    perm: torch.Tensor | None
+    group_size: int
+    inverse: object | None
+    grad_mean: torch.Tensor | None
+    solved: torch.Tensor | None  # per-group ([F^-1]_QQ)^-1 w_Q, kept from the statistic for the update
+    kept_bytes: int
+
+
+@dataclass
+class StepRecord:
+    """What one OBS step did, for the run log (read from the device once, at the end of the step)."""
+
+    pruned: int = 0
+    alive_before: int = 0
+    alive_after: int = 0
+    solve: str = "none"  # joint | sum | none (no compensation)
+    seconds: float = 0.0
+    grad_seconds: float = 0.0
+    grads_bytes: int = 0
+    inverse_peak_bytes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class OBSSolver:
+    """One OBS step on ``layers`` (see the module docstring)."""
+
+    def __init__(self, layers: dict[str, MaskedLayer], *, granularity: str, method: PruneMethod,
+                 fisher: FisherSettings | None = None, device: torch.device | str | None = None) -> None:
+        if granularity not in method.granularities:
+            raise ValueError(f"prune method {method.name} does not support {granularity} masks")
+        if not layers:
+            raise ValueError("the solver needs at least one masked layer")
+        self.layers = layers
+        self.granularity = granularity
+        self.method = method
+        self.fisher = fisher or FisherSettings()
+        first = next(iter(layers.values()))
+        self.device = torch.device(device) if device is not None else first.weight.device
+        self.G: torch.Tensor | None = None
+        self.record = StepRecord()
+        self._prepared: dict[int, _Prepared] = {}
+        self._kept_bytes = 0
+        self._peak_bytes = 0
+        self._nan = torch.zeros((), dtype=torch.bool, device=self.device)  # any NaN statistic this step
+        offsets, start = [], 0
+        for name, layer in layers.items():
+            offsets.append(BlockGroup((name,), start, layer.weight.numel()))
+            start += layer.weight.numel()
+        self.num_weights = start
+        if method.fisher == "empirical" and self.fisher.blocks == "all" and not self._grouped():
+            self.groups = [BlockGroup(tuple(layers), 0, start)]
+        else:
+            self.groups = offsets
+
+    # -- gradients ------------------------------------------------------------------------------
+    def _grouped(self) -> bool:
+        return self.granularity != "unstructured" and self.method.group_statistic is not None
+
+    def _offloaded(self) -> bool:
+        return self.fisher.offload and self.device.type == "cuda"  # on a CPU there is nowhere to offload to
+
+    def add_gradients(self, G: torch.Tensor) -> None:
+        """Use the m x D gradient rows G (columns: the layers' weights flattened, in layer order;
+        pruned coordinates 0)."""
+        if G.dim() != 2 or G.shape[1] != self.num_weights:
+            raise ValueError(f"G must be (m, {self.num_weights}), got {tuple(G.shape)}")
+        self.G = G
+        self.free_inverses()
+
+    def collect(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+                label_smoothing: float = 0.0, label_generator: torch.Generator | None = None) -> None:
+        """Fill G from ``batches`` (``pruning.gradients``): m rows, each the mean over
+        samples_per_grad samples, with the model in eval mode and no score gradient."""
+        if self.method.fisher is None:
+            return
+        t0 = time.perf_counter()
+        f = self.fisher
+        names = {id(p): n for n, p in model.named_parameters()}
+        weights = {names[id(layer.weight)]: layer.weight for layer in self.layers.values()}
+        out = None
+        if self._offloaded():
+            out = torch.empty(f.m, self.num_weights, dtype=next(iter(weights.values())).dtype,
+                              pin_memory=torch.cuda.is_available())
+        score_grad = [layer.score_grad for layer in self.layers.values()]
+        for layer in self.layers.values():  # a plain weight * mask forward: no straight-through path
+            layer.score_grad = False
+        try:
+            G = collect_gradients(model, weights, batches, rows=f.m, samples_per_row=f.samples_per_grad,
+                                  max_samples=f.max_samples, label_smoothing=label_smoothing,
+                                  label_generator=label_generator, out=out)
+        finally:
+            for layer, flag in zip(self.layers.values(), score_grad):
+                layer.score_grad = flag
+        self.add_gradients(G)
+        self.record.grad_seconds = time.perf_counter() - t0
+        self.record.grads_bytes = G.numel() * G.element_size()
+
+    # -- per block group: weights, inverse, statistic --------------------------------------------
+    def _prepare(self, i: int) -> _Prepared:
+        if i in self._prepared:
+            return self._prepared[i]
+        group = self.groups[i]
+        layers = [self.layers[n] for n in group.names]
+        w = torch.cat([layer.weight.detach().reshape(-1) for layer in layers])
+        alive = torch.cat([layer.mask.reshape(-1) for layer in layers])
+        perm, gsize = None, 1
+        if self.granularity != "unstructured":
+            perm, gsize = group_permutation(shape=layers[0].weight.shape, granularity=self.granularity,
+                                            device=self.device)
+        cols = None
+        staged = 0
+        if self.method.fisher is not None:
+            if self.G is None:
+                raise ValueError(f"prune method {self.method.name} needs gradients: call collect() or add_gradients()")
+            cols = self.G[:, group.start:group.start + group.size]
+            if perm is not None:
+                cols = cols[:, perm.to(cols.device)]  # a copy, where G lives
+                staged = cols.numel() * cols.element_size() if cols.device == self.device else 0
+        if perm is not None:
+            w, alive = w[perm], alive[perm]
+        inverse = self._inverse(cols, gsize)
+        grad_mean = cols.mean(0).to(self.device) if (cols is not None and self.method.needs_grad_mean) else None
+        kept = staged + (inverse.kept_memory_bytes() if inverse is not None else 0)
+        if inverse is not None:
+            self._peak_bytes = max(self._peak_bytes, self._kept_bytes + staged + inverse.peak_memory_bytes())
+        prepared = _Prepared(w=w, alive=alive, perm=perm, group_size=gsize, inverse=inverse, grad_mean=grad_mean,
+                             solved=None, kept_bytes=kept)
+        if self._kept_bytes + kept <= self._keep_budget():
+            self._prepared[i] = prepared
+            self._kept_bytes += kept
+        return prepared
+
+    def _keep_budget(self) -> int:
+        """Bytes of inverses kept between scoring and updating (the rest are rebuilt): as much as G
+        takes on the device, or, with G offloaded to the host, a quarter of the free GPU memory."""
+        if self.G is None:
+            return 0
+        if self._offloaded():
+            return torch.cuda.mem_get_info(self.device)[0] // 4
+        return self.G.numel() * self.G.element_size()
+
+    def _inverse(self, cols: torch.Tensor | None, group_size: int):
+        kind = self.method.fisher
+        if kind is None or cols is None:
+            return None
+        if kind == "diagonal":
+            return DiagonalFisher(cols, damp=self.fisher.damp, device=self.device)
+        block: int | None = None
+        if self.fisher.blocks == "chunk" and not self._grouped():
+            block = self.fisher.block_size
+        # layer / all, and every filter/channel run: whole-layer blocks (see the module docstring)
+        return EmpiricalFisherInverse(cols, block_size=block, damp=self.fisher.damp, device=self.device)
+
+    def free_inverses(self) -> None:
+        self._prepared.clear()
+        self._kept_bytes = 0
+
+    def _statistic(self, i: int) -> tuple[torch.Tensor, _Prepared]:
+        """The method's statistic of group ``i`` in its permuted order (per weight, or per
+        filter/channel), and the group's prepared data."""
+        p = self._prepare(i)
+        if self._grouped():
+            n_groups = p.w.numel() // p.group_size
+            alive_groups = p.alive.view(n_groups, p.group_size).any(1)
+            if p.solved is None:
+                p.solved = p.inverse.group_solve(p.w, group_size=p.group_size)
+            stat = self.method.group_statistic(weight=p.w, fisher_inverse=p.inverse, group_size=p.group_size,
+                                               mask=alive_groups, solved=p.solved)
+        else:
+            stat = self.method.statistic(weight=p.w, fisher_inverse=p.inverse, mask=p.alive, grad=p.grad_mean)
+        self._nan = self._nan | stat.isnan().any()
+        return stat, p
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Weight-shaped scores by layer for the shared selector: the statistic per weight; for
+        filter/channel masks sqrt(statistic / g) in every weight of a group, so that the group's L2
+        norm (what the selector ranks) is sqrt(statistic). Already-pruned units score 0."""
+        out: dict[str, torch.Tensor] = {}
+        for i, group in enumerate(self.groups):
+            stat, p = self._statistic(i)
+            if self._grouped():
+                layer = self.layers[group.names[0]]
+                out[group.names[0]] = expand_units((stat / p.group_size).sqrt(), layer.weight.shape, self.granularity)
+                continue
+            if self.granularity != "unstructured":
+                stat = stat.sqrt()  # additive: a group's L2 norm of sqrt(stat) is sqrt(sum of stat)
+            out.update(self._split(group, p.perm, stat.reshape(-1)))
+        return out
+
+    def _split(self, group: BlockGroup, perm: torch.Tensor | None, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A group's flat vector (in its possibly permuted order) back to weight-shaped tensors."""
+        if perm is not None:
+            out = torch.empty_like(flat)
+            out[perm] = flat
+            flat = out
+        layers = [self.layers[n] for n in group.names]
+        parts = flat.split([layer.weight.numel() for layer in layers])
+        return {n: part.view_as(layer.weight) for n, layer, part in zip(group.names, layers, parts)}
+
+    # -- the step -------------------------------------------------------------------------------
+    def prune_to(self, density: float, *, scope: str, min_units: int = 0, scale: float = 1.0,
+                 joint: bool = True, scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Score (or use ``scores``), keep exactly n_keep(density, N) units with the shared selector,
+        apply the update, zero the pruned weights and install the masks; returns the new masks."""
+        scores = self.scores() if scores is None else scores
+        names = list(self.layers)
+        masks = select_masks([scores[n] for n in names], k=density, granularity=self.granularity, scope=scope,
+                             min_units=min_units, check=False)
+        new = dict(zip(names, masks))
+        self.compensate(new, scale=scale, joint=joint)
+        return new
+
+    def compensate(self, new_masks: dict[str, torch.Tensor], *, scale: float = 1.0, joint: bool = True) -> StepRecord:
+        """Remove every alive weight that ``new_masks`` drops (a mask chosen here or by someone else)
+        with the method's update, zero the pruned weights and install ``new_masks`` on the layers.
+        A mask that would revive a pruned weight is refused. Returns the step's record."""
+        t0 = time.perf_counter()
+        missing = set(self.layers) - set(new_masks)
+        if missing:
+            raise ValueError(f"new masks lack layers {sorted(missing)[:3]}")
+        limit_ok = self._joint_fits()
+        use_joint = joint and limit_ok and self.method.compensates
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        counts = []
+        with torch.no_grad():
+            for i, group in enumerate(self.groups):
+                p = self._prepare(i)
+                keep = torch.cat([new_masks[n].to(self.device).reshape(-1) for n in group.names])
+                if p.perm is not None:
+                    keep = keep[p.perm]
+                bad = bad | (keep & ~p.alive).any()
+                prune = p.alive & ~keep
+                counts.append(torch.stack([p.alive.sum(), prune.sum()]))
+                w_new = self._update(p, prune, scale=scale, joint=use_joint)
+                for name, part in self._split(group, p.perm, w_new.reshape(-1)).items():
+                    self.layers[name].weight.copy_(part)
+                if p.inverse is not None:
+                    bad = bad | p.inverse.failed()
+                self._prepared.pop(i, None)  # the weights moved: this group's cache is stale
+            self._kept_bytes = 0
+            for name, layer in self.layers.items():
+                layer.mask.copy_(new_masks[name].to(layer.mask.device, torch.bool))
+                layer.weight.mul_(layer.mask)
+            # The one host synchronisation of the step: failure flags and the counts for the log.
+            flags = torch.stack([bad, self._nan]).tolist()
+            totals = torch.stack(counts).sum(0).tolist()
+            failed_revive, failed_nan = flags
+        self._nan = torch.zeros((), dtype=torch.bool, device=self.device)
+        if failed_revive:
+            raise RuntimeError("the new masks revive pruned weights, or a Cholesky factorisation of the damped "
+                               "Fisher failed (increase --fisher-damp, or check the gradients for inf/nan)")
+        if failed_nan:
+            raise FloatingPointError("the pruning statistic is NaN (gradients with inf/nan?); increase --fisher-damp")
+        alive, pruned = int(totals[0]), int(totals[1])
+        if not self.method.compensates or scale == 0:
+            solve = "none"
+        else:
+            solve = "joint" if use_joint else "sum"
+        notes = []
+        if joint and self.method.compensates and not limit_ok:
+            notes.append(f"joint solve over {self._joint_size()} > {self.fisher.joint_limit}: sum of single updates")
+        self.record = StepRecord(pruned=pruned, alive_before=alive, alive_after=alive - pruned, solve=solve,
+                                 seconds=time.perf_counter() - t0 + self.record.grad_seconds,
+                                 grad_seconds=self.record.grad_seconds, grads_bytes=self.record.grads_bytes,
+                                 inverse_peak_bytes=self._peak_bytes, notes=notes)
+        return self.record
+
+    def _joint_size(self) -> int:
+        """The largest per-block system the joint solve would factor: min(c, m) (primal c x c, dual m x m)."""
+        widest = max(g.size for g in self.groups)
+        c = self.fisher.block_size if (self.fisher.blocks == "chunk" and not self._grouped()) else widest
+        return min(c, widest, self.fisher.m)
+
+    def _joint_fits(self) -> bool:
+        return self._joint_size() <= self.fisher.joint_limit
+
+    def _update(self, p: _Prepared, prune: torch.Tensor, *, scale: float, joint: bool) -> torch.Tensor:
+        if self._grouped():
+            n_groups = p.w.numel() // p.group_size
+            return self.method.group_update(weight=p.w, fisher_inverse=p.inverse, group_size=p.group_size,
+                                            prune=prune.view(n_groups, p.group_size).any(1),
+                                            mask=p.alive.view(n_groups, p.group_size).any(1),
+                                            scale_prune_update=scale, joint=joint, solved=p.solved)
+        return self.method.update(weight=p.w, fisher_inverse=p.inverse, prune=prune, mask=p.alive,
+                                  scale_prune_update=scale, grad=p.grad_mean, joint=joint)
+
+    def release(self) -> None:
+        """Drop G and every cached inverse."""
+        self.G = None
+        self.free_inverses()
+
+
+def weight_masks(layers: dict[str, MaskedLayer]) -> dict[str, torch.Tensor]:
+    """The layers' current masks (copies)."""
+    return {name: layer.mask.detach().clone() for name, layer in layers.items()}
+
+
+def dense_masks(layers: dict[str, MaskedLayer]) -> dict[str, torch.Tensor]:
+    return {name: torch.ones_like(layer.mask) for name, layer in layers.items()}
+
+
+__all__: Sequence[str] = ("BLOCKS", "BlockGroup", "FisherSettings", "OBSSolver", "StepRecord", "dense_masks",
+                          "weight_masks")
