@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from configs.errors import UserError
+from configs.errors import UserError, one_line
 from configs.schema import Config, load_config
 from data import build_dataset, build_loaders
 from layers import MaskSet, to_masked
@@ -157,8 +157,8 @@ def run(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     try:
         return run(load_config(sys.argv[1:] if argv is None else argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # also one raised in a DataLoader worker: one_line drops the worker's traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
