@@ -76,8 +76,13 @@ def _load_plain(value: bytes, *, source: str) -> Any:
     return safe_loads(value, source=source, allowed={}, encoding="bytes")
 
 
-def read_index(txn, path: str) -> tuple[int, list[bytes] | None]:
-    """(number of records, keys or None when they are the canonical b"0", b"1", ...)."""
+def read_index(txn, path: str, *, entries: int) -> tuple[int, list[bytes] | None]:
+    """(number of records, keys or None when they are the canonical b"0", b"1", ...).
+
+    ``entries`` is the environment's own count of keys (``env.stat()["entries"]``). The index is
+    data from the file: a count beyond that is refused before anything is sized by it (a sampler
+    over a claimed 10**11 records would exhaust memory).
+    """
     lmdb = lmdb_module()
     try:
         raw_len, raw_keys = txn.get(LEN_KEY), txn.get(KEYS_KEY)
@@ -91,6 +96,7 @@ def read_index(txn, path: str) -> tuple[int, list[bytes] | None]:
         length = _load_plain(raw_len, source=f"{path} key {LEN_KEY!r}")
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise UserError(f"{path} key {LEN_KEY!r} is not a record count: {RECREATE}")
+        _check_count(length, path=path, entries=entries, index_keys=(raw_len, raw_keys), what=LEN_KEY)
     if raw_keys is None:
         return length, None
     keys = _load_plain(raw_keys, source=f"{path} key {KEYS_KEY!r}")
@@ -99,11 +105,19 @@ def read_index(txn, path: str) -> tuple[int, list[bytes] | None]:
     keys = [k.encode() if isinstance(k, str) else k for k in keys]
     if not all(isinstance(k, bytes) for k in keys):
         raise UserError(f"{path} key {KEYS_KEY!r} holds something other than byte-string keys: {RECREATE}")
+    _check_count(len(keys), path=path, entries=entries, index_keys=(raw_len, raw_keys), what=KEYS_KEY)
     if length is not None and length != len(keys):
         raise UserError(f"{path} says it has {length} records (__len__) but lists {len(keys)} keys: {RECREATE}")
     if all(k == str(i).encode() for i, k in enumerate(keys)):
         return len(keys), None
     return len(keys), keys
+
+
+def _check_count(count: int, *, path: str, entries: int, index_keys: tuple, what: bytes) -> None:
+    records = entries - sum(value is not None for value in index_keys)  # the index keys hold no image
+    if count > records:
+        raise UserError(f"{path} key {what!r} claims {count} records but the file holds only {records}: its index "
+                        f"is corrupt; {RECREATE}")
 
 
 # One read-only environment and read transaction per LMDB file and process, shared by every
@@ -120,17 +134,22 @@ def file_identity(path: str) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def reader_transaction(path: str, identity: tuple[int, int]):
+def reader(path: str, identity: tuple[int, int]):
+    """(environment, read transaction) of this process for the file."""
     entry = _READERS.get(identity)
     if entry is not None and entry[0] == os.getpid():
-        return entry[2]
+        return entry[1], entry[2]
     if entry is not None:
         entry[1].close()  # inherited from the parent process: release it, never read through it
     env = open_readonly(path)
     # One long read transaction: the file does not change while we train.
     txn = env.begin(buffers=False)
     _READERS[identity] = (os.getpid(), env, txn)
-    return txn
+    return env, txn
+
+
+def reader_transaction(path: str, identity: tuple[int, int]):
+    return reader(path, identity)[1]
 
 
 def close_lmdb_readers() -> None:
@@ -151,7 +170,8 @@ class LmdbImages(Dataset):
         self.transform = transform
         self.num_classes = num_classes
         self._identity = file_identity(path)
-        self._length, keys = read_index(reader_transaction(path, self._identity), path)
+        env, txn = reader(path, self._identity)
+        self._length, keys = read_index(txn, path, entries=env.stat()["entries"])
         # A numpy byte-string array, not 1.3M Python objects (see ImageList for why).
         self._keys = None if keys is None else np.array(keys, dtype=np.bytes_)
         self.bad = BadRecordPolicy(skip=skip_bad_records, source=path)
