@@ -186,6 +186,10 @@ class LmdbImages(Dataset):
         return self._length
 
     @property
+    def source(self) -> str:
+        return self.path
+
+    @property
     def skipped_records(self) -> int:
         return self.bad.skipped
 
