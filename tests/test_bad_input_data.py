@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from configs.errors import UserError, one_line
 from data.bad_records import BadRecordError
+from data.safe_pickle import safe_loads
 from tests.fixtures_data import ShellPayload, image_bytes, py2_pickle, write_bip_lmdb, write_cifar10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,14 @@ def _yaml_bomb() -> str:
     levels = ["&a0 [" + ", ".join(["1"] * 10) + "]"]
     levels += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]
     return "lr: [" + ", ".join(levels) + "]\n"
+
+
+def _shared_references(levels: int) -> list:
+    """A list of 10**levels numbers in ~20 bytes per level of pickle: each level repeats one reference."""
+    value = [1] * 10
+    for _ in range(levels - 1):
+        value = [value] * 10
+    return value
 
 
 ZEROS = np.zeros((2, 3072), dtype=np.uint8)
@@ -168,6 +177,19 @@ def test_bad_record_met_during_training_is_one_error_line(tmp_path, workers, bad
     assert "DataLoader worker" not in proc.stderr
     assert "run folder:" in proc.stdout  # it did get as far as training
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- data.safe_pickle
+
+def test_shared_references_in_a_pickle_are_not_expanded():
+    # What pickle shares through its memo stays shared: checked on a small list first, so that a
+    # regression fails here instead of expanding the large one below.
+    small = safe_loads(pickle.dumps(_shared_references(2)), source="small")
+    assert small[0] is small[9] and small[0] == [1] * 10
+    data = pickle.dumps({"labels": _shared_references(12)}, protocol=2)
+    assert len(data) < 400  # 10**12 numbers once expanded
+    labels = safe_loads(data, source="bomb")["labels"]
+    assert labels[0] is labels[9]
 
 
 # ---------------------------------------------------------------- configs.errors.one_line
