@@ -79,9 +79,10 @@ def _load_plain(value: bytes, *, source: str) -> Any:
 def read_index(txn, path: str, *, entries: int) -> tuple[int, list[bytes] | None]:
     """(number of records, keys or None when they are the canonical b"0", b"1", ...).
 
-    ``entries`` is the environment's own count of keys (``env.stat()["entries"]``). The index is
-    data from the file: a count beyond that is refused before anything is sized by it (a sampler
-    over a claimed 10**11 records would exhaust memory).
+    ``entries`` is the environment's own count of keys (``env.stat()["entries"]``). A bare __len__
+    is a number that nothing in the file backs: beyond that count it is refused before anything is
+    sized by it (a sampler over a claimed 10**11 records would exhaust memory). A __keys__ list is
+    as long as the file makes it; a key it lists without a record is a bad record when read.
     """
     lmdb = lmdb_module()
     try:
@@ -96,8 +97,10 @@ def read_index(txn, path: str, *, entries: int) -> tuple[int, list[bytes] | None
         length = _load_plain(raw_len, source=f"{path} key {LEN_KEY!r}")
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise UserError(f"{path} key {LEN_KEY!r} is not a record count: {RECREATE}")
-        _check_count(length, path=path, entries=entries, index_keys=(raw_len, raw_keys), what=LEN_KEY)
     if raw_keys is None:
+        if length > entries - 1:  # every key but __len__ itself
+            raise UserError(f"{path} key {LEN_KEY!r} claims {length} records but the file holds only {entries - 1}: "
+                            f"its index is corrupt or records are missing; {RECREATE}")
         return length, None
     keys = _load_plain(raw_keys, source=f"{path} key {KEYS_KEY!r}")
     if not isinstance(keys, (list, tuple)):
@@ -105,19 +108,11 @@ def read_index(txn, path: str, *, entries: int) -> tuple[int, list[bytes] | None
     keys = [k.encode() if isinstance(k, str) else k for k in keys]
     if not all(isinstance(k, bytes) for k in keys):
         raise UserError(f"{path} key {KEYS_KEY!r} holds something other than byte-string keys: {RECREATE}")
-    _check_count(len(keys), path=path, entries=entries, index_keys=(raw_len, raw_keys), what=KEYS_KEY)
     if length is not None and length != len(keys):
         raise UserError(f"{path} says it has {length} records (__len__) but lists {len(keys)} keys: {RECREATE}")
     if all(k == str(i).encode() for i, k in enumerate(keys)):
         return len(keys), None
     return len(keys), keys
-
-
-def _check_count(count: int, *, path: str, entries: int, index_keys: tuple, what: bytes) -> None:
-    records = entries - sum(value is not None for value in index_keys)  # the index keys hold no image
-    if count > records:
-        raise UserError(f"{path} key {what!r} claims {count} records but the file holds only {records}: its index "
-                        f"is corrupt; {RECREATE}")
 
 
 # One read-only environment and read transaction per LMDB file and process, shared by every
