@@ -27,7 +27,8 @@ def one_line(exc: BaseException) -> str:
     text = str(exc)
     if text.startswith(f"Caught {type(exc).__name__} ") and _WORKER_TRACEBACK in text:
         cls = type(exc)
-        name = cls.__qualname__ if cls.__module__ in ("__main__", "builtins") else f"{cls.__module__}.{cls.__qualname__}"
+        builtin = cls.__module__ in ("__main__", "builtins")
+        name = cls.__qualname__ if builtin else f"{cls.__module__}.{cls.__qualname__}"
         marker = f"\n{name}: "  # as the traceback module writes the exception's last line
         cut = text.rfind(marker)
         if cut >= 0:  # the last one: in a chained traceback the exception raised comes last

@@ -258,7 +258,8 @@ def read_yaml(path: str) -> dict[str, Any]:
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in FIELDS or key == "configs":
-            raise UserError(f"{path}: unknown key {str(raw_key)!r}{_closest(key, [k for k in FIELDS if k != 'configs'])}")
+            options = [k for k in FIELDS if k != "configs"]
+            raise UserError(f"{path}: unknown key {str(raw_key)!r}{_closest(key, options)}")
         if isinstance(value, (dict, list, set)):
             # Every option is one scalar; the value is not printed (aliases can make it huge).
             kind = "mapping" if isinstance(value, dict) else "list"

@@ -78,7 +78,8 @@ def check_labels(labels: list | np.ndarray, *, path: str, layout: CifarLayout) -
         if isinstance(label, int) and not isinstance(label, bool):
             if 0 <= label < layout.num_classes:
                 continue
-            shown = str(label) if label.bit_length() < 64 else f"<{label.bit_length()}-bit int>"  # str of a huge int raises
+            # str() of an int of thousands of digits raises ValueError
+            shown = str(label) if label.bit_length() < 64 else f"<{label.bit_length()}-bit int>"
             hint = " (CIFAR10 and CIFAR100 files mixed up?)"
         else:
             shown = repr(label)[:40] if isinstance(label, (float, str, bytes)) else f"<{type(label).__name__}>"
