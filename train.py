@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from configs.errors import RunStopped, UserError
+from configs.errors import RunStopped, UserError, one_line
 from configs.schema import Config, Options, read_options, resumed_config
 from data import build_dataset, build_loaders
 from layers import MaskSet, SelectionError, to_masked
@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(read_options(sys.argv[1:] if argv is None else argv))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # also one raised in a DataLoader worker: one_line drops the worker's traceback
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (RunStopped, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

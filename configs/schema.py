@@ -228,12 +228,48 @@ def coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
+# A config is a flat mapping of option: value; these bounds only stop hostile or mistaken files
+# (a dataset passed by mistake, a YAML bomb) before PyYAML spends memory or recursion on them.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32  # PyYAML's composer recurses per level: far below Python's recursion limit
+
+
+def _yaml_depth_error(text: str) -> str | None:
+    """Where ``text`` nests deeper than MAX_CONFIG_DEPTH, found from the event stream (which does not
+    recurse), stopping at the first such point; None when it does not."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                return f"line {event.start_mark.line + 1}"
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+    return None
+
+
 def read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}; pass an existing YAML file to --configs (see configs/)")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path} ({exc.strerror}); check its permissions") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise UserError(f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a config file; pass a YAML "
+                        "file of option: value lines to --configs (see configs/)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path} is not a UTF-8 YAML text file (byte {exc.start} is not UTF-8); pass a YAML "
+                        "file of option: value lines to --configs (see configs/)") from None
+    try:
+        deep = _yaml_depth_error(text)
+        if deep is not None:
+            raise UserError(f"{path}: nested more than {MAX_CONFIG_DEPTH} levels deep at {deep}; a config is a "
+                            "flat mapping of option: value")
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -246,7 +282,12 @@ def read_yaml(path: str) -> dict[str, Any]:
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
         if key not in FIELDS or key == "configs":
-            raise UserError(f"{path}: unknown key '{raw_key}'{_closest(key, [k for k in FIELDS if k != 'configs'])}")
+            options = [k for k in FIELDS if k != "configs"]
+            raise UserError(f"{path}: unknown key {str(raw_key)!r}{_closest(key, options)}")
+        if isinstance(value, (dict, list, set)):
+            # Every option is one scalar; the value is not printed (aliases can make it huge).
+            kind = "mapping" if isinstance(value, dict) else "list"
+            raise UserError(f"{path}: {key} must be a single {_base_type(key).__name__} value, got a {kind}")
         out[key] = coerce(key, value, path)
     return out
 

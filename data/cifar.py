@@ -61,6 +61,34 @@ def find_cifar_root(layout: CifarLayout, data_dir: str) -> str:
     raise UserError(f"{layout.name} not found: expected {missing} ({how}; this program never downloads)")
 
 
+def check_labels(labels: list | np.ndarray, *, path: str, layout: CifarLayout) -> np.ndarray:
+    """The labels as int64, each an integer in 0..num_classes-1; else a UserError naming the first bad one.
+
+    Checked before any conversion: np.asarray would turn "3" or 2.7 into a label silently, and
+    a huge int into an OverflowError.
+    """
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise UserError(f"{path} has '{layout.label_key}' of dtype {labels.dtype} and shape {labels.shape}, "
+                            f"not a list of class numbers: not a {layout.name} batch; re-extract {layout.archive}")
+        values = labels.tolist()
+    else:
+        values = labels
+    for i, label in enumerate(values):
+        if isinstance(label, int) and not isinstance(label, bool):
+            if 0 <= label < layout.num_classes:
+                continue
+            # str() of an int of thousands of digits raises ValueError
+            shown = str(label) if label.bit_length() < 64 else f"<{label.bit_length()}-bit int>"
+            hint = " (CIFAR10 and CIFAR100 files mixed up?)"
+        else:
+            shown = repr(label)[:40] if isinstance(label, (float, str, bytes)) else f"<{type(label).__name__}>"
+            hint = ""
+        raise UserError(f"{path} has label {shown} at position {i}, not a class number in "
+                        f"0..{layout.num_classes - 1}: not a {layout.name} batch{hint}; re-extract {layout.archive}")
+    return np.asarray(values, dtype=np.int64)
+
+
 def read_batch(path: str, *, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
     """(images n x 3 x 32 x 32 uint8, labels n int64) from one python batch file."""
     entry = safe_load_file(path, allowed=NUMPY_GLOBALS, encoding="latin1")
@@ -74,10 +102,7 @@ def read_batch(path: str, *, layout: CifarLayout) -> tuple[np.ndarray, np.ndarra
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(data):
         raise UserError(f"{path} has no '{layout.label_key}' list matching its {len(data)} images: "
                         f"not a {layout.name} batch; re-extract {layout.archive}")
-    labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise UserError(f"{path} has labels outside 0..{layout.num_classes - 1}: not a {layout.name} batch "
-                        f"(CIFAR10 and CIFAR100 files mixed up?); re-extract {layout.archive}")
+    labels = check_labels(labels, path=path, layout=layout)
     return data.reshape(-1, 3, NATIVE_SIZE, NATIVE_SIZE), labels
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import io
+import struct
 
 from PIL import Image
 
 from data.bad_records import BadRecordError
 
 # PIL's own guard against decompression bombs stays on: a crafted file must not exhaust memory.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# IndexError, TypeError, KeyError and struct.error are what PIL's format readers raise on malformed
+# data (ImageFile turns them into SyntaxError while opening, but not on every later path): a bad
+# image must reach the user as a BadRecordError naming the record, also from a DataLoader worker.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, IndexError,
+                  TypeError, KeyError, struct.error)
 
 
 def decode_rgb(data: bytes, *, source: str) -> Image.Image:

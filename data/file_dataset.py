@@ -30,6 +30,10 @@ class FileImages(Dataset):
         return torch.from_numpy(self.images.labels)
 
     @property
+    def source(self) -> str:
+        return self.images.root
+
+    @property
     def skipped_records(self) -> int:
         return self.bad.skipped
 

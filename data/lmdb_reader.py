@@ -76,8 +76,14 @@ def _load_plain(value: bytes, *, source: str) -> Any:
     return safe_loads(value, source=source, allowed={}, encoding="bytes")
 
 
-def read_index(txn, path: str) -> tuple[int, list[bytes] | None]:
-    """(number of records, keys or None when they are the canonical b"0", b"1", ...)."""
+def read_index(txn, path: str, *, entries: int) -> tuple[int, list[bytes] | None]:
+    """(number of records, keys or None when they are the canonical b"0", b"1", ...).
+
+    ``entries`` is the environment's own count of keys (``env.stat()["entries"]``). A bare __len__
+    is a number that nothing in the file backs: beyond that count it is refused before anything is
+    sized by it (a sampler over a claimed 10**11 records would exhaust memory). A __keys__ list is
+    as long as the file makes it; a key it lists without a record is a bad record when read.
+    """
     lmdb = lmdb_module()
     try:
         raw_len, raw_keys = txn.get(LEN_KEY), txn.get(KEYS_KEY)
@@ -92,6 +98,9 @@ def read_index(txn, path: str) -> tuple[int, list[bytes] | None]:
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise UserError(f"{path} key {LEN_KEY!r} is not a record count: {RECREATE}")
     if raw_keys is None:
+        if length > entries - 1:  # every key but __len__ itself
+            raise UserError(f"{path} key {LEN_KEY!r} claims {length} records but the file holds only {entries - 1}: "
+                            f"its index is corrupt or records are missing; {RECREATE}")
         return length, None
     keys = _load_plain(raw_keys, source=f"{path} key {KEYS_KEY!r}")
     if not isinstance(keys, (list, tuple)):
@@ -120,17 +129,22 @@ def file_identity(path: str) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def reader_transaction(path: str, identity: tuple[int, int]):
+def reader(path: str, identity: tuple[int, int]):
+    """(environment, read transaction) of this process for the file."""
     entry = _READERS.get(identity)
     if entry is not None and entry[0] == os.getpid():
-        return entry[2]
+        return entry[1], entry[2]
     if entry is not None:
         entry[1].close()  # inherited from the parent process: release it, never read through it
     env = open_readonly(path)
     # One long read transaction: the file does not change while we train.
     txn = env.begin(buffers=False)
     _READERS[identity] = (os.getpid(), env, txn)
-    return txn
+    return env, txn
+
+
+def reader_transaction(path: str, identity: tuple[int, int]):
+    return reader(path, identity)[1]
 
 
 def close_lmdb_readers() -> None:
@@ -151,7 +165,8 @@ class LmdbImages(Dataset):
         self.transform = transform
         self.num_classes = num_classes
         self._identity = file_identity(path)
-        self._length, keys = read_index(reader_transaction(path, self._identity), path)
+        env, txn = reader(path, self._identity)
+        self._length, keys = read_index(txn, path, entries=env.stat()["entries"])
         # A numpy byte-string array, not 1.3M Python objects (see ImageList for why).
         self._keys = None if keys is None else np.array(keys, dtype=np.bytes_)
         self.bad = BadRecordPolicy(skip=skip_bad_records, source=path)
@@ -164,6 +179,10 @@ class LmdbImages(Dataset):
 
     def __len__(self) -> int:
         return self._length
+
+    @property
+    def source(self) -> str:
+        return self.path
 
     @property
     def skipped_records(self) -> int:

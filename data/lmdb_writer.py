@@ -170,7 +170,7 @@ def verify_lmdb(path: str, *, crcs: Sequence[int], labels: Sequence[int], progre
     env = open_readonly(path)
     try:
         with env.begin(buffers=False) as txn:
-            length, keys = read_index(txn, path)
+            length, keys = read_index(txn, path, entries=env.stat()["entries"])
         if length != len(labels) or keys is not None:
             raise UserError(f"verification of {name or path} failed: index lists {length} records, "
                             f"{len(labels)} were written; the disk may be full or faulty, rerun the conversion")

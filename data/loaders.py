@@ -44,6 +44,26 @@ def holdout_split(n: int, *, val_fraction: float, seed: int) -> tuple[list[int],
     return kept, held
 
 
+def check_batch_size(batch_size: int, *, train: int, upper: int | None, data_fraction: float,
+                     val_fraction: float) -> None:
+    """Refuse a training batch larger than a stream it is drawn from (``upper``: BiP's held-out part).
+
+    The loaders keep the last short batch, so such a batch size would silently train on one short
+    batch per epoch instead of the batch size asked for. The smaller stream is named: lowering
+    the batch size to it satisfies both.
+    """
+    subset = f" in the --data-fraction {data_fraction} subset" if data_fraction < 1.0 else ""
+    held = f" left by --val-fraction {val_fraction}" if upper is not None else ""
+    streams = [(train, f"training images{subset}{held}", "")]
+    if upper is not None:
+        streams.append((upper, f"images{subset} that --val-fraction {val_fraction} holds out for the upper level",
+                        " or a larger --val-fraction"))
+    size, what, alternative = min(streams)
+    if batch_size > size:
+        raise UserError(f"--batch-size {batch_size} is larger than the {size} {what}: use --batch-size at most "
+                        f"{size}{alternative}")
+
+
 def _loader(dataset: Dataset, *, batch_size: int, sampler: EpochSampler | None, seed: int, stream: int,
             num_workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(
@@ -78,6 +98,8 @@ def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: in
         if not train_idx or not upper_idx:
             raise UserError(f"--data-fraction {data_fraction} with --val-fraction {val_fraction} leaves an empty "
                             f"split of the {n} training images: raise --data-fraction")
+    check_batch_size(batch_size, train=len(train_idx), upper=len(upper_idx) if val_fraction > 0 else None,
+                     data_fraction=data_fraction, val_fraction=val_fraction)
     common = dict(seed=seed, num_workers=num_workers, pin_memory=pin_memory)
     train = _loader(splits.train, batch_size=batch_size, stream=STREAM_TRAIN,
                     sampler=EpochSampler(train_idx, seed=seed, stream=STREAM_TRAIN), **common)

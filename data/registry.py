@@ -21,6 +21,7 @@ class DatasetSplits:
     train: Dataset  # training augmentation; items (float tensor C x H x W, int label)
     val: Dataset | None  # held-out split with evaluation transforms; None when the dataset has none
     test: Dataset  # evaluation transforms
+    # A split read from one file or folder names it in a ``source`` attribute, for error messages.
     num_classes: int
     in_channels: int
     image_size: int
@@ -40,8 +41,16 @@ def build_dataset(name: str, *, data_dir: str, normalize: bool = False, image_di
         raise UserError(f"--image-dim must be a positive number of pixels, got {image_dim}")
     if num_classes is not None and num_classes <= 0:
         raise UserError(f"--num-classes must be positive, got {num_classes}")
-    return builder(data_dir=os.path.expanduser(str(data_dir or ".")), normalize=normalize,
-                   image_dim=image_dim, num_classes=num_classes, skip_bad_records=skip_bad_records)
+    data_dir = os.path.expanduser(str(data_dir or "."))
+    splits = builder(data_dir=data_dir, normalize=normalize, image_dim=image_dim, num_classes=num_classes,
+                     skip_bad_records=skip_bad_records)
+    # An empty split would train or evaluate on nothing and report NaN metrics with exit status 0.
+    for split, dataset in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
+        if dataset is not None and len(dataset) == 0:
+            source = getattr(dataset, "source", data_dir)
+            raise UserError(f"the {split} split of {DATASETS.resolve(name)} is empty: {source} holds no images; point "
+                            "--data-dir at a complete copy of the dataset (LMDB: re-create it with sh/prepare_lmdb.sh)")
+    return splits
 
 
 def resolve_num_classes(dataset: str, *, found: int, requested: int | None, where: str = "") -> int:

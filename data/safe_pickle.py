@@ -127,21 +127,32 @@ class UnsafePickleError(UserError):
     """The pickle names a callable outside the allow-list: refused, never skippable."""
 
 
-def _materialize(obj: Any, depth: int = 0) -> Any:
-    """Replace placeholder arrays by real ones; reject any placeholder left in a wrong place."""
+def _materialize(obj: Any, depth: int = 0, done: dict[int, Any] | None = None) -> Any:
+    """Replace placeholder arrays by real ones; reject any placeholder left in a wrong place.
+
+    A container the pickle references several times (its memo) is converted once and shared, as
+    pickle itself shares it: converting each reference anew would turn a 200-byte file of nested
+    references into 10**9 objects.
+    """
     if depth > 50:
         raise pickle.UnpicklingError("nesting too deep")
+    done = {} if done is None else done
+    if id(obj) in done:
+        return done[id(obj)]
     if isinstance(obj, _PendingArray):
-        return obj.to_numpy()
-    if isinstance(obj, (_PendingDtype, _NdarrayMarker)) or callable(obj):
+        result = obj.to_numpy()
+    elif isinstance(obj, (_PendingDtype, _NdarrayMarker)) or callable(obj):
         raise pickle.UnpicklingError(f"unexpected object of type {type(obj).__name__}")
-    if isinstance(obj, dict):
-        return {_materialize(k, depth + 1): _materialize(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_materialize(v, depth + 1) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(_materialize(v, depth + 1) for v in obj)
-    return obj
+    elif isinstance(obj, dict):
+        result = {_materialize(k, depth + 1, done): _materialize(v, depth + 1, done) for k, v in obj.items()}
+    elif isinstance(obj, list):
+        result = [_materialize(v, depth + 1, done) for v in obj]
+    elif isinstance(obj, tuple):
+        result = tuple(_materialize(v, depth + 1, done) for v in obj)
+    else:
+        return obj
+    done[id(obj)] = result  # obj stays alive inside the unpickled tree, so its id is not reused
+    return result
 
 
 def safe_loads(data: bytes, *, source: str, allowed: dict[tuple[str, str], Any] | None = None,

@@ -200,7 +200,7 @@ def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch)
     (the configs' data_dir and the CLI default), with --epochs 1 appended to keep the test fast."""
     from tests.fixtures_data import write_cifar10
 
-    write_cifar10(str(tmp_path / "datasets"), per_batch=8, test=10)
+    write_cifar10(str(tmp_path / "datasets"), per_batch=26, test=10)  # 130 images: the configs' batch of 128 fits
     monkeypatch.chdir(tmp_path)
     cfg = os.path.join(ROOT, "configs", "CIFAR10")
     quick = ["--epochs", "1", "--no-progress", "--result-dir", str(tmp_path / "res")]
