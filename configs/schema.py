@@ -117,6 +117,9 @@ class Config:
                              "or all (one block over every weight)", ("chunk", "layer", "all"), "woodfisher")
     true_fisher: bool = opt(False, "woodfisher: labels sampled from the model (true Fisher) instead of the data's", group="woodfisher")
     offload_grads: bool = opt(False, "woodfisher: keep the m gradients in CPU memory", group="woodfisher")
+    obs_solve: str = opt("joint", "OBS update for the set Q of weights pruned at once: joint = the exact optimum "
+                         "-F^-1[:,Q] ([F^-1]_QQ)^-1 w_Q per block; sum = the sum of single-weight updates "
+                         "(WoodFisher's approximation)", ("joint", "sum"), "woodfisher")
     woodburry_joint_sparsify: bool = opt(True, "woodfisher: one global selection over all layers (else per layer)", group="woodfisher")
     scale_prune_update: float = opt(1.0, "woodfisher: scale of the OBS weight update (0 = no compensation)", group="woodfisher")
     recompute_num: int = opt(1, "woodfisher: sub-steps per pruning event, each with a fresh Fisher", group="woodfisher")

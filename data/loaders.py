@@ -7,7 +7,9 @@ and with any number of workers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,11 +25,27 @@ class Loaders:
     upper: DataLoader  # BiP upper level: independent shuffle of train, or the held-out fraction
     val: DataLoader | None
     test: DataLoader
+    train_indices: list[int] = field(default_factory=list)  # the training split (after --data-fraction)
+    seed: int = 0
+    num_workers: int = 0
+    pin_memory: bool = False
 
     def set_epoch(self, epoch: int) -> None:
         """Pin the next pass of ``train`` and ``upper`` to ``epoch`` (call before iterating)."""
         for loader in (self.train, self.upper):
             loader.sampler.set_epoch(epoch)
+
+    def stream(self, stream: int, *, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """An endless stream of training batches (training augmentation) of its own: a function of
+        (seed, stream, epoch) only, so a resumed run draws the same samples, and independent of the
+        training order. Each pass over the training split is a fresh shuffle. For the OBS step's
+        gradients, which must not shift the training streams."""
+        indices = self.train_indices or list(range(len(self.train.dataset)))
+        for k in itertools.count():
+            sampler = EpochSampler(indices, seed=self.seed, stream=stream)
+            sampler.set_epoch(epoch * 1_000_003 + k)
+            yield from _loader(self.train.dataset, batch_size=batch_size, sampler=sampler, seed=self.seed,
+                               stream=stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
 
 def holdout_split(n: int, *, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -108,4 +126,5 @@ def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: in
     val = None if splits.val is None else _loader(splits.val, batch_size=test_batch_size, sampler=None,
                                                   stream=-1, **common)
     test = _loader(splits.test, batch_size=test_batch_size, sampler=None, stream=-2, **common)
-    return Loaders(train=train, upper=upper, val=val, test=test)
+    return Loaders(train=train, upper=upper, val=val, test=test, train_indices=list(train_idx), seed=seed,
+                   num_workers=num_workers, pin_memory=pin_memory)

@@ -79,3 +79,54 @@ def largest_prefix_within(costs: torch.Tensor, budget: int) -> int:
     cumulative = torch.cumsum(costs.to(torch.int64), 0)
     return int(torch.searchsorted(cumulative, torch.tensor([budget], dtype=torch.int64, device=costs.device),
                                   right=True)[0])
+
+
+def weight_by_flops(scores: dict[str, torch.Tensor], *, flops: dict[str, int], power: float,
+                    granularity: str) -> dict[str, torch.Tensor]:
+    """Scores whose statistic is divided by flops_per_weight[layer]^power (FLOP-heavy layers rank lower).
+
+    The selector ranks |score| per weight but the L2 norm of a filter's/channel's scores, and the OBS
+    solver's group scores are sqrt(statistic)-valued: dividing each score of a group by f^(p/2)
+    divides the group's statistic by f^p."""
+    p = power if granularity == "unstructured" else power / 2
+    out = {}
+    for name, s in scores.items():
+        weighted = s.abs() / float(flops[name]) ** p
+        # An alive weight must still outrank a pruned one (score 0): no underflow to 0.
+        tiny = torch.finfo(weighted.dtype).tiny
+        out[name] = torch.where(s != 0, weighted.clamp_min(tiny), torch.zeros((), dtype=s.dtype, device=s.device))
+    return out
+
+
+def select_within_flops(scores: dict[str, torch.Tensor], *, shapes: dict[str, torch.Size], alive_units: int,
+                        flops: dict[str, int], granularity: str, min_units: int,
+                        fraction: float) -> tuple[dict[str, torch.Tensor], dict[str, int | None]]:
+    """Masks keeping the largest prefix of all layers' units, ranked exactly as the shared selector
+    ranks them, whose FLOPs fit ``fraction`` of the dense FLOPs; and a record of the search.
+
+    Only FLOPs are summed here (a binary search over the cumulative sums): no weight is touched, so
+    the caller applies ONE update for the chosen set (the public WoodFisher code re-applied the OBS
+    update at every step of its search). The ranking: the selector's unit scores, each layer's best
+    ``min_units`` first, ties to the higher flat index (a stable ascending sort, reversed). Never
+    revives a unit (``alive_units`` caps the count: pruned units score 0 and rank last); the floor
+    and one unit win over the budget, as ``n_keep`` keeps at least one unit."""
+    from layers.selector import UNIT_SCORES, expand_units, global_ranking
+
+    names = list(shapes)
+    units = [UNIT_SCORES[granularity](scores[n].detach()) for n in names]
+    flat = global_ranking(units, min_units=min_units)
+    forced = sum(min(min_units, u.numel()) for u in units)
+    costs = torch.cat([torch.full((u.numel(),), (math.prod(shapes[n]) // u.numel()) * flops[n], dtype=torch.int64,
+                                  device=flat.device) for n, u in zip(names, units)])
+    order = torch.sort(flat, stable=True).indices.flip(0)
+    ranked = costs[order]
+    dense = sum(math.prod(shapes[n]) * flops[n] for n in names)
+    budget = flops_budget(fraction, dense)
+    n = min(max(largest_prefix_within(ranked, budget), 1, forced), alive_units)
+    keep = torch.zeros(order.numel(), dtype=torch.bool, device=order.device)
+    keep[order[:n]] = True
+    new = {name: expand_units(part, shapes[name], granularity)
+           for name, part in zip(names, keep.split([u.numel() for u in units]))}
+    search = {"flops_budget": budget, "flops_dense": dense, "kept_units": n,
+              "flops_next": int(ranked[n]) if n < alive_units else None}
+    return new, search

@@ -142,13 +142,15 @@ class OBSSolver:
     def _offloaded(self) -> bool:
         return self.fisher.offload and self.device.type == "cuda"  # on a CPU there is nowhere to offload to
 
-    def add_gradients(self, G: torch.Tensor) -> None:
+    def add_gradients(self, G: torch.Tensor, *, seconds: float = 0.0) -> None:
         """Use the m x D gradient rows G (columns: the layers' weights flattened, in layer order;
-        pruned coordinates 0)."""
+        pruned coordinates 0); ``seconds``: how long collecting them took, for the record."""
         if G.dim() != 2 or G.shape[1] != self.num_weights:
             raise ValueError(f"G must be (m, {self.num_weights}), got {tuple(G.shape)}")
         self.G = G
         self.free_inverses()
+        self.record.grad_seconds = seconds
+        self.record.grads_bytes = G.numel() * G.element_size()
 
     def collect(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                 label_smoothing: float = 0.0, label_generator: torch.Generator | None = None) -> None:
@@ -174,9 +176,7 @@ class OBSSolver:
         finally:
             for layer, flag in zip(self.layers.values(), score_grad):
                 layer.score_grad = flag
-        self.add_gradients(G)
-        self.record.grad_seconds = time.perf_counter() - t0
-        self.record.grads_bytes = G.numel() * G.element_size()
+        self.add_gradients(G, seconds=time.perf_counter() - t0)
 
     # -- per block group: weights, inverse, statistic --------------------------------------------
     def _prepare(self, i: int) -> _Prepared:

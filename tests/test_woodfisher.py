@@ -3,12 +3,13 @@ of pruned weights cleared, OBS update scaling, gradient collection, one-shot, CL
 import dataclasses
 import glob
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from data.loaders import build_loaders
+from data.registry import DatasetSplits
+from data.sampling import split_key
 
 import train
 from configs.errors import UserError
@@ -40,11 +41,26 @@ def tiny_model(granularity="unstructured"):
     return model
 
 
+class KeyedTensors(torch.utils.data.Dataset):
+    """Tensors read with the sample keys the run's samplers give ((index, augmentation seed))."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, key):
+        index, _ = split_key(key)
+        return self.x[index], int(self.y[index])
+
+
 def tiny_loaders(n=48):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 6, (n,), generator=g)
-    train_loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False)
-    return SimpleNamespace(train=train_loader, upper=train_loader, val=None, test=train_loader)
+    data = KeyedTensors(x, y)
+    splits = DatasetSplits(train=data, val=None, test=data, num_classes=6, in_channels=1, image_size=4)
+    return build_loaders(splits, batch_size=8, test_batch_size=8, seed=0)
 
 
 def sgd(lr=0.05, momentum=0.9, wd=0.0, epochs=5, optimizer="sgd"):
@@ -204,8 +220,8 @@ def test_gradient_rows_are_minibatch_means_with_pruned_columns_zero():
                                 max_mini_bsz=2)
     torch.testing.assert_close(chunked.collect_gradients(loaders, epoch=0), G, rtol=1e-5, atol=1e-7)
     # row 0 by hand: the mean loss gradient over the first 5 samples of the Fisher stream, in eval mode
-    batch = next(iter(trainer._fisher_loader(loaders, epoch=0, substep=0)))
-    assert batch[0].shape[0] == 5
+    batch = next(trainer.fisher_batches(loaders, epoch=0, substep=0))
+    batch = batch[0][:5], batch[1][:5]
     model.eval()
     loss = nn.functional.cross_entropy(model(batch[0]), batch[1])
     grads = torch.autograd.grad(loss, [l.weight for l in layers])
@@ -374,7 +390,7 @@ def test_flops_power_prunes_the_flop_heavy_layer_first():
     for power in (0.0, 0.5, 1.0):
         ms, trainer = two_layer_trainer(flops_power=power)
         trainer.prune_to(0.07, epoch=0, loaders=loaders)  # floor(0.07 * 146) = 10 weights pruned
-        assert trainer.flops == {"0": 16, "2": 1}
+        assert trainer.flops == ({"0": 16, "2": 1} if power else None)  # measured only when used
         pruned[power] = [int((~l.mask).sum()) for l in ms.layers.values()]
     assert pruned[0.0] == [0, 10]  # 0.4^2 < 0.5^2: the linear layer loses
     assert pruned[0.5] == pruned[1.0] == [10, 0]  # 0.25 / 16^p < 0.16: the FLOP-heavy conv loses
@@ -431,7 +447,7 @@ def test_flops_target_search_meets_the_budget_with_a_single_update(monkeypatch):
     final = trainer.events[-1].sparsity
     trainer.prune_to(final, epoch=1, loaders=loaders)
     # ONE update per Fisher unit (here: per layer) for the whole event, not one per search step
-    assert len(calls) == len(trainer._units()) == 2
+    assert len(calls) == len(trainer.solver().groups) == 2
     flops = {"0": 16, "4": 1}  # conv 1->4 on 4x4 inputs, then the linear layer
     assert trainer.flops == flops
     dense = 36 * 16 + 384 * 1
@@ -453,9 +469,9 @@ def test_flops_target_search_meets_the_budget_with_a_single_update(monkeypatch):
     expected_keep = torch.zeros(420, dtype=torch.bool)
     expected_keep[order[:n]] = True
     assert torch.equal(torch.cat([l.mask.reshape(-1) for l in layers]), expected_keep)
-    # ... and the weights are exactly one OBS update's result for that set
+    # ... and the weights are exactly one (joint, the default) OBS update's result for that set
     for layer, w, inv in zip(layers, w0, invs):
-        one = obs_update(weight=w, fisher_inverse=inv, prune=~layer.mask)
+        one = obs_update(weight=w, fisher_inverse=inv, prune=~layer.mask, joint=True)
         torch.testing.assert_close(layer.weight.detach(), one, rtol=1e-5, atol=1e-6)
     assert "FLOPs kept 100.00% -> " in trainer.pop_notes()[-1]
 
