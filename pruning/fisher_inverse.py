@@ -383,9 +383,11 @@ class _BlockBatch:
             inv = torch.cholesky_inverse(self._factor[b0:b1])  # [nbc, c, c]
             both = pb[b0:b1, :, None] & pb[b0:b1, None, :]
             eye = torch.eye(c, dtype=self._cdt, device=self.device).expand_as(inv)
-            A = torch.where(both, inv, eye)
+            A = torch.where(both, inv, eye)  # SPD: a principal submatrix of F^-1, bordered by I
             rhs = torch.where(pb[b0:b1], tb[b0:b1], torch.zeros((), dtype=self._cdt, device=self.device))
-            out[b0:b1] = torch.linalg.solve(A, rhs.unsqueeze(-1)).squeeze(-1)
+            factor, info = torch.linalg.cholesky_ex(A)
+            self.failed = self.failed | (info != 0).any()
+            out[b0:b1] = torch.cholesky_solve(rhs.unsqueeze(-1), factor).squeeze(-1)
             self._note(inv, A)
             del inv, A
 
@@ -406,8 +408,10 @@ class _BlockBatch:
             Z.mul_(pb[b0:b1, None, c0:c1])  # Z_Q: columns outside Q zeroed
             gram[b0:b1].baddbmm_(Z, Z.mT)
             zt[b0:b1].baddbmm_(Z, tb[b0:b1, c0:c1, None])
-        K = torch.eye(m, dtype=self._cdt, device=self.device).expand(nb, m, m) - gram
-        y = torch.linalg.solve(K, zt)  # (I - Z_Q Z_Q^T)^-1 Z_Q t_Q
+        K = torch.eye(m, dtype=self._cdt, device=self.device).expand(nb, m, m) - gram  # SPD (see above)
+        factor, info = torch.linalg.cholesky_ex(K)
+        self.failed = self.failed | (info != 0).any()
+        y = torch.cholesky_solve(zt, factor)  # (I - Z_Q Z_Q^T)^-1 Z_Q t_Q
         del gram, K
         for b0, b1, c0, c1 in chunks:
             Z = self._load(b0, b1, 0, m, c0, c1, into=stage)

@@ -1,20 +1,24 @@
-"""The m gradient rows of the empirical Fisher, batched with ``torch.func``.
+"""The m gradient rows of the empirical Fisher, many rows per forward/backward pass.
 
-Row i of G (m x D) is the mean loss gradient of the given weights over one Fisher mini-batch of
-``samples_per_row`` consecutive samples of a batch stream. Instead of m forward/backward passes one
-after the other (what the public WoodFisher code does, and what made gradient collection 63-70 % of
-a pruning event here), every call computes the gradients of many *pieces* at once with
-``vmap(grad(...))``: a piece is ``piece`` samples of one row (the whole row, unless
-``max_samples`` splits it), its gradient the sum of its samples' losses divided by
-``samples_per_row``, and a row is the sum of its pieces. How many pieces go into one call is set
-by a memory budget for the per-piece gradients (pieces x D floats).
+Row i of G (m x D) is the mean loss gradient of the masked layers' weights over one Fisher
+mini-batch of ``samples_per_row`` consecutive samples of a batch stream. The public WoodFisher
+code (and this project before) ran m forward/backward passes one after the other, which made
+gradient collection 63-70 % of a pruning event. Here one pass over a chunk of many samples gives
+all their rows at once, with the per-example-gradient identity of conv and linear layers (as in
+Opacus / BackPACK): for y = W x,
 
-The model runs in eval mode (BatchNorm uses its running statistics and is not updated), under
-``functional_call`` with only the given weights as inputs of the gradient; everything else is
-read from the model. Labels are the data's or, for the true Fisher, drawn from the model's own
-softmax with a seeded generator (from a plain forward pass of the same inputs: in eval mode it
-gives the same logits). The weights' gradients at masked-out coordinates are exactly 0, since a
-masked layer computes with ``weight * mask``.
+    dL/dW = sum over samples s (and output positions l) of  dL/dy[s, :, l]  x[s, :, l]^T,
+
+so the gradient of a *group* of samples (one row) is that sum restricted to the group: a batched
+matrix product of the layer's output gradients and its (unfolded, for a conv) inputs, both taken
+from the one pass (forward hooks keep the inputs; ``autograd.grad`` gives the output gradients,
+without computing any summed weight gradient). Pieces: a row may be split into pieces of
+``max_samples`` (bounds one pass's activations); pieces of one row add up.
+
+The model runs in eval mode (BatchNorm uses its running statistics and is not updated). Labels are
+the data's or, for the true Fisher, drawn from the model's own softmax with a seeded generator.
+Masked-out coordinates are exactly 0: a masked layer computes with ``weight * mask``, so
+dL/dweight = mask * dL/d(weight * mask).
 """
 from __future__ import annotations
 
@@ -23,10 +27,10 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
-CPU_BUDGET_BYTES = 256 * 2**20   # per-call piece gradients on the host (a few x that transiently)
+CPU_BUDGET_BYTES = 256 * 2**20   # row gradients of one pass (the rows it touches x D floats)
 GPU_BUDGET_BYTES = 1024 * 2**20
+SAMPLES_PER_PASS = 256           # at most this many samples per forward/backward pass
 
 
 def piece_size(samples_per_row: int, max_samples: int | None) -> int:
@@ -54,10 +58,54 @@ def _samples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, d
         yield torch.cat(xs), torch.cat(ys)
 
 
+def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(layer.padding, str):
+        if layer.padding == "valid":
+            return (0, 0)
+        pads = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+        if any(p % 2 for p in pads):
+            raise NotImplementedError("padding='same' with an even receptive field pads unevenly: not supported")
+        return (pads[0] // 2, pads[1] // 2)
+    return layer.padding
+
+
+def _piece_grads(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, pieces: int) -> torch.Tensor:
+    """(pieces, *weight.shape): for one call of ``layer`` on inputs ``x`` (pieces x p samples, piece
+    by piece) with output gradients ``gy``, the sum over each piece's samples of dL/dW_eff."""
+    p = x.shape[0] // pieces
+    if isinstance(layer, nn.Linear):
+        xs = x.reshape(pieces, -1, x.shape[-1])     # (pieces, p * positions, in)
+        gs = gy.reshape(pieces, -1, gy.shape[-1])   # (pieces, p * positions, out)
+        return torch.bmm(gs.transpose(1, 2), xs)    # (pieces, out, in)
+    if not isinstance(layer, nn.Conv2d):
+        raise TypeError(f"no per-example gradient rule for {type(layer).__name__} (Conv2d and Linear only)")
+    padding = _conv_padding(layer)
+    if layer.padding_mode != "zeros":  # as Conv2d._conv_forward: pad first, then convolve unpadded
+        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        padding = (0, 0)
+    args = (None, list(layer.stride), list(padding), list(layer.dilation), False, [0, 0])
+    if p >= 4:
+        # A weight-gradient kernel per piece: measured fastest on CPU once a piece has a few samples.
+        out = torch.empty(pieces, *layer.weight.shape, dtype=x.dtype, device=x.device)
+        xs, gs = x.view(pieces, p, *x.shape[1:]), gy.view(pieces, p, *gy.shape[1:])
+        for i in range(pieces):
+            out[i] = torch.ops.aten.convolution_backward(gs[i], xs[i], layer.weight, *args, layer.groups,
+                                                         [False, True, False])[1]
+        return out
+    # Few samples per piece: one grouped weight-gradient call, the pieces as channel groups (the
+    # p samples of a piece are the batch that is summed over).
+    c, o = x.shape[1], gy.shape[1]
+    xg = x.view(pieces, p, *x.shape[1:]).transpose(0, 1).reshape(p, pieces * c, *x.shape[2:])
+    gg = gy.view(pieces, p, *gy.shape[1:]).transpose(0, 1).reshape(p, pieces * o, *gy.shape[2:])
+    weight = layer.weight.detach().expand(pieces, *layer.weight.shape).reshape(pieces * o, *layer.weight.shape[1:])
+    gw = torch.ops.aten.convolution_backward(gg, xg, weight, *args, layer.groups * pieces, [False, True, False])[1]
+    return gw.view(pieces, *layer.weight.shape)
+
+
 @torch.no_grad()
 def collect_gradients(
     model: nn.Module,
-    weights: dict[str, nn.Parameter],
+    layers: dict[str, nn.Module],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     rows: int,
@@ -68,52 +116,69 @@ def collect_gradients(
     out: torch.Tensor | None = None,
     budget_bytes: int | None = None,
 ) -> torch.Tensor:
-    """G (rows x D): gradient rows of the concatenated ``weights`` (qualified parameter name ->
-    parameter of ``model``, in the column order of G).
+    """G (rows x D): gradient rows of the weights of ``layers`` (Conv2d/Linear modules of ``model``,
+    masked or not; their weights concatenated in this order are the columns of G).
 
-    batches: an iterator of (inputs, labels); at least rows * samples_per_row samples are read.
-    max_samples: at most this many samples of one row per piece (bounds the activations of a row).
+    batches: an iterator of (inputs, labels); exactly rows * samples_per_row samples are used.
+    max_samples: at most this many samples of one row per pass (bounds the activations of a row).
     label_generator: draw labels from the model's softmax (true Fisher) with this generator.
     out: a preallocated (rows x D) matrix to fill (e.g. in pinned host memory); zeroed here.
     """
-    first = next(iter(weights.values()))
-    device, dtype = first.device, first.dtype
-    names = list(weights)
-    sizes = [weights[n].numel() for n in names]
+    mods = list(layers.values())
+    device, dtype = mods[0].weight.device, mods[0].weight.dtype
+    sizes = [m.weight.numel() for m in mods]
     D = sum(sizes)
     G = torch.zeros(rows, D, dtype=dtype, device=device) if out is None else out.zero_()
     p = piece_size(samples_per_row, max_samples)
     pieces_per_row = samples_per_row // p
+    total = rows * pieces_per_row
     budget = budget_bytes or (GPU_BUDGET_BYTES if device.type == "cuda" else CPU_BUDGET_BYTES)
-    per_call = max(1, min(rows * pieces_per_row, budget // max(1, D * first.element_size())))
-    params = {n: weights[n].detach() for n in names}
+    # pieces per pass: bounded by the samples of one pass, and by the row gradients it makes
+    per_pass = max(1, min(total, max(1, SAMPLES_PER_PASS // p),
+                          max(1, budget // max(1, D * mods[0].weight.element_size())) * pieces_per_row))
+    calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def piece_loss(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, params, (x,))
-        return F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing) / samples_per_row
+    def keep_io(index: int):
+        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+            calls.setdefault(index, []).append((args[0].detach(), output))
+        return hook
 
-    piece_grads = vmap(grad(piece_loss), in_dims=(None, 0, 0))
     was_training = model.training
+    requires = [m.weight.requires_grad for m in mods]
+    handles = [m.register_forward_hook(keep_io(i)) for i, m in enumerate(mods)]
     model.eval()
     try:
+        for m in mods:  # outputs must be part of a graph; no weight gradient is computed from it
+            m.weight.requires_grad_(True)
         done = 0  # pieces finished
-        total = rows * pieces_per_row
-        for x, y in _samples(batches, per_call * p, device):
+        for x, y in _samples(batches, per_pass * p, device):
             n = min(len(y) // p, total - done)
             if n <= 0:
                 break
             x, y = x[: n * p], y[: n * p]
-            if label_generator is not None:
-                probs = torch.softmax(model(x).float(), dim=1)
-                y = torch.multinomial(probs, 1, generator=label_generator).squeeze(1)
+            calls.clear()
             with torch.enable_grad():
-                g = piece_grads(params, x.view(n, p, *x.shape[1:]), y.view(n, p))
-            flat = torch.cat([g[name].reshape(n, -1) for name in names], dim=1)
-            r0, r1 = done // pieces_per_row, (done + n - 1) // pieces_per_row  # rows this call touches
-            row_of = torch.arange(done, done + n, device=device) // pieces_per_row - r0
-            local = torch.zeros(r1 - r0 + 1, D, dtype=dtype, device=device)
-            local.index_add_(0, row_of, flat.to(dtype))
-            G[r0:r0 + len(local)].add_(local.to(G.device, non_blocking=True))
+                logits = model(x)
+                if label_generator is not None:
+                    probs = torch.softmax(logits.detach().float(), dim=1)
+                    y = torch.multinomial(probs, 1, generator=label_generator).squeeze(1)
+                loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing) / samples_per_row
+                outputs = [o for i in range(len(mods)) for _, o in calls.get(i, [])]
+                if len(outputs) == 0:
+                    raise ValueError("none of the layers took part in the forward pass")
+                grads = iter(torch.autograd.grad(loss, outputs))
+            r0, r1 = done // pieces_per_row, (done + n - 1) // pieces_per_row  # rows this pass touches
+            piece_row = torch.arange(done, done + n, device=device) // pieces_per_row - r0
+            parts = []
+            for i, m in enumerate(mods):
+                g = torch.zeros(r1 - r0 + 1, *m.weight.shape, dtype=dtype, device=device)
+                for inp, _ in calls.get(i, []):  # a layer called twice (shared weights) adds up its calls
+                    g.index_add_(0, piece_row, _piece_grads(m, inp, next(grads), n).to(dtype))
+                mask = getattr(m, "mask", None)
+                if mask is not None:
+                    g.mul_(mask)
+                parts.append(g.reshape(r1 - r0 + 1, -1))
+            G[r0:r1 + 1].add_(torch.cat(parts, dim=1).to(G.device, non_blocking=True))
             done += n
             if done >= total:
                 break
@@ -121,5 +186,9 @@ def collect_gradients(
             raise ValueError(f"the batch stream ended after {done * p} samples; "
                              f"{total * p} are needed for {rows} rows of {samples_per_row}")
     finally:
+        for h in handles:
+            h.remove()
+        for m, r in zip(mods, requires):
+            m.weight.requires_grad_(r)
         model.train(was_training)
     return G

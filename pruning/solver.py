@@ -160,17 +160,15 @@ class OBSSolver:
             return
         t0 = time.perf_counter()
         f = self.fisher
-        names = {id(p): n for n, p in model.named_parameters()}
-        weights = {names[id(layer.weight)]: layer.weight for layer in self.layers.values()}
         out = None
         if self._offloaded():
-            out = torch.empty(f.m, self.num_weights, dtype=next(iter(weights.values())).dtype,
+            out = torch.empty(f.m, self.num_weights, dtype=next(iter(self.layers.values())).weight.dtype,
                               pin_memory=torch.cuda.is_available())
         score_grad = [layer.score_grad for layer in self.layers.values()]
         for layer in self.layers.values():  # a plain weight * mask forward: no straight-through path
             layer.score_grad = False
         try:
-            G = collect_gradients(model, weights, batches, rows=f.m, samples_per_row=f.samples_per_grad,
+            G = collect_gradients(model, self.layers, batches, rows=f.m, samples_per_row=f.samples_per_grad,
                                   max_samples=f.max_samples, label_smoothing=label_smoothing,
                                   label_generator=label_generator, out=out)
         finally:
