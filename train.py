@@ -27,12 +27,15 @@ from data import build_dataset, build_loaders
 from layers import MaskSet, SelectionError, to_masked
 from layers.convert import MASKED_TYPES
 from models import build_model
+from pruning.solver import FisherSettings
 from trainers import get_trainer
+from trainers.compensation import compensate_fixed_mask
 from engine.evaluate import evaluate
 from engine.optim import OptimSettings
 from engine.checkpoint import (check_resumable, is_storage_error, load_checkpoint, remove_stale_temps,
                                  set_rng_state, write_text)
-from engine.loop import RunState, fit, write_summary
+from engine.checkpoint import save_checkpoint
+from engine.loop import RunState, checkpoint_state, fit, write_summary
 from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
 from engine.run_log import RunLog, csv_history, sparsity_table
 from engine.lr_schedules import MASK_MILESTONES
@@ -128,6 +131,13 @@ def check_memory(cfg: Config, *, trainer_cls, splits, device: torch.device) -> N
                                      on_gpu=device.type == "cuda",
                                      **{name: getattr(cfg, name) for name in trainer_cls.option_names})
     check_fits(needs, device=device)
+
+
+def obs_fisher(cfg: Config) -> FisherSettings:
+    """The Fisher of --obs-update, from the same flags as the WoodFisher trainer's (its OBS method's damp)."""
+    return FisherSettings(m=cfg.fisher_subsample_size, samples_per_grad=cfg.fisher_mini_bsz,
+                          max_samples=cfg.max_mini_bsz, damp=cfg.fisher_damp if cfg.fisher_damp is not None else 1e-5,
+                          block_size=cfg.fittable_params, blocks=cfg.fisher_blocks, offload=cfg.offload_grads)
 
 
 def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
@@ -237,7 +247,14 @@ def run(options: Options) -> int:
                               f"starts at epoch {resume['epoch'] + 1}"))
         state = RunState(start_epoch=resume["epoch"], best_prec1=float(resume["best_prec1"]), history=list(history))
         set_rng_state(resume["rng"])
-    elif cfg.source_net:
+    obs: dict[str, dict] = {}
+    if resume is None and cfg.obs_update and cfg.exp_mode == "finetune":
+        done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,
+                                     fisher=obs_fisher(cfg), joint=cfg.obs_solve == "joint",
+                                     label_smoothing=cfg.label_smoothing)
+        notices.append(done.line(when="the source's mask, before fine-tuning", fisher=obs_fisher(cfg)))
+        obs["finetune_start"] = done.as_dict()
+    if resume is None and cfg.source_net:
         # What the run starts from (after the trainer's set-up: WoodFisher starts dense), and the
         # reference of the first epoch's collapse check.
         start = evaluate(model, loaders.val if loaders.val is not None else loaders.test, device=device)
@@ -268,6 +285,18 @@ def run(options: Options) -> int:
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,
                     seed=cfg.seed, arch=cfg.arch, config=run_cfg, run_dir=run_dir, log=log, state=state,
                     save_dense=cfg.save_dense, num_classes=splits.num_classes)
+        if cfg.obs_update and cfg.exp_mode == "prune":
+            done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,
+                                         fisher=obs_fisher(cfg), joint=cfg.obs_solve == "joint",
+                                         label_smoothing=cfg.label_smoothing)
+            path = os.path.join(run_dir, "checkpoint", "model_obs.pth.tar")
+            ckpt = checkpoint_state(epoch=cfg.epochs, arch=cfg.arch, model=model, maskset=maskset, trainer=trainer,
+                                    best_prec1=state.best_prec1, config=run_cfg, history=state.history)
+            ckpt["obs_update"] = done.as_dict()
+            save_checkpoint(ckpt, path)
+            log.info(done.line(when="the learned mask, at the end of pruning", fisher=obs_fisher(cfg))
+                     + f"; written to {path} (pass it to --source-net to fine-tune)")
+            obs["prune_end"] = {**done.as_dict(), "checkpoint": path}
         final = evaluate(model, loaders.test, device=device)
         density = maskset.density() if maskset is not None else 1.0
         if maskset is not None:
@@ -279,8 +308,9 @@ def run(options: Options) -> int:
         if fallen:
             log.info(f"WARNING: accuracy collapsed to about chance in epoch(s) {', '.join(map(str, fallen))} "
                      "(see the warnings above); this run's results are not a fair measure of the method")
-        write_summary(run_dir, summary(cfg, run_dir=run_dir, masked=maskset is not None, final=final,
-                                       state=state, density=density, wall_seconds=time.monotonic() - started), maskset)
+        write_summary(run_dir, {**summary(cfg, run_dir=run_dir, masked=maskset is not None, final=final,
+                                          state=state, density=density, wall_seconds=time.monotonic() - started),
+                                **({"obs_update": obs} if obs else {})}, maskset)
     except OSError as exc:
         log.close(after_error=True)
         if is_storage_error(exc):

@@ -107,16 +107,19 @@ class Config:
     prune_end: int = opt(0, "woodfisher: epoch of the last pruning event (target reached there)", group="woodfisher")
     agp_power: int = opt(3, "woodfisher: exponent of the AGP schedule (3 = cubic)", group="woodfisher")
     one_shot: bool = opt(False, "woodfisher: prune once to the target, no training, then evaluate", group="woodfisher")
-    fisher_subsample_size: int = opt(100, "woodfisher: m, number of gradients in the Fisher estimate", group="woodfisher")
-    fisher_mini_bsz: int = opt(1, "woodfisher: samples averaged into each of the m gradients", group="woodfisher")
-    max_mini_bsz: Optional[int] = opt(None, "woodfisher: split each Fisher mini-batch into chunks of at most this size", group="woodfisher")
-    fisher_damp: Optional[float] = opt(None, "woodfisher: lambda, the dampening of F = lambda I + G^T G / m (default: "
+    fisher_subsample_size: int = opt(100, "woodfisher, --obs-update: m, number of gradients in the Fisher estimate", group="woodfisher")
+    fisher_mini_bsz: int = opt(1, "woodfisher, --obs-update: samples averaged into each of the m gradients", group="woodfisher")
+    max_mini_bsz: Optional[int] = opt(None, "woodfisher, --obs-update: split each Fisher mini-batch into chunks of at most this size", group="woodfisher")
+    fisher_damp: Optional[float] = opt(None, "woodfisher, --obs-update: lambda, the dampening of F = lambda I + G^T G / m (default: "
                                        "1e-5, and 1 for woodtaylor, whose Newton step needs it)", group="woodfisher")
-    fittable_params: int = opt(2000, "woodfisher: block size c (contiguous weights of one layer)", group="woodfisher")
-    fisher_blocks: str = opt("chunk", "woodfisher: chunk (--fittable-params per block), layer (one block per layer) "
+    fittable_params: int = opt(2000, "woodfisher, --obs-update: block size c (contiguous weights of one layer)", group="woodfisher")
+    fisher_blocks: str = opt("chunk", "woodfisher, --obs-update: chunk (--fittable-params per block), layer (one block per layer) "
                              "or all (one block over every weight)", ("chunk", "layer", "all"), "woodfisher")
     true_fisher: bool = opt(False, "woodfisher: labels sampled from the model (true Fisher) instead of the data's", group="woodfisher")
-    offload_grads: bool = opt(False, "woodfisher: keep the m gradients in CPU memory", group="woodfisher")
+    offload_grads: bool = opt(False, "woodfisher, --obs-update: keep the m gradients in CPU memory", group="woodfisher")
+    obs_update: bool = opt(False, "HYDRA/BiP: when the learned mask becomes fixed (end of prune, start of finetune), "
+                           "compensate the surviving weights for the removed ones with the OBS update (Fisher from "
+                           "--fisher-subsample-size gradients; --fisher-* flags apply)", group="woodfisher")
     obs_solve: str = opt("joint", "OBS update for the set Q of weights pruned at once: joint = the exact optimum "
                          "-F^-1[:,Q] ([F^-1]_QQ)^-1 w_Q per block; sum = the sum of single-weight updates "
                          "(WoodFisher's approximation)", ("joint", "sum"), "woodfisher")
@@ -160,6 +163,14 @@ class Config:
             raise bad("--reset-head replaces the classifier of --source-net; pass --source-net or drop --reset-head")
         if self.exp_mode == "pretrain" and self.trainer != "base":
             raise bad(f"pretrain uses the base trainer; drop --trainer {self.trainer} or use --exp-mode prune")
+        if self.obs_update:
+            if self.trainer == "woodfisher":
+                raise bad("--obs-update compensates a learned HYDRA/BiP mask; the woodfisher trainer applies the OBS "
+                          "update at every pruning event already: drop --obs-update")
+            if self.exp_mode == "pretrain" or self.evaluate:
+                what = "--evaluate changes no weight" if self.evaluate else "pretrain has no mask"
+                raise bad(f"--obs-update applies when a learned mask becomes fixed (prune, finetune); {what}: "
+                          "drop --obs-update")
         if self.exp_mode == "finetune" and self.trainer != "base":
             raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from --source-net)")
         for name in ("epochs", "batch_size", "test_batch_size", "print_freq"):

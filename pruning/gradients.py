@@ -115,6 +115,7 @@ def collect_gradients(
     label_generator: torch.Generator | None = None,
     out: torch.Tensor | None = None,
     budget_bytes: int | None = None,
+    masked_columns: bool = True,
 ) -> torch.Tensor:
     """G (rows x D): gradient rows of the weights of ``layers`` (Conv2d/Linear modules of ``model``,
     masked or not; their weights concatenated in this order are the columns of G).
@@ -123,6 +124,10 @@ def collect_gradients(
     max_samples: at most this many samples of one row per pass (bounds the activations of a row).
     label_generator: draw labels from the model's softmax (true Fisher) with this generator.
     out: a preallocated (rows x D) matrix to fill (e.g. in pinned host memory); zeroed here.
+    masked_columns: the gradient of each weight (0 where masked out, as dL/dweight is). False: the
+        gradient of the effective weight weight * mask at every coordinate, masked ones included (what
+        the loss would do if a masked-out weight came back: the columns OBS needs to compensate for
+        weights a mask removed, at the masked model).
     """
     mods = list(layers.values())
     device, dtype = mods[0].weight.device, mods[0].weight.dtype
@@ -175,7 +180,7 @@ def collect_gradients(
                 for inp, _ in calls.get(i, []):  # a layer called twice (shared weights) adds up its calls
                     g.index_add_(0, piece_row, _piece_grads(m, inp, next(grads), n).to(dtype))
                 mask = getattr(m, "mask", None)
-                if mask is not None:
+                if mask is not None and masked_columns:
                     g.mul_(mask)
                 parts.append(g.reshape(r1 - r0 + 1, -1))
             G[r0:r1 + 1].add_(torch.cat(parts, dim=1).to(G.device, non_blocking=True))

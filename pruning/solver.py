@@ -153,7 +153,8 @@ class OBSSolver:
         self.record.grads_bytes = G.numel() * G.element_size()
 
     def collect(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
-                label_smoothing: float = 0.0, label_generator: torch.Generator | None = None) -> None:
+                label_smoothing: float = 0.0, label_generator: torch.Generator | None = None,
+                masked_columns: bool = True) -> None:
         """Fill G from ``batches`` (``pruning.gradients``): m rows, each the mean over
         samples_per_grad samples, with the model in eval mode and no score gradient."""
         if self.method.fisher is None:
@@ -170,7 +171,7 @@ class OBSSolver:
         try:
             G = collect_gradients(model, self.layers, batches, rows=f.m, samples_per_row=f.samples_per_grad,
                                   max_samples=f.max_samples, label_smoothing=label_smoothing,
-                                  label_generator=label_generator, out=out)
+                                  label_generator=label_generator, out=out, masked_columns=masked_columns)
         finally:
             for layer, flag in zip(self.layers.values(), score_grad):
                 layer.score_grad = flag
