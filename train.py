@@ -27,8 +27,12 @@ from data import build_dataset, build_loaders
 from layers import MaskSet, SelectionError, to_masked
 from layers.convert import MASKED_TYPES
 from models import build_model
+from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings
+from configs.options import FisherOptions
 from trainers import get_trainer
+from trainers.base import RunSpec
+from trainers.woodfisher import fisher_settings
 from trainers.compensation import compensate_fixed_mask
 from engine.evaluate import evaluate
 from engine.optim import OptimSettings
@@ -118,7 +122,7 @@ def _numbers_in_use(parent: str) -> tuple[set[int], set[int]]:
     return folders, claims
 
 
-def check_memory(cfg: Config, *, trainer_cls, splits, device: torch.device) -> None:
+def check_memory(cfg: Config, *, trainer_cls, splits, loaders, device: torch.device) -> None:
     """Refuse a run that cannot fit in memory before anything is allocated (engine.memory): the
     architecture is measured on the meta device, so a huge --image-dim costs nothing here."""
     shapes = meta_model(lambda: build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
@@ -129,25 +133,35 @@ def check_memory(cfg: Config, *, trainer_cls, splits, device: torch.device) -> N
     needs = trainer_cls.memory_needs(per_sample_bytes=per_sample, batch_size=cfg.batch_size,
                                      model_bytes=model_bytes(shapes), masked_weights=masked,
                                      on_gpu=device.type == "cuda",
-                                     **{name: getattr(cfg, name) for name in trainer_cls.option_names})
+                                     options=trainer_options(cfg, trainer_cls))
     check_fits(needs, device=device)
+    uses_fisher = cfg.trainer == "woodfisher" or cfg.obs_update
+    if uses_fisher and cfg.fisher_mini_bsz > len(loaders.train_indices):
+        raise UserError(f"--fisher-mini-bsz {cfg.fisher_mini_bsz} asks each Fisher gradient to average more samples "
+                        f"than the {len(loaders.train_indices)} of the training split: lower --fisher-mini-bsz")
+
+
+def trainer_options(cfg: Config, trainer_cls):
+    """The trainer's own options (its section of configs.options), read off the run's config."""
+    return trainer_cls.Options.of(cfg) if trainer_cls.Options is not None else None
 
 
 def obs_fisher(cfg: Config) -> FisherSettings:
     """The Fisher of --obs-update, from the same flags as the WoodFisher trainer's (its OBS method's damp)."""
-    return FisherSettings(m=cfg.fisher_subsample_size, samples_per_grad=cfg.fisher_mini_bsz,
-                          max_samples=cfg.max_mini_bsz, damp=cfg.fisher_damp if cfg.fisher_damp is not None else 1e-5,
-                          block_size=cfg.fittable_params, blocks=cfg.fisher_blocks, offload=cfg.offload_grads)
+    options = FisherOptions.of(cfg)
+    default = PRUNE_METHODS.get("woodfisher").default_damp
+    return fisher_settings(options, damp=options.fisher_damp if options.fisher_damp is not None else default)
 
 
 def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
-    weights = OptimSettings(optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
-                            schedule=cfg.lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                            warmup_lr=cfg.warmup_lr)
-    masks = OptimSettings(optimizer=cfg.optimizer, lr=cfg.mask_lr, momentum=cfg.momentum, wd=cfg.wd,
-                          schedule=cfg.mask_lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-                          warmup_lr=cfg.warmup_lr, milestones=MASK_MILESTONES)
-    return weights, masks
+    """(weight optimizer, score optimizer): the scores' lr and schedule are --mask-lr's (BiP's upper level)."""
+    weight_optim = OptimSettings(optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, wd=cfg.wd,
+                                 schedule=cfg.lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                 warmup_lr=cfg.warmup_lr)
+    score_optim = OptimSettings(optimizer=cfg.optimizer, lr=cfg.mask_lr, momentum=cfg.momentum, wd=cfg.wd,
+                                schedule=cfg.mask_lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+                                warmup_lr=cfg.warmup_lr, milestones=MASK_MILESTONES)
+    return weight_optim, score_optim
 
 
 def resumed_folder(checkpoint: str) -> str | None:
@@ -172,8 +186,9 @@ def run(options: Options) -> int:
         cfg = options.config()
     device = resolve_device(cfg.device)
     trainer_cls = get_trainer(cfg.trainer)
-    trainer_cls.check_options(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope, epochs=cfg.epochs,
-                              **{name: getattr(cfg, name) for name in trainer_cls.option_names})
+    trainer_cls.check_options(trainer_options(cfg, trainer_cls),
+                              run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope,
+                                          epochs=cfg.epochs))
     run_dir = resumed_folder(cfg.resume) if resume is not None else None
     if not cfg.evaluate:  # evaluating writes nothing
         if run_dir is not None:
@@ -189,7 +204,7 @@ def run(options: Options) -> int:
     loaders = build_loaders(splits, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size, seed=cfg.seed,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                             val_fraction=cfg.val_fraction, data_fraction=cfg.data_fraction)
-    check_memory(cfg, trainer_cls=trainer_cls, splits=splits, device=device)
+    check_memory(cfg, trainer_cls=trainer_cls, splits=splits, loaders=loaders, device=device)
     model = build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                         image_size=splits.image_size)
     maskset = None
@@ -228,15 +243,15 @@ def run(options: Options) -> int:
             print(sparsity_table(maskset.report()))
         return 0
 
-    weights, masks = optim_settings(cfg)
+    weight_optim, score_optim = optim_settings(cfg)
     log = RunLog()
     # A bar redraws ~190 bytes per step: into a redirected stderr (a cluster log) that is noise, so
     # without a terminal the per-batch lines at --print-freq go to the console instead.
     bar = sys.stderr.isatty() if cfg.progress is None else cfg.progress
-    trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weights=weights,
-                          masks=masks, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
-                          progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq,
-                          **{name: getattr(cfg, name) for name in trainer_cls.option_names})
+    trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weight_optim=weight_optim,
+                          score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
+                          progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
+                          options=trainer_options(cfg, trainer_cls))
     if resume is not None:
         load_trainer_state(trainer, resume["trainer_state"], cfg.resume)
         history = resume.get("history")
@@ -285,6 +300,7 @@ def run(options: Options) -> int:
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,
                     seed=cfg.seed, arch=cfg.arch, config=run_cfg, run_dir=run_dir, log=log, state=state,
                     save_dense=cfg.save_dense, num_classes=splits.num_classes)
+        final = evaluate(model, loaders.test, device=device)  # the model of checkpoint.pth.tar
         if cfg.obs_update and cfg.exp_mode == "prune":
             done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,
                                          fisher=obs_fisher(cfg), joint=cfg.obs_solve == "joint",
@@ -297,7 +313,6 @@ def run(options: Options) -> int:
             log.info(done.line(when="the learned mask, at the end of pruning", fisher=obs_fisher(cfg))
                      + f"; written to {path} (pass it to --source-net to fine-tune)")
             obs["prune_end"] = {**done.as_dict(), "checkpoint": path}
-        final = evaluate(model, loaders.test, device=device)
         density = maskset.density() if maskset is not None else 1.0
         if maskset is not None:
             log.info("per-layer sparsity:\n" + sparsity_table(maskset.report()))

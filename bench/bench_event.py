@@ -64,9 +64,15 @@ def worker(case: str, device: str) -> dict:
     model.to(dev)
     ms = MaskSet(model, k=1 - c["sparsity"], granularity="unstructured", scope="global")
     settings = OptimSettings(optimizer="sgd", lr=0.01, momentum=0.9, wd=0.0, schedule="constant", epochs=2)
-    trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=dev, weights=settings, progress=False,
-                                prune_end=1, init_sparsity=c["sparsity"] / 2, fisher_subsample_size=c["m"],
-                                fisher_mini_bsz=c["b"], fittable_params=c["block"], fisher_damp=1e-5)
+    options = dict(prune_end=1, init_sparsity=c["sparsity"] / 2, fisher_subsample_size=c["m"],
+                   fisher_mini_bsz=c["b"], fittable_params=c["block"], fisher_damp=1e-5)
+    try:  # typed options (this tree)
+        from configs.options import WoodFisherOptions
+        trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=dev, weight_optim=settings,
+                                    progress=False, options=WoodFisherOptions(**options))
+    except ImportError:  # options by keyword (a tree from before configs/options.py)
+        trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=dev, weights=settings,
+                                    progress=False, **options)
     record = trainer.prune_step(c["sparsity"], epoch=0, loaders=loaders)
     return {"seconds": record["seconds"], "grad_seconds": record.get("grad_seconds"),
             "sparsity": record["sparsity"]}

@@ -120,17 +120,17 @@ def main() -> None:
         return model, MaskSet(model, k=args.k, granularity="unstructured", scope="global")
 
     model, _ = fresh(False)
-    dense = BaseTrainer(model=model, maskset=None, mode="pretrain", device=device, weights=settings(0.01), progress=False)
+    dense = BaseTrainer(model=model, maskset=None, mode="pretrain", device=device, weight_optim=settings(0.01), progress=False)
     model, ms = fresh(True)
     n_weights = sum(l.weight.numel() for l in ms.layers.values())
-    prune = BaseTrainer(model=model, maskset=ms, mode="prune", device=device, weights=settings(0.1), progress=False)
+    prune = BaseTrainer(model=model, maskset=ms, mode="prune", device=device, weight_optim=settings(0.1), progress=False)
     model, ms = fresh(True)
-    bilevel = BilevelTrainer(model=model, maskset=ms, mode="prune", device=device, weights=settings(0.01),
-                             masks=settings(0.1), progress=False)
+    bilevel = BilevelTrainer(model=model, maskset=ms, mode="prune", device=device, weight_optim=settings(0.01),
+                             score_optim=settings(0.1), progress=False)
     model, ms = fresh(True)
     ms.frozen = True  # masks come from the sort-every-forward hook below instead
     SortEveryForward(model, args.k)
-    public = BaseTrainer(model=model, maskset=ms, mode="prune", device=device, weights=settings(0.1), progress=False)
+    public = BaseTrainer(model=model, maskset=ms, mode="prune", device=device, weight_optim=settings(0.1), progress=False)
     model_pb, ms_pb = fresh(True)
     ms_pb.frozen = True
     SortEveryForward(model_pb, args.k)

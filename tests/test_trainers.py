@@ -11,6 +11,7 @@ from configs.errors import UserError
 from layers import MaskSet, masked_layers, n_keep, to_masked
 from engine.optim import OptimSettings
 from trainers.base import BaseTrainer
+from configs.options import BilevelOptions
 from trainers.bilevel import BilevelTrainer
 from engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from engine.loop import checkpoint_state
@@ -50,7 +51,7 @@ def changed(before, model):
 def test_hydra_prune_step_trains_scores_and_bn_only():
     model = small_model()
     ms = MaskSet(model, k=0.5, granularity="unstructured", scope="layer")
-    trainer = BaseTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(0.1), progress=False)
+    trainer = BaseTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(0.1), progress=False)
     before = snapshot(model)
     trainer.step(batch(0))
     diff = changed(before, model)
@@ -61,7 +62,7 @@ def test_hydra_prune_step_trains_scores_and_bn_only():
 def test_hydra_prune_with_freeze_bn_keeps_bn_affine():
     model = small_model()
     ms = MaskSet(model, k=0.5, granularity="unstructured", scope="layer")
-    trainer = BaseTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(0.1), freeze_bn=True,
+    trainer = BaseTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(0.1), freeze_bn=True,
                           progress=False)
     before = snapshot(model)
     trainer.step(batch(0))
@@ -74,7 +75,7 @@ def test_finetune_step_trains_weights_under_fixed_mask():
     ms = MaskSet(model, k=0.3, granularity="unstructured", scope="global")
     ms.step(force=True)
     masks = ms.masks()
-    trainer = BaseTrainer(model=model, maskset=ms, mode="finetune", device=CPU, weights=sgd(0.1), progress=False)
+    trainer = BaseTrainer(model=model, maskset=ms, mode="finetune", device=CPU, weight_optim=sgd(0.1), progress=False)
     before = snapshot(model)
     for seed in range(3):
         trainer.step(batch(seed))
@@ -90,7 +91,7 @@ def test_finetune_step_trains_weights_under_fixed_mask():
 
 def test_pretrain_step_trains_every_weight():
     model = small_model(masked=False)
-    trainer = BaseTrainer(model=model, maskset=None, mode="pretrain", device=CPU, weights=sgd(0.1), progress=False)
+    trainer = BaseTrainer(model=model, maskset=None, mode="pretrain", device=CPU, weight_optim=sgd(0.1), progress=False)
     before = snapshot(model)
     trainer.step(batch(0))
     # (the conv bias feeds a BatchNorm, which cancels it: its gradient is exactly zero)
@@ -100,8 +101,8 @@ def test_pretrain_step_trains_every_weight():
 def test_bilevel_step_trains_weights_and_scores():
     model = small_model()
     ms = MaskSet(model, k=0.5, granularity="unstructured", scope="global")
-    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(0.1),
-                             masks=sgd(0.1), progress=False)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(0.1),
+                             score_optim=sgd(0.1), progress=False)
     before = snapshot(model)
     trainer.step((batch(0), batch(1)))
     assert {"0.weight", "4.weight", "0.popup_scores", "4.popup_scores", "1.weight"} <= changed(before, model)
@@ -120,8 +121,7 @@ def test_implicit_gradient_matches_hand_computation(variant):
     with torch.no_grad():
         layer.popup_scores.copy_(torch.randn(3, 5))
     lr, mask_lr, lr2 = 0.5, 0.3, 0.7
-    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(lr), masks=sgd(mask_lr),
-                             lr2=lr2, implicit_grad=variant, progress=False)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(lr), score_optim=sgd(mask_lr), progress=False, options=BilevelOptions(lr2=lr2, implicit_grad=variant))
     (x1, y1), (x2, y2) = (torch.randn(4, 5), torch.tensor([0, 1, 2, 1])), (torch.randn(4, 5), torch.tensor([2, 2, 0, 1]))
     w0, s0 = layer.weight.detach().clone(), layer.popup_scores.detach().clone()
     ms.step(force=True)
@@ -147,8 +147,7 @@ def test_accelerate_has_no_implicit_term():
     model = to_masked(nn.Sequential(nn.Linear(5, 3, bias=False)), granularity="unstructured")
     ms = MaskSet(model, k=0.6, granularity="unstructured", scope="global")
     layer = model[0]
-    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(0.5), masks=sgd(0.3),
-                             lr2=100.0, accelerate=True, progress=False)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(0.5), score_optim=sgd(0.3), progress=False, options=BilevelOptions(lr2=100.0, accelerate=True))
     (x1, y1), (x2, y2) = (torch.randn(4, 5), torch.tensor([0, 1, 2, 1])), (torch.randn(4, 5), torch.tensor([2, 2, 0, 1]))
     ms.step(force=True)
     w0, s0, m = layer.weight.detach().clone(), layer.popup_scores.detach().clone(), layer.mask.clone().float()
@@ -180,8 +179,8 @@ def test_step_schedules_honour_warmup_and_milestones():
 def test_checkpoint_round_trip_weights_only(tmp_path):
     model = small_model(granularity="filter")
     ms = MaskSet(model, k=0.2, granularity="filter", scope="global")
-    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(0.1, momentum=0.9),
-                             masks=sgd(0.1, momentum=0.9), progress=False)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=sgd(0.1, momentum=0.9),
+                             score_optim=sgd(0.1, momentum=0.9), progress=False)
     trainer.step((batch(0), batch(1)))
     state = checkpoint_state(epoch=3, arch="tiny", model=model, maskset=ms, trainer=trainer, best_prec1=42.0,
                              config={"k": 0.2, "arch": "tiny"})

@@ -19,7 +19,20 @@ from engine.checkpoint import load_checkpoint
 from pruning.fisher_inverse import EmpiricalFisherInverse
 from pruning.flops import flops_budget, flops_per_weight, largest_prefix_within
 from pruning.obs import obs_statistic, obs_update
-from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, check_woodfisher_options
+from configs.options import WoodFisherOptions
+from trainers.base import RunSpec
+from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, plan
+
+
+def check_plan(*, mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=5, **options):
+    """The WoodFisher trainer's option check, as train.py runs it (the typed options, then the run)."""
+    return plan(WoodFisherOptions(**options), run=RunSpec(mode=mode, layer_type=layer_type, k=k, scope=scope,
+                                                           epochs=epochs))
+
+
+def wf_trainer(model, ms, weights, **options):
+    return WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=weights, progress=False,
+                             options=WoodFisherOptions(**options))
 
 CPU = torch.device("cpu")
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -73,9 +86,7 @@ def make(granularity="unstructured", k=0.1, scope="global", weights=None, **opti
     defaults = dict(prune_start=0, prune_freq=1, prune_end=3, init_sparsity=0.2, fisher_subsample_size=6,
                     fisher_mini_bsz=4, fittable_params=16, fisher_damp=1e-4)
     defaults.update(options)
-    trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU,
-                                weights=weights or sgd(epochs=max(defaults["prune_end"] + 1, 1)), progress=False,
-                                **defaults)
+    trainer = wf_trainer(model, ms, weights or sgd(epochs=max(defaults["prune_end"] + 1, 1)), **defaults)
     return model, ms, trainer
 
 
@@ -110,7 +121,7 @@ def total_units(ms, granularity):
 ])
 def test_exact_kept_counts_after_each_event(granularity, method, joint, blocks):
     k = 0.3 if granularity != "unstructured" else 0.1
-    model, ms, trainer = make(granularity, k=k, prune_method=method, woodburry_joint_sparsify=joint,
+    model, ms, trainer = make(granularity, k=k, prune_method=method, woodbury_joint_sparsify=joint,
                               fisher_blocks=blocks)
     loaders = tiny_loaders()
     scope = PRUNE_METHODS[method].scope or ("global" if joint else "layer")
@@ -215,9 +226,8 @@ def test_gradient_rows_are_minibatch_means_with_pruned_columns_zero():
     G = trainer.collect_gradients(loaders, epoch=0)
     assert G.shape == (3, 36 + 384)
     # the same rows with mini-batches split into chunks of 2 (accumulated in place)
-    chunked = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(epochs=4),
-                                progress=False, prune_end=3, fisher_subsample_size=3, fisher_mini_bsz=5,
-                                max_mini_bsz=2)
+    chunked = wf_trainer(model, ms, sgd(epochs=4), prune_end=3, fisher_subsample_size=3, fisher_mini_bsz=5,
+                         max_mini_bsz=2)
     torch.testing.assert_close(chunked.collect_gradients(loaders, epoch=0), G, rtol=1e-5, atol=1e-7)
     # row 0 by hand: the mean loss gradient over the first 5 samples of the Fisher stream, in eval mode
     batch = next(trainer.fisher_batches(loaders, epoch=0, substep=0))
@@ -234,8 +244,7 @@ def test_true_fisher_samples_labels_from_the_model_reproducibly():
     loaders = tiny_loaders()
     G = trainer.collect_gradients(loaders, epoch=0)
     torch.testing.assert_close(trainer.collect_gradients(loaders, epoch=0), G, rtol=0, atol=0)  # seeded
-    empirical = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(epochs=4),
-                                  progress=False, prune_end=3, fisher_subsample_size=4, fisher_mini_bsz=3)
+    empirical = wf_trainer(model, ms, sgd(epochs=4), prune_end=3, fisher_subsample_size=4, fisher_mini_bsz=3)
     assert not torch.allclose(empirical.collect_gradients(loaders, epoch=0), G)
 
 
@@ -257,27 +266,27 @@ def test_one_shot_prunes_once_and_takes_no_optimizer_step(monkeypatch):
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(prune_method="woodtaylor", layer_type="filter"), "does not support --layer-type filter"),
     (dict(prune_method="woodfishr"), "did you mean 'woodfisher'"),
-    (dict(layer_type="channel", fisher_blocks="all"), "aligned to whole"),
-    (dict(flops_power=-1.0), "--flops-power must be >= 0"),
+    (dict(layer_type="channel", fisher_blocks="all"), "whole-layer Fisher blocks"),
+    (dict(flops_power=-1.0), "--flops-power must be a finite number >= 0"),
     (dict(flops_target=0.3), "leave --k at 1"),
     (dict(flops_target=0.3, k=1.0, target_sparsity=0.5), "pass only --flops-target"),
     (dict(flops_target=1.0, k=1.0), "nothing to prune"),
     (dict(flops_target=1.5, k=1.0), "in (0, 1)"),
     (dict(flops_target=0.3, k=1.0, prune_method="magnitude"), "--prune-method globalmagnitude"),
-    (dict(flops_target=0.3, k=1.0, woodburry_joint_sparsify=False), "drop --no-woodburry-joint-sparsify"),
+    (dict(flops_target=0.3, k=1.0, woodbury_joint_sparsify=False), "drop --no-woodbury-joint-sparsify"),
     (dict(flops_target=0.3, k=1.0, init_sparsity=0.8), "FLOPs sparsity"),
     (dict(target_sparsity=0.8), "disagrees with --k"),
     (dict(prune_end=9), "--epochs 10"),
     (dict(prune_start=4, prune_end=2), "--prune-end"),
     (dict(one_shot=True), "--epochs 1"),
-    (dict(scope="layer"), "--no-woodburry-joint-sparsify"),
+    (dict(scope="layer"), "--no-woodbury-joint-sparsify"),
     (dict(mode="finetune"), "--exp-mode prune"),
 ])
 def test_bad_combinations_are_user_errors(kwargs, needle):
-    settings = dict(mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=5, prune_end=3)
+    settings = dict(prune_end=3)
     settings.update(kwargs)
     with pytest.raises(UserError) as info:
-        check_woodfisher_options(**settings)
+        check_plan(**settings)
     assert needle in str(info.value)
 
 
@@ -288,9 +297,9 @@ def test_shipped_configs_pass_the_woodfisher_checks(dataset):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = load_config(["--configs", os.path.join(root, "configs", dataset, "woodfisher.yml"), "--source-net", "x"])
     assert cfg.trainer == "woodfisher"
-    opts = check_woodfisher_options(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope,
-                                    epochs=cfg.epochs, **{n: getattr(cfg, n) for n in WoodFisherTrainer.option_names})
-    assert opts.schedule()[-1].sparsity == pytest.approx(1 - cfg.k)
+    settled = plan(WoodFisherOptions.of(cfg), run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k,
+                                                           scope=cfg.scope, epochs=cfg.epochs))
+    assert settled.events[-1].sparsity == pytest.approx(1 - cfg.k)
 
 
 # -- train.py end to end on Digits ----------------------------------------------------------------
@@ -379,8 +388,7 @@ def two_layer_trainer(*, method="globalmagnitude", flops_power=0.0, granularity=
         model[0].weight.fill_(0.5)
         model[2].weight.fill_(0.4)
     ms = MaskSet(model, k=k, granularity=granularity, scope="global")
-    trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=CPU, weights=sgd(epochs=2),
-                                progress=False, prune_method=method, prune_end=1, flops_power=flops_power)
+    trainer = wf_trainer(model, ms, sgd(epochs=2), prune_method=method, prune_end=1, flops_power=flops_power)
     return ms, trainer
 
 
@@ -535,8 +543,8 @@ def test_cli_flops_target_with_a_weight_target_exits_2(tmp_path, capsys, pretrai
 
 
 def test_each_method_has_its_own_default_damp():
-    common = dict(mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=2, prune_end=1)
-    assert check_woodfisher_options(**common).fisher_damp == 1e-5
+    common = dict(epochs=2, prune_end=1)
+    assert check_plan(**common).damp == 1e-5
     # WoodTaylor's Newton step collapses the network at 1e-5 (Digits: chance accuracy); 1 works
-    assert check_woodfisher_options(**common, prune_method="woodtaylor").fisher_damp == 1.0
-    assert check_woodfisher_options(**common, prune_method="woodtaylor", fisher_damp=1e-3).fisher_damp == 1e-3
+    assert check_plan(**common, prune_method="woodtaylor").damp == 1.0
+    assert check_plan(**common, prune_method="woodtaylor", fisher_damp=1e-3).damp == 1e-3

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from configs.options import OptionSection
 from engine.memory import MemoryNeed, size
 from engine.metrics import Average, correct_topk
 from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
@@ -26,17 +27,30 @@ from layers import MaskSet
 from trainers.registry import register_trainer
 
 
+@dataclass(frozen=True)
+class RunSpec:
+    """What a trainer's option check needs to know of the run (besides its own options)."""
+
+    mode: str
+    layer_type: str
+    k: float
+    scope: str
+    epochs: int
+
+
 @register_trainer("base")
 class BaseTrainer:
     """One optimizer; HYDRA's prune mode when the mode is ``prune``."""
 
     name = "base"
-    option_names: tuple[str, ...] = ()  # config options train.py passes to setup() by name
+    # The trainer's own options (a section of configs.options), or None: train.py reads an instance
+    # of it off the run's config and passes it as ``options``.
+    Options: type[OptionSection] | None = None
 
     def __init__(self, *, model: nn.Module, maskset: MaskSet | None, mode: str, device: torch.device,
-                 weights: OptimSettings, masks: OptimSettings | None = None, freeze_bn: bool = False,
+                 weight_optim: OptimSettings, score_optim: OptimSettings | None = None, freeze_bn: bool = False,
                  label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
-                 print_freq: int = 100, **method_options) -> None:
+                 print_freq: int = 100, seed: int = 0, options: OptionSection | None = None) -> None:
         self.model = model
         self.maskset = maskset
         self.mode = mode
@@ -44,19 +58,24 @@ class BaseTrainer:
         self.progress = progress
         self.log = log
         self.print_freq = print_freq
+        self.seed = seed
+        if options is None and self.Options is not None:
+            options = self.Options()  # the declared defaults
+        self.options = options
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.settings: dict[str, OptimSettings] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.setup(weights=weights, masks=masks, freeze_bn=freeze_bn, **method_options)
+        self.setup(weight_optim=weight_optim, score_optim=score_optim, freeze_bn=freeze_bn)
 
     @classmethod
-    def check_options(cls, *, mode: str, layer_type: str, k: float, scope: str, epochs: int, **options) -> None:
-        """Reject a bad combination of the run's settings and this trainer's ``option_names`` with a
-        UserError, before train.py creates the run folder. Nothing to check for the base trainer."""
+    def check_options(cls, options: OptionSection | None, *, run: RunSpec) -> None:
+        """Reject a bad combination of the run's settings and this trainer's options with a UserError,
+        before train.py creates the run folder (each option's own range is checked where it is
+        declared). Nothing to check for the base trainer."""
 
     @classmethod
     def memory_needs(cls, *, per_sample_bytes: int, batch_size: int, model_bytes: int, masked_weights: int,
-                     on_gpu: bool, **options) -> list[MemoryNeed]:
+                     on_gpu: bool, options: OptionSection | None = None) -> list[MemoryNeed]:
         """The run's largest allocations (lower bounds; see ``engine.memory``), for a check before
         the run folder exists. A trainer with more (WoodFisher's gradients) adds its own."""
         return [
@@ -75,7 +94,7 @@ class BaseTrainer:
         return []
 
     # -- set-up ------------------------------------------------------------------------------
-    def setup(self, *, weights: OptimSettings, masks: OptimSettings | None, freeze_bn: bool) -> None:
+    def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:
         scores, bn, other = split_parameters(self.model)
         kept_bn = [] if freeze_bn else bn
         if self.mode == "prune":
@@ -85,7 +104,7 @@ class BaseTrainer:
             if self.maskset is not None:
                 self.maskset.freeze()
         own_only(self.model, params)
-        self.add_optimizer("optimizer", params, weights)
+        self.add_optimizer("optimizer", params, weight_optim)
 
     def add_optimizer(self, key: str, params: list[nn.Parameter], settings: OptimSettings) -> None:
         self.settings[key] = settings

@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from configs.errors import UserError
-from layers import MaskSet
+from configs.options import IMPLICIT_GRADS, BilevelOptions
 from engine.optim import OptimSettings, own_only, split_parameters
+from layers import MaskSet
 from trainers.base import BaseTrainer
 from trainers.registry import register_trainer
-
-IMPLICIT_GRADS = ("paper", "bip-code")
 # Key of the bip-code iteration's own state in the trainer state; its presence also tells which
 # iteration wrote a checkpoint (their optimizers own different parameters).
 PUBLIC_STATE = "bip_code"
@@ -175,20 +174,21 @@ class PublicBipIteration:
 
 @register_trainer("bilevel")
 class BilevelTrainer(BaseTrainer):
-    option_names = ("lr2", "implicit_grad", "accelerate")
+    Options = BilevelOptions
 
-    def setup(self, *, weights: OptimSettings, masks: OptimSettings | None, freeze_bn: bool,
-              lr2: float = 1e-4, implicit_grad: str = "paper", accelerate: bool = False) -> None:
-        if self.mode != "prune" or self.maskset is None or masks is None:
-            raise ValueError("the bilevel trainer prunes: it needs mode 'prune', masked layers and mask settings")
-        if implicit_grad not in IMPLICIT_GRADS:
-            raise ValueError(f"implicit_grad must be one of {IMPLICIT_GRADS}, got {implicit_grad!r}")
-        self.lr2 = lr2
-        self.implicit_grad = implicit_grad
-        self.accelerate = accelerate
+    def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:
+        if self.mode != "prune" or self.maskset is None or score_optim is None:
+            raise ValueError("the bilevel trainer prunes: it needs mode 'prune', masked layers and score settings")
+        options = self.options
+        assert isinstance(options, BilevelOptions)
+        if options.implicit_grad not in IMPLICIT_GRADS:
+            raise ValueError(f"implicit_grad must be one of {IMPLICIT_GRADS}, got {options.implicit_grad!r}")
+        self.lr2 = options.lr2
+        self.implicit_grad = options.implicit_grad
+        self.accelerate = options.accelerate
         self.public: PublicBipIteration | None = None
-        if implicit_grad == "bip-code":
-            self._setup_public(weights=weights, masks=masks, freeze_bn=freeze_bn)
+        if self.implicit_grad == "bip-code":
+            self._setup_public(weights=weight_optim, masks=score_optim, freeze_bn=freeze_bn)
             return
         scores, bn, other = split_parameters(self.model)
         self.scores = scores
@@ -198,10 +198,12 @@ class BilevelTrainer(BaseTrainer):
         if [id(l.popup_scores) for l in layers] != [id(s) for s in scores]:
             raise ValueError("every score tensor must belong to a masked layer of the mask set")
         own_only(self.model, self.scores + self.weights)
-        self.add_optimizer("optimizer", self.weights, weights)
-        self.add_optimizer("mask_optimizer", self.scores, masks)
+        self.add_optimizer("optimizer", self.weights, weight_optim)
+        self.add_optimizer("mask_optimizer", self.scores, score_optim)
 
     def _setup_public(self, *, weights: OptimSettings, masks: OptimSettings, freeze_bn: bool) -> None:
+        """The public code's optimizers (``weights``: the weight optimizer's settings, ``masks``: the
+        score optimizer's)."""
         if freeze_bn:
             # Their switch_to_finetune unfreezes BatchNorm at the first iteration whatever freeze_bn.
             raise UserError("--freeze-bn cannot be honoured by --implicit-grad bip-code: the public BiP code "

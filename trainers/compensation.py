@@ -13,8 +13,9 @@ dw_R = -F^-1[R, Q] ([F^-1]_QQ)^-1 w_Q = -F_RR^-1 F_RQ w_Q (a ridge fit over the 
 
 The quadratic model behind it is local, and a learned mask removes most weights at once (95 % at
 k = 0.05), far outside it. So the update is scaled by the best of a few factors (0, 1/4, 1/2, 1) by
-the loss on training samples the Fisher did not use: a factor of 0 (no compensation) is chosen
-when every move makes the loss worse, and the log says which factor won.
+the loss on the validation split (held out from training and from the Fisher); a dataset without
+one uses training samples, which the log says, since those are what the mask was trained on. A
+factor of 0 (no compensation) is chosen when every move makes the loss worse.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ class Compensation:
 
     removed: int          # weights the mask drops that were not already 0
     scale: float          # the factor of the OBS update the line search kept
+    judged_on: str        # "validation" or "training" samples
     losses: tuple[float, ...]  # line-search loss at each of SCALES
     test_top1_before: float
     test_top1_after: float
@@ -50,11 +52,12 @@ class Compensation:
         tried = ", ".join(f"{s:g}: {loss:.4f}" for s, loss in zip(SCALES, self.losses))
         return (f"OBS update ({when}, --obs-update): {self.removed:,} weights removed by the mask; {self.solve} "
                 f"solve, m {fisher.m} x {fisher.samples_per_grad} samples, damp {fisher.damp:g}; update scale "
-                f"{self.scale:g} kept by the training loss ({tried}) in {self.seconds:.2f}s; test top1 "
+                f"{self.scale:g} kept by the {self.judged_on} loss ({tried}) in {self.seconds:.2f}s; test top1 "
                 f"{self.test_top1_before:.2f} before, {self.test_top1_after:.2f} after")
 
     def as_dict(self) -> dict:
         return {"removed": self.removed, "scale": self.scale, "line_search_losses": list(self.losses),
+                "line_search_on": self.judged_on,
                 "test_top1_before": self.test_top1_before, "test_top1_after": self.test_top1_after,
                 "solve": self.solve, "seconds": round(self.seconds, 3)}
 
@@ -102,7 +105,11 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders, device
     solver.release()
     maskset.set_masks(new)
     moved = {name: layer.weight.detach() - start[name] * layer.mask for name, layer in layers.items()}
-    held_out = _take(loaders.stream(OBS_UPDATE_STREAM, epoch=1, batch_size=256), LINE_SEARCH_SAMPLES, device)
+    if loaders.val is not None:
+        judged_on, held_out = "validation", _take(loaders.val, LINE_SEARCH_SAMPLES, device)
+    else:
+        judged_on = "training"
+        held_out = _take(loaders.stream(OBS_UPDATE_STREAM, epoch=1, batch_size=256), LINE_SEARCH_SAMPLES, device)
     losses = []
     with torch.no_grad():
         for scale in SCALES:
@@ -114,5 +121,5 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders, device
             layer.weight.copy_(start[name] * layer.mask + best * moved[name])
     after = evaluate(model, loaders.test, device=device)["top1"]
     model.train(was_training)
-    return Compensation(removed=removed, scale=best, losses=tuple(losses), test_top1_before=before,
+    return Compensation(removed=removed, scale=best, judged_on=judged_on, losses=tuple(losses), test_top1_before=before,
                         test_top1_after=after, solve=record.solve, seconds=time.perf_counter() - t0)

@@ -34,14 +34,16 @@ from configs.errors import UserError
 from engine.memory import MemoryNeed
 from engine.optim import OptimSettings, own_only, split_parameters
 from layers.selector import unit_counts
-from pruning.flops import flops_per_weight, select_within_flops, weight_by_flops
+from pruning.flops import flops_per_weight
+from pruning.flops import select_within_flops, weight_by_flops
+from pruning.gradients import piece_size
 from pruning.methods import PRUNE_METHODS, PruneMethod, granularity_note
 from pruning.schedule import PruneEvent, agp_schedule, one_shot_schedule, recompute_steps
 from pruning.solver import FisherSettings, OBSSolver, StepRecord
-from trainers.base import BaseTrainer
+from configs.options import FisherOptions, WoodFisherOptions
+from trainers.base import BaseTrainer, RunSpec
 from trainers.registry import register_trainer
 
-OBS_SOLVES = ("joint", "sum")
 FISHER_STREAM = 0x5F  # sample stream of the Fisher mini-batches (independent of the training streams)
 FLOPS_STREAM = 0x5E   # the one input FLOPs are measured on
 
@@ -51,120 +53,59 @@ FLOPS_STREAM = 0x5E   # the one input FLOPs are measured on
 
 
 @dataclass(frozen=True)
-class WoodFisherOptions:
-    prune_method: str = "woodfisher"
-    target: float = 0.9  # final sparsity: of units, or of FLOPs when flops_target is set
-    init_sparsity: float = 0.05
-    prune_start: int = 0
-    prune_freq: int = 1
-    prune_end: int = 0
-    agp_power: float = 3.0
-    one_shot: bool = False
-    fisher_subsample_size: int = 100
-    fisher_mini_bsz: int = 1
-    max_mini_bsz: int | None = None
-    fisher_damp: float | None = None  # None: the method's default_damp
-    fittable_params: int = 2000
-    fisher_blocks: str = "chunk"
-    true_fisher: bool = False
-    offload_grads: bool = False
-    woodburry_joint_sparsify: bool = True
-    scale_prune_update: float = 1.0
-    recompute_num: int = 1
-    recompute_schedule: str = "linear"
-    disable_wdecay_after_prune: bool = False
-    flops_power: float = 0.0
-    flops_target: float | None = None  # kept FLOPs fraction at the end (then target = 1 - flops_target)
-    obs_solve: str = "joint"
-    seed: int = 0
+class Plan:
+    """What the typed options and the run settle: the final target (a sparsity of units, or of FLOPs
+    with --flops-target), lambda (the method's default unless given) and the schedule."""
 
-    def schedule(self) -> list[PruneEvent]:
-        if self.one_shot:
-            return one_shot_schedule(target=self.target, epoch=0)
-        return agp_schedule(start=self.prune_start, freq=self.prune_freq, end=self.prune_end,
-                            initial=self.init_sparsity, target=self.target, power=self.agp_power)
+    target: float
+    damp: float
+    events: tuple[PruneEvent, ...]
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_woodfisher_options(*, mode: str, layer_type: str, k: float, scope: str, epochs: int,
-                             prune_method: str = "woodfisher", target_sparsity: float | None = None,
-                             init_sparsity: float = 0.05, prune_start: int = 0, prune_freq: int = 1,
-                             prune_end: int = 0, agp_power: float = 3, one_shot: bool = False,
-                             fisher_subsample_size: int = 100, fisher_mini_bsz: int = 1,
-                             max_mini_bsz: int | None = None, fisher_damp: float | None = None,
-                             fittable_params: int = 2000, fisher_blocks: str = "chunk",
-                             true_fisher: bool = False, offload_grads: bool = False,
-                             woodburry_joint_sparsify: bool = True, scale_prune_update: float = 1.0,
-                             recompute_num: int = 1, recompute_schedule: str = "linear",
-                             disable_wdecay_after_prune: bool = False, flops_power: float = 0.0,
-                             flops_target: float | None = None, obs_solve: str = "joint",
-                             seed: int = 0) -> WoodFisherOptions:
-    """Validate the WoodFisher options of a run (UserError naming the fix) and return them typed."""
-    if mode != "prune":
-        raise UserError(f"the woodfisher trainer prunes: use --exp-mode prune (got {mode})")
-    prune_method = PRUNE_METHODS.resolve(prune_method)
-    method = PRUNE_METHODS[prune_method]
-    if layer_type not in method.granularities:
-        raise UserError(f"--prune-method {prune_method} does not support --layer-type {layer_type}; "
+def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
+    """Validate the WoodFisher options against the run (UserError naming the fix) and settle them.
+    Each option's own range is checked where it is declared (configs.options)."""
+    o = options
+    o.check_values()
+    if run.mode != "prune":
+        raise UserError(f"the woodfisher trainer prunes: use --exp-mode prune (got {run.mode})")
+    method = PRUNE_METHODS.get(o.prune_method)
+    if run.layer_type not in method.granularities:
+        raise UserError(f"--prune-method {method.name} does not support --layer-type {run.layer_type}; "
                         f"supported: {granularity_note()}")
-    if layer_type != "unstructured" and fisher_blocks == "all" and method.group_statistic is not None:
-        raise UserError(f"--layer-type {layer_type} with --prune-method {prune_method} needs blocks aligned to "
-                        "whole filters/channels of one layer: use --fisher-blocks chunk or layer, not all")
-    if not (flops_power >= 0 and math.isfinite(flops_power)):
-        raise UserError(f"--flops-power must be >= 0 (0 = off; p > 0 prunes FLOP-heavy layers more), got {flops_power}")
-    if flops_target is None:
-        target = _weight_target(k=k, target_sparsity=target_sparsity)
+    if run.layer_type != "unstructured" and o.fisher_blocks == "all" and method.group_statistic is not None:
+        raise UserError(f"--layer-type {run.layer_type} with --prune-method {method.name} uses whole-layer Fisher "
+                        "blocks (a filter/channel's update must reach the other groups of its layer): drop "
+                        "--fisher-blocks all")
+    if o.flops_target is None:
+        target = _weight_target(k=run.k, target_sparsity=o.target_sparsity)
     else:
-        target = _flops_sparsity_target(flops_target=flops_target, k=k, target_sparsity=target_sparsity,
-                                        method=method, scope=scope, woodburry_joint_sparsify=woodburry_joint_sparsify)
-    if not one_shot:
-        if not 0.0 <= init_sparsity <= target:
-            what = "FLOPs sparsity 1 - --flops-target" if flops_target is not None else "sparsity"
-            raise UserError(f"--init-sparsity must be in [0, target {what} {target:g}], got {init_sparsity:g}")
-        if prune_start < 0 or prune_freq < 1:
-            raise UserError(f"--prune-start must be >= 0 and --prune-freq >= 1, got {prune_start} and {prune_freq}")
-        if prune_end < prune_start:
-            raise UserError(f"--prune-end ({prune_end}) must be >= --prune-start ({prune_start})")
-        if epochs <= prune_end:
-            raise UserError(f"the last pruning event runs at the start of epoch {prune_end} (0-based, --prune-end), "
-                            f"but --epochs {epochs} stops before it: pass --epochs {prune_end + 1} or more")
-        if not agp_power > 0:
-            raise UserError(f"--agp-power must be > 0, got {agp_power}")
-    elif epochs != 1:
-        raise UserError(f"--one-shot prunes once and evaluates without training: pass --epochs 1 (got {epochs})")
-    for name, value in (("fisher_subsample_size", fisher_subsample_size), ("fisher_mini_bsz", fisher_mini_bsz),
-                        ("fittable_params", fittable_params), ("recompute_num", recompute_num)):
-        if value < 1:
-            raise UserError(f"{_flag(name)} must be >= 1, got {value}")
-    if max_mini_bsz is not None and max_mini_bsz < 1:
-        raise UserError(f"--max-mini-bsz must be >= 1, got {max_mini_bsz}")
-    if fisher_damp is None:
-        fisher_damp = method.default_damp
-    if not fisher_damp > 0 or math.isinf(fisher_damp):
-        raise UserError(f"--fisher-damp (lambda) must be > 0, got {fisher_damp}")
-    if not scale_prune_update >= 0:
-        raise UserError(f"--scale-prune-update must be >= 0, got {scale_prune_update}")
-    if fisher_blocks not in ("chunk", "layer", "all"):
-        raise UserError(f"--fisher-blocks must be chunk, layer or all, got {fisher_blocks!r}")
-    if obs_solve not in OBS_SOLVES:
-        raise UserError(f"--obs-solve must be one of {', '.join(OBS_SOLVES)}, got {obs_solve!r}")
-    if recompute_schedule not in ("linear", "poly"):
-        raise UserError(f"--recompute-schedule must be linear or poly, got {recompute_schedule!r}")
-    if scope == "layer" and woodburry_joint_sparsify and method.scope is None:
-        raise UserError("--scope layer asks for per-layer selection but --woodburry-joint-sparsify (the default) "
-                        "selects globally: pass --no-woodburry-joint-sparsify (or --scope global)")
-    return WoodFisherOptions(
-        prune_method=prune_method, target=target, init_sparsity=init_sparsity, prune_start=prune_start,
-        prune_freq=prune_freq, prune_end=prune_end, agp_power=agp_power, one_shot=one_shot,
-        fisher_subsample_size=fisher_subsample_size, fisher_mini_bsz=fisher_mini_bsz, max_mini_bsz=max_mini_bsz,
-        fisher_damp=fisher_damp, fittable_params=fittable_params, fisher_blocks=fisher_blocks,
-        true_fisher=true_fisher, offload_grads=offload_grads, woodburry_joint_sparsify=woodburry_joint_sparsify,
-        scale_prune_update=scale_prune_update, recompute_num=recompute_num, recompute_schedule=recompute_schedule,
-        disable_wdecay_after_prune=disable_wdecay_after_prune, flops_power=flops_power, flops_target=flops_target,
-        obs_solve=obs_solve, seed=seed)
+        target = _flops_sparsity_target(flops_target=o.flops_target, k=run.k, target_sparsity=o.target_sparsity,
+                                        method=method, scope=run.scope, joint_sparsify=o.woodbury_joint_sparsify)
+    if not o.one_shot:
+        if not 0.0 <= o.init_sparsity <= target:
+            what = "FLOPs sparsity 1 - --flops-target" if o.flops_target is not None else "sparsity"
+            raise UserError(f"--init-sparsity must be in [0, target {what} {target:g}], got {o.init_sparsity:g}")
+        if o.prune_end < o.prune_start:
+            raise UserError(f"--prune-end ({o.prune_end}) must be >= --prune-start ({o.prune_start})")
+        if run.epochs <= o.prune_end:
+            raise UserError(f"the last pruning event runs at the start of epoch {o.prune_end} (0-based, --prune-end), "
+                            f"but --epochs {run.epochs} stops before it: pass --epochs {o.prune_end + 1} or more")
+        events = agp_schedule(start=o.prune_start, freq=o.prune_freq, end=o.prune_end, initial=o.init_sparsity,
+                              target=target, power=o.agp_power)
+    elif run.epochs != 1:
+        raise UserError(f"--one-shot prunes once and evaluates without training: pass --epochs 1 (got {run.epochs})")
+    else:
+        events = one_shot_schedule(target=target, epoch=0)
+    if run.scope == "layer" and o.woodbury_joint_sparsify and method.scope is None:
+        raise UserError("--scope layer asks for per-layer selection but --woodbury-joint-sparsify (the default) "
+                        "selects globally: pass --no-woodbury-joint-sparsify (or --scope global)")
+    damp = o.fisher_damp if o.fisher_damp is not None else method.default_damp
+    return Plan(target=target, damp=damp, events=tuple(events))
 
 
 def _weight_target(*, k: float, target_sparsity: float | None) -> float:
@@ -182,7 +123,7 @@ def _weight_target(*, k: float, target_sparsity: float | None) -> float:
 
 
 def _flops_sparsity_target(*, flops_target: float, k: float, target_sparsity: float | None, method: PruneMethod,
-                           scope: str, woodburry_joint_sparsify: bool) -> float:
+                           scope: str, joint_sparsify: bool) -> float:
     """The final FLOPs sparsity 1 - flops_target, after checking that nothing else sets a target and
     that the selection is global (the FLOPs search ranks the units of all layers together)."""
     if flops_target == 1.0:
@@ -200,8 +141,8 @@ def _flops_sparsity_target(*, flops_target: float, k: float, target_sparsity: fl
                         "selects per layer: use --prune-method globalmagnitude")
     if scope == "layer":
         raise UserError("--flops-target ranks the units of all layers together: pass --scope global")
-    if method.scope is None and not woodburry_joint_sparsify:
-        raise UserError("--flops-target ranks the units of all layers together: drop --no-woodburry-joint-sparsify")
+    if method.scope is None and not joint_sparsify:
+        raise UserError("--flops-target ranks the units of all layers together: drop --no-woodbury-joint-sparsify")
     return 1.0 - flops_target
 
 
@@ -217,39 +158,36 @@ def _mib(n: int) -> float:
 class WoodFisherTrainer(BaseTrainer):
     """Gradual OBS pruning (see the module docstring)."""
 
-    option_names = ("seed", "prune_method", "target_sparsity", "init_sparsity", "prune_start", "prune_freq",
-                    "prune_end", "agp_power", "one_shot", "fisher_subsample_size", "fisher_mini_bsz",
-                    "max_mini_bsz", "fisher_damp", "fittable_params", "fisher_blocks", "true_fisher",
-                    "offload_grads", "woodburry_joint_sparsify", "scale_prune_update", "recompute_num",
-                    "recompute_schedule", "disable_wdecay_after_prune", "flops_power", "flops_target", "obs_solve")
+    Options = WoodFisherOptions
 
     @classmethod
-    def check_options(cls, **settings) -> None:
-        check_woodfisher_options(**settings)
+    def check_options(cls, options, *, run: RunSpec) -> None:
+        plan(options, run=run)
 
     @classmethod
     def memory_needs(cls, *, per_sample_bytes: int, batch_size: int, model_bytes: int, masked_weights: int,
-                     on_gpu: bool, **options) -> list[MemoryNeed]:
+                     on_gpu: bool, options=None) -> list[MemoryNeed]:
         """Training's needs plus the m x D gradient matrix."""
         needs = super().memory_needs(per_sample_bytes=per_sample_bytes, batch_size=batch_size,
                                      model_bytes=model_bytes, masked_weights=masked_weights, on_gpu=on_gpu)
-        method = options.get("prune_method", "woodfisher")
-        if method in PRUNE_METHODS and PRUNE_METHODS[method].fisher is None:
+        options = options or WoodFisherOptions()
+        if options.prune_method in PRUNE_METHODS and PRUNE_METHODS[options.prune_method].fisher is None:
             return needs
-        return needs + fisher_memory_needs(masked_weights=masked_weights, on_gpu=on_gpu,
-                                           per_sample_bytes=per_sample_bytes, **options)
+        return needs + fisher_memory_needs(options, masked_weights=masked_weights, on_gpu=on_gpu,
+                                           per_sample_bytes=per_sample_bytes)
 
-    def setup(self, *, weights: OptimSettings, masks: OptimSettings | None, freeze_bn: bool, **options) -> None:
+    def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:
         if self.mode != "prune" or self.maskset is None:
             raise ValueError("the woodfisher trainer prunes: it needs mode 'prune' and masked layers")
         ms = self.maskset
-        self.opts = check_woodfisher_options(mode=self.mode, layer_type=ms.granularity, k=ms.k, scope=ms.scope,
-                                             epochs=weights.epochs, **options)
-        self.method: PruneMethod = PRUNE_METHODS[self.opts.prune_method]
+        self.opts: WoodFisherOptions = self.options  # type: ignore[assignment]
+        self.plan = plan(self.opts, run=RunSpec(mode=self.mode, layer_type=ms.granularity, k=ms.k, scope=ms.scope,
+                                                epochs=weight_optim.epochs))
+        self.method: PruneMethod = PRUNE_METHODS.get(self.opts.prune_method)
         self.k = ms.k
         self.granularity = ms.granularity
-        self.scope = self.method.scope or ("global" if self.opts.woodburry_joint_sparsify else "layer")
-        self.events = self.opts.schedule()
+        self.scope = self.method.scope or ("global" if self.opts.woodbury_joint_sparsify else "layer")
+        self.events = list(self.plan.events)
         self.history: list[dict] = []  # one record per pruning sub-step
         self._notes: list[str] = []
         # FLOPs per weight by layer, measured at the first event, and only for FLOPs-aware pruning
@@ -258,7 +196,7 @@ class WoodFisherTrainer(BaseTrainer):
         scores, bn, other = split_parameters(self.model)
         params = other + ([] if freeze_bn else bn)
         own_only(self.model, params)  # scores are unused and frozen
-        self.add_optimizer("optimizer", params, weights)
+        self.add_optimizer("optimizer", params, weight_optim)
         # A fresh run starts dense; a resumed one (masks frozen, restored from its checkpoint) keeps its masks.
         if not ms.frozen:
             ms.set_masks({name: torch.ones_like(layer.mask) for name, layer in ms.layers.items()})
@@ -379,7 +317,7 @@ class WoodFisherTrainer(BaseTrainer):
         generator = None
         if self.opts.true_fisher:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(derive_label_seed(self.opts.seed, epoch, substep))
+            generator.manual_seed(derive_label_seed(self.seed, epoch, substep))
         solver = self.solver()
         solver.collect(self.model, self.fisher_batches(loaders, epoch=epoch, substep=substep),
                        label_smoothing=self.criterion.label_smoothing, label_generator=generator)
@@ -387,7 +325,7 @@ class WoodFisherTrainer(BaseTrainer):
 
     def solver(self) -> OBSSolver:
         return OBSSolver(self.maskset.layers, granularity=self.granularity, method=self.method,
-                         fisher=fisher_settings(self.opts), device=self.device)
+                         fisher=fisher_settings(self.opts, damp=self.plan.damp), device=self.device)
 
     def prune_step(self, sparsity: float, *, epoch: int, substep: int = 0, substeps: int = 1, loaders=None) -> dict:
         """One OBS step to ``sparsity``: gradients, inverse, statistic, selection, update, masks."""
@@ -400,7 +338,7 @@ class WoodFisherTrainer(BaseTrainer):
         flops_before = self.kept_flops_fraction()
         # The final target is the run's --k (or --flops-target) exactly: 1 - (1 - k) can land one
         # ulp off and change a count.
-        final = sparsity == self.opts.target
+        final = sparsity == self.plan.target
         flops_fraction = None
         if self.opts.flops_target is not None:
             flops_fraction = self.opts.flops_target if final else 1.0 - sparsity
@@ -452,7 +390,7 @@ class WoodFisherTrainer(BaseTrainer):
         blocks = ("whole layer" if self.granularity != "unstructured" and self.method.group_statistic is not None
                   else o.fisher_blocks + (f" {o.fittable_params}" if o.fisher_blocks == "chunk" else ""))
         fisher = (f", m {o.fisher_subsample_size} x {o.fisher_mini_bsz} samples, blocks {blocks}, damp "
-                  f"{fisher_settings(o).damp:g}, update {record.solve}" if self.method.fisher else "")
+                  f"{self.plan.damp:g}, update {record.solve}" if self.method.fisher else "")
         cuda_text = f", CUDA peak {_mib(out['cuda_peak_bytes']):.1f} MiB" if "cuda_peak_bytes" in out else ""
         notes = "".join(f"; {n}" for n in record.notes)
         return (f"prune epoch {epoch} step {substep + 1}/{substeps}: {self.method.name} ({self.scope}{fisher}"
@@ -479,22 +417,21 @@ def derive_label_seed(seed: int, epoch: int, substep: int) -> int:
     return derive_seed(seed, FISHER_STREAM, epoch, substep, 1)
 
 
-def fisher_settings(opts) -> FisherSettings:
-    """The solver's Fisher settings from the run's options (the WoodFisher flags)."""
-    damp = opts.fisher_damp if opts.fisher_damp is not None else PRUNE_METHODS[opts.prune_method].default_damp
-    return FisherSettings(m=opts.fisher_subsample_size, samples_per_grad=opts.fisher_mini_bsz,
-                          max_samples=opts.max_mini_bsz, damp=damp, block_size=opts.fittable_params,
-                          blocks=opts.fisher_blocks, offload=opts.offload_grads)
+def fisher_settings(options: FisherOptions, *, damp: float) -> FisherSettings:
+    """The solver's Fisher settings (the paper's names) from the command line's (the public code's names)."""
+    return FisherSettings(m=options.fisher_subsample_size, samples_per_grad=options.fisher_mini_bsz,
+                          max_samples=options.max_mini_bsz, damp=damp, block_size=options.fittable_params,
+                          blocks=options.fisher_blocks, offload=options.offload_grads)
 
 
-def fisher_memory_needs(*, masked_weights: int, on_gpu: bool, per_sample_bytes: int, **options) -> list[MemoryNeed]:
+def fisher_memory_needs(options: FisherOptions, *, masked_weights: int, on_gpu: bool,
+                        per_sample_bytes: int) -> list[MemoryNeed]:
     """The m x D gradient matrix and one Fisher forward's activations (``engine.memory``)."""
-    m = options.get("fisher_subsample_size", 100)
-    offload = bool(options.get("offload_grads")) and on_gpu
+    m = options.fisher_subsample_size
+    offload = options.offload_grads and on_gpu
     hint = "" if offload or not on_gpu else ", or pass --offload-grads to keep them in host memory"
-    mini = options.get("fisher_mini_bsz", 1)
-    chunk = min(mini, options.get("max_mini_bsz") or mini)
+    chunk = piece_size(options.fisher_mini_bsz, options.max_mini_bsz)  # samples of one row per pass
     return [MemoryNeed(f"the {m} x {masked_weights:,} Fisher gradients", m * masked_weights * 4, offload,
                        f"lower --fisher-subsample-size{hint}"),
-            MemoryNeed(f"the activations of a Fisher mini-batch chunk of {chunk}", per_sample_bytes * chunk, False,
-                       "pass --max-mini-bsz to split each --fisher-mini-bsz batch into smaller chunks")]
+            MemoryNeed(f"the activations of a Fisher pass over {chunk} samples", per_sample_bytes * chunk,
+                       False, "pass a smaller --max-mini-bsz to split each --fisher-mini-bsz batch into smaller chunks")]

@@ -1,0 +1,170 @@
+"""Does ``--obs-update`` help HYDRA and BiP? Test top-1 after pruning and after a short fine-tune,
+without and with the OBS compensation of the weights the learned mask removes, on Digits.
+
+    python bench/obs_update_study.py [--result-dir results/obs_update_study] [--methods hydra bip]
+                                     [--ks 0.05 0.02] [--seeds 1 2 3] [--pretrained CKPT]
+
+Procedure (every run is ``train.py`` in a subprocess, with this interpreter):
+1. pretrain once (configs/Digits/pretrain.yml) unless ``--pretrained`` names a dense checkpoint;
+   the source of every prune run is its ``checkpoint/model_best.pth.tar``;
+2. for each method, k and seed: prune with configs/Digits/{method}.yml and ``--obs-update``
+   (Fisher from ``--fisher-subsample-size`` x ``--fisher-mini-bsz`` samples, blocks of
+   ``--fittable-params``); summary.json's ``obs_update.prune_end`` gives the test top-1 of the last
+   epoch's masked model without the update (``test_top1_before``), with it (``test_top1_after``) and
+   the update scale the line search kept;
+3. fine-tune (configs/Digits/finetune.yml, same k, seed and scope) twice: (a) without the update,
+   from the prune run's ``checkpoint/checkpoint.pth.tar`` (the last epoch: the model that was
+   compensated, not ``model_best``, which may be another epoch); (b) with it, from
+   ``checkpoint/model_obs.pth.tar``. Each fine-tune's final test top-1 comes from its summary.json.
+
+Prints a Markdown table (mean +- sample std over seeds, per-seed scales) and the raw rows as JSON.
+Run folders are taken from the ``run folder: PATH`` line each run prints.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_FOLDER = re.compile(r"run folder: (.+)$", re.M)
+SOURCE_TOP1 = re.compile(r"source network before the first epoch: val top1 ([0-9.]+)")
+
+
+def train(args: list[str], *, log_dir: str, tag: str) -> tuple[str, dict, str]:
+    """Run train.py with ``args``; return (run folder, summary.json, console output). Stops on failure."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *args, "--no-progress"]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, f"{tag}.log"), "w", encoding="utf-8") as fh:
+        fh.write(" ".join(cmd) + "\n\n" + out)
+    if proc.returncode != 0:
+        sys.exit(f"{tag} failed (exit {proc.returncode}):\n  {' '.join(cmd)}\n" + out[-4000:])
+    found = RUN_FOLDER.findall(out)
+    if not found:
+        sys.exit(f"{tag}: no 'run folder:' line in its output:\n" + out[-4000:])
+    run_dir = os.path.join(ROOT, found[-1].strip())  # absolute paths stay as they are
+    with open(os.path.join(run_dir, "summary.json"), encoding="utf-8") as fh:
+        summary = json.load(fh)
+    print(f"  {tag}: {time.monotonic() - t0:.0f}s, test top1 {summary['test_top1']:.2f}  ({run_dir})", flush=True)
+    return run_dir, summary, out
+
+
+def source_top1(out: str) -> float | None:
+    match = SOURCE_TOP1.search(out)
+    return float(match.group(1)) if match else None
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| method | k | prune top-1 without | prune top-1 with | scales (per seed) "
+             "| fine-tune top-1 without | fine-tune top-1 with |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["k"]), []).append(row)
+    for (method, k), group in groups.items():
+        def col(key: str) -> str:
+            return mean_std([r[key] for r in group])
+        scales = ", ".join(f"{r['scale']:g}" for r in group)
+        lines.append(f"| {method} | {k:g} | {col('prune_top1_without')} | {col('prune_top1_with')} | {scales} "
+                     f"| {col('finetune_top1_without')} | {col('finetune_top1_with')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--result-dir", default=os.path.join("results", "obs_update_study"),
+                        help="root of the run folders (and of logs/, one console log per run)")
+    parser.add_argument("--methods", nargs="+", default=["hydra", "bip"], help="configs/Digits/{method}.yml")
+    parser.add_argument("--ks", nargs="+", type=float, default=[0.05, 0.02], help="densities")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--pretrained", default=None, help="dense checkpoint to prune (skips pretraining)")
+    parser.add_argument("--fisher-subsample-size", type=int, default=64)
+    parser.add_argument("--fisher-mini-bsz", type=int, default=8)
+    parser.add_argument("--fittable-params", type=int, default=512)
+    parser.add_argument("--json-out", default=None, help="also write the raw rows to this file")
+    args = parser.parse_args()
+
+    started = time.monotonic()
+    out_dir = os.path.abspath(args.result_dir)
+    log_dir = os.path.join(out_dir, "logs")
+    common = ["--result-dir", out_dir]
+    fisher = ["--fisher-subsample-size", str(args.fisher_subsample_size), "--fisher-mini-bsz",
+              str(args.fisher_mini_bsz), "--fittable-params", str(args.fittable_params)]
+
+    pretrained = os.path.abspath(args.pretrained) if args.pretrained else None
+    pre_top1 = None
+    if pretrained is None:
+        print("pretrain", flush=True)
+        pre_dir, pre_summary, _ = train(["--configs", "configs/Digits/pretrain.yml", *common, "--exp-name", "pre"],
+                                        log_dir=log_dir, tag="pretrain")
+        pretrained = os.path.join(pre_dir, "checkpoint", "model_best.pth.tar")
+        pre_top1 = pre_summary["test_top1"]
+
+    rows = []
+    for method in args.methods:
+        for k in args.ks:
+            for seed in args.seeds:
+                tag = f"{method}_k{k:g}_s{seed}"
+                print(tag, flush=True)
+                prune_dir, prune, _ = train(
+                    ["--configs", f"configs/Digits/{method}.yml", *common, "--exp-name", f"{tag}_prune",
+                     "--k", str(k), "--seed", str(seed), "--source-net", pretrained, "--obs-update", *fisher],
+                    log_dir=log_dir, tag=f"{tag}_prune")
+                obs = prune["obs_update"]["prune_end"]
+                finetune = ["--configs", "configs/Digits/finetune.yml", *common, "--k", str(k), "--seed", str(seed),
+                            "--scope", prune["scope"]]
+                _, without, out_without = train(
+                    [*finetune, "--exp-name", f"{tag}_ft_without",
+                     "--source-net", os.path.join(prune_dir, "checkpoint", "checkpoint.pth.tar")],
+                    log_dir=log_dir, tag=f"{tag}_ft_without")
+                _, with_, out_with = train(
+                    [*finetune, "--exp-name", f"{tag}_ft_with", "--source-net", obs["checkpoint"]],
+                    log_dir=log_dir, tag=f"{tag}_ft_with")
+                rows.append({
+                    "method": method, "k": k, "seed": seed,
+                    "prune_top1_without": obs["test_top1_before"], "prune_top1_with": obs["test_top1_after"],
+                    "scale": obs["scale"], "line_search_losses": obs["line_search_losses"],
+                    "removed": obs["removed"], "obs_seconds": obs["seconds"],
+                    "prune_best_val_top1": prune["best_val_top1"], "prune_sparsity": prune["sparsity"],
+                    "finetune_top1_without": without["test_top1"], "finetune_top1_with": with_["test_top1"],
+                    # each fine-tune's source as it logged it (val top-1, not test): a check of the two sources
+                    "finetune_start_val_top1_without": source_top1(out_without),
+                    "finetune_start_val_top1_with": source_top1(out_with),
+                    "prune_run": prune_dir, "prune_wall_s": prune["wall_seconds"],
+                    "finetune_wall_s": [without["wall_seconds"], with_["wall_seconds"]],
+                })
+
+    wall = time.monotonic() - started
+    print()
+    if pre_top1 is not None:
+        print(f"pretrained: test top-1 {pre_top1:.2f} ({pretrained})")
+    else:
+        print(f"pretrained: {pretrained}")
+    print(f"Fisher: m {args.fisher_subsample_size} x {args.fisher_mini_bsz} samples, blocks of "
+          f"{args.fittable_params}; mean ± sample std over seeds {', '.join(map(str, args.seeds))}\n")
+    print(table(rows))
+    print(f"\nwall time of the study: {wall:.0f}s\n")
+    print(json.dumps(rows, indent=1))
+    if args.json_out:
+        with open(args.json_out, "w", encoding="utf-8") as fh:
+            json.dump({"rows": rows, "wall_seconds": round(wall, 1), "pretrained": pretrained}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

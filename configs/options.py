@@ -1,0 +1,180 @@
+"""How an option is declared, once: its type, default, help, choices, checks and old names.
+
+An option is a field of a frozen dataclass made with ``opt``. The command-line flag (``--mask-lr``),
+the YAML key (``mask_lr``), the ``--help`` text, the README's flag table, the type check and the
+value check all come from that one field (``configs.schema`` builds them). Options that belong to
+one trainer are a dataclass of their own (``BilevelOptions``, ``WoodFisherOptions``): the trainer
+receives an instance of it, typed, and train.py passes nothing else by name. They live here, not
+beside their trainer, so that the command line knows every flag without importing any trainer
+(imports point from the CLI down to configs, never up).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, TypeVar
+
+Check = Callable[[Any], Optional[str]]  # None when the value is fine, else what is wrong with it
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, group: str = "general", *,
+        check: Check | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A declared option (a dataclass field). ``check`` validates a value that is not None;
+    ``aliases`` are old names still accepted as flags and YAML keys."""
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group, "check": check,
+                                            "aliases": aliases})
+
+
+def at_least(low: int) -> Check:
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def finite_non_negative(v: float) -> str | None:
+    return None if math.isfinite(v) and v >= 0 else "must be a finite number >= 0"
+
+
+def positive_finite(v: float) -> str | None:
+    return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
+
+
+def fraction(*, low_open: bool, high_open: bool) -> Check:
+    def check(v: float) -> str | None:
+        low_ok = v > 0 if low_open else v >= 0
+        high_ok = v < 1 if high_open else v <= 1
+        span = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        return None if (low_ok and high_ok and not math.isnan(v)) else f"must be in {span}"
+    return check
+
+
+S = TypeVar("S", bound="OptionSection")
+
+
+@dataclass(frozen=True)
+class OptionSection:
+    """Base of an option section: an instance is read off a run's Config by field name."""
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def of(cls: type[S], config: Any) -> S:
+        """This section's values from a Config (or any object with the same attributes)."""
+        return cls(**{name: getattr(config, name) for name in cls.names()})
+
+    def check_values(self) -> None:
+        """Each option's own check (declared with it): a UserError naming the flag."""
+        check_fields(self)
+
+
+def check_fields(obj: Any) -> None:
+    """Run the declared check of every field of the dataclass instance ``obj`` that is not None."""
+    from configs.errors import UserError
+
+    for f in dataclasses.fields(obj):
+        value, check = getattr(obj, f.name), f.metadata.get("check")
+        problem = check(value) if (check is not None and value is not None) else None
+        if problem:
+            raise UserError(f"--{f.name.replace('_', '-')} {problem}, got {value}")
+
+
+IMPLICIT_GRADS = ("paper", "bip-code")
+
+
+@dataclass(frozen=True)
+class BilevelOptions(OptionSection):
+    """BiP (``--trainer bilevel``)."""
+
+    lr2: float = opt(1e-4, "bilevel: lower-level step size in the implicit-gradient term", group="bilevel",
+                     check=finite_non_negative)
+    implicit_grad: str = opt("paper", "bilevel: paper = Algorithm 1 of the paper, term -lr2*g_s*g_theta, each optimizer "
+                             "owning its own parameters; bip-code = the public BiP code's iteration as it runs on "
+                             "PyTorch 1.x: both optimizers (the mask one always SGD) own every parameter and step each "
+                             "one that has had a gradient, zero gradients included (weight decay and momentum then move "
+                             "the scores in weight steps and the weights in mask steps; the mask step also trains "
+                             "BatchNorm), term -lr2*g*g on scores and BatchNorm, every forward pass in train mode (4 per "
+                             "iteration, 2 with --accelerate); unlike the public code, --mask-lr and its schedule are "
+                             "honoured; refuses --freeze-bn", IMPLICIT_GRADS, "bilevel")
+    accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term", group="bilevel")
+
+
+FISHER_BLOCKS = ("chunk", "layer", "all")
+OBS_SOLVES = ("joint", "sum")
+
+
+@dataclass(frozen=True)
+class FisherOptions(OptionSection):
+    """How the OBS step estimates the Fisher and solves for the update: the WoodFisher trainer's, and
+    --obs-update's (HYDRA/BiP)."""
+
+    fisher_subsample_size: int = opt(100, "woodfisher, --obs-update: m, number of gradients in the Fisher estimate",
+                                     group="fisher", check=at_least(1))
+    fisher_mini_bsz: int = opt(1, "woodfisher, --obs-update: samples averaged into each of the m gradients",
+                               group="fisher", check=at_least(1))
+    max_mini_bsz: Optional[int] = opt(None, "woodfisher, --obs-update: at most this many samples of one Fisher "
+                                      "mini-batch per forward pass", group="fisher", check=at_least(1))
+    fisher_damp: Optional[float] = opt(None, "woodfisher, --obs-update: lambda, the dampening of F = lambda I + "
+                                       "G^T G / m (default: 1e-5, and 1 for woodtaylor, whose Newton step needs it)",
+                                       group="fisher", check=positive_finite)
+    fittable_params: int = opt(2000, "woodfisher, --obs-update: block size c (contiguous weights of one layer); "
+                               "filter/channel masks use whole-layer blocks", group="fisher", check=at_least(1))
+    fisher_blocks: str = opt("chunk", "woodfisher, --obs-update: chunk (--fittable-params per block), layer (one block "
+                             "per layer) or all (one block over every weight)", FISHER_BLOCKS, "fisher")
+    true_fisher: bool = opt(False, "woodfisher: labels sampled from the model (true Fisher) instead of the data's",
+                            group="fisher")
+    offload_grads: bool = opt(False, "woodfisher, --obs-update: keep the m gradients in host memory (on a GPU)",
+                              group="fisher")
+    obs_solve: str = opt("joint", "OBS update for the set Q of weights pruned at once: joint = the exact optimum "
+                         "-F^-1[:,Q] ([F^-1]_QQ)^-1 w_Q per block; sum = the sum of single-weight updates "
+                         "(WoodFisher's approximation)", OBS_SOLVES, "fisher")
+
+
+RECOMPUTE_SCHEDULES = ("linear", "poly")
+
+
+@dataclass(frozen=True)
+class WoodFisherOptions(FisherOptions):
+    """Gradual OBS pruning (``--trainer woodfisher``); the Fisher options are inherited."""
+
+    prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion: woodfisher (unstructured/filter/"
+                            "channel), woodtaylor (unstructured), diagfisher, magnitude (per layer), globalmagnitude "
+                            "(all three granularities)", group="woodfisher")
+    target_sparsity: Optional[float] = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
+                                           group="woodfisher")
+    init_sparsity: float = opt(0.05, "woodfisher: sparsity of the first pruning event", group="woodfisher",
+                               check=finite_non_negative)
+    prune_start: int = opt(0, "woodfisher: epoch of the first pruning event", group="woodfisher", check=non_negative)
+    prune_freq: int = opt(1, "woodfisher: epochs between pruning events", group="woodfisher", check=at_least(1))
+    prune_end: int = opt(0, "woodfisher: epoch of the last pruning event (target reached there)", group="woodfisher")
+    agp_power: int = opt(3, "woodfisher: exponent of the AGP schedule (3 = cubic)", group="woodfisher",
+                         check=at_least(1))
+    one_shot: bool = opt(False, "woodfisher: prune once to the target, no training, then evaluate", group="woodfisher")
+    woodbury_joint_sparsify: bool = opt(True, "woodfisher: one global selection over all layers (else per layer)",
+                                        group="woodfisher", aliases=("woodburry_joint_sparsify",))
+    scale_prune_update: float = opt(1.0, "woodfisher: scale of the OBS weight update (0 = no compensation)",
+                                    group="woodfisher", check=finite_non_negative)
+    recompute_num: int = opt(1, "woodfisher: sub-steps per pruning event, each with a fresh Fisher", group="woodfisher",
+                             check=at_least(1))
+    recompute_schedule: str = opt("linear", "woodfisher: spacing of the sub-steps", RECOMPUTE_SCHEDULES, "woodfisher")
+    disable_wdecay_after_prune: bool = opt(False, "woodfisher: no weight decay after the last pruning event",
+                                           group="woodfisher")
+    flops_power: float = opt(0.0, "woodfisher: divide each weight's statistic by (FLOPs per weight of its layer)^power, "
+                             "so FLOP-heavy layers are pruned more (0 = off)", group="woodfisher",
+                             check=finite_non_negative)
+    flops_target: Optional[float] = opt(None, "woodfisher: prune until the kept fraction of the dense model's FLOPs is "
+                                        "this (searched once per event, then one OBS update); replaces the "
+                                        "weight-count target", group="woodfisher")
+
+
+@dataclass(frozen=True)
+class ObsUpdateOptions(OptionSection):
+    """--obs-update (HYDRA and BiP); its Fisher comes from ``FisherOptions``."""
+
+    obs_update: bool = opt(False, "HYDRA/BiP: when the learned mask becomes fixed (end of prune, start of finetune), "
+                           "compensate the surviving weights for the removed ones with the OBS update (Fisher from "
+                           "--fisher-subsample-size gradients; --fisher-* flags apply)", group="fisher")
