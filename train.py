@@ -34,7 +34,7 @@ from trainers import get_trainer
 from trainers.base import RunSpec
 from trainers.woodfisher import fisher_settings
 from trainers.compensation import compensate_fixed_mask
-from engine.evaluate import evaluate
+from engine.evaluate import EVALUATIONS
 from engine.optim import OptimSettings
 from engine.checkpoint import (check_resumable, is_storage_error, load_checkpoint, remove_stale_temps,
                                  set_rng_state, write_text)
@@ -184,6 +184,7 @@ def run(options: Options) -> int:
             notices.append(f"{source}: its config predates {', '.join(resumed.defaulted)}: they take their defaults")
     else:
         cfg = options.config()
+    evaluate = EVALUATIONS.get(cfg.val_method)  # --val-method: every evaluation of the run
     device = resolve_device(cfg.device)
     trainer_cls = get_trainer(cfg.trainer)
     trainer_cls.check_options(trainer_options(cfg, trainer_cls),
@@ -299,7 +300,7 @@ def run(options: Options) -> int:
                  + (f", resuming after epoch {state.start_epoch}" if resume is not None else ""))
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,
                     seed=cfg.seed, arch=cfg.arch, config=run_cfg, run_dir=run_dir, log=log, state=state,
-                    save_dense=cfg.save_dense, num_classes=splits.num_classes)
+                    save_dense=cfg.save_dense, num_classes=splits.num_classes, evaluate=evaluate)
         final = evaluate(model, loaders.test, device=device)  # the model of checkpoint.pth.tar
         if cfg.obs_update and cfg.exp_mode == "prune":
             done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,

@@ -91,7 +91,8 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     save_dense: bool = opt(False, "also write the dense state dict (masks applied) next to checkpoints", group="run")
     seed: int = opt(1234, "random seed", group="run")
     print_freq: int = opt(100, "log every N batches in the run log", group="run", check=at_least(1))
-    val_method: str = opt("base", "evaluation on unmodified inputs (accepted for BiP configs)", ("base",), "run")
+    val_method: str = opt("base", "how the model is evaluated each epoch and at the end: base = clean inputs "
+                          "(HYDRA/BiP configs name it)", ("base",), "run")
     progress: Optional[bool] = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
                                    "and with --no-progress, a line every --print-freq batches)", group="run")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from configs.registry import Registry
 from engine.metrics import correct_topk
 
 
@@ -20,3 +21,9 @@ def evaluate(model: nn.Module, loader, *, device: torch.device) -> dict[str, flo
         a, b = correct_topk(logits, y)
         c1, c5, n = c1 + a, c5 + b, n + y.shape[0]
     return {"loss": loss / max(n, 1), "top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1)}
+
+
+# --val-method: how a model is evaluated each epoch and at the end. BiP/HYDRA configs name it; a
+# robust evaluation (adversarial, smoothed) is a new entry.
+EVALUATIONS: Registry = Registry("evaluation", flag="--val-method")
+EVALUATIONS.add("base", evaluate)

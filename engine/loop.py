@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -89,7 +89,7 @@ def lr_names(lrs: dict[str, float]) -> dict[str, float]:
 
 def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: torch.device, epochs: int,
         seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
-        save_dense: bool, num_classes: int) -> RunState:
+        save_dense: bool, num_classes: int, evaluate: Callable[..., dict[str, float]] = evaluate) -> RunState:
     ckpt_dir = os.path.join(run_dir, "checkpoint")
     for epoch in range(state.start_epoch, epochs):
         loaders.set_epoch(epoch)

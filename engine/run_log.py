@@ -134,10 +134,6 @@ def _number(text: str | None) -> Any:
     return text
 
 
-def warn(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr, flush=True)
-
-
 def summary_table(summaries: list[dict]) -> str:
     """One row per run: stage, trainer, k, test top-1, sparsity (the quick start's closing table)."""
     lines = [f"{'stage':<9} {'trainer':<8} {'k':>6} {'test top-1':>10} {'sparsity':>9}", "-" * 46]

@@ -40,3 +40,5 @@ def test_schema_choices_match_the_registries():
     assert set(schema.OPTIMIZERS) == set(OPTIMIZERS)
     assert set(schema.SCHEDULES) == set(SCHEDULES)
     assert set(schema.FIELDS["implicit_grad"].metadata["choices"]) == set(IMPLICIT_GRADS)
+    from engine.evaluate import EVALUATIONS
+    assert set(schema.FIELDS["val_method"].metadata["choices"]) == set(EVALUATIONS)

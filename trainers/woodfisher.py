@@ -351,19 +351,19 @@ class WoodFisherTrainer(BaseTrainer):
         scale, joint = self.opts.scale_prune_update, self.opts.obs_solve == "joint"
         search: dict = {}
         if self.flops is not None:
-            scores = solver.scores()
+            ranking = solver.scores()  # the OBS statistic, weight-shaped for the selector
             if self.opts.flops_power:
-                scores = weight_by_flops(scores, flops=self.flops, power=self.opts.flops_power,
+                ranking = weight_by_flops(ranking, flops=self.flops, power=self.opts.flops_power,
                                          granularity=self.granularity)
             if flops_fraction is not None:
                 shapes = {n: layer.weight.shape for n, layer in self.maskset.layers.items()}
-                new, search = select_within_flops(scores, shapes=shapes, alive_units=self.alive_units(),
+                new, search = select_within_flops(ranking, shapes=shapes, alive_units=self.alive_units(),
                                                   flops=self.flops, granularity=self.granularity,
                                                   min_units=self.maskset.min_units, fraction=flops_fraction)
                 record = solver.compensate(new, scale=scale, joint=joint)
             else:
                 solver.prune_to(density, scope=self.scope, min_units=self.maskset.min_units, scale=scale,
-                                joint=joint, scores=scores)
+                                joint=joint, scores=ranking)
                 record = solver.record
         else:
             solver.prune_to(density, scope=self.scope, min_units=self.maskset.min_units, scale=scale, joint=joint)
