@@ -1,4 +1,4 @@
-"""Datasets by name, transforms and loaders. See DESIGN.md section 7.
+"""Datasets by name, transforms and loaders (see CONTRIBUTING.md for how to add a dataset).
 
 Importing this package registers every dataset (each module's ``@register_dataset``).
 """
