@@ -1,0 +1,93 @@
+"""The OBS, HYDRA and BiP steps on a CUDA device against the same steps on the CPU (skipped without CUDA).
+
+The OBS step must stay on the device (no per-layer host synchronisation: see test_solver.py for the
+CPU count) and give the CPU's masks and, within float tolerance, its weights, also with the
+gradient matrix kept in host memory (--offload-grads)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from configs.options import BilevelOptions
+from engine.optim import OptimSettings
+from layers import MaskSet, masked_layers, n_keep, to_masked
+from pruning.methods import PRUNE_METHODS
+from pruning.solver import FisherSettings, OBSSolver
+from trainers.base import BaseTrainer
+from trainers.bilevel import BilevelTrainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CPU, GPU = torch.device("cpu"), torch.device("cuda")
+
+
+def net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 4 * 4, 10))
+    to_masked(model, granularity="unstructured")
+    return model
+
+
+def data(n=64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def sgd(lr):
+    return OptimSettings(optimizer="sgd", lr=lr, momentum=0.9, wd=5e-4, schedule="constant", epochs=1)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize("joint", [True, False])
+def test_obs_step_on_the_gpu_matches_the_cpu(offload, joint):
+    x, y = data()
+    results = {}
+    for device in (CPU, GPU):
+        model = net().to(device)
+        ms = MaskSet(model, k=0.3, granularity="unstructured", scope="global")
+        ms.set_masks({n: torch.ones_like(layer.mask) for n, layer in ms.layers.items()})
+        solver = OBSSolver(ms.layers, granularity="unstructured", method=PRUNE_METHODS["woodfisher"],
+                           fisher=FisherSettings(m=16, samples_per_grad=4, damp=1e-4, block_size=64,
+                                                 offload=offload), device=device)
+        solver.collect(model, [(x, y)])
+        assert solver.G.device.type == ("cpu" if offload or device == CPU else "cuda")
+        masks = solver.prune_to(0.3, scope="global", joint=joint)
+        results[device.type] = ({n: m.cpu() for n, m in masks.items()},
+                                {n: layer.weight.detach().cpu() for n, layer in ms.layers.items()})
+    (cpu_masks, cpu_w), (gpu_masks, gpu_w) = results["cpu"], results["cuda"]
+    total = sum(m.numel() for m in cpu_masks.values())
+    assert sum(int(m.sum()) for m in gpu_masks.values()) == n_keep(0.3, total)
+    agree = sum(int((cpu_masks[n] == gpu_masks[n]).sum()) for n in cpu_masks) / total
+    assert agree > 0.995  # float32 statistics: only near-ties at the threshold may flip
+    for n in cpu_w:
+        same = cpu_masks[n] & gpu_masks[n]
+        torch.testing.assert_close(gpu_w[n][same], cpu_w[n][same], rtol=1e-3, atol=1e-4)
+
+
+def test_hydra_and_bip_steps_on_the_gpu_match_the_cpu():
+    x, y = data(16)
+    for trainer_cls, extra in ((BaseTrainer, {}), (BilevelTrainer, {"score_optim": sgd(0.1),
+                                                                      "options": BilevelOptions()})):
+        states = {}
+        for device in (CPU, GPU):
+            model = net().to(device)
+            ms = MaskSet(model, k=0.2, granularity="unstructured", scope="global")
+            for layer in masked_layers(model).values():
+                with torch.no_grad():
+                    layer.popup_scores.copy_(layer.weight.abs())
+            ms.step(force=True)
+            trainer = trainer_cls(model=model, maskset=ms, mode="prune", device=device, weight_optim=sgd(0.05),
+                                  progress=False, **copy.deepcopy(extra))
+            batch = (x, y) if trainer_cls is BaseTrainer else ((x, y), (x.flip(0), y.flip(0)))
+            trainer.step(batch)
+            states[device.type] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        for key, value in states["cpu"].items():
+            if value.dtype == torch.bool:
+                agree = float((states["cuda"][key] == value).float().mean())
+                assert agree > 0.99, key
+            else:
+                torch.testing.assert_close(states["cuda"][key], value, rtol=1e-3, atol=1e-4, msg=key)
