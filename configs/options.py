@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, TypeVar
 
-Check = Callable[[Any], Optional[str]]  # None when the value is fine, else what is wrong with it
+Check = Callable[[Any], str | None]  # None when the value is fine, else what is wrong with it
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, group: str = "general", *,
@@ -92,15 +93,16 @@ class BilevelOptions(OptionSection):
 
     lr2: float = opt(1e-4, "bilevel: lower-level step size in the implicit-gradient term", group="bilevel",
                      check=finite_non_negative)
-    implicit_grad: str = opt("paper", "bilevel: paper = Algorithm 1 of the paper, term -lr2*g_s*g_theta, each optimizer "
-                             "owning its own parameters; bip-code = the public BiP code's iteration as it runs on "
-                             "PyTorch 1.x: both optimizers (the mask one always SGD) own every parameter and step each "
-                             "one that has had a gradient, zero gradients included (weight decay and momentum then move "
-                             "the scores in weight steps and the weights in mask steps; the mask step also trains "
-                             "BatchNorm), term -lr2*g*g on scores and BatchNorm, every forward pass in train mode (4 per "
-                             "iteration, 2 with --accelerate); unlike the public code, --mask-lr and its schedule are "
-                             "honoured; refuses --freeze-bn", IMPLICIT_GRADS, "bilevel")
-    accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term", group="bilevel")
+    implicit_grad: str = opt("paper", "bilevel: paper = Algorithm 1 of the paper, term -lr2*g_s*g_theta, each "
+                             "optimizer owning its own parameters; bip-code = the public BiP code's iteration as it "
+                             "runs on PyTorch 1.x: both optimizers (the mask one always SGD) own every parameter and "
+                             "step each one that has had a gradient, zero gradients included (weight decay and "
+                             "momentum then move the scores in weight steps and the weights in mask steps; the mask "
+                             "step also trains BatchNorm), term -lr2*g*g on scores and BatchNorm, every forward pass "
+                             "in train mode (4 per iteration, 2 with --accelerate); unlike the public code, --mask-lr "
+                             "and its schedule are honoured; refuses --freeze-bn", IMPLICIT_GRADS, "bilevel")
+    accelerate: bool = opt(False, "bilevel: alternate a score step and a weight step, no implicit term",
+                           group="bilevel")
 
 
 FISHER_BLOCKS = ("chunk", "layer", "all")
@@ -116,9 +118,9 @@ class FisherOptions(OptionSection):
                                      group="fisher", check=at_least(1))
     fisher_mini_bsz: int = opt(1, "woodfisher, --obs-update: samples averaged into each of the m gradients",
                                group="fisher", check=at_least(1))
-    max_mini_bsz: Optional[int] = opt(None, "woodfisher, --obs-update: at most this many samples of one Fisher "
+    max_mini_bsz: int | None = opt(None, "woodfisher, --obs-update: at most this many samples of one Fisher "
                                       "mini-batch per forward pass", group="fisher", check=at_least(1))
-    fisher_damp: Optional[float] = opt(None, "woodfisher, --obs-update: lambda, the dampening of F = lambda I + "
+    fisher_damp: float | None = opt(None, "woodfisher, --obs-update: lambda, the dampening of F = lambda I + "
                                        "G^T G / m (default: 1e-5, and 1 for woodtaylor, whose Newton step needs it)",
                                        group="fisher", check=positive_finite)
     fittable_params: int = opt(2000, "woodfisher, --obs-update: block size c (contiguous weights of one layer); "
@@ -144,7 +146,7 @@ class WoodFisherOptions(FisherOptions):
     prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion: woodfisher (unstructured/filter/"
                             "channel), woodtaylor (unstructured), diagfisher, magnitude (per layer), globalmagnitude "
                             "(all three granularities)", group="woodfisher")
-    target_sparsity: Optional[float] = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
+    target_sparsity: float | None = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
                                            group="woodfisher")
     init_sparsity: float = opt(0.05, "woodfisher: sparsity of the first pruning event", group="woodfisher",
                                check=finite_non_negative)
@@ -163,10 +165,10 @@ class WoodFisherOptions(FisherOptions):
     recompute_schedule: str = opt("linear", "woodfisher: spacing of the sub-steps", RECOMPUTE_SCHEDULES, "woodfisher")
     disable_wdecay_after_prune: bool = opt(False, "woodfisher: no weight decay after the last pruning event",
                                            group="woodfisher")
-    flops_power: float = opt(0.0, "woodfisher: divide each weight's statistic by (FLOPs per weight of its layer)^power, "
-                             "so FLOP-heavy layers are pruned more (0 = off)", group="woodfisher",
+    flops_power: float = opt(0.0, "woodfisher: divide each weight's statistic by (FLOPs per weight of its "
+                             "layer)^power, so FLOP-heavy layers are pruned more (0 = off)", group="woodfisher",
                              check=finite_non_negative)
-    flops_target: Optional[float] = opt(None, "woodfisher: prune until the kept fraction of the dense model's FLOPs is "
+    flops_target: float | None = opt(None, "woodfisher: prune until the kept fraction of the dense model's FLOPs is "
                                         "this (searched once per event, then one OBS update); replaces the "
                                         "weight-count target", group="woodfisher")
 

@@ -12,7 +12,8 @@ entry and never a new ``if`` branch. Looking a name up follows one rule everywhe
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from configs.errors import UserError
 

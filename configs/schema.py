@@ -16,14 +16,23 @@ import math
 import os
 import re
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
 from configs.errors import UserError
-from configs.options import (BilevelOptions, ObsUpdateOptions, WoodFisherOptions, at_least, check_fields,
-                             finite_non_negative, fraction, non_negative, opt)
+from configs.options import (
+    BilevelOptions,
+    ObsUpdateOptions,
+    WoodFisherOptions,
+    at_least,
+    check_fields,
+    finite_non_negative,
+    fraction,
+    non_negative,
+    opt,
+)
 
 MODES = ("pretrain", "prune", "finetune")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel")
@@ -39,64 +48,77 @@ SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     """Every option of a run: the general ones below, and the trainers' sections (``configs.options``)."""
     # primary
-    configs: Optional[str] = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
+    configs: str | None = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
     exp_mode: str = opt("pretrain", "pretrain: train all weights; prune: learn a mask (and weights with bilevel); "
                         "finetune: train weights under the fixed mask of --source-net", MODES, "primary")
-    exp_name: str = opt("temp", "experiment name: the run folder is RESULT_DIR/EXP_NAME/EXP_MODE/N--...", group="primary")
+    exp_name: str = opt("temp", "experiment name: the run folder is RESULT_DIR/EXP_NAME/EXP_MODE/N--...",
+                        group="primary")
     result_dir: str = opt("./results", "root folder of run folders", group="primary")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", group="primary")
     # model and mask
     arch: str = opt("smallcnn", "architecture name (see the README for the list)", group="model")
-    num_classes: Optional[int] = opt(None, "number of classes; must match the dataset (default: the dataset's)", group="model")
+    num_classes: int | None = opt(None, "number of classes; must match the dataset (default: the dataset's)",
+                                  group="model")
     layer_type: str = opt("unstructured", "mask granularity; dense = plain layers, no mask", LAYER_TYPES, "model")
     k: float = opt(1.0, "density: fraction of weights (or filters/channels) KEPT, in (0, 1]", group="model")
-    scope: str = opt("global", "global: one top-k over all layers (BiP); layer: k in every layer (HYDRA)", SCOPES, "model")
-    layer_floor: Optional[int] = opt(None, "with --scope global, every layer keeps at least this many units "
-                                     "(default: 1 filter/channel for structured masks, 0 for unstructured)", group="model", check=non_negative)
+    scope: str = opt("global", "global: one top-k over all layers (BiP); layer: k in every layer (HYDRA)", SCOPES,
+                     "model")
+    layer_floor: int | None = opt(None, "with --scope global, every layer keeps at least this many units "
+                                  "(default: 1 filter/channel for structured masks, 0 for unstructured)", group="model",
+                                  check=non_negative)
     scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
-    source_net: Optional[str] = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
+    source_net: str | None = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
     reset_head: bool = opt(False, "drop the --source-net classifier (the model's last Linear layer) and keep a freshly "
-                           "initialised one, e.g. to start from an ImageNet checkpoint on another class count", group="model")
+                           "initialised one, e.g. to start from an ImageNet checkpoint on another class count",
+                           group="model")
     # data
     dataset: str = opt("Digits", "dataset name (Digits ships with scikit-learn: no download)", group="data")
     data_dir: str = opt("./datasets", "folder holding the dataset files", group="data")
     normalize: bool = opt(False, "normalize inputs with the dataset's mean/std", group="data")
-    image_dim: Optional[int] = opt(None, "input image size (default: the dataset's)", group="data")
+    image_dim: int | None = opt(None, "input image size (default: the dataset's)", group="data")
     batch_size: int = opt(128, "training batch size", group="data", check=at_least(1))
     test_batch_size: int = opt(128, "evaluation batch size", group="data", check=at_least(1))
-    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", group="data", check=non_negative)
-    data_fraction: float = opt(1.0, "train on this fraction of the training set (a fixed, seeded subset)", group="data", check=fraction(low_open=True, high_open=False))
+    num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", group="data",
+                           check=non_negative)
+    data_fraction: float = opt(1.0, "train on this fraction of the training set (a fixed, seeded subset)", group="data",
+                               check=fraction(low_open=True, high_open=False))
     val_fraction: float = opt(0.0, "bilevel: hold out this fraction of the training set for the upper level "
-                              "(0 = an independent shuffle of the whole training set, as BiP)", group="data", check=fraction(low_open=False, high_open=True))
+                              "(0 = an independent shuffle of the whole training set, as BiP)", group="data",
+                              check=fraction(low_open=False, high_open=True))
     skip_bad_records: bool = opt(False, "LMDB: skip and count undecodable records instead of stopping", group="data")
     # training
-    trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune), bilevel (BiP) or woodfisher (gradual OBS)", group="train")
+    trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune), bilevel (BiP) or woodfisher (gradual OBS)",
+                       group="train")
     epochs: int = opt(100, "number of epochs", group="train", check=at_least(1))
     optimizer: str = opt("sgd", "optimizer of weights and of scores", OPTIMIZERS, "train")
-    lr: float = opt(0.1, "learning rate (of scores in HYDRA prune, of weights otherwise)", group="train", check=finite_non_negative)
+    lr: float = opt(0.1, "learning rate (of scores in HYDRA prune, of weights otherwise)", group="train",
+                    check=finite_non_negative)
     lr_schedule: str = opt("cosine", "learning-rate schedule", SCHEDULES, "train")
     wd: float = opt(5e-4, "weight decay", group="train", check=finite_non_negative)
     momentum: float = opt(0.9, "SGD/RMSprop momentum", group="train", check=finite_non_negative)
     warmup_epochs: int = opt(0, "epochs at --warmup-lr before the schedule starts", group="train", check=non_negative)
     warmup_lr: float = opt(0.1, "learning rate during warmup", group="train", check=finite_non_negative)
-    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", group="train", check=fraction(low_open=False, high_open=True))
+    label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", group="train",
+                                 check=fraction(low_open=False, high_open=True))
     # bilevel (BiP)
-    mask_lr: float = opt(0.1, "bilevel: learning rate of the scores (upper level)", group="bilevel", check=finite_non_negative)
-    mask_lr_schedule: str = opt("cosine", "bilevel: schedule of --mask-lr (step: x0.1 at 75%, x0.01 at 90%)", SCHEDULES, "bilevel")
+    mask_lr: float = opt(0.1, "bilevel: learning rate of the scores (upper level)", group="bilevel",
+                         check=finite_non_negative)
+    mask_lr_schedule: str = opt("cosine", "bilevel: schedule of --mask-lr (step: x0.1 at 75%, x0.01 at 90%)", SCHEDULES,
+                                "bilevel")
     # run control
-    resume: Optional[str] = opt(None, "checkpoint of this run to continue from", group="run")
+    resume: str | None = opt(None, "checkpoint of this run to continue from", group="run")
     evaluate: bool = opt(False, "only evaluate the model (from --source-net or --resume) and exit", group="run")
     save_dense: bool = opt(False, "also write the dense state dict (masks applied) next to checkpoints", group="run")
     seed: int = opt(1234, "random seed", group="run")
     print_freq: int = opt(100, "log every N batches in the run log", group="run", check=at_least(1))
     val_method: str = opt("base", "how the model is evaluated each epoch and at the end: base = clean inputs "
                           "(HYDRA/BiP configs name it)", ("base",), "run")
-    progress: Optional[bool] = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
-                                   "and with --no-progress, a line every --print-freq batches)", group="run")
+    progress: bool | None = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
+                                "and with --no-progress, a line every --print-freq batches)", group="run")
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         def bad(msg: str) -> UserError:
             return UserError(msg)
 
@@ -109,7 +131,8 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
         if self.exp_mode == "pretrain" and self.k != 1.0:
             raise bad(f"pretrain trains every weight: --k must be 1.0 (got {self.k}); use --exp-mode prune to prune")
         if self.exp_mode in ("prune", "finetune") and self.layer_type == "dense":
-            raise bad(f"--exp-mode {self.exp_mode} needs a masked layer: pass --layer-type unstructured, filter or channel")
+            raise bad(f"--exp-mode {self.exp_mode} needs a masked layer: pass --layer-type unstructured, filter or "
+                      "channel")
         if self.exp_mode in ("prune", "finetune") and not self.source_net and not self.resume:
             what = "a pretrained checkpoint" if self.exp_mode == "prune" else "a pruned checkpoint"
             raise bad(f"--exp-mode {self.exp_mode} needs --source-net: pass {what} (.pth.tar)")
@@ -126,7 +149,8 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
                 raise bad(f"--obs-update applies when a learned mask becomes fixed (prune, finetune); {what}: "
                           "drop --obs-update")
         if self.exp_mode == "finetune" and self.trainer != "base":
-            raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from --source-net)")
+            raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from "
+                      "--source-net)")
         check_fields(self)  # each option's own check, declared with it (configs.options.opt)
         return self
 
@@ -176,7 +200,8 @@ def coerce(name: str, value: Any, where: str) -> Any:
         raise UserError(f"{where}: {name} must be {t.__name__}, got {value!r}") from None
     choices = f.metadata["choices"]
     if choices and value not in choices:
-        raise UserError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}{_closest(str(value), choices)}")
+        raise UserError(f"{where}: {name} must be one of {', '.join(choices)}, got {value!r}"
+                        f"{_closest(str(value), choices)}")
     return value
 
 
