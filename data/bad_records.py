@@ -8,7 +8,8 @@ shared-memory counter so the main process sees the total over all DataLoader wor
 from __future__ import annotations
 
 import sys
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch.utils.data import get_worker_info

@@ -36,8 +36,8 @@ def imagenet_transforms(*, size: int, normalize: bool) -> tuple[Compose, Compose
 
 def _missing(data_dir: str) -> UserError:
     return UserError(f"ImageNet not found under {data_dir}: expected {os.path.join(data_dir, 'train')}/ and "
-                     f"{os.path.join(data_dir, 'val')}/ (one folder per class) or {os.path.join(data_dir, 'train.lmdb')} "
-                     "and val.lmdb (sh/prepare_lmdb.sh makes them)")
+                     f"{os.path.join(data_dir, 'val')}/ (one folder per class) or "
+                     f"{os.path.join(data_dir, 'train.lmdb')} and val.lmdb (sh/prepare_lmdb.sh makes them)")
 
 
 @register_dataset("ImageNet")

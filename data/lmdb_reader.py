@@ -17,7 +17,8 @@ header claims before any record is touched.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,7 +160,7 @@ def close_lmdb_readers() -> None:
 class LmdbImages(Dataset):
     """Items ``(transform(decoded image), label)`` from one BiP-layout LMDB file."""
 
-    def __init__(self, path: str, *, transform: Callable[[Any, "torch.Generator | None"], torch.Tensor],
+    def __init__(self, path: str, *, transform: Callable[[Any, torch.Generator | None], torch.Tensor],
                  num_classes: int, skip_bad_records: bool = False) -> None:
         self.path = path
         self.transform = transform

@@ -23,8 +23,8 @@ import pickle
 import sys
 import zlib
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from tqdm import tqdm
 
@@ -32,8 +32,7 @@ from configs.errors import UserError
 from data.bad_records import BadRecordError
 from data.decode import check_image_header, decode_rgb
 from data.image_folder import TINY_VAL_ANNOTATIONS, ImageList, scan_image_folder, scan_tiny_train, scan_tiny_val
-from data.lmdb_reader import (KEYS_KEY, LEN_KEY, LmdbImages, close_lmdb_readers, lmdb_module, open_readonly,
-                              read_index)
+from data.lmdb_reader import KEYS_KEY, LEN_KEY, LmdbImages, close_lmdb_readers, lmdb_module, open_readonly, read_index
 from data.safe_pickle import safe_loads
 
 PICKLE_PROTOCOL = 4  # readable by every Python 3 BiP runs on

@@ -8,8 +8,8 @@ and with any number of workers.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset

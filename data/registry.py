@@ -7,8 +7,8 @@ num_classes, skip_bad_records``) and returns ``DatasetSplits``; a new dataset is
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch.utils.data import Dataset
 

@@ -9,13 +9,13 @@ index still works (then augmentation falls back to the global torch RNG, which t
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-SampleKey = Union[int, tuple[int, int]]
+SampleKey = int | tuple[int, int]
 
 # Stream ids: distinct streams of one run get unrelated random numbers from the same seed.
 STREAM_TRAIN = 0
@@ -64,5 +64,4 @@ class EpochSampler(Sampler[tuple[int, int]]):
         n = len(self.indices)
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         aug_seeds = torch.randint(0, 1 << 62, (n,), generator=generator)
-        for index, aug_seed in zip(self.indices[order].tolist(), aug_seeds.tolist()):
-            yield index, aug_seed
+        yield from zip(self.indices[order].tolist(), aug_seeds.tolist())

@@ -6,7 +6,7 @@ sampler's per-sample seed fully decides the augmentation (see ``data.sampling``)
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
