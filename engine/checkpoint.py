@@ -27,8 +27,9 @@ import random
 import signal
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -170,7 +171,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             head = fh.read(4)
     except OSError as exc:
         raise UserError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
-    if not (head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_MAGIC)):
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
         what = "it is empty" if not head else f"it starts with {head!r}"
         raise UserError(f"{path}: not a PyTorch checkpoint ({what}); pass a .pth.tar file written by torch.save")
     try:
@@ -219,7 +220,8 @@ def _check_structure(obj: dict[str, Any], path: str) -> None:
                 raise _bad(path, f"masks[{name!r}] is {what}, expected a bool tensor")
             weight = sd.get(f"{name}.weight", sd.get(f"module.{name}.weight"))
             if weight is not None and weight.shape != mask.shape:
-                raise _bad(path, f"masks[{name!r}] has shape {tuple(mask.shape)} but {name}.weight has {tuple(weight.shape)}")
+                raise _bad(path, f"masks[{name!r}] has shape {tuple(mask.shape)} but {name}.weight has "
+                                 f"{tuple(weight.shape)}")
     config = obj.get("config")
     if config is not None and not isinstance(config, dict):
         raise _bad(path, f"'config' is a {type(config).__name__}, expected a mapping of option: value")
@@ -245,7 +247,8 @@ def check_resumable(ckpt: dict[str, Any], source: str) -> None:
     try:
         _rng_parts(ckpt.get("rng"))
     except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as exc:
-        raise _bad(source, f"no usable 'rng' state ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise _bad(source, f"no usable 'rng' state ({reason})") from None
     history = ckpt.get("history")
     if history is not None:
         if not isinstance(history, list) or not all(isinstance(row, dict) and isinstance(row.get("epoch"), int)

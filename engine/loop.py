@@ -11,16 +11,17 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from layers import MaskSet, dense_state_dict
-from engine.evaluate import evaluate
 from engine.checkpoint import deferred_interrupts, rng_state, save_checkpoint, write_text
+from engine.evaluate import evaluate
 from engine.run_log import RunLog, sparsity_table
+from layers import MaskSet, dense_state_dict
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

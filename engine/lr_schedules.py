@@ -14,7 +14,7 @@ Milestones: (0.5, 0.75) for weights (HYDRA), (0.75, 0.9) for BiP's mask schedule
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 WEIGHT_MILESTONES = (0.5, 0.75)
 MASK_MILESTONES = (0.75, 0.9)

@@ -13,8 +13,8 @@ Available memory: free CUDA memory on a GPU; MemAvailable of /proc/meminfo on th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

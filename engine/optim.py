@@ -1,8 +1,8 @@
 """Optimizers by name, their settings and schedule, and which parameters each one owns."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 from torch import nn

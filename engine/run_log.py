@@ -5,10 +5,11 @@ import csv
 import io
 import os
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from layers import LayerSparsity
 from engine.checkpoint import write_text
+from layers import LayerSparsity
 
 
 def sparsity_table(rows: Iterable[LayerSparsity]) -> str:
@@ -138,7 +139,8 @@ def summary_table(summaries: list[dict]) -> str:
     """One row per run: stage, trainer, k, test top-1, sparsity (the quick start's closing table)."""
     lines = [f"{'stage':<9} {'trainer':<8} {'k':>6} {'test top-1':>10} {'sparsity':>9}", "-" * 46]
     for s in summaries:
-        lines.append(f"{s['stage']:<9} {s['trainer']:<8} {s['k']:>6g} {s['test_top1']:>9.2f}% {100 * s['sparsity']:>8.2f}%")
+        lines.append(f"{s['stage']:<9} {s['trainer']:<8} {s['k']:>6g} {s['test_top1']:>9.2f}% "
+                     f"{100 * s['sparsity']:>8.2f}%")
     return "\n".join(lines)
 
 

@@ -16,14 +16,15 @@ Stored masks or optimizer state that do not fit are a UserError naming the file.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from configs.errors import UserError
-from layers import MaskSet, init_scores
 from engine.checkpoint import classifier_name, load_model_state
+from layers import MaskSet, init_scores
 
 FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
 HEAD_KEYS = ("weight", "bias", "popup_scores", "mask")  # what a (masked) classifier stores
@@ -32,7 +33,8 @@ HEAD_KEYS = ("weight", "bias", "popup_scores", "mask")  # what a (masked) classi
 def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
     saved = ckpt.get("config") or {}
     if "arch" in ckpt and "arch" in keys and ckpt["arch"] != run["arch"]:
-        raise UserError(f"{source} holds a '{ckpt['arch']}' but this run builds '{run['arch']}'; pass --arch {ckpt['arch']}")
+        raise UserError(f"{source} holds a '{ckpt['arch']}' but this run builds '{run['arch']}'; "
+                        f"pass --arch {ckpt['arch']}")
     for key in keys:
         if key in saved and saved[key] != run[key]:
             flag = "--" + key.replace("_", "-")
@@ -41,7 +43,7 @@ def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str,
 
 
 def _is_score_or_mask(key: str) -> bool:
-    return key.endswith(".popup_scores") or key.endswith(".mask")
+    return key.endswith((".popup_scores", ".mask"))
 
 
 def set_stored_masks(maskset: MaskSet, masks: dict[str, torch.Tensor], source: str) -> None:
@@ -56,7 +58,7 @@ def drop_classifier(model: nn.Module, state: dict[str, torch.Tensor], source: st
     """``state`` without the classifier entries; returns (state, classifier name, notice)."""
     head = classifier_name(model)
     if head is None:
-        raise UserError(f"--reset-head: this --arch has no Linear classifier to reset; drop --reset-head")
+        raise UserError("--reset-head: this --arch has no Linear classifier to reset; drop --reset-head")
     if f"{head}.weight" not in state:
         raise UserError(f"--reset-head: {source} has no {head}.weight (this model's classifier); "
                         "check --arch against the network it holds")

@@ -69,7 +69,7 @@ class MaskSet:
         self.step()  # must return None: a pre-hook's return value would replace the input
 
     def _score_versions(self) -> tuple:
-        return tuple((id(l.popup_scores), l.popup_scores._version) for l in self.layers.values())
+        return tuple((id(layer.popup_scores), layer.popup_scores._version) for layer in self.layers.values())
 
     def step(self, *, force: bool = False) -> bool:
         """Re-select masks from the scores if they changed (or ``force``); returns whether it did."""
@@ -80,10 +80,11 @@ class MaskSet:
         with torch.no_grad():
             if self._incremental is not None:
                 for group, selector in self._incremental:
-                    count = n_keep(self.k, sum(l.weight.numel() for l in group))
-                    selector.select_into([l.popup_scores for l in group], [l.mask for l in group], count)
+                    count = n_keep(self.k, sum(layer.weight.numel() for layer in group))
+                    selector.select_into([layer.popup_scores for layer in group], [layer.mask for layer in group],
+                                         count)
             else:
-                masks = select_masks([l.popup_scores for l in self.layers.values()], k=self.k,
+                masks = select_masks([layer.popup_scores for layer in self.layers.values()], k=self.k,
                                      granularity=self.granularity, scope=self.scope, min_units=self.min_units)
                 for layer, mask in zip(self.layers.values(), masks):
                     layer.mask.copy_(mask)
@@ -121,7 +122,8 @@ class MaskSet:
             for name, layer in self.layers.items():
                 mask = masks[name]
                 if mask.shape != layer.mask.shape:
-                    raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, layer has {tuple(layer.mask.shape)}")
+                    raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, "
+                                     f"layer has {tuple(layer.mask.shape)}")
                 layer.mask.copy_(mask.to(torch.bool))
         self.frozen = True
 
@@ -138,7 +140,7 @@ class MaskSet:
         return sum(r.kept for r in rows) / total if total else 1.0
 
     def unit_counts(self) -> list[int]:
-        return unit_counts([l.weight.shape for l in self.layers.values()], self.granularity)
+        return unit_counts([layer.weight.shape for layer in self.layers.values()], self.granularity)
 
     def state_dict(self) -> dict:
         return {"k": self.k, "granularity": self.granularity, "scope": self.scope,

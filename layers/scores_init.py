@@ -6,7 +6,7 @@ scores' own storage (BiP aliases the scores to the weights here, a bug we do not
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -23,10 +23,10 @@ def _scaled(layer: MaskedLayer) -> None:
 
 
 SCORE_INITS: dict[str, Callable[[MaskedLayer], None]] = {
-    "kaiming_uniform": lambda l: nn.init.kaiming_uniform_(l.popup_scores),
-    "kaiming_normal": lambda l: nn.init.kaiming_normal_(l.popup_scores),
-    "xavier_uniform": lambda l: nn.init.xavier_uniform_(l.popup_scores, gain=_RELU_GAIN),
-    "xavier_normal": lambda l: nn.init.xavier_normal_(l.popup_scores, gain=_RELU_GAIN),
+    "kaiming_uniform": lambda layer: nn.init.kaiming_uniform_(layer.popup_scores),
+    "kaiming_normal": lambda layer: nn.init.kaiming_normal_(layer.popup_scores),
+    "xavier_uniform": lambda layer: nn.init.xavier_uniform_(layer.popup_scores, gain=_RELU_GAIN),
+    "xavier_normal": lambda layer: nn.init.xavier_normal_(layer.popup_scores, gain=_RELU_GAIN),
     "scaled": _scaled,
 }
 

@@ -6,7 +6,7 @@ Every entry is a constructor taking the keyword arguments ``num_classes``, ``in_
 here knows about masks or scores.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
