@@ -22,28 +22,34 @@ import torch
 import yaml
 
 from configs.errors import RunStopped, UserError, one_line
+from configs.options import FisherOptions
 from configs.schema import Config, Options, read_options, resumed_config
 from data import build_dataset, build_loaders
+from engine.checkpoint import (
+    check_resumable,
+    is_storage_error,
+    load_checkpoint,
+    remove_stale_temps,
+    save_checkpoint,
+    set_rng_state,
+    write_text,
+)
+from engine.evaluate import EVALUATIONS
+from engine.loop import RunState, checkpoint_state, fit, write_summary
+from engine.lr_schedules import MASK_MILESTONES
+from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
+from engine.optim import OptimSettings
+from engine.run_log import RunLog, csv_history, sparsity_table
+from engine.source import load_source, load_trainer_state, resume_into
 from layers import MaskSet, SelectionError, to_masked
 from layers.convert import MASKED_TYPES
 from models import build_model
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings
-from configs.options import FisherOptions
 from trainers import get_trainer
 from trainers.base import RunSpec
-from trainers.woodfisher import fisher_settings
 from trainers.compensation import compensate_fixed_mask
-from engine.evaluate import EVALUATIONS
-from engine.optim import OptimSettings
-from engine.checkpoint import (check_resumable, is_storage_error, load_checkpoint, remove_stale_temps,
-                                 set_rng_state, write_text)
-from engine.checkpoint import save_checkpoint
-from engine.loop import RunState, checkpoint_state, fit, write_summary
-from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
-from engine.run_log import RunLog, csv_history, sparsity_table
-from engine.lr_schedules import MASK_MILESTONES
-from engine.source import load_source, load_trainer_state, resume_into
+from trainers.woodfisher import fisher_settings
 
 INTERRUPTED = "interrupted; the last checkpoint.pth.tar is complete (writes are atomic); continue with --resume"
 
@@ -75,7 +81,8 @@ def check_writable(folder: str, flag: str) -> None:
     if not os.path.isdir(probe):
         raise UserError(f"{flag} {folder}: {probe} is a file, not a folder; pass a folder path")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {folder}: {probe} is not writable (read-only or no permission); pass a writable folder")
+        raise UserError(f"{flag} {folder}: {probe} is not writable (read-only or no permission); "
+                        "pass a writable folder")
 
 
 RUN_NUMBER = re.compile(r"(\d+)--")
@@ -295,7 +302,8 @@ def run(options: Options) -> int:
         log.info(f"run folder: {run_dir}")
         for line in notices:
             log.info(line)
-        log.info(f"{cfg.exp_mode} {cfg.arch} on {cfg.dataset} with trainer {cfg.trainer}, layer type {cfg.layer_type if maskset else 'dense'}, "
+        log.info(f"{cfg.exp_mode} {cfg.arch} on {cfg.dataset} with trainer {cfg.trainer}, "
+                 f"layer type {cfg.layer_type if maskset else 'dense'}, "
                  f"k {cfg.k:g} ({cfg.scope}), {cfg.epochs} epochs, device {device}"
                  + (f", resuming after epoch {state.start_epoch}" if resume is not None else ""))
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,

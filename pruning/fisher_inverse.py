@@ -44,16 +44,16 @@ Memory: G is never copied whole. It is read in chunks of blocks (or, for a singl
 the budget, chunks of columns), each converted to float64 into one reused staging buffer of at most
 ``max_chunk_bytes`` (plus a scratch buffer of the same size while building); only the Cholesky
 factors (n_blocks x k x k, k = c primal / m dual) and two length-d vectors stay. Only the lower
-triangle of each Gram matrix is formed (it is all the Cholesky reads). ``peak_memory_bytes()`` reports the largest sum of live buffers this object
-allocated (an analytic count of its own temporaries, the figure the trainer logs).
+triangle of each Gram matrix is formed (it is all the Cholesky reads). ``peak_memory_bytes()`` reports the
+largest sum of live buffers this object allocated (an analytic count of its own temporaries, the figure the
+trainer logs).
 
 The dual form keeps a reference to G (no copy) because F^-1 v needs G_b again; do not modify G in
 place while the inverse is in use.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

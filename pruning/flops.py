@@ -34,7 +34,7 @@ def flops_per_weight(model: nn.Module, *, example: torch.Tensor, layers: dict[st
     ``example`` (a batch; its first dim is the batch). A layer called several times in one forward
     (shared weights) adds up its calls. The model is run in eval mode (BatchNorm statistics are
     not touched) and put back in its previous mode."""
-    counts = {name: 0 for name in layers}
+    counts = dict.fromkeys(layers, 0)
 
     def hook_for(name: str):
         def hook(module: nn.Module, args, output: torch.Tensor) -> None:

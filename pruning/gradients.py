@@ -22,7 +22,7 @@ dL/dweight = mask * dL/d(weight * mask).
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F

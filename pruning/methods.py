@@ -13,8 +13,8 @@ A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

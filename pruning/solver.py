@@ -30,8 +30,8 @@ in host memory (``offload``); chunks of it are staged to the device when an inve
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn

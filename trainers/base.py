@@ -12,8 +12,8 @@ speed matter only: correctness comes from each optimizer owning exactly its para
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -150,14 +150,16 @@ class BaseTrainer:
             n = y.shape[0]
             value = float(loss)
             if not math.isfinite(value):  # stop at once: a diverged run only wastes time from here
-                raise FloatingPointError(f"training loss is {value} at epoch {epoch}, batch {i}; lower --lr (or --mask-lr)")
+                raise FloatingPointError(f"training loss is {value} at epoch {epoch}, batch {i}; "
+                                         "lower --lr (or --mask-lr)")
             c1, c5 = correct_topk(logits, y)
             loss_avg.update(value, n)
             top1.update(100.0 * c1 / n, n)
             top5.update(100.0 * c5 / n, n)
             bar.set_postfix(loss=f"{loss_avg.mean:.4f}", top1=f"{top1.mean:.2f}")
             if i % self.print_freq == 0:
-                self.log(f"epoch {epoch} [{i}/{total}] loss {loss_avg.mean:.4f} top1 {top1.mean:.2f} top5 {top5.mean:.2f}")
+                self.log(f"epoch {epoch} [{i}/{total}] loss {loss_avg.mean:.4f} top1 {top1.mean:.2f} "
+                         f"top5 {top5.mean:.2f}")
         bar.close()
         return {"loss": loss_avg.mean, "top1": top1.mean, "top5": top5.mean}
 

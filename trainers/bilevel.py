@@ -32,6 +32,7 @@ from engine.optim import OptimSettings, own_only, split_parameters
 from layers import MaskSet
 from trainers.base import BaseTrainer
 from trainers.registry import register_trainer
+
 # Key of the bip-code iteration's own state in the trainer state; its presence also tells which
 # iteration wrote a checkpoint (their optimizers own different parameters).
 PUBLIC_STATE = "bip_code"
@@ -53,8 +54,8 @@ class PublicBipIteration:
       gradient once is moved by every later step of BOTH optimizers, by weight decay and momentum
       where its gradient is zero: from the second iteration on (the first with ``accelerate``) the
       weight optimizer also moves the scores, and the mask optimizer moves the weights and, with
-      their gradient at the mask lr, BatchNorm. ``has_grad`` records which parameters hold a ``.grad`` in their run (it is saved
-      in checkpoints, so that a resumed run continues as an uninterrupted one);
+      their gradient at the mask lr, BatchNorm. ``has_grad`` records which parameters hold a ``.grad`` in
+      their run (it is saved in checkpoints, so that a resumed run continues as an uninterrupted one);
     - the implicit term is ``-lr2 * mask_grad * param_grad`` over ALL parameters, where
       ``param_grad`` is the gradient of the ``switch_to_bilevel`` backward and ``mask_grad`` the one
       of the ``switch_to_prune`` backward: g_s*g_s on the scores, g_bn*g_bn on BatchNorm, 0 on the
@@ -195,7 +196,7 @@ class BilevelTrainer(BaseTrainer):
         self.weights = ([] if freeze_bn else bn) + other
         layers = list(self.maskset.layers.values())
         self.masked_weights = [layer.weight for layer in layers]
-        if [id(l.popup_scores) for l in layers] != [id(s) for s in scores]:
+        if [id(layer.popup_scores) for layer in layers] != [id(s) for s in scores]:
             raise ValueError("every score tensor must belong to a masked layer of the mask set")
         own_only(self.model, self.scores + self.weights)
         self.add_optimizer("optimizer", self.weights, weight_optim)

@@ -1,7 +1,7 @@
 """Trainers by name: a new method is a new entry, not a new branch in train.py."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from configs.registry import Registry
 

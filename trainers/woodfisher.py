@@ -24,23 +24,21 @@ whole-layer blocks).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from configs.errors import UserError
+from configs.options import FisherOptions, WoodFisherOptions
 from engine.memory import MemoryNeed
 from engine.optim import OptimSettings, own_only, split_parameters
 from layers.selector import unit_counts
-from pruning.flops import flops_per_weight
-from pruning.flops import select_within_flops, weight_by_flops
+from pruning.flops import flops_per_weight, select_within_flops, weight_by_flops
 from pruning.gradients import piece_size
 from pruning.methods import PRUNE_METHODS, PruneMethod, granularity_note
 from pruning.schedule import PruneEvent, agp_schedule, one_shot_schedule, recompute_steps
 from pruning.solver import FisherSettings, OBSSolver, StepRecord
-from configs.options import FisherOptions, WoodFisherOptions
 from trainers.base import BaseTrainer, RunSpec
 from trainers.registry import register_trainer
 
@@ -434,4 +432,5 @@ def fisher_memory_needs(options: FisherOptions, *, masked_weights: int, on_gpu: 
     return [MemoryNeed(f"the {m} x {masked_weights:,} Fisher gradients", m * masked_weights * 4, offload,
                        f"lower --fisher-subsample-size{hint}"),
             MemoryNeed(f"the activations of a Fisher pass over {chunk} samples", per_sample_bytes * chunk,
-                       False, "pass a smaller --max-mini-bsz to split each --fisher-mini-bsz batch into smaller chunks")]
+                       False,
+                       "pass a smaller --max-mini-bsz to split each --fisher-mini-bsz batch into smaller chunks")]
