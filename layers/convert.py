@@ -12,6 +12,9 @@ their linear layers, so they load here only if those layers stay plain.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -47,8 +50,10 @@ def _plain_linear(m: MaskedLinear) -> nn.Linear:
 
 # Registries: plain type -> masked twin constructor, and back. Exact types, so that a masked
 # layer (a subclass of its plain type) is never converted twice.
-MASKED_TWIN = {nn.Conv2d: _masked_conv, nn.Linear: _masked_linear}
-PLAIN_TWIN = {MaskedConv2d: _plain_conv, MaskedLinear: _plain_linear}
+MASKED_TWIN: dict[type[nn.Module], Callable[[Any, str], MaskedConv2d | MaskedLinear]] = {
+    nn.Conv2d: _masked_conv, nn.Linear: _masked_linear}
+PLAIN_TWIN: dict[type[nn.Module], Callable[[Any], nn.Conv2d | nn.Linear]] = {
+    MaskedConv2d: _plain_conv, MaskedLinear: _plain_linear}
 # Plain types that get a mask, per granularity (see the module docstring).
 MASKED_TYPES: dict[str, tuple[type, ...]] = {
     "unstructured": (nn.Conv2d, nn.Linear),
@@ -75,14 +80,16 @@ def to_masked(model: nn.Module, *, granularity: str) -> nn.Module:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {tuple(MASKED_TYPES)}")
     masked_types = MASKED_TYPES[granularity]
 
-    def make(child: nn.Module):
+    def make(child: nn.Module) -> nn.Module | None:
         factory = MASKED_TWIN.get(type(child))
         if factory is None or type(child) not in masked_types:
             return None
+        assert isinstance(child, (nn.Conv2d, nn.Linear))  # the keys of MASKED_TWIN
         twin = factory(child, granularity)
         with torch.no_grad():
             twin.weight.copy_(child.weight)
             if child.bias is not None:
+                assert twin.bias is not None  # built with bias=child.bias is not None
                 twin.bias.copy_(child.bias)
         return twin
 
@@ -92,14 +99,16 @@ def to_masked(model: nn.Module, *, granularity: str) -> nn.Module:
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every masked layer by a plain one holding ``weight * mask``, in place."""
 
-    def make(child: nn.Module):
+    def make(child: nn.Module) -> nn.Module | None:
         factory = PLAIN_TWIN.get(type(child))
         if factory is None:
             return None
+        assert isinstance(child, (MaskedConv2d, MaskedLinear))  # the keys of PLAIN_TWIN
         plain = factory(child)
         with torch.no_grad():
             plain.weight.copy_(child.weight * child.mask)
             if child.bias is not None:
+                assert plain.bias is not None  # built with bias=child.bias is not None
                 plain.bias.copy_(child.bias)
         return plain
 

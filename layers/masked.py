@@ -38,6 +38,11 @@ class MaskedLayer(nn.Module):
     """Mixin for a layer with ``weight``, ``popup_scores`` and a ``mask`` buffer."""
 
     granularity: str
+    # Declared for the type checker: ``weight`` comes from the nn.Conv2d / nn.Linear it is mixed into;
+    # ``popup_scores`` and the ``mask`` buffer are created by ``_init_masking``.
+    weight: torch.Tensor
+    popup_scores: nn.Parameter
+    mask: torch.Tensor
     # False while a step needs no score gradient (BiP's lower level): forward then skips the
     # straight-through path and its backward work on every weight.
     score_grad: bool = True
@@ -63,6 +68,7 @@ class MaskedLayer(nn.Module):
         if source is not self.mask or version != self.mask._version or dtype != self.weight.dtype:
             self._multiplier = self.mask.to(self.weight.dtype)
             self._multiplier_of = (self.mask, self.mask._version, self.weight.dtype)
+        assert self._multiplier is not None  # set above on the first call: _multiplier_of starts as no mask
         return self._multiplier
 
     def masked_weight(self) -> torch.Tensor:

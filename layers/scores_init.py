@@ -22,7 +22,7 @@ def _scaled(layer: MaskedLayer) -> None:
     layer.popup_scores.copy_(math.sqrt(6 / fan_in) * w / w.abs().max().clamp_min(1e-12))
 
 
-SCORE_INITS: dict[str, Callable[[MaskedLayer], None]] = {
+SCORE_INITS: dict[str, Callable[[MaskedLayer], object]] = {  # the return value is ignored
     "kaiming_uniform": lambda layer: nn.init.kaiming_uniform_(layer.popup_scores),
     "kaiming_normal": lambda layer: nn.init.kaiming_normal_(layer.popup_scores),
     "xavier_uniform": lambda layer: nn.init.xavier_uniform_(layer.popup_scores, gain=_RELU_GAIN),

@@ -40,7 +40,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         if stride != 1 or in_planes != planes:
-            self.shortcut = ShortcutA(in_planes, planes)
+            self.shortcut: nn.Module = ShortcutA(in_planes, planes)
         else:
             self.shortcut = nn.Sequential()
 

@@ -26,7 +26,7 @@ class BasicBlock(nn.Module):
         self.equal_in_out = in_planes == out_planes
         # Theirs tests only the channel count, so a stride-2 block with equal widths would add an
         # unsubsampled input; that never happens for the depths registered here (block2/3 widen).
-        self.convShortcut = (
+        self.convShortcut: nn.Module | None = (
             None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
         )
 
@@ -34,7 +34,8 @@ class BasicBlock(nn.Module):
         act = F.relu(self.bn1(x))
         out = F.relu(self.bn2(self.conv1(act)))
         out = self.conv2(out)
-        return out + (x if self.equal_in_out else self.convShortcut(act))
+        # convShortcut is None exactly when equal_in_out
+        return out + (x if self.convShortcut is None else self.convShortcut(act))
 
 
 class NetworkBlock(nn.Module):
