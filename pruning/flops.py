@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ def _positions_per_weight(module: nn.Module, output: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def flops_per_weight(model: nn.Module, *, example: torch.Tensor, layers: dict[str, nn.Module]) -> dict[str, int]:
+def flops_per_weight(model: nn.Module, *, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> dict[str, int]:
     """FLOPs (MACs) per weight and per sample of each layer in ``layers``, from one forward pass of
     ``example`` (a batch; its first dim is the batch). A layer called several times in one forward
     (shared weights) adds up its calls. The model is run in eval mode (BatchNorm statistics are

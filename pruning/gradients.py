@@ -22,11 +22,13 @@ dL/dweight = mask * dL/d(weight * mask).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from layers.masked import MaskedLayer
 
 CPU_BUDGET_BYTES = 256 * 2**20   # row gradients of one pass (the rows it touches x D floats)
 GPU_BUDGET_BYTES = 1024 * 2**20
@@ -59,7 +61,7 @@ def _samples(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int, d
         yield torch.cat(xs), torch.cat(ys)
 
 
-def _conv_padding(layer: nn.Conv2d) -> tuple[int, int]:
+def _conv_padding(layer: nn.Conv2d) -> tuple[int, ...]:
     if isinstance(layer.padding, str):
         if layer.padding == "valid":
             return (0, 0)
@@ -106,7 +108,7 @@ def _piece_grads(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, pieces: in
 @torch.no_grad()
 def collect_gradients(
     model: nn.Module,
-    layers: dict[str, nn.Module],
+    layers: Mapping[str, nn.Conv2d | nn.Linear | MaskedLayer],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
     rows: int,

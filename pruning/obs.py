@@ -48,7 +48,7 @@ tensors (weights passed as Parameters are read, never modified in place).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, overload
 
 import torch
 
@@ -75,6 +75,12 @@ class EmpiricalFisherInverseLike(FisherInverse, Protocol):
 # helpers
 
 
+@overload
+def _flat(t: torch.Tensor, d: int, name: str) -> torch.Tensor: ...
+@overload
+def _flat(t: None, d: int, name: str) -> None: ...
+@overload
+def _flat(t: torch.Tensor | None, d: int, name: str) -> torch.Tensor | None: ...
 def _flat(t: torch.Tensor | None, d: int, name: str) -> torch.Tensor | None:
     if t is None:
         return None

@@ -83,7 +83,7 @@ class _Prepared:
     alive: torch.Tensor
     perm: torch.Tensor | None
     group_size: int
-    inverse: object | None
+    inverse: EmpiricalFisherInverse | DiagonalFisher | None
     grad_mean: torch.Tensor | None
     solved: torch.Tensor | None  # per-group ([F^-1]_QQ)^-1 w_Q, kept from the statistic for the update
     kept_bytes: int
@@ -244,6 +244,8 @@ class OBSSolver:
         if self._grouped():
             n_groups = p.w.numel() // p.group_size
             alive_groups = p.alive.view(n_groups, p.group_size).any(1)
+            # grouped: a method with a group version, which uses the empirical Fisher (``_grouped``)
+            assert isinstance(p.inverse, EmpiricalFisherInverse) and self.method.group_statistic is not None
             if p.solved is None:
                 p.solved = p.inverse.group_solve(p.w, group_size=p.group_size)
             stat = self.method.group_statistic(weight=p.w, fisher_inverse=p.inverse, group_size=p.group_size,
@@ -359,6 +361,7 @@ class OBSSolver:
     def _update(self, p: _Prepared, prune: torch.Tensor, *, scale: float, joint: bool) -> torch.Tensor:
         if self._grouped():
             n_groups = p.w.numel() // p.group_size
+            assert self.method.group_update is not None  # a method with a group version (``_grouped``)
             return self.method.group_update(weight=p.w, fisher_inverse=p.inverse, group_size=p.group_size,
                                             prune=prune.view(n_groups, p.group_size).any(1),
                                             mask=p.alive.view(n_groups, p.group_size).any(1),
