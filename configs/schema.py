@@ -219,6 +219,7 @@ def _yaml_depth_error(text: str) -> str | None:
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             depth += 1
             if depth > MAX_CONFIG_DEPTH:
+                assert event.start_mark is not None  # the parser marks every event it emits
                 return f"line {event.start_mark.line + 1}"
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             depth -= 1

@@ -18,7 +18,7 @@ from data.normalization import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR10
 from data.registry import DatasetSplits, register_dataset, resolve_num_classes
 from data.safe_pickle import NUMPY_GLOBALS, safe_load_file
 from data.tensor_dataset import InMemoryImages
-from data.tensor_ops import Compose, Normalize, RandomCropPadded, RandomHorizontalFlip, Resize, ToFloat
+from data.tensor_ops import Compose, Normalize, RandomCropPadded, RandomHorizontalFlip, Resize, ToFloat, Transform
 
 NATIVE_SIZE = 32
 PIXELS = 3 * NATIVE_SIZE * NATIVE_SIZE
@@ -117,7 +117,7 @@ def build_cifar(layout: CifarLayout, *, data_dir: str, normalize: bool, image_di
                 num_classes: int | None) -> DatasetSplits:
     root = find_cifar_root(layout, data_dir)
     size = image_dim or NATIVE_SIZE
-    tail = [ToFloat(scale=255.0), Resize(size=size)]
+    tail: list[Transform] = [ToFloat(scale=255.0), Resize(size=size)]
     if normalize:
         tail.append(Normalize(mean=layout.mean, std=layout.std))
     train_tf = Compose([RandomCropPadded(size=NATIVE_SIZE, padding=4), RandomHorizontalFlip(), *tail])

@@ -14,7 +14,7 @@ import torch
 from configs.errors import UserError
 from data.registry import DatasetSplits, register_dataset, resolve_num_classes
 from data.tensor_dataset import InMemoryImages
-from data.tensor_ops import Compose, Normalize, Resize, ToFloat
+from data.tensor_ops import Compose, Normalize, Resize, ToFloat, Transform
 
 SPLIT_SEED = 0
 VAL_FRACTION = 0.1
@@ -57,7 +57,7 @@ def build_digits(*, data_dir: str, normalize: bool, image_dim: int | None, num_c
     train_idx, val_idx, test_idx = stratified_split(labels, seed=SPLIT_SEED, val_fraction=VAL_FRACTION,
                                                     test_fraction=TEST_FRACTION)
     size = image_dim or NATIVE_SIZE
-    steps = [ToFloat(scale=MAX_PIXEL), Resize(size=size)]
+    steps: list[Transform] = [ToFloat(scale=MAX_PIXEL), Resize(size=size)]
     if normalize:
         train_pixels = images[train_idx].astype(np.float64) / MAX_PIXEL
         steps.append(Normalize(mean=(float(train_pixels.mean()),), std=(float(train_pixels.std()),)))

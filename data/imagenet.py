@@ -16,7 +16,7 @@ from data.lmdb_reader import LmdbImages, find_lmdb_pair
 from data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from data.pil_ops import CenterCrop, RandomHorizontalFlip, RandomResizedCrop, ResizeShorter, ToUint8Tensor
 from data.registry import DatasetSplits, register_dataset, resolve_num_classes
-from data.tensor_ops import Compose, Normalize, ToFloat
+from data.tensor_ops import Compose, Normalize, ToFloat, Transform
 
 DEFAULT_SIZE = 224
 CROP_FRACTION = 0.875  # 224 / 256
@@ -26,7 +26,7 @@ PREPARE_VAL = ("the flat ILSVRC2012 val folder must be sorted into class folders
 
 
 def imagenet_transforms(*, size: int, normalize: bool) -> tuple[Compose, Compose]:
-    tail = [ToUint8Tensor(), ToFloat(scale=255.0)]
+    tail: list[Transform] = [ToUint8Tensor(), ToFloat(scale=255.0)]
     if normalize:
         tail.append(Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
     train = Compose([RandomResizedCrop(size=size), RandomHorizontalFlip(), *tail])

@@ -93,12 +93,13 @@ def read_index(txn, path: str, *, entries: int) -> tuple[int, list[bytes] | None
     if raw_len is None and raw_keys is None:
         raise UserError(f"{path} has neither a __len__ nor a __keys__ record: it was not written in BiP's "
                         f"layout or its conversion never finished; {RECREATE}")
-    length = None
+    length: int | None = None
     if raw_len is not None:
         length = _load_plain(raw_len, source=f"{path} key {LEN_KEY!r}")
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise UserError(f"{path} key {LEN_KEY!r} is not a record count: {RECREATE}")
     if raw_keys is None:
+        assert length is not None  # raw_len was there: the index has at least one of the two
         if length > entries - 1:  # every key but __len__ itself
             raise UserError(f"{path} key {LEN_KEY!r} claims {length} records but the file holds only {entries - 1}: "
                             f"its index is corrupt or records are missing; {RECREATE}")

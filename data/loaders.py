@@ -8,8 +8,9 @@ and with any number of workers.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -33,14 +34,14 @@ class Loaders:
     def set_epoch(self, epoch: int) -> None:
         """Pin the next pass of ``train`` and ``upper`` to ``epoch`` (call before iterating)."""
         for loader in (self.train, self.upper):
-            loader.sampler.set_epoch(epoch)
+            cast(EpochSampler, loader.sampler).set_epoch(epoch)  # build_loaders gives both an EpochSampler
 
     def stream(self, stream: int, *, epoch: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """An endless stream of training batches (training augmentation) of its own: a function of
         (seed, stream, epoch) only, so a resumed run draws the same samples, and independent of the
         training order. Each pass over the training split is a fresh shuffle. For the OBS step's
         gradients, which must not shift the training streams."""
-        indices = self.train_indices or list(range(len(self.train.dataset)))
+        indices = self.train_indices or list(range(len(cast(Sized, self.train.dataset))))
         for k in itertools.count():
             sampler = EpochSampler(indices, seed=self.seed, stream=stream)
             sampler.set_epoch(epoch * 1_000_003 + k)
@@ -100,7 +101,7 @@ def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: in
                         f"--test-batch-size {test_batch_size}")
     if num_workers < 0:
         raise UserError(f"--num-workers must be >= 0, got {num_workers}")
-    n = len(splits.train)
+    n = len(cast(Sized, splits.train))
     if val_fraction > 0:
         train_idx, upper_idx = holdout_split(n, val_fraction=val_fraction, seed=seed)
     else:
@@ -118,7 +119,7 @@ def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: in
                             f"split of the {n} training images: raise --data-fraction")
     check_batch_size(batch_size, train=len(train_idx), upper=len(upper_idx) if val_fraction > 0 else None,
                      data_fraction=data_fraction, val_fraction=val_fraction)
-    common = dict(seed=seed, num_workers=num_workers, pin_memory=pin_memory)
+    common: dict[str, Any] = dict(seed=seed, num_workers=num_workers, pin_memory=pin_memory)
     train = _loader(splits.train, batch_size=batch_size, stream=STREAM_TRAIN,
                     sampler=EpochSampler(train_idx, seed=seed, stream=STREAM_TRAIN), **common)
     upper = _loader(splits.train, batch_size=batch_size, stream=STREAM_UPPER,

@@ -56,7 +56,7 @@ class RandomResizedCrop:
     def __call__(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
         top, left, h, w = random_resized_crop_box(image.width, image.height, scale=self.scale, ratio=self.ratio,
                                                   generator=generator)
-        return image.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
+        return image.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.Resampling.BILINEAR)
 
 
 class RandomHorizontalFlip:
@@ -77,7 +77,7 @@ class ResizeShorter:
         short, long = min(w, h), max(w, h)
         new_long = int(self.size * long / short)
         size = (self.size, new_long) if w <= h else (new_long, self.size)
-        return image if size == (w, h) else image.resize(size, Image.BILINEAR)
+        return image if size == (w, h) else image.resize(size, Image.Resampling.BILINEAR)
 
 
 class CenterCrop:

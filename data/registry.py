@@ -7,8 +7,9 @@ num_classes, skip_bad_records``) and returns ``DatasetSplits``; a new dataset is
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from typing import cast
 
 from torch.utils.data import Dataset
 
@@ -46,7 +47,7 @@ def build_dataset(name: str, *, data_dir: str, normalize: bool = False, image_di
                      skip_bad_records=skip_bad_records)
     # An empty split would train or evaluate on nothing and report NaN metrics with exit status 0.
     for split, dataset in (("train", splits.train), ("val", splits.val), ("test", splits.test)):
-        if dataset is not None and len(dataset) == 0:
+        if dataset is not None and len(cast(Sized, dataset)) == 0:  # map-style datasets, all sized
             source = getattr(dataset, "source", data_dir)
             raise UserError(f"the {split} split of {DATASETS.resolve(name)} is empty: {source} holds no images; point "
                             "--data-dir at a complete copy of the dataset (LMDB: re-create it with sh/prepare_lmdb.sh)")

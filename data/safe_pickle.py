@@ -139,6 +139,7 @@ def _materialize(obj: Any, depth: int = 0, done: dict[int, Any] | None = None) -
     done = {} if done is None else done
     if id(obj) in done:
         return done[id(obj)]
+    result: Any
     if isinstance(obj, _PendingArray):
         result = obj.to_numpy()
     elif isinstance(obj, (_PendingDtype, _NdarrayMarker)) or callable(obj):

@@ -7,11 +7,14 @@ sampler's per-sample seed fully decides the augmentation (see ``data.sampling``)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 TensorTransform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+# A step of ``Compose``: a tensor step above, or a PIL step (``data.pil_ops``) of a file dataset.
+Transform = Callable[[Any, "torch.Generator | None"], Any]
 
 
 def _randint(high: int, generator: torch.Generator | None) -> int:
@@ -73,10 +76,12 @@ class Normalize:
 
 
 class Compose:
-    def __init__(self, steps: Sequence[TensorTransform]) -> None:
+    """Steps in order; the first ones may take a PIL image (``data.pil_ops``), the last gives a tensor."""
+
+    def __init__(self, steps: Sequence[Transform]) -> None:
         self.steps = list(steps)
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def __call__(self, image: Any, generator: torch.Generator | None) -> torch.Tensor:
         for step in self.steps:
             image = step(image, generator)
         return image

@@ -17,7 +17,7 @@ from data.lmdb_reader import LmdbImages, find_lmdb_pair
 from data.normalization import TINYIMAGENET_MEAN, TINYIMAGENET_STD
 from data.pil_ops import CenterCrop, ResizeShorter, ToUint8Tensor
 from data.registry import DatasetSplits, register_dataset, resolve_num_classes
-from data.tensor_ops import Compose, Normalize, RandomCropPadded, RandomHorizontalFlip, Resize, ToFloat
+from data.tensor_ops import Compose, Normalize, RandomCropPadded, RandomHorizontalFlip, Resize, ToFloat, Transform
 
 FOLDER = "tiny-imagenet-200"
 NATIVE_SIZE = 64
@@ -27,8 +27,8 @@ NUM_CLASSES = 200
 def tiny_transforms(*, size: int, normalize: bool) -> tuple[Compose, Compose]:
     # Every official image is 64x64; ResizeShorter/CenterCrop only matter for odd ones (then a
     # batch still stacks) and cost nothing otherwise.
-    head = [ResizeShorter(size=NATIVE_SIZE), CenterCrop(size=NATIVE_SIZE), ToUint8Tensor()]
-    tail = [ToFloat(scale=255.0), Resize(size=size)]
+    head: list[Transform] = [ResizeShorter(size=NATIVE_SIZE), CenterCrop(size=NATIVE_SIZE), ToUint8Tensor()]
+    tail: list[Transform] = [ToFloat(scale=255.0), Resize(size=size)]
     if normalize:
         tail.append(Normalize(mean=TINYIMAGENET_MEAN, std=TINYIMAGENET_STD))
     train = Compose([*head, RandomCropPadded(size=NATIVE_SIZE, padding=4), RandomHorizontalFlip(), *tail])
