@@ -301,7 +301,9 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
 
 # -- random number generator state: plain tensors/ints so that weights_only can read it back ---
 def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)  # the global RandomState (MT19937) gives the legacy tuple
+    kind, keys, pos, has_gauss, cached = legacy
     state = {
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

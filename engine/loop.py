@@ -117,6 +117,7 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: 
         before = state.history[-1]["val_top1"] if state.history else state.source_top1
         fell = collapsed(before=before, after=val["top1"], num_classes=num_classes)
         if fell:  # loud: on the console, in run.log, and on stderr, where a cluster job's errors go
+            assert before is not None  # collapsed() needs an accuracy before
             line = collapse_warning(epoch=epoch + 1, before=before, after=val["top1"], num_classes=num_classes,
                                     pruned=bool(notes))
             log.info(line)

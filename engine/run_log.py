@@ -5,8 +5,8 @@ import csv
 import io
 import os
 import sys
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
 
 from engine.checkpoint import write_text
 from layers import LayerSparsity
@@ -31,10 +31,10 @@ class RunLog:
     """Console + ``run.log`` lines, ``metrics.csv`` rows and tensorboard scalars of one run folder."""
 
     def __init__(self, folder: str | None = None, *, tensorboard: bool = True) -> None:
-        self.folder = None
+        self.folder: str | None = None
         self.tensorboard = tensorboard
-        self._file = None
-        self._writer = None
+        self._file: TextIO | None = None
+        self._writer: Any = None  # tensorboardX.SummaryWriter
         self._pending: list[str] = []  # debug lines written before the folder exists
         if folder:
             self.open(folder)
@@ -68,7 +68,7 @@ class RunLog:
             for tag, value in values.items():
                 self._writer.add_scalar(tag, value, step)
 
-    def csv_row(self, row: dict[str, float | int | str]) -> None:
+    def csv_row(self, row: Mapping[str, float | int | str]) -> None:
         if not self.folder:
             return
         path = os.path.join(self.folder, "metrics.csv")
@@ -90,6 +90,7 @@ class RunLog:
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\r\n")  # csv's default, as csv_row
         writer.writeheader()
         writer.writerows(rows)
+        assert self.folder is not None, "rewrite_csv needs an open run folder"
         write_text(os.path.join(self.folder, "metrics.csv"), out.getvalue() if rows else "")
 
     def close(self, *, after_error: bool = False) -> None:
@@ -127,6 +128,8 @@ def csv_history(folder: str, last_epoch: int) -> list[dict[str, Any]]:
 
 
 def _number(text: str | None) -> Any:
+    if text is None:  # a short row (int(None) and float(None) would fail alike)
+        return text
     for kind in (int, float):
         try:
             return kind(text)
