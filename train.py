@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from typing import cast
 
 import numpy as np
 import torch
@@ -136,7 +137,7 @@ def check_memory(cfg: Config, *, trainer_cls, splits, loaders, device: torch.dev
                                             image_size=splits.image_size))
     per_sample = activation_bytes_per_sample(shapes, in_channels=splits.in_channels, image_size=splits.image_size)
     masked_types = MASKED_TYPES.get(cfg.layer_type, ()) if cfg.exp_mode != "pretrain" else ()
-    masked = sum(m.weight.numel() for m in shapes.modules() if type(m) in masked_types)
+    masked = sum(cast(torch.Tensor, m.weight).numel() for m in shapes.modules() if type(m) in masked_types)
     needs = trainer_cls.memory_needs(per_sample_bytes=per_sample, batch_size=cfg.batch_size,
                                      model_bytes=model_bytes(shapes), masked_weights=masked,
                                      on_gpu=device.type == "cuda",
@@ -197,7 +198,10 @@ def run(options: Options) -> int:
     trainer_cls.check_options(trainer_options(cfg, trainer_cls),
                               run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope,
                                           epochs=cfg.epochs))
-    run_dir = resumed_folder(cfg.resume) if resume is not None else None
+    run_dir = None
+    if resume is not None:
+        assert cfg.resume is not None  # the resumed config keeps --resume
+        run_dir = resumed_folder(cfg.resume)
     if not cfg.evaluate:  # evaluating writes nothing
         if run_dir is not None:
             check_writable(run_dir, "--resume: the run folder")
@@ -231,6 +235,7 @@ def run(options: Options) -> int:
                            f"(--layer-floor {maskset.min_units}), so no layer is emptied")
     state = RunState()
     if resume is not None:
+        assert cfg.resume is not None
         resume_into(model, maskset, resume, source=cfg.resume, notice=notices.append)
     elif cfg.source_net:
         load_source(model, maskset, load_checkpoint(cfg.source_net), mode=cfg.exp_mode, run=run_cfg,
@@ -261,6 +266,7 @@ def run(options: Options) -> int:
                           progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
                           options=trainer_options(cfg, trainer_cls))
     if resume is not None:
+        assert cfg.resume is not None
         load_trainer_state(trainer, resume["trainer_state"], cfg.resume)
         history = resume.get("history")
         if history is None:  # written before checkpoints held it: take metrics.csv up to the checkpoint
@@ -272,6 +278,7 @@ def run(options: Options) -> int:
         set_rng_state(resume["rng"])
     obs: dict[str, dict] = {}
     if resume is None and cfg.obs_update and cfg.exp_mode == "finetune":
+        assert maskset is not None  # finetune runs on masked layers
         done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,
                                      fisher=obs_fisher(cfg), joint=cfg.obs_solve == "joint",
                                      label_smoothing=cfg.label_smoothing)
@@ -286,7 +293,7 @@ def run(options: Options) -> int:
 
     # Everything is validated: from here on the run writes its folder.
     fresh = run_dir is None
-    if fresh:
+    if run_dir is None:  # fresh
         run_dir = new_run_dir(cfg)
     try:
         log.open(run_dir)
@@ -311,6 +318,7 @@ def run(options: Options) -> int:
                     save_dense=cfg.save_dense, num_classes=splits.num_classes, evaluate=evaluate)
         final = evaluate(model, loaders.test, device=device)  # the model of checkpoint.pth.tar
         if cfg.obs_update and cfg.exp_mode == "prune":
+            assert maskset is not None  # prune runs on masked layers
             done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,
                                          fisher=obs_fisher(cfg), joint=cfg.obs_solve == "joint",
                                          label_smoothing=cfg.label_smoothing)

@@ -176,6 +176,7 @@ class PublicBipIteration:
 @register_trainer("bilevel")
 class BilevelTrainer(BaseTrainer):
     Options = BilevelOptions
+    maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
     def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:
         if self.mode != "prune" or self.maskset is None or score_optim is None:

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from configs.registry import Registry
 
-TRAINERS: Registry[type] = Registry("trainer", flag="--trainer")
+if TYPE_CHECKING:  # trainers.base registers itself here: a run-time import would be circular
+    from trainers.base import BaseTrainer
+
+TRAINERS: Registry[type[BaseTrainer]] = Registry("trainer", flag="--trainer")
 get_trainer = TRAINERS.get
+TrainerClass = TypeVar("TrainerClass", bound="type[BaseTrainer]")
 
 
-def register_trainer(name: str) -> Callable[[type], type]:
+def register_trainer(name: str) -> Callable[[TrainerClass], TrainerClass]:
     """Class decorator: registers the trainer under ``name`` and records the name on the class."""
-    def wrap(cls: type) -> type:
-        cls.name = name  # type: ignore[attr-defined]
-        return TRAINERS.add(name, cls)
+    def wrap(cls: TrainerClass) -> TrainerClass:
+        cls.name = name
+        TRAINERS.add(name, cls)
+        return cls
     return wrap

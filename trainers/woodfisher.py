@@ -33,6 +33,7 @@ from configs.errors import UserError
 from configs.options import FisherOptions, WoodFisherOptions
 from engine.memory import MemoryNeed
 from engine.optim import OptimSettings, own_only, split_parameters
+from layers import MaskSet
 from layers.selector import unit_counts
 from pruning.flops import flops_per_weight, select_within_flops, weight_by_flops
 from pruning.gradients import piece_size
@@ -157,6 +158,7 @@ class WoodFisherTrainer(BaseTrainer):
     """Gradual OBS pruning (see the module docstring)."""
 
     Options = WoodFisherOptions
+    maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
     @classmethod
     def check_options(cls, options, *, run: RunSpec) -> None:
@@ -278,6 +280,7 @@ class WoodFisherTrainer(BaseTrainer):
         self.flops = flops_per_weight(self.model, example=x.to(self.device), layers=self.maskset.layers)
 
     def dense_flops(self) -> int:
+        assert self.flops is not None, "measure_flops() first"
         return sum(layer.weight.numel() * self.flops[name] for name, layer in self.maskset.layers.items())
 
     def kept_flops_fraction(self) -> float | None:
@@ -290,7 +293,9 @@ class WoodFisherTrainer(BaseTrainer):
     def schedule_sparsity(self) -> float:
         """Where the schedule stands now: FLOPs sparsity with --flops-target, unit sparsity otherwise."""
         if self.opts.flops_target is not None:
-            return 1.0 - self.kept_flops_fraction()
+            kept = self.kept_flops_fraction()
+            assert kept is not None  # --flops-target is FLOPs-aware: measured by prune_to/prune_step first
+            return 1.0 - kept
         return self.current_sparsity()
 
     # -- a pruning event -------------------------------------------------------------------------
@@ -319,6 +324,7 @@ class WoodFisherTrainer(BaseTrainer):
         solver = self.solver()
         solver.collect(self.model, self.fisher_batches(loaders, epoch=epoch, substep=substep),
                        label_smoothing=self.criterion.label_smoothing, label_generator=generator)
+        assert solver.G is not None  # set by collect()
         return solver.G
 
     def solver(self) -> OBSSolver:
