@@ -16,16 +16,18 @@ import signal
 import sys
 import threading
 import time
-from typing import cast
+from collections.abc import Callable
+from types import FrameType
+from typing import NoReturn, cast
 
 import numpy as np
 import torch
 import yaml
 
 from configs.errors import RunStopped, UserError, one_line
-from configs.options import FisherOptions
+from configs.options import FisherOptions, OptionSection
 from configs.schema import Config, Options, read_options, resumed_config
-from data import build_dataset, build_loaders
+from data import DatasetSplits, Loaders, build_dataset, build_loaders
 from engine.checkpoint import (
     check_resumable,
     is_storage_error,
@@ -48,7 +50,7 @@ from models import build_model
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings
 from trainers import get_trainer
-from trainers.base import RunSpec
+from trainers.base import BaseTrainer, RunSpec
 from trainers.compensation import compensate_fixed_mask
 from trainers.woodfisher import fisher_settings
 
@@ -130,7 +132,8 @@ def _numbers_in_use(parent: str) -> tuple[set[int], set[int]]:
     return folders, claims
 
 
-def check_memory(cfg: Config, *, trainer_cls, splits, loaders, device: torch.device) -> None:
+def check_memory(cfg: Config, *, trainer_cls: type[BaseTrainer], splits: DatasetSplits, loaders: Loaders,
+                 device: torch.device) -> None:
     """Refuse a run that cannot fit in memory before anything is allocated (engine.memory): the
     architecture is measured on the meta device, so a huge --image-dim costs nothing here."""
     shapes = meta_model(lambda: build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
@@ -149,7 +152,7 @@ def check_memory(cfg: Config, *, trainer_cls, splits, loaders, device: torch.dev
                         f"than the {len(loaders.train_indices)} of the training split: lower --fisher-mini-bsz")
 
 
-def trainer_options(cfg: Config, trainer_cls):
+def trainer_options(cfg: Config, trainer_cls: type[BaseTrainer]) -> OptionSection | None:
     """The trainer's own options (its section of configs.options), read off the run's config."""
     return trainer_cls.Options.of(cfg) if trainer_cls.Options is not None else None
 
@@ -368,7 +371,7 @@ def summary(cfg: Config, *, run_dir: str, masked: bool, final: dict, state: RunS
             "train_seconds": round(sum(float(row.get("seconds") or 0) for row in state.history), 3)}
 
 
-def record_changes(run_dir: str, changed: dict, *, epoch: int, notice) -> None:
+def record_changes(run_dir: str, changed: dict, *, epoch: int, notice: Callable[[str], None]) -> None:
     """Run-control options a resume changed: a line in run.log and a comment at the end of config.yml
     (its settings stay those the run started with; comments keep it valid YAML)."""
     if not changed:
@@ -388,7 +391,7 @@ def stopped_message(exc: OSError, run_dir: str) -> str:
     return f"could not write {exc.filename} ({exc.strerror}); {kept}"
 
 
-def _interrupt(signum, frame):
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt  # SIGTERM (what clusters send) ends a run like Ctrl-C
 
 

@@ -12,8 +12,8 @@ entry and never a new ``if`` branch. Looking a name up follows one rule everywhe
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from collections.abc import Callable, ItemsView, Iterator, ValuesView
+from typing import Any, Generic, TypeVar
 
 from configs.errors import UserError
 
@@ -61,13 +61,13 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
-    def items(self):
+    def items(self) -> ItemsView[str, T]:
         return self._items.items()
 
-    def values(self):
+    def values(self) -> ValuesView[T]:
         return self._items.values()
 
-    def pop(self, name: str, default=None):
+    def pop(self, name: str, default: Any = None) -> Any:
         return self._items.pop(name, default)
 
     def __contains__(self, name: object) -> bool:

@@ -16,8 +16,9 @@ import math
 import os
 import re
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -170,7 +171,7 @@ def _base_type(name: str) -> type:
     return args[0] if args else t
 
 
-def _closest(word: str, options) -> str:
+def _closest(word: str, options: Iterable[str]) -> str:
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else ""
 
@@ -272,7 +273,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print usage and exit; we want one line
+    def error(self, message: str) -> NoReturn:  # argparse would print usage and exit; we want one line
         raise UserError(f"{message} (see python train.py --help)")
 
 

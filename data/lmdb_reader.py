@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ KEYS_KEY = b"__keys__"
 RECREATE = "re-create it with sh/prepare_lmdb.sh (python -m data.lmdb_writer)"
 
 
-def lmdb_module():
+def lmdb_module() -> ModuleType:
     try:
         import lmdb
     except ImportError:
@@ -52,7 +53,7 @@ def lmdb_exists(path: str) -> bool:
     return os.path.isfile(data_file(path))
 
 
-def open_readonly(path: str):
+def open_readonly(path: str) -> Any:  # lmdb.Environment
     """Open an LMDB environment read-only, refusing truncated files (see the module docstring)."""
     lmdb = lmdb_module()
     if not lmdb_exists(path):
@@ -77,7 +78,7 @@ def _load_plain(value: bytes, *, source: str) -> Any:
     return safe_loads(value, source=source, allowed={}, encoding="bytes")
 
 
-def read_index(txn, path: str, *, entries: int) -> tuple[int, list[bytes] | None]:
+def read_index(txn: Any, path: str, *, entries: int) -> tuple[int, list[bytes] | None]:
     """(number of records, keys or None when they are the canonical b"0", b"1", ...).
 
     ``entries`` is the environment's own count of keys (``env.stat()["entries"]``). A bare __len__
@@ -131,7 +132,7 @@ def file_identity(path: str) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
-def reader(path: str, identity: tuple[int, int]):
+def reader(path: str, identity: tuple[int, int]) -> tuple[Any, Any]:
     """(environment, read transaction) of this process for the file."""
     entry = _READERS.get(identity)
     if entry is not None and entry[0] == os.getpid():
@@ -145,7 +146,7 @@ def reader(path: str, identity: tuple[int, int]):
     return env, txn
 
 
-def reader_transaction(path: str, identity: tuple[int, int]):
+def reader_transaction(path: str, identity: tuple[int, int]) -> Any:
     return reader(path, identity)[1]
 
 

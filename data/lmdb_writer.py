@@ -25,6 +25,7 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm import tqdm
 
@@ -149,7 +150,7 @@ def write_lmdb(images: ImageList, out_path: str, *, verify: bool = False, overwr
     return WriteReport(path=out_path, records=len(labels), skipped=skipped, bytes=total_bytes)
 
 
-def _put_all(env, items: list[tuple[bytes, bytes]]) -> None:
+def _put_all(env: Any, items: list[tuple[bytes, bytes]]) -> None:
     """Put ``items`` in one transaction, growing the map when the size estimate was short."""
     lmdb = lmdb_module()
     while True:

@@ -1,6 +1,8 @@
 """Evaluation of a model on a loader: loss, top-1 and top-5."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -9,7 +11,8 @@ from engine.metrics import correct_topk
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
+             device: torch.device) -> dict[str, float]:
     """Loss, top-1 and top-5 (percent) of ``model`` on ``loader``."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")

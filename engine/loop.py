@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ from engine.checkpoint import deferred_interrupts, rng_state, save_checkpoint, w
 from engine.evaluate import evaluate
 from engine.run_log import RunLog, sparsity_table
 from layers import MaskSet, dense_state_dict
+
+if TYPE_CHECKING:  # annotations only: trainers import engine
+    from data.loaders import Loaders
+    from trainers.base import BaseTrainer
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -53,7 +57,7 @@ def collapse_warning(*, epoch: int, before: float, after: float, num_classes: in
             f"in epoch {epoch}{cause}")
 
 
-def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSet | None, trainer,
+def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer,
                      best_prec1: float, config: dict[str, Any],
                      history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     optim = trainer.state_dict()
@@ -88,7 +92,8 @@ def lr_names(lrs: dict[str, float]) -> dict[str, float]:
     return {"mask_lr" if key == "mask_optimizer" else "lr": value for key, value in lrs.items()}
 
 
-def fit(*, model: nn.Module, maskset: MaskSet | None, trainer, loaders, device: torch.device, epochs: int,
+def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, loaders: Loaders, device: torch.device,
+        epochs: int,
         seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
         save_dense: bool, num_classes: int, evaluate: Callable[..., dict[str, float]] = evaluate) -> RunState:
     ckpt_dir = os.path.join(run_dir, "checkpoint")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ def activation_bytes_per_sample(model: nn.Module, *, in_channels: int, image_siz
     too small for its strides) raises UserError naming --image-dim."""
     total = 0
 
-    def count(module: nn.Module, args, output) -> None:
+    def count(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         nonlocal total
         outs = output if isinstance(output, (tuple, list)) else (output,)
         total += sum(o.numel() * o.element_size() for o in outs if isinstance(o, torch.Tensor))

@@ -17,7 +17,7 @@ Stored masks or optimizer state that do not fit are a UserError naming the file.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from configs.errors import UserError
 from engine.checkpoint import classifier_name, load_model_state
 from layers import MaskSet, init_scores
+
+if TYPE_CHECKING:  # annotations only: trainers import engine
+    from trainers.base import BaseTrainer
 
 FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
 HEAD_KEYS = ("weight", "bias", "popup_scores", "mask")  # what a (masked) classifier stores
@@ -135,7 +138,7 @@ def resume_into(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         maskset.step(force=True)
 
 
-def load_trainer_state(trainer, state: dict[str, Any], source: str) -> None:
+def load_trainer_state(trainer: BaseTrainer, state: dict[str, Any], source: str) -> None:
     """Optimizer state from a checkpoint; one that does not fit the trainer is a damaged file."""
     try:
         trainer.load_state_dict(state)

@@ -62,7 +62,7 @@ MASKED_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _swap(model: nn.Module, make) -> nn.Module:
+def _swap(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
     """Replace children in place; ``make(child)`` returns a new module or None to recurse."""
     for name, child in list(model.named_children()):
         new = make(child)

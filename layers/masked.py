@@ -14,6 +14,7 @@ backward pass, and since units are ranked by |s|,
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,12 @@ from torch import nn
 
 class _StraightThroughMask(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight, scores, mask)
         return weight * mask
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         weight, scores, mask = ctx.saved_tensors
         grad_weight = grad * mask if ctx.needs_input_grad[0] else None
         grad_scores = grad * weight * torch.sign(scores) if ctx.needs_input_grad[1] else None
@@ -81,7 +82,7 @@ class MaskedLayer(nn.Module):
 
 
 class MaskedConv2d(MaskedLayer, nn.Conv2d):
-    def __init__(self, *args, granularity: str = "unstructured", **kwargs) -> None:
+    def __init__(self, *args: Any, granularity: str = "unstructured", **kwargs: Any) -> None:
         nn.Conv2d.__init__(self, *args, **kwargs)
         self._init_masking(granularity)
 
@@ -90,7 +91,7 @@ class MaskedConv2d(MaskedLayer, nn.Conv2d):
 
 
 class MaskedLinear(MaskedLayer, nn.Linear):
-    def __init__(self, *args, granularity: str = "unstructured", **kwargs) -> None:
+    def __init__(self, *args: Any, granularity: str = "unstructured", **kwargs: Any) -> None:
         nn.Linear.__init__(self, *args, **kwargs)
         self._init_masking(granularity)
 

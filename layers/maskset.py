@@ -13,8 +13,10 @@ Two regimes:
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -65,7 +67,7 @@ class MaskSet:
             self._incremental = [(group, IncrementalTopK()) for group in groups]
         self._hook = model.register_forward_pre_hook(self._before_forward)
 
-    def _before_forward(self, module: nn.Module, args) -> None:
+    def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.step()  # must return None: a pre-hook's return value would replace the input
 
     def _score_versions(self) -> tuple:
@@ -93,7 +95,7 @@ class MaskSet:
         return True
 
     @contextmanager
-    def scores_fixed(self):
+    def scores_fixed(self) -> Iterator[None]:
         """Within this block forward passes compute no score gradient (a weight-only step)."""
         for layer in self.layers.values():
             layer.score_grad = False

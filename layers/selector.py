@@ -259,7 +259,7 @@ class IncrementalTopK:
         if above != count:  # a tie straddles the threshold: the reference rule decides
             self._copy_reference(masks, count)
 
-    def _copy_reference(self, masks, count: int) -> None:
+    def _copy_reference(self, masks: Sequence[torch.Tensor], count: int) -> None:
         flat_keep = top_units(torch.cat([a.flatten() for a in self._abs]), count)
         for m, keep in zip(masks, flat_keep.split([a.numel() for a in self._abs])):
             m.copy_(keep.view_as(m))
@@ -269,7 +269,7 @@ class IncrementalTopK:
         check_finite(flat)
         return float(torch.topk(flat, count, sorted=False).values.min())
 
-    def _bracket(self, t: float, above: int, count: int, masks) -> tuple[float, float, int]:
+    def _bracket(self, t: float, above: int, count: int, masks: Sequence[torch.Tensor]) -> tuple[float, float, int]:
         """(lo, hi, count(|s| >= hi)) with count(|s| >= lo) >= count > count(|s| >= hi), widening
         geometrically from the last move of the threshold."""
         # Thresholds drift smoothly: a bracket 1.5x the last move usually needs a single probe.

@@ -5,6 +5,8 @@ projection ``shortcut.0`` (1x1 conv) / ``shortcut.1`` (BN) where the shape chang
 Their code applies no explicit initialisation, so neither do we (PyTorch's layer defaults).
 """
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,7 +62,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNetCifar(nn.Module):
-    def __init__(self, block, num_blocks, *, num_classes: int, in_channels: int = 3):
+    def __init__(self, block: type[BasicBlock | Bottleneck], num_blocks: Sequence[int], *, num_classes: int,
+                 in_channels: int = 3):
         super().__init__()
         self.in_planes = 64
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
@@ -71,7 +74,7 @@ class ResNetCifar(nn.Module):
         self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
         self.linear = nn.Linear(512 * block.expansion, num_classes)
 
-    def _make_layer(self, block, planes: int, n: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block: type[BasicBlock | Bottleneck], planes: int, n: int, stride: int) -> nn.Sequential:
         blocks = []
         for s in [stride] + [1] * (n - 1):
             blocks.append(block(self.in_planes, planes, s))
@@ -86,7 +89,7 @@ class ResNetCifar(nn.Module):
         return self.linear(out)
 
 
-_CONFIGS = {
+_CONFIGS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
@@ -95,7 +98,7 @@ _CONFIGS = {
 }
 
 
-def _register(name: str, block, num_blocks) -> None:
+def _register(name: str, block: type[BasicBlock | Bottleneck], num_blocks: Sequence[int]) -> None:
     @register_model(name)
     def build(*, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
         return ResNetCifar(block, num_blocks, num_classes=num_classes, in_channels=in_channels)

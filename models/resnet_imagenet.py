@@ -3,13 +3,15 @@
 torchvision initialises as BiP does (kaiming normal, fan_out, for convs; BN 1/0).
 """
 
+from collections.abc import Callable
+
 from torch import nn
 from torchvision import models as tvm
 
 from models.registry import register_model
 
 
-def _build(factory, *, num_classes: int, in_channels: int) -> nn.Module:
+def _build(factory: Callable[..., nn.Module], *, num_classes: int, in_channels: int) -> nn.Module:
     model = factory(weights=None, num_classes=num_classes)
     if in_channels != 3:
         # Same 7x7/2 stem and the same init as torchvision's, only the input width differs.
@@ -18,7 +20,7 @@ def _build(factory, *, num_classes: int, in_channels: int) -> nn.Module:
     return model
 
 
-def _register(name: str, factory) -> None:
+def _register(name: str, factory: Callable[..., nn.Module]) -> None:
     @register_model(name)
     def build(*, num_classes: int, in_channels: int = 3, image_size: int = 224) -> nn.Module:
         return _build(factory, num_classes=num_classes, in_channels=in_channels)

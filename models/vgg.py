@@ -5,6 +5,9 @@ a 2x2 adaptive average pool, and ``classifier.{0,2,4}`` = Linear(4c, 256), Linea
 Linear(256, classes). Initialisation is their default ``kaiming_normal``.
 """
 
+from collections.abc import Sequence
+from typing import Any  # cfg: channel counts and "M" (max-pool)
+
 import torch
 from torch import nn
 
@@ -17,7 +20,7 @@ _CFGS = {
 }
 
 
-def make_features(cfg, *, batch_norm: bool, in_channels: int) -> nn.Sequential:
+def make_features(cfg: Sequence[Any], *, batch_norm: bool, in_channels: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for v in cfg:
         if v == "M":
@@ -60,7 +63,7 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(x, 1))
 
 
-def _register(name: str, cfg, batch_norm: bool) -> None:
+def _register(name: str, cfg: Sequence[Any], batch_norm: bool) -> None:
     @register_model(name)
     def build(*, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
         features = make_features(cfg, batch_norm=batch_norm, in_channels=in_channels)

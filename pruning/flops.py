@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +38,8 @@ def flops_per_weight(model: nn.Module, *, example: torch.Tensor, layers: Mapping
     not touched) and put back in its previous mode."""
     counts = dict.fromkeys(layers, 0)
 
-    def hook_for(name: str):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             counts[name] += _positions_per_weight(module, output)
         return hook
 

@@ -22,7 +22,8 @@ dL/dweight = mask * dL/d(weight * mask).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +147,8 @@ def collect_gradients(
                           max(1, budget // max(1, D * mods[0].weight.element_size())) * pieces_per_row))
     calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
-    def keep_io(index: int):
-        def hook(module: nn.Module, args, output: torch.Tensor) -> None:
+    def keep_io(index: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
             calls.setdefault(index, []).append((args[0].detach(), output))
         return hook
 

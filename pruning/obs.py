@@ -346,7 +346,8 @@ def group_obs_update(
 
 
 @torch.no_grad()
-def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse=None, mask: torch.Tensor | None = None,
+def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None = None,
+                        mask: torch.Tensor | None = None,
                         grad: torch.Tensor | None = None) -> torch.Tensor:
     """w_q^2 (the ranking of |w|); 0 on already-pruned weights. Needs no Fisher."""
     w = weight.reshape(-1)
@@ -354,7 +355,8 @@ def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse=None, mask: torc
 
 
 @torch.no_grad()
-def zero_update(*, weight: torch.Tensor, fisher_inverse, prune: torch.Tensor, mask: torch.Tensor | None = None,
+def zero_update(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None, prune: torch.Tensor,
+                mask: torch.Tensor | None = None,
                 scale_prune_update: float = 1.0, grad: torch.Tensor | None = None, joint: bool = False) -> torch.Tensor:
     """No compensation: pruned and already-pruned weights set to 0, the rest untouched."""
     w = weight.reshape(-1)

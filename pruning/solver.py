@@ -221,7 +221,7 @@ class OBSSolver:
             return torch.cuda.mem_get_info(self.device)[0] // 4
         return self.G.numel() * self.G.element_size()
 
-    def _inverse(self, cols: torch.Tensor | None, group_size: int):
+    def _inverse(self, cols: torch.Tensor | None, group_size: int) -> EmpiricalFisherInverse | DiagonalFisher | None:
         kind = self.method.fisher
         if kind is None or cols is None:
             return None

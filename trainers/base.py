@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +26,9 @@ from engine.metrics import Average, correct_topk
 from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
 from layers import MaskSet
 from trainers.registry import register_trainer
+
+if TYPE_CHECKING:  # annotations only
+    from data.loaders import Loaders
 
 
 @dataclass(frozen=True)
@@ -120,14 +124,14 @@ class BaseTrainer:
         return lrs
 
     # -- one step ----------------------------------------------------------------------------
-    def batches(self, loaders) -> tuple[Iterator, int]:
+    def batches(self, loaders: Loaders) -> tuple[Iterator, int]:
         return iter(loaders.train), len(loaders.train)
 
-    def _to_device(self, batch):
+    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step; returns (loss, logits, targets) of the batch it trained on."""
         x, y = self._to_device(batch)
         opt = self.optimizers["optimizer"]
@@ -139,7 +143,7 @@ class BaseTrainer:
         return loss.detach(), logits.detach(), y
 
     # -- one epoch ---------------------------------------------------------------------------
-    def train_epoch(self, epoch: int, loaders) -> dict[str, float]:
+    def train_epoch(self, epoch: int, loaders: Loaders) -> dict[str, float]:
         self.model.train()
         loss_avg, top1, top5 = Average(), Average(), Average()
         batches, total = self.batches(loaders)

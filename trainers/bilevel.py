@@ -21,7 +21,9 @@ ignores ``mask_lr`` and uses ``lr``; that bug is not reproduced).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +34,9 @@ from engine.optim import OptimSettings, own_only, split_parameters
 from layers import MaskSet
 from trainers.base import BaseTrainer
 from trainers.registry import register_trainer
+
+if TYPE_CHECKING:  # annotations only
+    from data.loaders import Loaders
 
 # Key of the bip-code iteration's own state in the trainer state; its presence also tells which
 # iteration wrote a checkpoint (their optimizers own different parameters).
@@ -221,21 +226,21 @@ class BilevelTrainer(BaseTrainer):
                                          mask_optimizer=self.optimizers["mask_optimizer"], lr2=self.lr2,
                                          accelerate=self.accelerate)
 
-    def batches(self, loaders):
+    def batches(self, loaders: Loaders) -> tuple[Iterator, int]:
         # The upper level reads its own stream (an independent shuffle, or a held-out split).
         return zip(loaders.train, loaders.upper), min(len(loaders.train), len(loaders.upper))
 
     @staticmethod
-    def _apply(optimizer: torch.optim.Optimizer, params, grads) -> None:
+    def _apply(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         for p, g in zip(params, grads):
             p.grad = g
         optimizer.step()
 
-    def _loss(self, x, y):
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.model(x)
         return self.criterion(logits, y), logits
 
-    def step(self, batch):
+    def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (x1, y1), (x2, y2) = self._to_device(batch[0]), self._to_device(batch[1])
         if self.public is not None:
             loss, logits = self.public.step(x1, y1, x2, y2)

@@ -19,7 +19,9 @@ factor of 0 (no compensation) is chosen when every move makes the loss worse.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,9 @@ from engine.evaluate import evaluate
 from layers import MaskSet
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings, OBSSolver, dense_masks
+
+if TYPE_CHECKING:  # annotations only
+    from data.loaders import Loaders
 
 OBS_UPDATE_STREAM = 0x5D  # sample stream of the compensation's gradients (epoch 0) and its line search (1)
 SCALES = (0.0, 0.25, 0.5, 1.0)
@@ -72,7 +77,8 @@ def _loss(model: nn.Module, samples: list[tuple[torch.Tensor, torch.Tensor]]) ->
     return total / max(n, 1)
 
 
-def _take(batches, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
+          device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out, held = [], 0
     for x, y in batches:
         out.append((x.to(device), y.to(device)))
@@ -82,7 +88,7 @@ def _take(batches, count: int, device: torch.device) -> list[tuple[torch.Tensor,
     return out
 
 
-def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders, device: torch.device,
+def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loaders, device: torch.device,
                           fisher: FisherSettings, joint: bool = True, label_smoothing: float = 0.0) -> Compensation:
     """Fix the mask set's current masks and compensate the weights they remove (see the module docstring)."""
     import time

@@ -25,12 +25,14 @@ whole-layer blocks).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from configs.errors import UserError
-from configs.options import FisherOptions, WoodFisherOptions
+from configs.options import FisherOptions, OptionSection, WoodFisherOptions
 from engine.memory import MemoryNeed
 from engine.optim import OptimSettings, own_only, split_parameters
 from layers import MaskSet
@@ -42,6 +44,9 @@ from pruning.schedule import PruneEvent, agp_schedule, one_shot_schedule, recomp
 from pruning.solver import FisherSettings, OBSSolver, StepRecord
 from trainers.base import BaseTrainer, RunSpec
 from trainers.registry import register_trainer
+
+if TYPE_CHECKING:  # annotations only
+    from data.loaders import Loaders
 
 FISHER_STREAM = 0x5F  # sample stream of the Fisher mini-batches (independent of the training streams)
 FLOPS_STREAM = 0x5E   # the one input FLOPs are measured on
@@ -161,26 +166,26 @@ class WoodFisherTrainer(BaseTrainer):
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
     @classmethod
-    def check_options(cls, options, *, run: RunSpec) -> None:
-        plan(options, run=run)
+    def check_options(cls, options: OptionSection | None, *, run: RunSpec) -> None:
+        plan(cast(WoodFisherOptions, options), run=run)  # train.py passes this trainer's Options
 
     @classmethod
     def memory_needs(cls, *, per_sample_bytes: int, batch_size: int, model_bytes: int, masked_weights: int,
-                     on_gpu: bool, options=None) -> list[MemoryNeed]:
+                     on_gpu: bool, options: OptionSection | None = None) -> list[MemoryNeed]:
         """Training's needs plus the m x D gradient matrix."""
         needs = super().memory_needs(per_sample_bytes=per_sample_bytes, batch_size=batch_size,
                                      model_bytes=model_bytes, masked_weights=masked_weights, on_gpu=on_gpu)
-        options = options or WoodFisherOptions()
-        if options.prune_method in PRUNE_METHODS and PRUNE_METHODS[options.prune_method].fisher is None:
+        opts = cast(WoodFisherOptions, options or WoodFisherOptions())  # this trainer's Options
+        if opts.prune_method in PRUNE_METHODS and PRUNE_METHODS[opts.prune_method].fisher is None:
             return needs
-        return needs + fisher_memory_needs(options, masked_weights=masked_weights, on_gpu=on_gpu,
+        return needs + fisher_memory_needs(opts, masked_weights=masked_weights, on_gpu=on_gpu,
                                            per_sample_bytes=per_sample_bytes)
 
     def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:
         if self.mode != "prune" or self.maskset is None:
             raise ValueError("the woodfisher trainer prunes: it needs mode 'prune' and masked layers")
         ms = self.maskset
-        self.opts: WoodFisherOptions = self.options  # type: ignore[assignment]
+        self.opts = cast(WoodFisherOptions, self.options)  # this trainer's Options (train.py, or the defaults)
         self.plan = plan(self.opts, run=RunSpec(mode=self.mode, layer_type=ms.granularity, k=ms.k, scope=ms.scope,
                                                 epochs=weight_optim.epochs))
         self.method: PruneMethod = PRUNE_METHODS.get(self.opts.prune_method)
@@ -212,7 +217,7 @@ class WoodFisherTrainer(BaseTrainer):
                     group["weight_decay"] = 0.0
         return lrs
 
-    def train_epoch(self, epoch: int, loaders) -> dict[str, float]:
+    def train_epoch(self, epoch: int, loaders: Loaders) -> dict[str, float]:
         for event in self.events:
             if event.epoch == epoch:
                 self.prune_to(event.sparsity, epoch=epoch, loaders=loaders)
@@ -221,7 +226,7 @@ class WoodFisherTrainer(BaseTrainer):
             return {"loss": nan, "top1": nan, "top5": nan}
         return super().train_epoch(epoch, loaders)
 
-    def step(self, batch):
+    def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = super().step(batch)
         self.apply_masks()  # pruned weights stay exactly zero (momentum, weight decay, Adam, ...)
         return out
@@ -269,7 +274,7 @@ class WoodFisherTrainer(BaseTrainer):
     def _needs_flops(self) -> bool:
         return self.opts.flops_power != 0 or self.opts.flops_target is not None
 
-    def measure_flops(self, loaders) -> None:
+    def measure_flops(self, loaders: Loaders | None) -> None:
         """FLOPs per weight of every masked layer, from one training input, once; only for FLOPs-aware
         pruning. The input comes from a sample stream of its own, so training's streams do not move."""
         if self.flops is not None or not self._needs_flops():
@@ -299,7 +304,7 @@ class WoodFisherTrainer(BaseTrainer):
         return self.current_sparsity()
 
     # -- a pruning event -------------------------------------------------------------------------
-    def prune_to(self, sparsity: float, *, epoch: int, loaders) -> None:
+    def prune_to(self, sparsity: float, *, epoch: int, loaders: Loaders | None) -> None:
         """Prune from the current sparsity to ``sparsity`` in ``recompute_num`` sub-steps (sparsity of
         FLOPs with --flops-target, of units otherwise)."""
         self.measure_flops(loaders)
@@ -308,14 +313,15 @@ class WoodFisherTrainer(BaseTrainer):
         for i, s in enumerate(steps):
             self.prune_step(s, epoch=epoch, substep=i, substeps=len(steps), loaders=loaders)
 
-    def fisher_batches(self, loaders, *, epoch: int, substep: int):
+    def fisher_batches(self, loaders: Loaders | None, *, epoch: int,
+                       substep: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The Fisher's sample stream of one (sub-)step: a function of (seed, epoch, substep) only."""
         if loaders is None:
             raise ValueError(f"prune method {self.method.name} needs training data for its Fisher (loaders)")
         return loaders.stream(FISHER_STREAM, epoch=epoch * 1000 + substep,
                               batch_size=min(256, self.opts.fisher_subsample_size * self.opts.fisher_mini_bsz))
 
-    def collect_gradients(self, loaders, *, epoch: int, substep: int = 0) -> torch.Tensor:
+    def collect_gradients(self, loaders: Loaders | None, *, epoch: int, substep: int = 0) -> torch.Tensor:
         """G (m x D) of one (sub-)step, labels from the data or, with --true-fisher, from the model."""
         generator = None
         if self.opts.true_fisher:
@@ -331,7 +337,8 @@ class WoodFisherTrainer(BaseTrainer):
         return OBSSolver(self.maskset.layers, granularity=self.granularity, method=self.method,
                          fisher=fisher_settings(self.opts, damp=self.plan.damp), device=self.device)
 
-    def prune_step(self, sparsity: float, *, epoch: int, substep: int = 0, substeps: int = 1, loaders=None) -> dict:
+    def prune_step(self, sparsity: float, *, epoch: int, substep: int = 0, substeps: int = 1,
+                   loaders: Loaders | None = None) -> dict:
         """One OBS step to ``sparsity``: gradients, inverse, statistic, selection, update, masks."""
         t0 = time.perf_counter()
         cuda = self.device.type == "cuda"
