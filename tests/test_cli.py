@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import train
-from configs.errors import UserError
 from configs.schema import load_config
 from models import build_model
 from engine.checkpoint import load_checkpoint

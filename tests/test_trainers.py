@@ -1,7 +1,6 @@
 """Trainers: exactly the intended tensors change, the implicit gradient, schedules, checkpoints."""
 import math
 import os
-import pickle
 
 import pytest
 import torch
