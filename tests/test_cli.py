@@ -109,16 +109,9 @@ def test_subprocess_exit_code_and_single_line():
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and proc.stdout == ""
 
 
-# -- full pipeline, resume, export ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pre")
-    run_dir = run_ok(tmp)
-    return os.path.join(run_dir, "checkpoint", "model_best.pth.tar")
-
-
-def test_run_folder_contents(tmp_path, pretrained):
-    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained,
+# -- full pipeline, resume, export (source network: digits_pretrained of tests/conftest.py) ----------
+def test_run_folder_contents(tmp_path, digits_pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", digits_pretrained,
                      "--scaled-score-init", "--save-dense")
     assert os.path.basename(run_dir) == "1--k-0.2_trainer-bilevel_epochs-2_arch-smallcnn"
     for name in ("config.yml", "metrics.csv", "run.log", "summary.json", "sparsity.txt", "tensorboard",
@@ -139,8 +132,8 @@ def test_run_folder_contents(tmp_path, pretrained):
     assert kept == total - int(0.8 * total)
 
 
-def test_resume_equals_uninterrupted(tmp_path, pretrained, monkeypatch):
-    args = ["--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained, "--epochs", "3",
+def test_resume_equals_uninterrupted(tmp_path, digits_pretrained, monkeypatch):
+    args = ["--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", digits_pretrained, "--epochs", "3",
             "--mask-lr-schedule", "step"]
     full = run_ok(tmp_path / "a", *args)
     # interrupt the same run after two epochs, then resume it
@@ -168,16 +161,16 @@ def test_resume_equals_uninterrupted(tmp_path, pretrained, monkeypatch):
     assert len(open(os.path.join(cut, "metrics.csv")).read().splitlines()) == 4  # continued in the same folder
 
 
-def test_resume_with_other_k_is_refused(tmp_path, capsys, pretrained):
-    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.2", "--source-net", pretrained, "--epochs", "1")
+def test_resume_with_other_k_is_refused(tmp_path, capsys, digits_pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.2", "--source-net", digits_pretrained, "--epochs", "1")
     ckpt = os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar")
     err = run_error(tmp_path / "x", capsys, "--exp-mode", "prune", "--k", "0.3", "--resume", ckpt)
     assert "k=0.2" in err and "--k 0.2" in err
 
 
-def test_hydra_prune_then_finetune_keeps_mask(tmp_path, pretrained):
+def test_hydra_prune_then_finetune_keeps_mask(tmp_path, digits_pretrained):
     pruned = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.1", "--scope", "layer", "--layer-type", "channel",
-                    "--source-net", pretrained, "--epochs", "1")
+                    "--source-net", digits_pretrained, "--epochs", "1")
     src = os.path.join(pruned, "checkpoint", "model_best.pth.tar")
     # the finetune run keeps the default (global) scope: stored masks are used as they are
     fine = run_ok(tmp_path, "--exp-mode", "finetune", "--k", "0.1", "--layer-type", "channel",
@@ -188,8 +181,8 @@ def test_hydra_prune_then_finetune_keeps_mask(tmp_path, pretrained):
         assert torch.equal(before[name], after[name])
 
 
-def test_evaluate_writes_nothing(tmp_path, capsys, pretrained):
-    assert train.main(["--result-dir", str(tmp_path / "res"), "--source-net", pretrained, "--evaluate"]) == 0
+def test_evaluate_writes_nothing(tmp_path, capsys, digits_pretrained):
+    assert train.main(["--result-dir", str(tmp_path / "res"), "--source-net", digits_pretrained, "--evaluate"]) == 0
     out = capsys.readouterr().out
     assert "test: loss" in out and not (tmp_path / "res").exists()
 
@@ -221,9 +214,9 @@ def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch)
     assert sum(int(m.sum()) for m in masks.values()) == total - int(0.99 * total)
 
 
-def test_diverging_run_stops_with_an_error_not_a_hang(tmp_path, capsys, pretrained):
+def test_diverging_run_stops_with_an_error_not_a_hang(tmp_path, capsys, digits_pretrained):
     code = train.main(["--result-dir", str(tmp_path / "res"), "--exp-name", "t", *FAST, "--exp-mode", "prune",
-                       "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained, "--lr", "1e6", "--mask-lr", "1e6"])
+                       "--trainer", "bilevel", "--k", "0.2", "--source-net", digits_pretrained, "--lr", "1e6", "--mask-lr", "1e6"])
     err = capsys.readouterr().err
     assert code == 1 and "lower --lr" in err and "Traceback" not in err
 
@@ -233,8 +226,8 @@ def test_non_finite_or_negative_rates_are_rejected(tmp_path, capsys, args):
     assert "finite number >= 0" in run_error(tmp_path, capsys, *args)
 
 
-def test_resume_with_another_seed_or_mode_is_refused(tmp_path, capsys, pretrained):
-    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.2", "--source-net", pretrained, "--epochs", "1")
+def test_resume_with_another_seed_or_mode_is_refused(tmp_path, capsys, digits_pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--k", "0.2", "--source-net", digits_pretrained, "--epochs", "1")
     ckpt = os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar")
     err = run_error(tmp_path / "x", capsys, "--exp-mode", "prune", "--k", "0.2", "--resume", ckpt, "--seed", "7",
                     "--batch-size", "128", "--data-fraction", "0.3")
@@ -244,10 +237,10 @@ def test_resume_with_another_seed_or_mode_is_refused(tmp_path, capsys, pretraine
     assert "--source-net instead of --resume" in err
 
 
-def test_freeze_bn_is_honoured_by_bilevel(tmp_path, pretrained):
-    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", pretrained,
+def test_freeze_bn_is_honoured_by_bilevel(tmp_path, digits_pretrained):
+    run_dir = run_ok(tmp_path, "--exp-mode", "prune", "--trainer", "bilevel", "--k", "0.2", "--source-net", digits_pretrained,
                      "--epochs", "1", "--freeze-bn")
-    before = load_checkpoint(pretrained)["state_dict"]
+    before = load_checkpoint(digits_pretrained)["state_dict"]
     after = load_checkpoint(os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar"))["state_dict"]
     assert torch.equal(before["bn1.weight"], after["bn1.weight"]) and torch.equal(before["bn1.bias"], after["bn1.bias"])
     assert not torch.equal(before["conv1.weight"], after["conv1.weight"])

@@ -64,7 +64,11 @@ def csv_epochs(run_dir):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A pretrained Digits model and a (HYDRA) pruned one, each a finished 2-epoch run folder."""
+    """A pretrained Digits model and a (HYDRA) pruned one, each a finished 2-epoch run folder.
+
+    Not the session's digits_pretrained: these tests resume, copy and edit the run FOLDERS (config.yml,
+    metrics.csv, checkpoint.pth.tar with its history) and their messages name this run's own settings
+    (epochs=2, lr=0.05, test_batch_size 128, print_freq 100), which a source network does not have."""
     tmp = tmp_path_factory.mktemp("runs")
     pre = run_ok(tmp / "a")
     pruned = run_ok(tmp / "b", "--exp-mode", "prune", "--k", "0.2", "--source-net",

@@ -302,17 +302,10 @@ def test_shipped_configs_pass_the_woodfisher_checks(dataset):
     assert settled.events[-1].sparsity == pytest.approx(1 - cfg.k)
 
 
-# -- train.py end to end on Digits ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pre")
-    assert train.main(["--result-dir", str(tmp), "--exp-name", "p", "--epochs", "2", *FAST]) == 0
-    return glob.glob(str(tmp / "p" / "pretrain" / "*" / "checkpoint" / "model_best.pth.tar"))[0]
-
-
-def test_cli_end_to_end_reaches_the_exact_target(tmp_path, pretrained):
+# -- train.py end to end on Digits (source: the session's digits_pretrained, tests/conftest.py) ---
+def test_cli_end_to_end_reaches_the_exact_target(tmp_path, digits_pretrained):
     args = ["--result-dir", str(tmp_path), "--exp-name", "w", "--exp-mode", "prune", "--trainer", "woodfisher",
-            "--k", "0.2", "--source-net", pretrained, "--epochs", "2", "--prune-start", "0", "--prune-freq", "1",
+            "--k", "0.2", "--source-net", digits_pretrained, "--epochs", "2", "--prune-start", "0", "--prune-freq", "1",
             "--prune-end", "1", "--init-sparsity", "0.5", "--fisher-subsample-size", "8", "--fisher-mini-bsz", "4",
             "--fittable-params", "256", "--disable-wdecay-after-prune", *FAST]
     assert train.main(args) == 0
@@ -331,9 +324,9 @@ def test_cli_end_to_end_reaches_the_exact_target(tmp_path, pretrained):
     assert log.count("prune epoch") == 2 and "peak memory" in log
 
 
-def test_cli_unsupported_combination_exits_2_and_writes_nothing(tmp_path, capsys, pretrained):
+def test_cli_unsupported_combination_exits_2_and_writes_nothing(tmp_path, capsys, digits_pretrained):
     code = train.main(["--result-dir", str(tmp_path / "res"), "--exp-mode", "prune", "--trainer", "woodfisher",
-                       "--k", "0.5", "--source-net", pretrained, "--layer-type", "filter", "--prune-method",
+                       "--k", "0.5", "--source-net", digits_pretrained, "--layer-type", "filter", "--prune-method",
                        "woodtaylor", "--epochs", "2", "--prune-end", "1", *FAST])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "woodtaylor" in err and err.count("\n") == 1
@@ -508,9 +501,9 @@ def test_flops_target_schedule_runs_over_flops_with_groups():
     assert trainer.history[0]["target"] == pytest.approx(0.1)  # sub-steps from the current FLOPs sparsity 0
 
 
-def test_cli_flops_target_end_to_end(tmp_path, pretrained):
+def test_cli_flops_target_end_to_end(tmp_path, digits_pretrained):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = ["--configs", os.path.join(root, "configs", "Digits", "woodfisher.yml"), "--source-net", pretrained,
+    args = ["--configs", os.path.join(root, "configs", "Digits", "woodfisher.yml"), "--source-net", digits_pretrained,
             "--epochs", "2", "--prune-end", "1", "--data-fraction", "0.3", "--no-progress",
             "--result-dir", str(tmp_path), "--flops-target", "0.3", "--k", "1.0",
             "--fisher-subsample-size", "16"]  # the gradients are most of the time: 16 of them keep the test light
@@ -533,9 +526,9 @@ def test_cli_flops_target_end_to_end(tmp_path, pretrained):
     assert log.count("FLOPs kept") == 2 and "(target 30.00%)" in log
 
 
-def test_cli_flops_target_with_a_weight_target_exits_2(tmp_path, capsys, pretrained):
+def test_cli_flops_target_with_a_weight_target_exits_2(tmp_path, capsys, digits_pretrained):
     code = train.main(["--result-dir", str(tmp_path / "res"), "--exp-mode", "prune", "--trainer", "woodfisher",
-                       "--k", "0.5", "--flops-target", "0.3", "--source-net", pretrained, "--epochs", "2",
+                       "--k", "0.5", "--flops-target", "0.3", "--source-net", digits_pretrained, "--epochs", "2",
                        "--prune-end", "1", *FAST])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "--k" in err and err.count("\n") == 1
