@@ -1,10 +1,21 @@
-"""Fixtures shared by the test files: one pretrained Digits model per test session."""
+"""Fixtures shared by the test files: one pretrained Digits model per test session; one CPU thread."""
 import glob
 import os
 
+# One intra-op thread for the session and for the train.py processes it starts (they inherit the
+# environment). The models here are tiny: a second thread buys nothing, and on a small machine shared
+# with other jobs its synchronisation costs a lot (measured on 2 busy cores: the in-process
+# trainer/solver/WoodFisher tests ran in 26 s with 2 threads, 2 s with 1). OMP_NUM_THREADS set by the
+# caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
+import torch
 
 import train
+
+_threads = os.environ["OMP_NUM_THREADS"]
+torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else 1)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
