@@ -147,6 +147,26 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_in_process_is_one_error_line_and_no_run_folder(tmp_path, capsys, case):
+    """Every case through ``train.main`` in this process: the same exit status, line and needles as the
+    subprocess test below, without an interpreter and torch start-up per case (~4 s each)."""
+    import train
+
+    fabricate, needles = CASES[case]
+    code = train.main(["--result-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu",
+                       *fabricate(tmp_path)])
+    assert_one_error_line(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), *needles)
+    assert not (tmp_path / "res").exists()
+
+
+# A user's process, start to end, for one case of each kind (config file, CIFAR batch, LMDB file, the
+# loaders' batch check); the other cases' subprocess runs only repeat the in-process test above with
+# another ~4 s interpreter and torch start-up each, so they run with the slow tests (pytest -m slow).
+SUBPROCESS_DEFAULT = {"yaml-binary", "cifar-string-labels", "lmdb-empty-train", "batch-over-train"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in SUBPROCESS_DEFAULT else pytest.mark.slow)
+                                  for c in CASES])
 def test_bad_input_is_one_error_line_and_no_run_folder(tmp_path, case):
     fabricate, needles = CASES[case]
     proc = run_train(tmp_path, *fabricate(tmp_path))

@@ -187,6 +187,11 @@ def test_evaluate_writes_nothing(tmp_path, capsys, digits_pretrained):
     assert "test: loss" in out and not (tmp_path / "res").exists()
 
 
+# slow (about half a minute: ResNet-18, four runs): the pieces run in the default set, on Digits (the
+# pipeline pretrain -> prune (bip, channel hydra) -> finetune and the masks it keeps, above), for the
+# CIFAR-10 files (test_data.py) and for the configs (test_every_shipped_config_loads, and
+# test_first_contact.py: they read ./datasets); this is the README's commands verbatim end to end.
+@pytest.mark.slow
 def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch):
     """The README's four pipeline commands, on CIFAR-10 files in the torchvision layout under ./datasets
     (the configs' data_dir and the CLI default), with --epochs 1 appended to keep the test fast."""
