@@ -159,7 +159,10 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
         return dataclasses.asdict(self)
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Flags in the order a user reads them (--help, the README table): general groups first, then the
+# trainers' sections; dataclass inheritance would list the sections' fields first.
+GROUP_ORDER = ("primary", "model", "data", "train", "bilevel", "fisher", "woodfisher", "run")
+FIELDS = {f.name: f for f in sorted(dataclasses.fields(Config), key=lambda f: GROUP_ORDER.index(f.metadata["group"]))}
 _TYPES = typing.get_type_hints(Config)
 # Old names still accepted (a flag, a YAML key, a saved config): alias -> option.
 ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata["aliases"]}
