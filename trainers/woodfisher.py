@@ -414,7 +414,9 @@ class WoodFisherTrainer(BaseTrainer):
     def _progress_text(self, record: dict, *, sparsity: float, flops_fraction: float | None) -> str:
         """'sparsity a% -> b% (target t%), FLOPs kept x% -> y%', the FLOPs first and as the target
         with --flops-target."""
-        units = f"sparsity {100 * record['before']:.2f}% -> {100 * record['sparsity']:.2f}%"
+        # Unit sparsity: of weights, or of whole filters/channels (the run's summary reports weights).
+        kind = {"unstructured": "weight"}.get(self.granularity, self.granularity)
+        units = f"{kind} sparsity {100 * record['before']:.2f}% -> {100 * record['sparsity']:.2f}%"
         if record["flops_kept"] is None:
             return f"{units} (target {100 * sparsity:.2f}%)"
         flops = f"FLOPs kept {100 * record['flops_before']:.2f}% -> {100 * record['flops_kept']:.2f}%"
