@@ -87,8 +87,10 @@ register_prune_method(PruneMethod(
 # WoodTaylor applies the Newton step -F^-1 g at every event. g is the mean of the m gradient rows, so
 # it lies in their span, but along the rows' small singular directions F^-1 g grows like 1/lambda:
 # with a small lambda the step leaves the region where the quadratic model holds. Measured on the
-# Digits config (90 % sparsity, m = 64): lambda 1e-5 -> 12 % test top-1 (chance), 0.01 -> 49 %,
-# 0.1 (the public code's MNIST sweep, with m = 8000) -> 61 %, 1 -> 97.8 %. Hence its own default.
+# Digits config (90 % sparsity, m = 64) when this default was chosen: lambda 1e-5 -> 12 % test top-1
+# (chance), 0.01 -> 49 %, 0.1 (the public code's MNIST sweep, with m = 8000) -> 61 %, 1 -> 97.8 %;
+# with the batched gradients and joint solve of today, 1e-5 -> 20.3 % and 1 -> 97.2 % (README).
+# Hence its own default.
 register_prune_method(PruneMethod(
     "woodtaylor", "empirical", woodtaylor_statistic, woodtaylor_update, needs_grad_mean=True, default_damp=1.0,
     help="OBS with the first-order term: (w - F^-1 g)^2/[F^-1]_qq, update -F^-1 (g + s)"))
