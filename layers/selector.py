@@ -135,6 +135,10 @@ def top_units(values: torch.Tensor, count: int, *, check: bool = True) -> torch.
         threshold = torch.topk(values, count, sorted=False).values.min()
     else:
         threshold = torch.topk(values, n - count + 1, largest=False, sorted=False).values.max()
+    if check:  # the NaN check has read back already, so one more host read costs no extra sync
+        keep = values >= threshold
+        if int(torch.count_nonzero(keep)) == count:  # the common case: no tie straddles the threshold
+            return keep
     above = values > threshold
     at = values == threshold
     need = count - above.sum()  # a 0-dim tensor: nothing here is read back on the host
