@@ -6,6 +6,7 @@ Importing this package registers every dataset (each module's ``@register_datase
 from data import cifar as _cifar  # noqa: F401  (registers CIFAR10, CIFAR100)
 from data import digits as _digits  # noqa: F401  (registers Digits)
 from data import imagenet as _imagenet  # noqa: F401  (registers ImageNet)
+from data import mnist5k as _mnist5k  # noqa: F401  (registers MNIST5k)
 from data import tiny_imagenet as _tiny_imagenet  # noqa: F401  (registers TinyImageNet)
 from data.loaders import Loaders, build_loaders
 from data.registry import DATASETS, DatasetSplits, build_dataset, dataset_names, register_dataset

@@ -4,7 +4,7 @@ Importing the family modules fills the registry. Lower-case ``resnet18`` etc. ar
 networks of the HYDRA/BiP code; capitalised ``ResNet18`` etc. are the ImageNet (torchvision) ones.
 """
 
-from models import resnet_cifar, resnet_imagenet, resnet_s, smallcnn, vgg, wrn  # noqa: F401  (registration)
+from models import lenet, resnet_cifar, resnet_imagenet, resnet_s, smallcnn, vgg, wrn  # noqa: F401  (registration)
 from models.registry import MODELS, build_model, model_names, register_model
 
 __all__ = ["MODELS", "build_model", "model_names", "register_model"]

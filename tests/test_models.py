@@ -35,6 +35,8 @@ def natural_size(name: str) -> tuple[int, int]:
     """(channels, side) of the smallest input the model is meant for."""
     if name == "smallcnn":
         return 1, 8
+    if name.startswith("lenet"):
+        return 1, 28
     if name.startswith("ResNet"):
         return 3, 64
     return 3, 32
@@ -100,7 +102,8 @@ def test_forward_natural_input(name):
     # parameter must live in one of those (or a BN), and there must be something of each to mask.
     kinds = {type(m) for m in model.modules() if list(m.parameters(recurse=False))}
     assert kinds <= {nn.Conv2d, nn.Linear, nn.BatchNorm2d}, kinds
-    assert nn.Conv2d in kinds and nn.Linear in kinds
+    assert nn.Linear in kinds  # every classifier ends in one; LeNet-300-100 has no conv at all
+    assert nn.Conv2d in kinds or name == "lenet300"
     assert not any("score" in k or "mask" in k for k in model.state_dict())
 
 
@@ -108,13 +111,23 @@ def test_forward_natural_input(name):
 def test_in_channels_and_num_classes_honoured(name):
     side = 8  # every model must take the digits' 8x8, and it keeps this test cheap
     model = build_model(name, num_classes=100, in_channels=1, image_size=side).eval()
-    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    assert first_conv.in_channels == 1
+    first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert (first.in_channels if isinstance(first, nn.Conv2d) else first.in_features) in (1, side * side)
     with torch.no_grad():
         assert model(torch.randn(2, 1, side, side)).shape == (2, 100)
 
 
 # --- state-dict names and sizes ------------------------------------------------------------------
+
+def test_lenets_are_the_lottery_ticket_sizes():
+    # Frankle & Carbin (2019), Table 1: LeNet-300-100 has 266,200 weights (784-300-100-10);
+    # LeNet-5 at 28x28: 150 + 2,400 + 48,000 + 10,080 + 840 = 61,470.
+    def weights(model: nn.Module) -> int:
+        return sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert weights(build_model("lenet300", num_classes=10, in_channels=1, image_size=28)) == 266_200
+    lenet5 = build_model("lenet5", num_classes=10, in_channels=1, image_size=28)
+    assert weights(lenet5) == 61_470 and lenet5.fc1.in_features == 16 * 5 * 5
+
 
 def test_resnet18_cifar_names_and_size():
     k = keys("resnet18")
