@@ -47,6 +47,7 @@ from engine.source import load_source, load_trainer_state, resume_into
 from layers import MaskSet, SelectionError, to_masked
 from layers.convert import MASKED_TYPES
 from models import build_model
+from pruning.cost import model_cost
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings
 from trainers import get_trainer
@@ -257,6 +258,7 @@ def run(options: Options) -> int:
                 print(f"{split}: loss {m['loss']:.4f}  top1 {m['top1']:.2f}  top5 {m['top5']:.2f}")
         if maskset is not None:
             print(sparsity_table(maskset.report()))
+        print(model_cost(model, example=example_input(splits, device)).line())
         return 0
 
     weight_optim, score_optim = optim_settings(cfg)
@@ -267,7 +269,7 @@ def run(options: Options) -> int:
     trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weight_optim=weight_optim,
                           score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
                           progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
-                          options=trainer_options(cfg, trainer_cls))
+                          options=trainer_options(cfg, trainer_cls), source=cfg.source_net)
     if resume is not None:
         assert cfg.resume is not None
         load_trainer_state(trainer, resume["trainer_state"], cfg.resume)
@@ -318,7 +320,8 @@ def run(options: Options) -> int:
                  + (f", resuming after epoch {state.start_epoch}" if resume is not None else ""))
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,
                     seed=cfg.seed, arch=cfg.arch, config=run_cfg, run_dir=run_dir, log=log, state=state,
-                    save_dense=cfg.save_dense, num_classes=splits.num_classes, evaluate=evaluate)
+                    save_dense=cfg.save_dense, num_classes=splits.num_classes, evaluate=evaluate,
+                    rewind_epoch=cfg.rewind_epoch if cfg.exp_mode == "pretrain" else None)
         final = evaluate(model, loaders.test, device=device)  # the model of checkpoint.pth.tar
         if cfg.obs_update and cfg.exp_mode == "prune":
             assert maskset is not None  # prune runs on masked layers
@@ -343,8 +346,11 @@ def run(options: Options) -> int:
         if fallen:
             log.info(f"WARNING: accuracy collapsed to about chance in epoch(s) {', '.join(map(str, fallen))} "
                      "(see the warnings above); this run's results are not a fair measure of the method")
+        cost = model_cost(model, example=example_input(splits, device))
+        log.info(cost.line())
         write_summary(run_dir, {**summary(cfg, run_dir=run_dir, masked=maskset is not None, final=final,
                                           state=state, density=density, wall_seconds=time.monotonic() - started),
+                                **cost.as_dict(), **trainer.summary_fields(),
                                 **({"obs_update": obs} if obs else {})}, maskset)
     except OSError as exc:
         log.close(after_error=True)
@@ -364,11 +370,18 @@ def summary(cfg: Config, *, run_dir: str, masked: bool, final: dict, state: RunS
     sums the epochs of the whole run, across resumes."""
     return {"stage": cfg.exp_mode, "exp_name": cfg.exp_name, "exp_mode": cfg.exp_mode, "dataset": cfg.dataset,
             "arch": cfg.arch, "layer_type": cfg.layer_type if masked else "dense", "scope": cfg.scope, "k": cfg.k,
-            "trainer": cfg.trainer, "seed": cfg.seed, "epochs": cfg.epochs,
+            "trainer": cfg.trainer, "prune_method": cfg.prune_method if cfg.trainer == "woodfisher" else None,
+            "seed": cfg.seed, "epochs": cfg.epochs,
+            "source_net": os.path.abspath(cfg.source_net) if cfg.source_net else None,
             "test_top1": final["top1"], "test_top5": final["top5"], "best_val_top1": state.best_prec1,
             "sparsity": 1 - density, "run_dir": run_dir, "wall_seconds": round(wall_seconds, 3),
             "collapsed_epochs": [row["epoch"] for row in state.history if row.get("collapsed")],
             "train_seconds": round(sum(float(row.get("seconds") or 0) for row in state.history), 3)}
+
+
+def example_input(splits: DatasetSplits, device: torch.device) -> torch.Tensor:
+    """One input of the run's shape, for counting FLOPs."""
+    return torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)
 
 
 def record_changes(run_dir: str, changed: dict, *, epoch: int, notice: Callable[[str], None]) -> None:

@@ -95,8 +95,16 @@ def lr_names(lrs: dict[str, float]) -> dict[str, float]:
 def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, loaders: Loaders, device: torch.device,
         epochs: int,
         seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
-        save_dense: bool, num_classes: int, evaluate: Callable[..., dict[str, float]] = evaluate) -> RunState:
+        save_dense: bool, num_classes: int, evaluate: Callable[..., dict[str, float]] = evaluate,
+        rewind_epoch: int | None = None) -> RunState:
+    """Train ``epochs`` epochs from ``state``. ``rewind_epoch`` R also saves the model after R epochs
+    (0: before the first) as ``checkpoint/rewind_epoch_R.pth.tar``, the point a lottery-ticket run rewinds to."""
     ckpt_dir = os.path.join(run_dir, "checkpoint")
+    rewind_path = os.path.join(ckpt_dir, f"rewind_epoch_{rewind_epoch}.pth.tar")
+    if rewind_epoch == 0 and state.start_epoch == 0:
+        with deferred_interrupts():
+            save_checkpoint(checkpoint_state(epoch=0, arch=arch, model=model, maskset=maskset, trainer=trainer,
+                                             best_prec1=0.0, config=config), rewind_path)
     for epoch in range(state.start_epoch, epochs):
         loaders.set_epoch(epoch)
         torch.manual_seed(epoch_seed(seed, epoch))
@@ -144,6 +152,8 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
         # with it, so model_best can never fall behind best_prec1. An interrupt waits for all of them.
         with deferred_interrupts():
             dense = dense_state_dict(model) if save_dense else None
+            if rewind_epoch is not None and rewind_epoch == epoch + 1:
+                save_checkpoint(ckpt, rewind_path)
             if is_best:
                 save_checkpoint(ckpt, os.path.join(ckpt_dir, "model_best.pth.tar"))
                 if dense is not None:
@@ -155,7 +165,13 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
 
 
 def write_summary(run_dir: str, summary: dict[str, Any], maskset: MaskSet | None) -> None:
-    """summary.json (and sparsity.txt), each written atomically: a reader never sees half a file."""
+    """summary.json (and sparsity.txt), each written atomically: a reader never sees half a file. The
+    summary gets the per-layer kept counts (``layers``) and the time it was written (``finished_at``, UTC),
+    which the results report uses to pick the newest of several runs of one experiment."""
+    rows = maskset.report() if maskset is not None else []
+    summary = {**summary, "layers": [{"name": r.name, "type": r.kind, "params": r.params, "kept": r.kept}
+                                     for r in rows],
+               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     if maskset is not None:
-        write_text(os.path.join(run_dir, "sparsity.txt"), sparsity_table(maskset.report()) + "\n")
+        write_text(os.path.join(run_dir, "sparsity.txt"), sparsity_table(rows) + "\n")

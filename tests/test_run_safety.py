@@ -391,6 +391,18 @@ def test_summary_has_what_a_results_table_needs(runs):
     for key in ("test_top1", "test_top5", "best_val_top1", "sparsity", "wall_seconds", "train_seconds"):
         assert isinstance(summary[key], float), key
     assert abs(summary["sparsity"] - 0.8) < 0.01 and summary["wall_seconds"] >= summary["train_seconds"] > 0
+    # What the results report reads: the source, the per-layer counts, weights and FLOPs kept.
+    assert summary["source_net"] == os.path.abspath(os.path.join(runs.pre, "checkpoint", "model_best.pth.tar"))
+    assert summary["prune_method"] is None  # set for the woodfisher trainer only
+    layers = {row["name"]: row for row in summary["layers"]}
+    assert set(layers) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
+    assert summary["params_total"] == sum(r["params"] for r in layers.values()) == 159_264
+    assert summary["params_kept"] == sum(r["kept"] for r in layers.values()) == 159_264 - int(0.8 * 159_264)
+    # smallcnn on 8x8 inputs: conv1/conv2 at 8x8 (64 positions), conv3 at 4x4 (16), linear once.
+    per_weight = {"conv1": 64, "conv2": 64, "conv3": 16, "fc1": 1, "fc2": 1}
+    assert summary["flops_total"] == sum(r["params"] * per_weight[n] for n, r in layers.items()) == 2_444_544
+    assert summary["flops_kept"] == sum(r["kept"] * per_weight[n] for n, r in layers.items())
+    assert summary["finished_at"].endswith("Z")
 
 
 # -- B7: SIGINT / SIGTERM while a checkpoint is written ----------------------------------------------
