@@ -180,3 +180,17 @@ class ObsUpdateOptions(OptionSection):
     obs_update: bool = opt(False, "HYDRA/BiP: when the learned mask becomes fixed (end of prune, start of finetune), "
                            "compensate the surviving weights for the removed ones with the OBS update (Fisher from "
                            "--fisher-subsample-size gradients; --fisher-* flags apply)", group="fisher")
+
+
+@dataclass(frozen=True)
+class LthOptions(OptionSection):
+    """Iterative magnitude pruning with rewinding, the lottery-ticket baseline (``--trainer lth``)."""
+
+    imp_rate: float = opt(0.2, "lth: fraction of the remaining weights pruned per round (global magnitude); the last "
+                          "round prunes to --k exactly", group="lth", check=fraction(low_open=True, high_open=True))
+    rewind_epoch: int | None = opt(None, "pretrain: also save the weights after this many epochs (0 = the "
+                                   "initial weights) as checkpoint/rewind_epoch_R.pth.tar; lth: rewind the surviving "
+                                   "weights to that checkpoint of the --source-net run at every round (unset: no "
+                                   "rewinding, the weights are fine-tuned from round to round)", group="lth",
+                                   check=non_negative)
+

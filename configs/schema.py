@@ -25,6 +25,7 @@ import yaml
 from configs.errors import UserError
 from configs.options import (
     BilevelOptions,
+    LthOptions,
     ObsUpdateOptions,
     WoodFisherOptions,
     at_least,
@@ -46,7 +47,7 @@ SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 
 
 @dataclass(frozen=True)
-class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
+class Config(LthOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     """Every option of a run: the general ones below, and the trainers' sections (``configs.options``)."""
     # primary
     configs: str | None = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
@@ -90,7 +91,8 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
                               check=fraction(low_open=False, high_open=True))
     skip_bad_records: bool = opt(False, "LMDB: skip and count undecodable records instead of stopping", group="data")
     # training
-    trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune), bilevel (BiP) or woodfisher (gradual OBS)",
+    trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune), bilevel (BiP), woodfisher (gradual OBS) or "
+                       "lth (iterative magnitude pruning with rewinding)",
                        group="train")
     epochs: int = opt(100, "number of epochs", group="train", check=at_least(1))
     optimizer: str = opt("sgd", "optimizer of weights and of scores", OPTIMIZERS, "train")
@@ -152,6 +154,12 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
         if self.exp_mode == "finetune" and self.trainer != "base":
             raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from "
                       "--source-net)")
+        if self.rewind_epoch is not None and self.exp_mode == "pretrain" and self.rewind_epoch >= self.epochs:
+            raise bad(f"--rewind-epoch {self.rewind_epoch} saves the weights after that many epochs, but pretrain runs "
+                      f"{self.epochs}: pass a smaller --rewind-epoch (LTH rewinds to an early epoch, e.g. 2)")
+        if self.rewind_epoch is not None and not (self.exp_mode == "pretrain" or self.trainer == "lth"):
+            raise bad(f"--rewind-epoch is for pretrain (which saves the weights) and --trainer lth (which rewinds to "
+                      f"them); {self.exp_mode} with --trainer {self.trainer} does not rewind: drop --rewind-epoch")
         check_fields(self)  # each option's own check, declared with it (configs.options.opt)
         return self
 
@@ -161,7 +169,7 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
 
 # Flags in the order a user reads them (--help, the README table): general groups first, then the
 # trainers' sections; dataclass inheritance would list the sections' fields first.
-GROUP_ORDER = ("primary", "model", "data", "train", "bilevel", "fisher", "woodfisher", "run")
+GROUP_ORDER = ("primary", "model", "data", "train", "bilevel", "fisher", "woodfisher", "lth", "run")
 FIELDS = {f.name: f for f in sorted(dataclasses.fields(Config), key=lambda f: GROUP_ORDER.index(f.metadata["group"]))}
 _TYPES = typing.get_type_hints(Config)
 # Old names still accepted (a flag, a YAML key, a saved config): alias -> option.

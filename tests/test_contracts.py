@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from configs.errors import UserError
-from configs.options import BilevelOptions, WoodFisherOptions
+from configs.options import BilevelOptions, LthOptions, WoodFisherOptions
 from configs.schema import MODES
 from data.loaders import build_loaders
 from data.registry import DatasetSplits
@@ -87,13 +87,15 @@ def trainer_options(name: str, variant: str, scope: str):
         return WoodFisherOptions(prune_start=0, prune_freq=1, prune_end=1, init_sparsity=0.3,
                                  fisher_subsample_size=6, fisher_mini_bsz=2, fittable_params=16, fisher_damp=1e-4,
                                  woodbury_joint_sparsify=scope == "global")
+    if name == "lth":  # rounds at densities 0.7, 0.49, then k = 0.4: one epoch each (sgd's 3 epochs)
+        return LthOptions(imp_rate=0.3)
     cls = TRAINERS[name]
     return cls.Options() if cls.Options is not None else None
 
 
 VARIANTS = {"bilevel": ("paper", "bip-code", "accelerate")}
 # The modes each known trainer takes (a new trainer's are found by construction, see ``cases``).
-KNOWN_MODES = {"base": set(MODES), "bilevel": {"prune"}, "woodfisher": {"prune"}}
+KNOWN_MODES = {"base": set(MODES), "bilevel": {"prune"}, "woodfisher": {"prune"}, "lth": {"prune"}}
 
 
 def build(name: str, variant: str, mode: str, granularity: str, scope: str, *, freeze_bn: bool = False,
@@ -174,6 +176,7 @@ EXPECTED = {
     ("base", "finetune"): ({"weights", "bn_affine", "bn_stats"}, {"scores", "masks"}),
     ("bilevel", "prune"): ({"weights", "scores", "bn_affine", "bn_stats"}, set()),
     ("woodfisher", "prune"): ({"weights", "bn_affine", "bn_stats", "masks"}, {"scores"}),  # masks: the event
+    ("lth", "prune"): ({"weights", "bn_affine", "bn_stats", "masks"}, {"scores"}),  # masks: the round's pruning
 }
 
 
@@ -218,7 +221,9 @@ def selection_scope(trainer, ms: MaskSet) -> str:
 
 def density_after(trainer, ms: MaskSet, epoch: int) -> float:
     """The density the masks have after ``epoch``: k, or the WoodFisher schedule's density there (the
-    final event: exactly k)."""
+    final event: exactly k), or the IMP round's."""
+    if getattr(trainer, "densities", None):  # lth: one density per round
+        return trainer.densities[epoch // trainer.round_epochs]
     events = [e for e in getattr(trainer, "events", []) if e.epoch <= epoch]
     if not events or events[-1] is trainer.events[-1]:
         return ms.k
@@ -265,8 +270,8 @@ def test_a_step_changes_exactly_what_the_trainer_owns(name, variant, mode, granu
         else:
             assert all(torch.equal(masks_before[n], l.mask) for n, l in ms.layers.items())
     assert_exact_counts(ms, density=density_after(trainer, ms, 0), scope=selection_scope(trainer, ms))
-    for layer in ms.layers.values():  # WoodFisher's pruned weights are zero, not merely masked
-        if getattr(trainer, "events", None):
+    for layer in ms.layers.values():  # WoodFisher's and IMP's pruned weights are zero, not merely masked
+        if "masks" in EXPECTED.get((name, mode), (set(), set()))[0]:
             assert torch.equal(layer.weight[~layer.mask], torch.zeros(int((~layer.mask).sum())))
 
 

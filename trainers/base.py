@@ -54,8 +54,10 @@ class BaseTrainer:
     def __init__(self, *, model: nn.Module, maskset: MaskSet | None, mode: str, device: torch.device,
                  weight_optim: OptimSettings, score_optim: OptimSettings | None = None, freeze_bn: bool = False,
                  label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
-                 print_freq: int = 100, seed: int = 0, options: OptionSection | None = None) -> None:
+                 print_freq: int = 100, seed: int = 0, options: OptionSection | None = None,
+                 source: str | None = None) -> None:
         self.model = model
+        self.source = source  # the --source-net checkpoint the run started from (lth finds its rewind point there)
         self.maskset = maskset
         self.mode = mode
         self.device = device
@@ -96,6 +98,10 @@ class BaseTrainer:
     def pop_notes(self) -> list[str]:
         """Lines for the run log that the epoch loop prints after ``train_epoch`` (e.g. pruning events)."""
         return []
+
+    def summary_fields(self) -> dict[str, Any]:
+        """The trainer's own entries of summary.json (none for the base trainer)."""
+        return {}
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:

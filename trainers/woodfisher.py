@@ -27,14 +27,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from configs.errors import UserError
 from configs.options import FisherOptions, OptionSection, WoodFisherOptions
 from engine.memory import MemoryNeed
-from engine.optim import OptimSettings, own_only, split_parameters
+from engine.optim import OptimSettings
 from layers import MaskSet
 from layers.selector import unit_counts
 from pruning.flops import flops_per_weight, select_within_flops, weight_by_flops
@@ -42,7 +42,8 @@ from pruning.gradients import piece_size
 from pruning.methods import PRUNE_METHODS, PruneMethod, granularity_note
 from pruning.schedule import PruneEvent, agp_schedule, one_shot_schedule, recompute_steps
 from pruning.solver import FisherSettings, OBSSolver, StepRecord
-from trainers.base import BaseTrainer, RunSpec
+from trainers.base import RunSpec
+from trainers.fixed_masks import FixedMaskTrainer
 from trainers.registry import register_trainer
 
 if TYPE_CHECKING:  # annotations only
@@ -159,7 +160,7 @@ def _mib(n: int) -> float:
 
 
 @register_trainer("woodfisher")
-class WoodFisherTrainer(BaseTrainer):
+class WoodFisherTrainer(FixedMaskTrainer):
     """Gradual OBS pruning (see the module docstring)."""
 
     Options = WoodFisherOptions
@@ -198,14 +199,7 @@ class WoodFisherTrainer(BaseTrainer):
         # FLOPs per weight by layer, measured at the first event, and only for FLOPs-aware pruning
         # (architecture and input size only, so never re-measured; a resumed run measures the same).
         self.flops: dict[str, int] | None = None
-        scores, bn, other = split_parameters(self.model)
-        params = other + ([] if freeze_bn else bn)
-        own_only(self.model, params)  # scores are unused and frozen
-        self.add_optimizer("optimizer", params, weight_optim)
-        # A fresh run starts dense; a resumed one (masks frozen, restored from its checkpoint) keeps its masks.
-        if not ms.frozen:
-            ms.set_masks({name: torch.ones_like(layer.mask) for name, layer in ms.layers.items()})
-        self.apply_masks()
+        self.setup_weights(weight_optim=weight_optim, freeze_bn=freeze_bn)
 
     # -- hooks used by the epoch loop ------------------------------------------------------------
     def set_epoch(self, epoch: int) -> dict[str, float]:
@@ -226,11 +220,6 @@ class WoodFisherTrainer(BaseTrainer):
             return {"loss": nan, "top1": nan, "top5": nan}
         return super().train_epoch(epoch, loaders)
 
-    def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = super().step(batch)
-        self.apply_masks()  # pruned weights stay exactly zero (momentum, weight decay, Adam, ...)
-        return out
-
     def final_masks(self, epoch: int) -> bool:
         """Only epochs from the last pruning event on compete for model_best."""
         return not self.events or epoch >= self.events[-1].epoch
@@ -239,21 +228,7 @@ class WoodFisherTrainer(BaseTrainer):
         notes, self._notes = self._notes, []
         return notes
 
-    # -- masks and optimizer state ---------------------------------------------------------------
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        for layer in self.maskset.layers.values():
-            layer.weight.mul_(layer.mask)
-
-    @torch.no_grad()
-    def clear_pruned_state(self) -> None:
-        """Zero the pruned coordinates of every weight-shaped optimizer state (SGD momentum, Adam moments)."""
-        for opt in self.optimizers.values():
-            for layer in self.maskset.layers.values():
-                for value in opt.state.get(layer.weight, {}).values():
-                    if torch.is_tensor(value) and value.shape == layer.weight.shape:
-                        value.mul_(layer.mask)
-
+    # -- masks ----------------------------------------------------------------------------------
     def _alive_units(self, mask: torch.Tensor) -> torch.Tensor:
         """One bool per unit of the granularity (a whole filter/channel is alive if any weight is)."""
         if self.granularity == "unstructured":
