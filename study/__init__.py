@@ -1,0 +1,1 @@
+"""Sparsity studies: reading a results folder into one table (``study.report``) and its plots."""

@@ -1,0 +1,299 @@
+"""One results table (CSV) and plots from every finished run under a results folder.
+
+    python -m study.report RESULT_DIR [--out DIR] [--layers-run RUN_FOLDER]
+
+Rows: one per pretrain run (method ``dense``) and one per prune run, with the newest finetune run
+started from it (its top-1 in ``top1_finetune``); a finetune run whose source is not a run in the
+folder (a public checkpoint, a dense model) is a row of its own; an IMP (``--trainer lth``) run is a
+row per round, at each round's density (its FLOPs only for the last round). ``top1`` is the last stage's test
+top-1. The method is read from the run: ``hydra`` (trainer base), ``bip`` (bilevel), the WoodFisher
+trainer's ``--prune-method`` (woodfisher, globalmagnitude, magnitude, ...), with ``+obs`` when
+``--obs-update`` compensated the mask, and ``lth``.
+
+Writes ``results.csv``, ``table.md`` (top-1 mean +- std over seeds per method and density), one plot per
+(dataset, arch, layer type): top-1 against the remaining weight ratio on a log axis, one line per
+method with the min-max band over seeds and the dense accuracy as a reference line, and a per-layer
+sparsity bar chart of one run; then prints the paths.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from configs.errors import UserError
+from study.runs import Run, link, load_runs, newest
+
+COLUMNS = ("dataset", "arch", "layer_type", "scope", "method", "seed", "k", "sparsity", "params_kept",
+           "params_total", "params_ratio", "flops_kept", "flops_total", "flops_ratio", "top1_prune",
+           "top1_finetune", "top1", "wall_seconds", "prune_run", "finetune_run")
+
+TRAINER_METHOD = {"base": "hydra", "bilevel": "bip", "lth": "lth"}
+
+
+def method_of(prune: dict[str, Any], finetune: dict[str, Any] | None) -> str:
+    if prune.get("exp_mode") == "pretrain":
+        return "dense"
+    if prune.get("exp_mode") == "finetune":
+        name = "finetune"
+    elif prune.get("trainer") == "woodfisher":
+        name = str(prune.get("prune_method") or "woodfisher")
+    else:
+        name = TRAINER_METHOD.get(str(prune.get("trainer")), str(prune.get("trainer")))
+    obs = {**(prune.get("obs_update") or {}), **((finetune or {}).get("obs_update") or {})}
+    return name + ("+obs" if obs else "")
+
+
+def ratio(kept: Any, total: Any) -> float | None:
+    return kept / total if isinstance(kept, int) and isinstance(total, int) and total else None
+
+
+def row_of(first: Run, last: Run | None) -> dict[str, Any]:
+    """A table row for a run (``first``) and the newest finetune run started from it (``last``)."""
+    s, f = first.summary, (last.summary if last is not None else None)
+    end = f or s
+    wall = sum(float(x.get("wall_seconds") or 0) for x in (s, f) if x is not None)
+    return {"dataset": s.get("dataset"), "arch": s.get("arch"), "layer_type": s.get("layer_type"),
+            "scope": s.get("scope"), "method": method_of(s, f), "seed": s.get("seed"), "k": s.get("k"),
+            "sparsity": end.get("sparsity"), "params_kept": end.get("params_kept"),
+            "params_total": end.get("params_total"),
+            "params_ratio": ratio(end.get("params_kept"), end.get("params_total")),
+            "flops_kept": end.get("flops_kept"), "flops_total": end.get("flops_total"),
+            "flops_ratio": ratio(end.get("flops_kept"), end.get("flops_total")),
+            "top1_prune": s.get("test_top1") if s.get("exp_mode") == "prune" else None,
+            "top1_finetune": f.get("test_top1") if f is not None else (
+                s.get("test_top1") if s.get("exp_mode") == "finetune" else None),
+            "top1": end.get("test_top1"), "wall_seconds": round(wall, 3),
+            "prune_run": first.folder if s.get("exp_mode") == "prune" else None,
+            "finetune_run": last.folder if last is not None else (
+                first.folder if s.get("exp_mode") == "finetune" else None)}
+
+
+def round_rows(run: Run) -> list[dict[str, Any]]:
+    """An IMP (lth) run is a result at every round's density: one row per round, its accuracy and
+    sparsity read from metrics.csv at the round's last epoch (the last round's row is the run's own)."""
+    path = os.path.join(run.folder, "metrics.csv")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            by_epoch = {int(r["epoch"]): r for r in csv.DictReader(fh)}
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot read {path} ({exc}); delete that run folder or rerun it") from None
+    rows = []
+    rounds = run.summary["imp_rounds"]
+    for entry in rounds[:-1]:
+        epoch = by_epoch.get(int(entry["end_epoch"]))
+        if epoch is None:
+            raise UserError(f"{path} lacks epoch {entry['end_epoch']}, the end of IMP round {entry['round']}; "
+                            "delete that run folder or rerun it")
+        row = row_of(run, None)
+        total = row["params_total"]
+        kept = total - round(float(epoch["sparsity"]) * total) if isinstance(total, int) else None
+        row.update(k=entry["density"], sparsity=float(epoch["sparsity"]), top1_prune=float(epoch["test_top1"]),
+                   top1=float(epoch["test_top1"]), params_kept=kept, params_ratio=ratio(kept, total),
+                   flops_kept=None, flops_ratio=None)
+        rows.append(row)
+    return rows + [row_of(run, None)]
+
+
+def collect_rows(runs: list[Run]) -> list[dict[str, Any]]:
+    link(runs)
+    rows = []
+    for run in runs:
+        if run.mode == "prune" and run.summary.get("imp_rounds"):
+            rows.extend(round_rows(run))
+        elif run.mode in ("pretrain", "prune"):
+            rows.append(row_of(run, newest([c for c in run.children if c.mode == "finetune"])))
+        elif run.mode == "finetune" and not any(run in other.children for other in runs
+                                                if other.mode in ("pretrain", "prune")):
+            rows.append(row_of(run, None))
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: str) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: ("" if row[key] is None else row[key]) for key in COLUMNS})
+
+
+def group_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return (str(row["dataset"]), str(row["arch"]), str(row["layer_type"]))
+
+
+def mean_std(values: Sequence[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Per (dataset, arch, layer type): final top-1 as mean ± std over seeds (n seeds) per method and k."""
+    out = []
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["method"] != "dense" and row["top1"] is not None:
+            groups[group_key(row)].append(row)
+    dense = dense_top1(rows)
+    for key in sorted(groups):
+        members = groups[key]
+        ks = sorted({float(r["k"]) for r in members}, reverse=True)
+        methods = sorted({str(r["method"]) for r in members})
+        ref = dense.get(key[:2])
+        out.append(f"**{key[0]}, {key[1]}, {key[2]}**"
+                   + (f" (dense: {mean_std(ref)} %)" if ref else "") + "\n")
+        out.append("| method | " + " | ".join(f"k = {k:g}" for k in ks) + " |")
+        out.append("|---|" + "---|" * len(ks))
+        for method in methods:
+            cells = []
+            for k in ks:
+                vals = [float(r["top1"]) for r in members if r["method"] == method and float(r["k"]) == k]
+                cells.append(f"{mean_std(vals)} ({len(vals)})" if vals else "")
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def dense_top1(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
+    dense: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row in rows:
+        if row["method"] == "dense" and row["top1"] is not None:
+            dense[(str(row["dataset"]), str(row["arch"]))].append(float(row["top1"]))
+    return dense
+
+
+def plot_accuracy(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
+    """One PNG per (dataset, arch, layer type): top-1 against the remaining weight ratio."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    dense = dense_top1(rows)
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["method"] != "dense" and row["top1"] is not None and row["params_ratio"] is not None:
+            groups[group_key(row)].append(row)
+    written = []
+    for key in sorted(groups):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for method in sorted({str(r["method"]) for r in groups[key]}):
+            by_k: dict[float, list[dict[str, Any]]] = defaultdict(list)
+            for r in groups[key]:
+                if r["method"] == method:
+                    by_k[float(r["k"])].append(r)
+            ks = sorted(by_k, reverse=True)
+            x = [statistics.mean(float(r["params_ratio"]) for r in by_k[k]) for k in ks]
+            acc = [[float(r["top1"]) for r in by_k[k]] for k in ks]
+            line, = ax.plot(x, [statistics.mean(a) for a in acc], marker="o", markersize=3, label=method)
+            if any(len(a) > 1 for a in acc):
+                ax.fill_between(x, [min(a) for a in acc], [max(a) for a in acc], color=line.get_color(), alpha=0.2)
+        ref = dense.get(key[:2])
+        if ref:
+            ax.axhline(statistics.mean(ref), color="black", linestyle="--", linewidth=1,
+                       label=f"dense ({statistics.mean(ref):.2f} %)")
+        ax.set_xscale("log")
+        ax.invert_xaxis()  # sparser to the right, as in the BiP/HYDRA papers' figures
+        percent = matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:.3g}%")
+        ax.xaxis.set_major_formatter(percent)
+        ax.xaxis.set_minor_formatter(percent)
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel("remaining weight ratio (log scale)")
+        ax.set_ylabel("test top-1 (%)")
+        ax.set_title(f"{key[0]}, {key[1]}, {key[2]} (mean over seeds, band: min-max)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        path = os.path.join(out_dir, f"accuracy_{key[0]}_{key[1]}_{key[2]}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_layers(summary: dict[str, Any], out_dir: str, *, name: str) -> str | None:
+    """Per-layer sparsity bars of one run (its ``layers`` record)."""
+    layers = summary.get("layers") or []
+    if not layers:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(layers)), 4.2))
+    sparsity = [100 * (1 - r["kept"] / r["params"]) if r["params"] else 0.0 for r in layers]
+    ax.bar(range(len(layers)), sparsity)
+    ax.set_xticks(range(len(layers)), [r["name"] for r in layers], rotation=90, fontsize=7)
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"per-layer sparsity: {summary.get('exp_name')} (overall {100 * float(summary['sparsity']):.2f} %)")
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"layers_{name}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def layers_run(rows: list[dict[str, Any]], runs: list[Run], chosen: str | None) -> Run | None:
+    """The run of the per-layer chart: ``chosen``, or the sparsest final run of the table."""
+    by_folder = {os.path.normpath(r.folder): r for r in runs}
+    if chosen is not None:
+        run = by_folder.get(os.path.normpath(chosen))
+        if run is None:
+            raise UserError(f"--layers-run {chosen} is not a finished run under the results folder")
+        return run
+    finals = [r for r in rows if r["method"] != "dense" and (r["finetune_run"] or r["prune_run"])]
+    if not finals:
+        return None
+    best = max(finals, key=lambda r: (float(r["sparsity"] or 0), str(r["finetune_run"] or r["prune_run"])))
+    return by_folder.get(os.path.normpath(best["finetune_run"] or best["prune_run"]))
+
+
+def report(result_dir: str, *, out: str | None = None, layers: str | None = None) -> list[str]:
+    runs = load_runs(result_dir)
+    if not runs:
+        raise UserError(f"no finished run (a folder with summary.json) under {result_dir}")
+    rows = collect_rows(runs)
+    out_dir = out or os.path.join(result_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "table.md")]
+    write_csv(rows, written[0])
+    with open(written[1], "w", encoding="utf-8") as fh:
+        fh.write(markdown_table(rows) + "\n")
+    written += plot_accuracy(rows, out_dir)
+    chart_run = layers_run(rows, runs, layers)
+    if chart_run is not None:
+        path = plot_layers(chart_run.summary, out_dir, name="_".join(chart_run.key).replace(os.sep, "_"))
+        if path:
+            written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("result_dir", help="the --result-dir of the runs (searched recursively)")
+    parser.add_argument("--out", help="where to write (default RESULT_DIR/report)")
+    parser.add_argument("--layers-run", help="run folder of the per-layer sparsity chart (default: the sparsest)")
+    args = parser.parse_args(argv)
+    try:
+        written = report(args.result_dir, out=args.out, layers=args.layers_run)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write the report ({exc.strerror}: {exc.filename}); pass a writable --out",
+              file=sys.stderr)
+        return 2
+    n = sum(1 for _ in csv.DictReader(open(written[0], encoding="utf-8")))
+    print(f"report of {n} rows from {args.result_dir}:")
+    for path in written:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Finished runs under a results folder, and the prune -> finetune chains they form.
+
+A run is finished when its folder holds ``summary.json`` (written last, atomically). A finetune run
+belongs to the prune run whose checkpoint it started from: its ``source_net`` lies in that run's
+``checkpoint/`` folder. Paths are matched by their last three folders (exp name, mode, run), so a
+results folder that was moved or copied elsewhere still links up.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from configs.errors import UserError
+
+
+@dataclass
+class Run:
+    folder: str
+    summary: dict[str, Any]
+    children: list[Run] = field(default_factory=list)  # finetune runs started from this run
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return run_key(self.folder)
+
+    @property
+    def mode(self) -> str:
+        return str(self.summary.get("exp_mode", ""))
+
+
+def run_key(folder: str) -> tuple[str, ...]:
+    """(exp name, mode, run folder name): what identifies a run inside any results folder."""
+    parts = os.path.normpath(folder).split(os.sep)
+    return tuple(parts[-3:])
+
+
+def source_key(source_net: str | None) -> tuple[str, ...] | None:
+    """The run key of a checkpoint path ``.../EXP/MODE/RUN/checkpoint/FILE``; None for other paths."""
+    if not source_net:
+        return None
+    parts = os.path.normpath(source_net).split(os.sep)
+    if len(parts) < 5 or parts[-2] != "checkpoint":
+        return None
+    return tuple(parts[-5:-2])
+
+
+def summary_files(root: str) -> Iterator[str]:
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        if "summary.json" in files:
+            yield os.path.join(folder, "summary.json")
+
+
+def load_runs(root: str) -> list[Run]:
+    """Every finished run under ``root``, sorted by folder; a summary that is not JSON is an error."""
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is not a folder: pass the --result-dir of the runs to report on")
+    runs = []
+    for path in summary_files(root):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                summary = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read {path} ({exc}); delete that run folder or rerun it") from None
+        if not isinstance(summary, dict):
+            raise UserError(f"{path} does not hold a run summary (a JSON object); delete that run folder")
+        runs.append(Run(folder=os.path.dirname(path), summary=summary))
+    return sorted(runs, key=lambda r: r.folder)
+
+
+def link(runs: list[Run]) -> list[Run]:
+    """Attach each run to the run it started from (``children``); returns the roots: runs whose source is
+    not a run under the same folder (pretrain runs, and prune/finetune runs of outside checkpoints)."""
+    by_key = {r.key: r for r in runs}
+    roots = []
+    for run in runs:
+        parent = by_key.get(source_key(run.summary.get("source_net")) or ())
+        if parent is not None and parent is not run:
+            parent.children.append(run)
+        else:
+            roots.append(run)
+    return roots
+
+
+def newest(runs: list[Run]) -> Run | None:
+    """The run written last (``finished_at``, then folder name): a rerun of an experiment replaces it."""
+    return max(runs, key=lambda r: (str(r.summary.get("finished_at", "")), r.folder), default=None)
+
+
+def find_finished(root: str, exp_name: str, mode: str) -> str | None:
+    """The newest finished run folder of ``root/exp_name/mode``, or None. For launchers that skip the
+    runs an interrupted sweep already finished."""
+    folder = os.path.join(root, exp_name, mode)
+    if not os.path.isdir(folder):
+        return None
+    found = newest(load_runs(folder))
+    return found.folder if found is not None else None
+
+
+if __name__ == "__main__":  # python -m study.runs ROOT EXP_NAME MODE: print the finished run's folder
+    import sys
+
+    if len(sys.argv) != 4:
+        print("usage: python -m study.runs RESULT_DIR EXP_NAME MODE", file=sys.stderr)
+        raise SystemExit(2)
+    done = find_finished(*sys.argv[1:])
+    if done is None:
+        raise SystemExit(1)
+    print(done)
