@@ -180,3 +180,21 @@ class ObsUpdateOptions(OptionSection):
     obs_update: bool = opt(False, "HYDRA/BiP: when the learned mask becomes fixed (end of prune, start of finetune), "
                            "compensate the surviving weights for the removed ones with the OBS update (Fisher from "
                            "--fisher-subsample-size gradients; --fisher-* flags apply)", group="fisher")
+
+
+EXPORT_FORMATS = ("slim", "dense", "masked", "sparse")
+
+
+@dataclass(frozen=True)
+class ExportOptions(OptionSection):
+    """``python export.py``: which checkpoint, written how and where (see deploy/api.py)."""
+
+    checkpoint: str = opt("", "checkpoint written by train.py (prune or finetune for slim/masked/sparse)",
+                          group="export")
+    format: str = opt("slim", "slim: pruned filters/channels removed (a smaller plain network); dense: plain network, "
+                      "masks applied; masked: weight * mask in the graph; sparse: bitmask + kept values",
+                      EXPORT_FORMATS, "export")
+    out: str = opt("", "output file: .pt2 (torch.export program) or .onnx for slim/dense/masked, .pth for sparse",
+                   group="export")
+    image_size: int | None = opt(None, "input side of the exported program (default: the checkpoint's --image-dim, "
+                                 "else its dataset's native size)", group="export", check=at_least(1))

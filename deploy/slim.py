@@ -34,7 +34,7 @@ import copy
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -263,7 +263,7 @@ def _elementwise(node: fx.Node, chans: dict[fx.Node, list[int]], el: _Elements, 
 def _flatten_dim(node: fx.Node) -> int:
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    return int(start) if end == -1 else -1  # type: ignore[call-overload]  # fx arguments are untyped
+    return int(cast(int, start)) if end == -1 else -1  # fx arguments are untyped
 
 
 def _is_flatten(node: fx.Node, source: fx.Node) -> bool:
@@ -298,7 +298,7 @@ def _keeps_channels(node: fx.Node) -> bool:
 
 
 def _cat_dim(node: fx.Node) -> int:
-    return int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0))  # type: ignore[call-overload]
+    return int(cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)))
 
 
 # -- decisions --------------------------------------------------------------------------------------
@@ -384,7 +384,8 @@ def slim(model: nn.Module, *, example: torch.Tensor, check_inputs: int = 2) -> t
     analysis = _analyse(gm, masks)
     el = analysis.elements
     pins: set[int] = set()
-    for _ in range(len(el.parent) + 1):
+    kept = _decide(el, pins)
+    for _ in range(len(el.parent) + 1):  # each round pins at least one more group
         kept = _decide(el, pins)
         more = _empty_layer_pins(gm, analysis, kept) or _nonconstant_pins(gm, analysis, kept, probe)
         if not more:
@@ -443,7 +444,7 @@ def _nonconstant_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int], probe: t
     consumers = {**a.convs, **a.linears}
     inputs = _captured_inputs(gm, consumers, probe)
     for name, node in consumers.items():
-        elements = a.channels[node.args[0]]
+        elements = a.channels[cast(fx.Node, node.args[0])]
         x = inputs[name]
         weight = gm.get_submodule(name).weight
         assert isinstance(weight, torch.Tensor)
@@ -483,7 +484,7 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
         x = inputs[name]
         const = x[0, removed].flatten(1)[:, 0] if removed else x.new_zeros(0)
         fold = torch.einsum("ocij,c->oij", weight[cout][:, removed], const) if removed else None
-        args = dict(in_channels=len(cin), out_channels=len(cout), kernel_size=conv.kernel_size, stride=conv.stride,
+        args: dict[str, Any] = dict(in_channels=len(cin), out_channels=len(cout), kernel_size=conv.kernel_size, stride=conv.stride,
                     padding=conv.padding, dilation=conv.dilation, groups=1, padding_mode=conv.padding_mode,
                     device=weight.device, dtype=weight.dtype)
         new: nn.Conv2d
@@ -547,11 +548,11 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
         src = node.args[0]
         assert isinstance(src, fx.Node)
         before, after = _channel_pad(node)  # type: ignore[misc]  # only channel pads are recorded
-        keep = set(idx(node))
-        new_before = sum(1 for i in range(before) if i in keep)
-        new_after = sum(1 for i in range(len(elements) - after, len(elements)) if i in keep)
+        kept_slots = set(idx(node))
+        new_before = sum(1 for i in range(before) if i in kept_slots)
+        new_after = sum(1 for i in range(len(elements) - after, len(elements)) if i in kept_slots)
         target = by_name[node.name]
-        pad = list(target.args[1] if len(target.args) > 1 else target.kwargs["pad"])  # type: ignore[arg-type]
+        pad = list(cast(list, target.args[1] if len(target.args) > 1 else target.kwargs["pad"]))
         pad = pad + [0] * (6 - len(pad))
         pad[4], pad[5] = new_before, new_after
         if len(target.args) > 1:
