@@ -225,3 +225,9 @@ def test_cli_subprocess_exit_status(digits_pretrained, tmp_path):
                           "--out", str(tmp_path / "x.pt2")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: ")
     assert os.listdir(tmp_path) == []
+
+
+def test_format_choices_match_the_registry():
+    from configs.options import EXPORT_FORMATS
+    from deploy import FORMATS
+    assert set(EXPORT_FORMATS) == set(FORMATS)
