@@ -25,6 +25,7 @@ from deploy.api import check_request, export_model
 from engine.checkpoint import classifier_name, load_checkpoint, load_model_state
 from engine.source import set_stored_masks
 from layers import MaskSet, to_masked
+from layers.convert import exclusion_patterns
 from models import build_model
 
 # (input channels, side) of each dataset's images as train.py feeds them, so that a checkpoint can be
@@ -76,7 +77,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
     masks = ckpt.get("masks")
     layer_type = config.get("layer_type", "dense")
     if masks and layer_type != "dense":
-        to_masked(model, granularity=layer_type)
+        to_masked(model, granularity=layer_type, exclude=exclusion_patterns(config.get("exclude_layers")))
     load_model_state(model, state, source=source, notice=lambda line: None)
     if masks and layer_type != "dense":
         maskset = MaskSet(model, k=config.get("k", 1.0), granularity=layer_type, scope=config.get("scope", "global"),

@@ -484,9 +484,9 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
         x = inputs[name]
         const = x[0, removed].flatten(1)[:, 0] if removed else x.new_zeros(0)
         fold = torch.einsum("ocij,c->oij", weight[cout][:, removed], const) if removed else None
-        args: dict[str, Any] = dict(in_channels=len(cin), out_channels=len(cout), kernel_size=conv.kernel_size, stride=conv.stride,
-                    padding=conv.padding, dilation=conv.dilation, groups=1, padding_mode=conv.padding_mode,
-                    device=weight.device, dtype=weight.dtype)
+        args: dict[str, Any] = dict(in_channels=len(cin), out_channels=len(cout), kernel_size=conv.kernel_size,
+                                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=1,
+                                    padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
         new: nn.Conv2d
         if fold is not None and bool(fold.any()):
             report.folded.append(name)
