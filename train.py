@@ -45,7 +45,7 @@ from engine.optim import OptimSettings
 from engine.run_log import RunLog, csv_history, sparsity_table
 from engine.source import load_source, load_trainer_state, resume_into
 from layers import MaskSet, SelectionError, to_masked
-from layers.convert import MASKED_TYPES
+from layers.convert import MASKED_TYPES, exclusion_patterns
 from models import build_model
 from pruning.cost import model_cost
 from pruning.methods import PRUNE_METHODS
@@ -225,11 +225,17 @@ def run(options: Options) -> int:
                         image_size=splits.image_size)
     maskset = None
     if cfg.exp_mode != "pretrain":
-        to_masked(model, granularity=cfg.layer_type)
+        try:
+            to_masked(model, granularity=cfg.layer_type, exclude=exclusion_patterns(cfg.exclude_layers))
+        except ValueError as exc:
+            raise UserError(f"--exclude-layers: {exc}") from None
         try:
             maskset = MaskSet(model, k=cfg.k, granularity=cfg.layer_type, scope=cfg.scope, min_units=cfg.layer_floor)
         except SelectionError as exc:
             raise UserError(str(exc)) from None
+        if not maskset.layers and cfg.exclude_layers:
+            raise UserError(f"--exclude-layers {cfg.exclude_layers} excludes every layer --layer-type {cfg.layer_type} "
+                            "would mask: nothing is left to prune; exclude fewer layers")
         if not maskset.layers:
             raise UserError(f"--layer-type {cfg.layer_type} masks convolutions only (linear layers stay dense, as in "
                             f"BiP) and {cfg.arch} has none: use --layer-type unstructured")

@@ -194,3 +194,20 @@ class LthOptions(OptionSection):
                                    "rewinding, the weights are fine-tuned from round to round)", group="lth",
                                    check=non_negative)
 
+
+EXPORT_FORMATS = ("slim", "dense", "masked", "sparse")
+
+
+@dataclass(frozen=True)
+class ExportOptions(OptionSection):
+    """``python export.py``: which checkpoint, written how and where (see deploy/api.py)."""
+
+    checkpoint: str = opt("", "checkpoint written by train.py (prune or finetune for slim/masked/sparse)",
+                          group="export")
+    format: str = opt("slim", "slim: pruned filters/channels removed (a smaller plain network); dense: plain network, "
+                      "masks applied; masked: weight * mask in the graph; sparse: bitmask + kept values",
+                      EXPORT_FORMATS, "export")
+    out: str = opt("", "output file: .pt2 (torch.export program) or .onnx for slim/dense/masked, .pth for sparse",
+                   group="export")
+    image_size: int | None = opt(None, "input side of the exported program (default: the checkpoint's --image-dim, "
+                                 "else its dataset's native size)", group="export", check=at_least(1))

@@ -68,6 +68,9 @@ class Config(LthOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     layer_floor: int | None = opt(None, "with --scope global, every layer keeps at least this many units "
                                   "(default: 1 filter/channel for structured masks, 0 for unstructured)", group="model",
                                   check=non_negative)
+    exclude_layers: str | None = opt(None, "layers kept dense (no mask, never pruned) by every trainer and "
+                                     "granularity: comma-separated fnmatch patterns of module names, e.g. conv1,fc "
+                                     "or 'layer1.*'; recorded in checkpoints, honoured by export.py", group="model")
     scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")

@@ -39,10 +39,11 @@ def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str,
         raise UserError(f"{source} holds a '{ckpt['arch']}' but this run builds '{run['arch']}'; "
                         f"pass --arch {ckpt['arch']}")
     for key in keys:
-        if key in saved and saved[key] != run[key]:
+        if key in saved and saved[key] != run.get(key):
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{source} was written with {key}={saved[key]!r} but this run has {key}={run[key]!r}; "
-                            f"pass {flag} {saved[key]} (or use a matching checkpoint)")
+            fix = f"drop {flag}" if saved[key] is None else f"pass {flag} {saved[key]}"
+            raise UserError(f"{source} was written with {key}={saved[key]!r} but this run has {key}={run.get(key)!r}; "
+                            f"{fix} (or use a matching checkpoint)")
 
 
 def _is_score_or_mask(key: str) -> bool:
@@ -83,6 +84,9 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         state, head, line = drop_classifier(model, state, source)
         notice(line + ("; in finetune it stays dense (it has no learned mask)" if mode == "finetune" else ""))
     is_head = (lambda k: k.rsplit(".", 1)[0] == head) if head else (lambda k: False)
+    if maskset is not None and any(_is_score_or_mask(k) for k in state):
+        # a masked source has scores exactly for its non-excluded layers: the same layers must be masked here
+        check_matches(ckpt, run=run, keys=("exclude_layers",), source=source)
     if maskset is None:  # a dense model (pretrain, or evaluating one)
         if any(_is_score_or_mask(k) for k in state):
             raise UserError(f"{source} is a pruned (masked) checkpoint; evaluate or fine-tune it with "

@@ -12,6 +12,8 @@ their linear layers, so they load here only if those layers stay plain.
 """
 from __future__ import annotations
 
+import difflib
+import fnmatch
 from collections.abc import Callable
 from typing import Any
 
@@ -62,27 +64,52 @@ MASKED_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _swap(model: nn.Module, make: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace children in place; ``make(child)`` returns a new module or None to recurse."""
+def _swap(model: nn.Module, make: Callable[[nn.Module], nn.Module | None], prefix: str = "",
+          name_of: dict[int, str] | None = None) -> nn.Module:
+    """Replace children in place; ``make(child)`` returns a new module or None to recurse.
+    ``name_of`` (when given) receives id(child) -> qualified name before ``make`` sees it."""
     for name, child in list(model.named_children()):
+        if name_of is not None:
+            name_of[id(child)] = prefix + name
         new = make(child)
         if new is None:
-            _swap(child, make)
+            _swap(child, make, prefix + name + ".", name_of)
         else:
             setattr(model, name, new)
     return model
 
 
-def to_masked(model: nn.Module, *, granularity: str) -> nn.Module:
+def exclusion_patterns(text: str | None) -> list[str]:
+    """``--exclude-layers`` (comma-separated fnmatch patterns of module names) as a list."""
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def excluded_layers(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Conv2d/Linear layers of ``model`` whose qualified name matches one of ``patterns``.
+    Raises ValueError naming a pattern that matches no such layer (a typo would otherwise prune it)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.0)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"layer pattern {pattern!r} matches no Conv2d/Linear layer of the model{hint} "
+                             f"(layers: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
+    return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+
+
+def to_masked(model: nn.Module, *, granularity: str, exclude: list[str] | None = None) -> nn.Module:
     """Replace the Conv2d/Linear layers the granularity masks (``MASKED_TYPES``) by their masked
-    twins (all-ones mask), in place; returns model."""
+    twins (all-ones mask), in place; returns model. Layers whose qualified name matches a pattern
+    of ``exclude`` (fnmatch) stay plain: no mask, never pruned, by any trainer or granularity."""
     if granularity not in MASKED_TYPES:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {tuple(MASKED_TYPES)}")
     masked_types = MASKED_TYPES[granularity]
+    keep_plain = set(excluded_layers(model, exclude or []))
+    name_of: dict[int, str] = {}
 
     def make(child: nn.Module) -> nn.Module | None:
         factory = MASKED_TWIN.get(type(child))
-        if factory is None or type(child) not in masked_types:
+        if factory is None or type(child) not in masked_types or name_of[id(child)] in keep_plain:
             return None
         assert isinstance(child, (nn.Conv2d, nn.Linear))  # the keys of MASKED_TWIN
         twin = factory(child, granularity)
@@ -93,7 +120,7 @@ def to_masked(model: nn.Module, *, granularity: str) -> nn.Module:
                 twin.bias.copy_(child.bias)
         return twin
 
-    return _swap(model, make)
+    return _swap(model, make, name_of=name_of)
 
 
 def to_dense(model: nn.Module) -> nn.Module:

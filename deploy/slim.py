@@ -1,0 +1,596 @@
+"""Structured slimming: a masked model becomes a physically smaller plain network.
+
+A filter mask zeroes a convolution's output channel; a channel mask zeroes an input channel. The
+masked model still computes every channel. Slimming removes them, and everything that reads or
+ties them is made consistent, for any model ``torch.fx`` can trace (no per-architecture rules):
+
+1. **Channel elements.** The dense twin (masks applied) is traced. Every channel of every
+   activation is an *element*: each conv output channel, each input channel, each zero channel
+   that a padding op adds (option-A shortcuts). Ops that act per channel (BatchNorm, ReLU,
+   pooling, spatial slicing) pass their input's elements on; an elementwise op of two activations
+   (a residual ``add``) *ties* the elements at the same channel index (union-find); ``flatten``
+   maps a channel to its features; ``cat`` concatenates.
+2. **Decision per tied group.** A group is kept when it is *alive* (some conv in it keeps the
+   filter) and *read* (some conv reads it through a kept channel-mask column, or a layer without
+   a mask reads it), or when it is *pinned*: the network's input and output, and whatever an op
+   this analysis does not understand touches, are never changed. Ties make the kept set of a
+   residual stream the UNION of the kept filters of the convs that add into it; the filters that
+   union keeps although their mask prunes them are reported with their parameter count.
+3. **Constant folding.** A removed group that is read is not zero in the masked model: its conv
+   outputs zero, but the BatchNorm after it adds a constant, which passes ReLU and pooling. The
+   constant is measured (a forward pass, checked to be the same for two inputs and at every
+   position) and folded into the consumers: into a linear layer's bias, into a conv's bias when
+   the conv does not zero-pad, and otherwise into a one-channel "border" kernel
+   (``FoldedConv2d``), because a zero-padded conv of a constant is not constant at the border.
+4. **Rewrite.** Convs, BatchNorms and linears get their kept rows/columns, channel padding its
+   kept counts; the result is checked against the masked model on random inputs.
+
+The slimmed model is an ``fx.GraphModule`` (plain PyTorch modules plus ``FoldedConv2d``); write it
+with ``deploy.formats`` as a ``torch.export`` program or ONNX, which load without this project.
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from layers import MaskedLayer, masked_layers, to_dense
+
+
+class SlimError(ValueError):
+    """The model cannot be slimmed as asked (no structured mask, untraceable model)."""
+
+
+class FoldedConv2d(nn.Conv2d):
+    """A conv plus the constant contribution of input channels that slimming removed.
+
+    Those channels were constant (a pruned filter's BatchNorm shift); a zero-padded conv of a
+    constant map is constant inside and smaller at the border, so the exact contribution is the
+    conv of an all-ones map with ``border`` (one input channel: sum over removed channels of
+    weight x constant). It is computed once per call for the whole batch (N-independent).
+    """
+
+    border: torch.Tensor
+
+    def __init__(self, *args: Any, border: torch.Tensor, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("border", border)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ones = x.new_ones(1, 1, x.shape[-2], x.shape[-1])
+        extra = F.conv2d(ones, self.border, None, self.stride, self.padding, self.dilation)
+        return self._conv_forward(x, self.weight, self.bias) + extra
+
+
+# -- the channel analysis ---------------------------------------------------------------------------
+# Modules / functions / methods that act on each channel separately: their output has the channels
+# (elements) of their first argument.
+PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+PER_CHANNEL_FUNCTIONS: set[Any] = {
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.dropout, F.max_pool2d, F.avg_pool2d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
+PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach"}
+ELEMENTWISE_FUNCTIONS: set[Any] = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub,
+                                   torch.mul}
+ELEMENTWISE_METHODS = {"add", "add_", "sub", "mul"}
+SHAPE_METHODS = {"size", "dim"}  # read no values
+
+
+class _Elements:
+    """Union-find over channel elements, with per-element facts."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.alive: list[bool] = []
+        self.pinned: list[bool] = []
+        self.read: list[bool] = []
+        self.producer: list[tuple[str, int] | None] = []  # (conv name, filter index)
+
+    def new(self, *, alive: bool, pinned: bool = False, producer: tuple[str, int] | None = None) -> int:
+        self.parent.append(len(self.parent))
+        self.alive.append(alive)
+        self.pinned.append(pinned)
+        self.read.append(False)
+        self.producer.append(producer)
+        return len(self.parent) - 1
+
+    def find(self, e: int) -> int:
+        while self.parent[e] != e:
+            self.parent[e] = self.parent[self.parent[e]]
+            e = self.parent[e]
+        return e
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+@dataclass
+class _Analysis:
+    elements: _Elements
+    channels: dict[fx.Node, list[int]]  # node -> element of each channel (dim 1)
+    convs: dict[str, fx.Node]            # conv module name -> its (single) call node
+    linears: dict[str, fx.Node]
+    norms: dict[str, fx.Node]
+    pads: list[fx.Node]
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if "tensor_meta" in a.meta]
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _flatten_list(chans: list[int], in_shape: tuple[int, ...]) -> list[int]:
+    per = 1
+    for s in in_shape[2:]:
+        per *= s
+    return [e for e in chans for _ in range(per)]
+
+
+def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
+    el = _Elements()
+    chans: dict[fx.Node, list[int]] = {}
+    modules = dict(gm.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    analysis = _Analysis(el, chans, {}, {}, {}, [])
+
+    def fresh(node: fx.Node, *, pinned: bool) -> None:
+        shape = _shape(node)
+        if shape is not None and len(shape) >= 2:
+            chans[node] = [el.new(alive=True, pinned=pinned) for _ in range(shape[1])]
+
+    def pin_inputs(node: fx.Node) -> None:
+        for arg in _tensor_args(node):
+            for e in chans.get(arg, []):
+                el.pinned[e] = True
+
+    def unknown(node: fx.Node) -> None:
+        pin_inputs(node)
+        fresh(node, pinned=True)
+
+    def read(elements: list[int], columns: torch.Tensor | None) -> None:
+        for i, e in enumerate(elements):
+            if columns is None or bool(columns[i]):
+                el.read[e] = True
+
+    for node in gm.graph.nodes:
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        first = chans.get(args[0]) if args else None
+        if node.op == "placeholder":
+            fresh(node, pinned=True)
+        elif node.op == "output":
+            pin_inputs(node)
+        elif node.op == "call_module":
+            mod = modules[node.target]
+            rewritten = isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d))
+            if first is None or (rewritten and calls[node.target] > 1):  # one module, two channel sets
+                unknown(node)
+            elif type(mod) is nn.Conv2d and mod.groups == 1:
+                mask = masks.get(node.target)
+                rows = mask.flatten(1).any(1) if mask is not None else None
+                cols = mask.transpose(0, 1).flatten(1).any(1) if mask is not None else None
+                assert first is not None
+                read(first, cols)
+                chans[node] = [el.new(alive=rows is None or bool(rows[j]), producer=(node.target, j))
+                               for j in range(mod.out_channels)]
+                analysis.convs[node.target] = node
+            elif type(mod) is nn.Linear and first is not None and len(first) == mod.in_features:
+                mask = masks.get(node.target)
+                read(first, mask.any(0) if mask is not None else None)
+                fresh(node, pinned=True)  # classes (and hidden units) are never removed
+                analysis.linears[node.target] = node
+            elif isinstance(mod, PER_CHANNEL_MODULES) and first is not None:
+                chans[node] = first
+                if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    analysis.norms[node.target] = node
+            elif isinstance(mod, nn.Flatten) and mod.start_dim == 1 and first is not None:
+                chans[node] = _flatten_list(first, _shape(args[0]) or ())
+            else:
+                unknown(node)
+        elif node.op == "call_function":
+            fn = node.target
+            out_shape = _shape(node)
+            if fn in PER_CHANNEL_FUNCTIONS and first is not None:
+                chans[node] = first
+            elif fn in ELEMENTWISE_FUNCTIONS:
+                _elementwise(node, chans, el, unknown)
+            elif fn is torch.flatten and first is not None and _flatten_dim(node) == 1:
+                chans[node] = _flatten_list(first, _shape(args[0]) or ())
+            elif fn is F.pad and first is not None and _channel_pad(node) is not None:
+                before, after = _channel_pad(node)  # type: ignore[misc]  # checked just above
+                zero = [el.new(alive=False) for _ in range(before + after)]
+                chans[node] = zero[:before] + first + zero[before:]
+                analysis.pads.append(node)
+            elif fn is operator.getitem and first is not None and _keeps_channels(node):
+                chans[node] = first
+            elif fn is torch.cat and _cat_dim(node) == 1 and all(a in chans for a in node.args[0]):
+                chans[node] = [e for a in node.args[0] for e in chans[a]]
+            elif out_shape is None and not _tensor_args(node):
+                pass
+            else:
+                unknown(node)
+        elif node.op == "call_method":
+            if node.target in SHAPE_METHODS:
+                continue
+            if node.target in PER_CHANNEL_METHODS and first is not None:
+                chans[node] = first
+            elif node.target in ELEMENTWISE_METHODS:
+                _elementwise(node, chans, el, unknown)
+            elif node.target in ("view", "reshape", "flatten") and first is not None and _is_flatten(node, args[0]):
+                chans[node] = _flatten_list(first, _shape(args[0]) or ())
+            else:
+                unknown(node)
+        elif node.op == "get_attr":
+            fresh(node, pinned=True)
+    return analysis
+
+
+def _elementwise(node: fx.Node, chans: dict[fx.Node, list[int]], el: _Elements, unknown: Any) -> None:
+    """An elementwise op of activations ties the channels at the same index (a residual add)."""
+    tensors = [a for a in node.args if isinstance(a, fx.Node) and a in chans]
+    shape = _shape(node)
+    if not tensors or shape is None or any(len(chans[a]) != shape[1] or _shape(a) != shape for a in tensors):
+        unknown(node)  # broadcasting over channels, or an operand we know nothing of
+        return
+    if any(isinstance(a, fx.Node) and a not in chans for a in node.args):
+        unknown(node)
+        return
+    base = chans[tensors[0]]
+    for other in tensors[1:]:
+        for a, b in zip(base, chans[other]):
+            el.union(a, b)
+    chans[node] = base
+
+
+def _flatten_dim(node: fx.Node) -> int:
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    return int(cast(int, start)) if end == -1 else -1  # fx arguments are untyped
+
+
+def _is_flatten(node: fx.Node, source: fx.Node) -> bool:
+    shape, src = _shape(node), _shape(source)
+    if shape is None or src is None or len(shape) != 2 or len(src) < 2 or shape[0] != src[0]:
+        return False
+    total = 1
+    for s in src[1:]:
+        total *= s
+    return shape[1] == total
+
+
+def _channel_pad(node: fx.Node) -> tuple[int, int] | None:
+    """(before, after) zero channels that F.pad adds to a 4-D input (option-A shortcuts), or None."""
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    src = node.args[0]
+    shape = _shape(src) if isinstance(src, fx.Node) else None
+    if mode != "constant" or shape is None or len(shape) != 4 or not isinstance(pad, (tuple, list)):
+        return None
+    pad = list(pad) + [0] * (8 - len(pad))
+    if pad[6] or pad[7] or pad[4] < 0 or pad[5] < 0:
+        return None
+    return int(pad[4]), int(pad[5])
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    index = node.args[1]
+    if not isinstance(index, tuple) or len(index) < 2:
+        return False
+    return all(isinstance(i, slice) and i == slice(None) for i in index[:2])
+
+
+def _cat_dim(node: fx.Node) -> int:
+    return int(cast(int, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)))
+
+
+# -- decisions --------------------------------------------------------------------------------------
+def _groups(el: _Elements) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for e in range(len(el.parent)):
+        out.setdefault(el.find(e), []).append(e)
+    return out
+
+
+def _decide(el: _Elements, extra_pins: set[int]) -> set[int]:
+    """Roots of the kept groups."""
+    kept = set()
+    for root, members in _groups(el).items():
+        pinned = root in extra_pins or any(el.pinned[e] for e in members)
+        alive = any(el.alive[e] for e in members)
+        read = any(el.read[e] for e in members)
+        if pinned or (alive and read):
+            kept.add(root)
+    return kept
+
+
+def _kept_index(el: _Elements, elements: list[int], kept: set[int]) -> list[int]:
+    return [i for i, e in enumerate(elements) if el.find(e) in kept]
+
+
+# -- the public entry -------------------------------------------------------------------------------
+@dataclass
+class ForcedKeep:
+    """Units a layer keeps although its mask prunes them (ties of a residual addition or a shared input)."""
+    layer: str
+    filters: int
+    channels: int
+    params: int
+
+
+@dataclass
+class SlimReport:
+    dense_params: int
+    slim_params: int
+    dense_macs: int
+    slim_macs: int
+    forced: list[ForcedKeep] = field(default_factory=list)
+    folded: list[str] = field(default_factory=list)  # layers that took the constant of removed channels
+    max_abs_diff: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"slimmed: {self.slim_params:,} parameters (dense {self.dense_params:,}, "
+               f"{self.slim_params / max(1, self.dense_params):.1%}); {self.slim_macs:,} MACs per sample "
+               f"(dense {self.dense_macs:,}, {self.slim_macs / max(1, self.dense_macs):.1%})"]
+        for f in self.forced:
+            what = " and ".join(x for x in (f"{f.filters} filter(s)" * bool(f.filters),
+                                            f"{f.channels} input channel(s)" * bool(f.channels)) if x)
+            out.append(f"{f.layer}: keeps {what} its mask prunes, tied by a residual addition or read by another "
+                       f"layer (+{f.params:,} parameters)")
+        if self.forced:
+            out.append(f"residual ties and shared inputs cost {sum(f.params for f in self.forced):,} parameters in all")
+        return out
+
+
+def structured_masks(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: layer.mask.detach().clone() for name, layer in masked_layers(model).items()}
+
+
+def slim(model: nn.Module, *, example: torch.Tensor, check_inputs: int = 2) -> tuple[fx.GraphModule, SlimReport]:
+    """A physically smaller plain twin of the masked ``model`` (eval mode) and what it cost.
+
+    example: one input batch (shape and dtype of the real inputs; its values do not matter).
+    Raises SlimError when the model has no masked layer or fx cannot trace it.
+    """
+    layers = masked_layers(model)
+    if not layers:
+        raise SlimError("the model has no masked layers: there is nothing to slim")
+    masks = structured_masks(model)
+    plain = to_dense(copy.deepcopy(model)).eval()
+    try:
+        gm = fx.symbolic_trace(plain)
+    except Exception as exc:  # fx raises many types for data-dependent control flow
+        raise SlimError(f"torch.fx cannot trace the model ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    probe = _probe_inputs(example, check_inputs)
+    ShapeProp(gm).propagate(probe[:1])
+    analysis = _analyse(gm, masks)
+    el = analysis.elements
+    pins: set[int] = set()
+    kept = _decide(el, pins)
+    for _ in range(len(el.parent) + 1):  # each round pins at least one more group
+        kept = _decide(el, pins)
+        more = _empty_layer_pins(gm, analysis, kept) or _nonconstant_pins(gm, analysis, kept, probe)
+        if not more:
+            break
+        pins |= more
+    slim_gm, report = _rewrite(gm, analysis, kept, masks, probe)
+    with torch.no_grad():
+        model_was_training = model.training
+        model.eval()
+        ref = model(probe)
+        model.train(model_was_training)
+        report.max_abs_diff = float((slim_gm(probe) - ref).abs().max())
+    report.dense_params = sum(p.numel() for p in plain.parameters())
+    report.slim_params = sum(p.numel() for p in slim_gm.parameters())
+    report.dense_macs = count_macs(plain, probe[:1])
+    report.slim_macs = count_macs(slim_gm, probe[:1])
+    return slim_gm, report
+
+
+def _probe_inputs(example: torch.Tensor, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    shape = (max(2, n),) + tuple(example.shape[1:])
+    return torch.randn(shape, generator=gen, dtype=example.dtype).to(example.device)
+
+
+def _empty_layer_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int]) -> set[int]:
+    """A layer cannot lose all its inputs or outputs: keep the group of its first unit then."""
+    el, pins = a.elements, set()
+    for node in list(a.convs.values()) + list(a.linears.values()) + list(a.norms.values()):
+        lists = [a.channels[node.args[0]]] if isinstance(node.args[0], fx.Node) else []
+        if node in a.channels and node not in a.linears.values():
+            lists.append(a.channels[node])
+        for elements in lists:
+            if elements and not _kept_index(el, elements, kept):
+                pins.add(el.find(elements[0]))
+    return pins
+
+
+def _captured_inputs(gm: fx.GraphModule, names: Iterable[str], probe: torch.Tensor) -> dict[str, torch.Tensor]:
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [gm.get_submodule(n).register_forward_pre_hook(
+        lambda mod, inp, n=n: seen.__setitem__(n, inp[0].detach())) for n in names]
+    try:
+        with torch.no_grad():
+            gm(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _nonconstant_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int], probe: torch.Tensor) -> set[int]:
+    """Removed channels must be input-independent and, before a conv, the same at every position;
+    any that is not (an op this analysis took for per-channel is not) is kept instead."""
+    el, pins = a.elements, set()
+    consumers = {**a.convs, **a.linears}
+    inputs = _captured_inputs(gm, consumers, probe)
+    for name, node in consumers.items():
+        elements = a.channels[cast(fx.Node, node.args[0])]
+        x = inputs[name]
+        weight = gm.get_submodule(name).weight
+        assert isinstance(weight, torch.Tensor)
+        reads = weight.detach().transpose(0, 1).flatten(1).ne(0).any(1)  # a zero column adds nothing
+        for i, e in enumerate(elements):
+            if el.find(e) in kept or not bool(reads[i]):
+                continue
+            ch = x[:, i]
+            ref = ch[:1].flatten()[:1] if name in a.convs else ch[:1]
+            if not torch.allclose(ch, ref.expand_as(ch), rtol=1e-6, atol=1e-6 * (1 + float(ch.abs().max()))):
+                pins.add(el.find(e))
+    return pins
+
+
+def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, torch.Tensor],
+             probe: torch.Tensor) -> tuple[fx.GraphModule, SlimReport]:
+    el = a.elements
+    out = copy.deepcopy(gm)
+    # deepcopy keeps node order; map analysis nodes to the copy's by name
+    by_name = {n.name: n for n in out.graph.nodes}
+    report = SlimReport(0, 0, 0, 0)
+    inputs = _captured_inputs(gm, list(a.convs) + list(a.linears), probe)
+
+    def idx(node: fx.Node) -> list[int]:
+        return _kept_index(el, a.channels[node], kept)
+
+    for name, node in a.convs.items():
+        conv = gm.get_submodule(name)
+        assert isinstance(conv, nn.Conv2d)
+        src = node.args[0]
+        assert isinstance(src, fx.Node)
+        cin, cout = idx(src), idx(node)
+        removed = [i for i in range(conv.in_channels) if i not in set(cin)]
+        weight = conv.weight.detach()
+        w = weight[cout][:, cin].clone()
+        bias = conv.bias.detach()[cout].clone() if conv.bias is not None else None
+        x = inputs[name]
+        const = x[0, removed].flatten(1)[:, 0] if removed else x.new_zeros(0)
+        fold = torch.einsum("ocij,c->oij", weight[cout][:, removed], const) if removed else None
+        args: dict[str, Any] = dict(in_channels=len(cin), out_channels=len(cout), kernel_size=conv.kernel_size,
+                                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=1,
+                                    padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+        new: nn.Conv2d
+        if fold is not None and bool(fold.any()):
+            report.folded.append(name)
+            pads = conv.padding == "same" if isinstance(conv.padding, str) else any(conv.padding)
+            if pads and conv.padding_mode == "zeros":
+                new = FoldedConv2d(**args, bias=bias is not None, border=fold.unsqueeze(1).clone())
+            else:  # no padding, or a padding that repeats the constant: it is a bias
+                bias = (bias if bias is not None else w.new_zeros(len(cout))) + fold.sum((1, 2))
+                new = nn.Conv2d(**args, bias=True)
+        else:
+            new = nn.Conv2d(**args, bias=bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(w)
+            if bias is not None:
+                assert new.bias is not None
+                new.bias.copy_(bias)
+        _set_module(out, name, new)
+        mask = masks.get(name)
+        if mask is not None:
+            rows, cols = mask.flatten(1).any(1), mask.transpose(0, 1).flatten(1).any(1)
+            dead_rows = int((~rows[cout]).sum())
+            dead_cols = int((~cols[cin]).sum()) if name in masks else 0
+            held = int((~mask[cout][:, cin]).sum())
+            if dead_rows or dead_cols:
+                report.forced.append(ForcedKeep(name, dead_rows, dead_cols, held))
+    for name, node in a.norms.items():
+        bn = gm.get_submodule(name)
+        assert isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d))
+        keep = idx(node)
+        new_bn = type(bn)(len(keep), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                          track_running_stats=bn.track_running_stats)
+        state = {k: (v[keep] if v.dim() == 1 else v) for k, v in bn.state_dict().items()}
+        new_bn.load_state_dict(state)
+        _set_module(out, name, new_bn.eval())
+    for name, node in a.linears.items():
+        lin = gm.get_submodule(name)
+        assert isinstance(lin, nn.Linear)
+        src = node.args[0]
+        assert isinstance(src, fx.Node)
+        keep = idx(src)
+        removed = [i for i in range(lin.in_features) if i not in set(keep)]
+        weight = lin.weight.detach()
+        bias = lin.bias.detach().clone() if lin.bias is not None else None
+        if removed:
+            contribution = weight[:, removed] @ inputs[name][0, removed]
+            if bool(contribution.any()):
+                report.folded.append(name)
+                bias = (bias if bias is not None else weight.new_zeros(lin.out_features)) + contribution
+        new_lin = nn.Linear(len(keep), lin.out_features, bias=bias is not None, device=weight.device,
+                            dtype=weight.dtype)
+        with torch.no_grad():
+            new_lin.weight.copy_(weight[:, keep])
+            if bias is not None:
+                assert new_lin.bias is not None
+                new_lin.bias.copy_(bias)
+        _set_module(out, name, new_lin)
+    for node in a.pads:
+        elements = a.channels[node]
+        src = node.args[0]
+        assert isinstance(src, fx.Node)
+        before, after = _channel_pad(node)  # type: ignore[misc]  # only channel pads are recorded
+        kept_slots = set(idx(node))
+        new_before = sum(1 for i in range(before) if i in kept_slots)
+        new_after = sum(1 for i in range(len(elements) - after, len(elements)) if i in kept_slots)
+        target = by_name[node.name]
+        pad = list(cast(list, target.args[1] if len(target.args) > 1 else target.kwargs["pad"]))
+        pad = pad + [0] * (6 - len(pad))
+        pad[4], pad[5] = new_before, new_after
+        if len(target.args) > 1:
+            target.args = (target.args[0], tuple(pad), *target.args[2:])
+        else:
+            target.kwargs = {**target.kwargs, "pad": tuple(pad)}
+    out.recompile()
+    return out.eval(), report
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of the conv and linear layers for one input batch, per sample."""
+    total = 0
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        weight = mod.weight
+        assert isinstance(weight, torch.Tensor)
+        if isinstance(mod, nn.Conv2d):
+            total += weight.numel() * out.shape[-1] * out.shape[-2]
+        else:
+            total += weight.numel()
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def is_structured(model: nn.Module) -> bool:
+    layers: dict[str, MaskedLayer] = masked_layers(model)
+    return bool(layers) and all(layer.granularity in ("filter", "channel") for layer in layers.values())

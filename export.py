@@ -1,0 +1,108 @@
+"""Write a trained checkpoint as a file that runs without this project (or as compact sparse storage).
+
+    python export.py results/.../model_best.pth.tar --format slim --out model_slim.pt2
+    python export.py CKPT --format slim --out model_slim.onnx      # ONNX, checked with onnxruntime
+    python export.py CKPT --format sparse --out model_sparse.pth   # bitmask + values; deploy.load_sparse
+
+Formats and suffixes: see deploy/api.py. The model is rebuilt from the checkpoint's own config
+(arch, layer type, k, excluded layers); its input size is the checkpoint's --image-dim or its
+dataset's native size, or --image-size. Bad input exits with status 2 and a one-line ``error:``;
+nothing is written then.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+
+from configs.errors import UserError, one_line
+from configs.options import ExportOptions, check_fields
+from deploy.api import check_request, export_model
+from engine.checkpoint import classifier_name, load_checkpoint, load_model_state
+from engine.source import set_stored_masks
+from layers import MaskSet, to_masked
+from layers.convert import exclusion_patterns
+from models import build_model
+
+# (input channels, side) of each dataset's images as train.py feeds them, so that a checkpoint can be
+# exported without its data; --image-size overrides the side.
+DATASET_INPUTS = {"Digits": (1, 8), "CIFAR10": (3, 32), "CIFAR100": (3, 32), "TinyImageNet": (3, 64),
+                  "ImageNet": (3, 224)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see python export.py --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="export.py", description="Export a pruned checkpoint (slim, dense, masked or sparse).",
+                     allow_abbrev=False)
+    for f in dataclasses.fields(ExportOptions):
+        meta, name = f.metadata, f.name
+        help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")
+        if name == "checkpoint":
+            parser.add_argument(name, help=meta["help"])
+            continue
+        kind = int if name == "image_size" else str
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, choices=meta["choices"],
+                            default=f.default, required=name == "out", help=help_text)
+    return parser
+
+
+def read_options(argv: list[str]) -> ExportOptions:
+    options = ExportOptions(**vars(build_parser().parse_args(argv)))
+    check_fields(options)
+    return options
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
+                          image_size: int | None) -> tuple[nn.Module, torch.Tensor]:
+    """The model a train.py checkpoint holds (masked when it has masks), in eval mode, and an example input."""
+    config = ckpt.get("config")
+    if not config or "arch" not in config:
+        raise UserError(f"{source} records no config (not written by train.py): export needs its arch, layer type "
+                        "and k; fine-tune it once with train.py --exp-mode finetune to get one")
+    channels, side = DATASET_INPUTS.get(config.get("dataset", ""), (3, 32))
+    side = image_size or config.get("image_dim") or side
+    state = ckpt["state_dict"]
+    probe = build_model(config["arch"], num_classes=1, in_channels=channels, image_size=side)
+    head = classifier_name(probe)
+    num_classes = int(state[f"{head}.weight"].shape[0]) if head and f"{head}.weight" in state else 1
+    model = build_model(config["arch"], num_classes=num_classes, in_channels=channels, image_size=side)
+    masks = ckpt.get("masks")
+    layer_type = config.get("layer_type", "dense")
+    if masks and layer_type != "dense":
+        to_masked(model, granularity=layer_type, exclude=exclusion_patterns(config.get("exclude_layers")))
+    load_model_state(model, state, source=source, notice=lambda line: None)
+    if masks and layer_type != "dense":
+        maskset = MaskSet(model, k=config.get("k", 1.0), granularity=layer_type, scope=config.get("scope", "global"),
+                          min_units=config.get("layer_floor"))
+        set_stored_masks(maskset, masks, source)
+    return model.eval(), torch.zeros(1, channels, side, side)
+
+
+def run(options: ExportOptions) -> int:
+    ckpt = load_checkpoint(options.checkpoint)
+    model, example = model_from_checkpoint(ckpt, source=options.checkpoint, image_size=options.image_size)
+    check_request(model, format=options.format, path=options.out)
+    result = export_model(model, example=example, format=options.format, path=options.out)
+    for line in result.lines():
+        print(line)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(read_options(sys.argv[1:] if argv is None else argv))
+    except UserError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
