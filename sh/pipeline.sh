@@ -6,7 +6,8 @@
 #        PRETRAINED=path/model_best.pth.tar sh/pipeline.sh ImageNet bip 0.1 --data-dir /data/imagenet
 #
 # Configs come from configs/DATASET/{pretrain,<method>,finetune}.yml; flags after K override them.
-# Set PRETRAINED to skip pretraining, OUT for the result folder (default ./results), PYTHON for the interpreter.
+# Set PRETRAINED to skip pretraining, OUT for the result folder (default results/pipeline_DATASET_METHOD_kK), PYTHON
+# for the interpreter. Ends with the results report of OUT (CSV, plots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/lib.sh
@@ -14,7 +15,7 @@ DATASET="${1:?usage: sh/pipeline.sh DATASET [bip|hydra] [K] [train.py flags...]}
 METHOD="${2:-bip}"
 K="${3:-0.1}"
 shift $(( $# < 3 ? $# : 3 ))
-OUT="${OUT:-results}"
+OUT="${OUT:-results/pipeline_${DATASET}_${METHOD}_k${K}}"
 NAME="${NAME:-${DATASET}_${METHOD}_k${K}}"
 common=(--result-dir "$OUT" --exp-name "$NAME" "$@")
 
@@ -29,3 +30,4 @@ run_train FINE --configs "configs/$DATASET/finetune.yml" --k "$K" --source-net "
   "${common[@]}"
 summaries+=("$PRUNED/summary.json" "$FINE/summary.json")
 "$PY" -m engine.run_log "${summaries[@]}"
+"$PY" -m study.report "$OUT"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start on the embedded Digits dataset (no download): pretrain -> BiP prune at k = 0.1 -> finetune,
-# then a summary table (stage, k, test top-1, sparsity). Extra args go to every train.py call.
+# then a summary table (stage, k, test top-1, sparsity) and the results report (CSV, plots) of the run folder.
+# Extra args go to every train.py call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/setup_env.sh
@@ -12,3 +13,4 @@ run_train PRE --configs configs/Digits/pretrain.yml "${common[@]}"
 run_train PRUNED --configs configs/Digits/bip.yml --source-net "$PRE/checkpoint/model_best.pth.tar" "${common[@]}"
 run_train FINE --configs configs/Digits/finetune.yml --source-net "$PRUNED/checkpoint/model_best.pth.tar" "${common[@]}"
 "$PY" -m engine.run_log "$PRE/summary.json" "$PRUNED/summary.json" "$FINE/summary.json"
+"$PY" -m study.report "$OUT"

@@ -83,9 +83,8 @@ for seed in $SEEDS; do
       fi
       rounds="$("$PY" -c "from trainers.lth import imp_densities; print(len(imp_densities($smallest, 0.2)))")"
       per_round="${ROUND_EPOCHS:-$(sed -n 's/^epochs: *//p' "$CONFIGS/pretrain.yml")}"
-      stage RUN "${TAG}_lth_k${smallest}_s${seed}" prune --configs "$CONFIGS/pretrain.yml" --trainer lth \
-        "${masked[@]}" --k "$smallest" --epochs "$(( rounds * per_round ))" --rewind-epoch "$REWIND_EPOCH" \
-        --source-net "$PRETRAINED"
+      stage RUN "${TAG}_lth_k${smallest}_s${seed}" prune --configs "$CONFIGS/lth.yml" "${masked[@]}" \
+        --k "$smallest" --epochs "$(( rounds * per_round ))" --rewind-epoch "$REWIND_EPOCH" --source-net "$PRETRAINED"
       continue
     fi
     base="${method%+obs}"

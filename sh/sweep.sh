@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sparsity sweep: prune a pretrained checkpoint at several densities, fine-tune each, print one table.
+# Sparsity sweep: prune a pretrained checkpoint at several densities, fine-tune each, print one table, then
+# write the results report of OUT (default results/sweep_DATASET_METHOD; sh/study.sh runs whole studies).
 #
 #   sh/sweep.sh DATASET METHOD PRETRAINED "K1 K2 ..." [more train.py flags...]
 #   e.g. sh/sweep.sh CIFAR10 bip results/C10/pretrain/1--.../checkpoint/model_best.pth.tar "0.2 0.1 0.05 0.01" --data-dir ./datasets
@@ -12,7 +13,7 @@ METHOD="${2:?method: bip or hydra}"
 PRE="${3:?path of the pretrained checkpoint}"
 KS="${4:?densities to sweep, e.g. \"0.2 0.1 0.05\"}"
 shift 4
-OUT="${OUT:-results}"
+OUT="${OUT:-results/sweep_${DATASET}_${METHOD}}"
 summaries=()
 for K in $KS; do
   common=(--result-dir "$OUT" --exp-name "${DATASET}_${METHOD}_sweep_k${K}" "$@")
@@ -22,3 +23,4 @@ for K in $KS; do
   summaries+=("$FINE/summary.json")
 done
 "$PY" -m engine.run_log "${summaries[@]}"
+"$PY" -m study.report "$OUT"

@@ -14,13 +14,15 @@ if [[ $# -lt 2 || "$1" == -* ]]; then
   exit 2
 fi
 config="$1"; source_net="$2"; shift 2
+OUT="${OUT:-results/woodfisher_sweep_$(basename "$(dirname "$config")")_$(basename "$config" .yml)}"
 source sh/setup_env.sh
 source sh/lib.sh
 summaries=()
 for s in ${SPARSITIES:-0.8 0.9 0.95 0.98}; do
   k="$("$PY" -c "print(f'{1 - $s:.6g}')")"
   echo "== target sparsity $s (k = $k)" >&2
-  run_train RUN --configs "$config" --source-net "$source_net" --k "$k" "$@"
+  run_train RUN --configs "$config" --source-net "$source_net" --k "$k" --result-dir "$OUT" "$@"
   summaries+=("$RUN/summary.json")
 done
 "$PY" -m engine.run_log "${summaries[@]}"
+"$PY" -m study.report "$OUT"
