@@ -26,6 +26,7 @@ from configs.errors import UserError
 from configs.options import (
     BilevelOptions,
     ObsUpdateOptions,
+    RobustOptions,
     WoodFisherOptions,
     at_least,
     check_fields,
@@ -46,7 +47,7 @@ SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 
 
 @dataclass(frozen=True)
-class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
+class Config(RobustOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     """Every option of a run: the general ones below, and the trainers' sections (``configs.options``)."""
     # primary
     configs: str | None = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
@@ -67,7 +68,10 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     layer_floor: int | None = opt(None, "with --scope global, every layer keeps at least this many units "
                                   "(default: 1 filter/channel for structured masks, 0 for unstructured)", group="model",
                                   check=non_negative)
-    scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
+    scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA); finetune from a "
+                                  "dense checkpoint: HYDRA's magnitude baseline, the mask is the top-k of |w| (per "
+                                  "layer with --scope layer, over all layers with --scope global), no score training",
+                                  group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
     source_net: str | None = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
@@ -114,8 +118,6 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     save_dense: bool = opt(False, "also write the dense state dict (masks applied) next to checkpoints", group="run")
     seed: int = opt(1234, "random seed", group="run")
     print_freq: int = opt(100, "log every N batches in the run log", group="run", check=at_least(1))
-    val_method: str = opt("base", "how the model is evaluated each epoch and at the end: base = clean inputs "
-                          "(HYDRA/BiP configs name it)", ("base",), "run")
     progress: bool | None = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
                                 "and with --no-progress, a line every --print-freq batches)", group="run")
 
@@ -153,6 +155,7 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
             raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from "
                       "--source-net)")
         check_fields(self)  # each option's own check, declared with it (configs.options.opt)
+        RobustOptions.of(self).check_combination(normalize=self.normalize)
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -161,7 +164,7 @@ class Config(ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
 
 # Flags in the order a user reads them (--help, the README table): general groups first, then the
 # trainers' sections; dataclass inheritance would list the sections' fields first.
-GROUP_ORDER = ("primary", "model", "data", "train", "bilevel", "fisher", "woodfisher", "run")
+GROUP_ORDER = ("primary", "model", "data", "train", "robust", "bilevel", "fisher", "woodfisher", "run")
 FIELDS = {f.name: f for f in sorted(dataclasses.fields(Config), key=lambda f: GROUP_ORDER.index(f.metadata["group"]))}
 _TYPES = typing.get_type_hints(Config)
 # Old names still accepted (a flag, a YAML key, a saved config): alias -> option.
