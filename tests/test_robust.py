@@ -316,3 +316,17 @@ def test_robust_options_defaults_are_hydras():
         (8 / 255, 10, 2 / 255, 6.0, 0.0, 1.0, "linf")
     assert (o.certify_n0, o.certify_n, o.certify_alpha) == (100, 10000, 0.001)
     assert math.isclose(o.radii[1], 0.25)
+
+
+@pytest.mark.slow
+def test_robust_sweep_runs_every_method_and_prints_the_pgd_column(tmp_path, digits_pretrained):
+    import subprocess
+    import sys
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "res")}
+    proc = subprocess.run(["bash", "sh/robust_sweep.sh", "Digits", digits_pretrained, "0.1", "--epochs", "1",
+                           "--data-fraction", "0.3", "--num-steps", "2", "--eval-num-steps", "2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = proc.stdout.split("test PGD")[-1]  # the rows under the closing table's header
+    for name in ("Digits_robust_hydra_k0.1", "Digits_robust_bip_k0.1", "Digits_robust_magnitude_k0.1"):
+        assert name in table
