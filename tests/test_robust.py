@@ -330,3 +330,32 @@ def test_robust_sweep_runs_every_method_and_prints_the_pgd_column(tmp_path, digi
     table = proc.stdout.split("test PGD")[-1]  # the rows under the closing table's header
     for name in ("Digits_robust_hydra_k0.1", "Digits_robust_bip_k0.1", "Digits_robust_magnitude_k0.1"):
         assert name in table
+
+
+def test_a_robust_bip_run_resumes_exactly(tmp_path, digits_pretrained, monkeypatch):
+    """The attacks draw from the run's random stream (reseeded per epoch) and the evaluations from their
+    own generator: a run interrupted after two epochs and resumed ends bit for bit as the uninterrupted one,
+    with the same model_best choice."""
+    from trainers.bilevel import BilevelTrainer
+    args = ["--configs", "configs/Digits/robust_bip.yml", "--source-net", digits_pretrained, "--epochs", "3",
+            "--num-steps", "1", "--eval-num-steps", "1", "--data-fraction", "0.3", "--batch-size", "128",
+            "--no-progress", "--exp-name", "t"]
+    assert train.main([*args, "--result-dir", str(tmp_path / "a")]) == 0
+    original = BilevelTrainer.train_epoch
+
+    def stop_at_third(self, epoch, loaders):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(self, epoch, loaders)
+
+    monkeypatch.setattr(BilevelTrainer, "train_epoch", stop_at_third)
+    assert train.main([*args, "--result-dir", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(BilevelTrainer, "train_epoch", original)
+    ckpt = glob.glob(str(tmp_path / "b" / "t" / "prune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0]
+    assert train.main([*args, "--result-dir", str(tmp_path / "b"), "--resume", ckpt]) == 0
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        a = load_checkpoint(glob.glob(str(tmp_path / "a" / "t" / "prune" / "*" / "checkpoint" / name))[0])
+        b = load_checkpoint(os.path.join(os.path.dirname(ckpt), name))
+        assert a["epoch"] == b["epoch"] and a["best_prec1"] == b["best_prec1"]
+        for key, value in a["state_dict"].items():
+            assert torch.equal(value, b["state_dict"][key]), (name, key)
