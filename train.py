@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from configs.errors import RunStopped, UserError, one_line
-from configs.options import FisherOptions, OptionSection
+from configs.options import FisherOptions, OptionSection, RobustOptions
 from configs.schema import Config, Options, read_options, resumed_config
 from data import DatasetSplits, Loaders, build_dataset, build_loaders
 from engine.checkpoint import (
@@ -37,7 +37,7 @@ from engine.checkpoint import (
     set_rng_state,
     write_text,
 )
-from engine.evaluate import EVALUATIONS
+from engine.evaluate import Evaluation, build_evaluation
 from engine.loop import RunState, checkpoint_state, fit, write_summary
 from engine.lr_schedules import MASK_MILESTONES
 from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
@@ -196,7 +196,7 @@ def run(options: Options) -> int:
             notices.append(f"{source}: its config predates {', '.join(resumed.defaulted)}: they take their defaults")
     else:
         cfg = options.config()
-    evaluate = EVALUATIONS.get(cfg.val_method)  # --val-method: every evaluation of the run
+    evaluate = build_evaluation(RobustOptions.of(cfg), seed=cfg.seed)  # --val-method: every evaluation of the run
     device = resolve_device(cfg.device)
     trainer_cls = get_trainer(cfg.trainer)
     trainer_cls.check_options(trainer_options(cfg, trainer_cls),
@@ -261,7 +261,8 @@ def run(options: Options) -> int:
         for split, loader in (("val", loaders.val), ("test", loaders.test)):
             if loader is not None:
                 m = evaluate(model, loader, device=device)
-                print(f"{split}: loss {m['loss']:.4f}  top1 {m['top1']:.2f}  top5 {m['top5']:.2f}")
+                print(f"{split}: " + "  ".join(f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.2f}"
+                                               for key, value in m.items()))
         if maskset is not None:
             print(sparsity_table(maskset.report()))
         print(model_cost(model, example=example_input(splits, device)).line())
@@ -275,7 +276,8 @@ def run(options: Options) -> int:
     trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weight_optim=weight_optim,
                           score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
                           progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
-                          options=trainer_options(cfg, trainer_cls), source=cfg.source_net)
+                          options=trainer_options(cfg, trainer_cls), robust=RobustOptions.of(cfg),
+                          source=cfg.source_net)
     if resume is not None:
         assert cfg.resume is not None
         load_trainer_state(trainer, resume["trainer_state"], cfg.resume)
@@ -300,7 +302,8 @@ def run(options: Options) -> int:
         # reference of the first epoch's collapse check.
         start = evaluate(model, loaders.val if loaders.val is not None else loaders.test, device=device)
         state.source_top1 = start["top1"]
-        notices.append(f"source network before the first epoch: val top1 {start['top1']:.2f}")
+        notices.append("source network before the first epoch: "
+                       + "  ".join(f"val {key} {start[key]:.2f}" for key in ("top1", *evaluate.shown)))
 
     # Everything is validated: from here on the run writes its folder.
     fresh = run_dir is None
@@ -345,7 +348,8 @@ def run(options: Options) -> int:
         density = maskset.density() if maskset is not None else 1.0
         if maskset is not None:
             log.info("per-layer sparsity:\n" + sparsity_table(maskset.report()))
-        log.info(f"done: {cfg.exp_mode} k {cfg.k:g}  test top1 {final['top1']:.2f}  best val top1 "
+        robust = "".join(f"  test {key} {final[key]:.2f}" for key in evaluate.shown)
+        log.info(f"done: {cfg.exp_mode} k {cfg.k:g}  test top1 {final['top1']:.2f}{robust}  best val {evaluate.metric} "
                  f"{state.best_prec1:.2f}  sparsity {100 * (1 - density):.2f}%  checkpoints in "
                  f"{os.path.join(run_dir, 'checkpoint')}")
         fallen = [row["epoch"] for row in state.history if row.get("collapsed")]
@@ -355,7 +359,8 @@ def run(options: Options) -> int:
         cost = model_cost(model, example=example_input(splits, device))
         log.info(cost.line())
         write_summary(run_dir, {**summary(cfg, run_dir=run_dir, masked=maskset is not None, final=final,
-                                          state=state, density=density, wall_seconds=time.monotonic() - started),
+                                          state=state, density=density, wall_seconds=time.monotonic() - started,
+                                          evaluation=evaluate),
                                 **cost.as_dict(), **trainer.summary_fields(),
                                 **({"obs_update": obs} if obs else {})}, maskset)
     except OSError as exc:
@@ -371,15 +376,19 @@ def run(options: Options) -> int:
 
 
 def summary(cfg: Config, *, run_dir: str, masked: bool, final: dict, state: RunState, density: float,
-            wall_seconds: float) -> dict:
+            wall_seconds: float, evaluation: Evaluation) -> dict:
     """summary.json: one row of a results table. ``wall_seconds`` is this invocation; ``train_seconds``
-    sums the epochs of the whole run, across resumes."""
+    sums the epochs of the whole run, across resumes. Every metric of the final test evaluation is a
+    ``test_<key>``; ``best_val_<metric>`` is the best validation value of the metric that chose
+    model_best (``model_best_by``)."""
     return {"stage": cfg.exp_mode, "exp_name": cfg.exp_name, "exp_mode": cfg.exp_mode, "dataset": cfg.dataset,
             "arch": cfg.arch, "layer_type": cfg.layer_type if masked else "dense", "scope": cfg.scope, "k": cfg.k,
             "trainer": cfg.trainer, "prune_method": cfg.prune_method if cfg.trainer == "woodfisher" else None,
             "seed": cfg.seed, "epochs": cfg.epochs,
             "source_net": os.path.abspath(cfg.source_net) if cfg.source_net else None,
-            "test_top1": final["top1"], "test_top5": final["top5"], "best_val_top1": state.best_prec1,
+            "objective": cfg.objective, "val_method": cfg.val_method,
+            **{f"test_{key}": value for key, value in final.items() if key != "certified"},
+            f"best_val_{evaluation.metric}": state.best_prec1, "model_best_by": f"val_{evaluation.metric}",
             "sparsity": 1 - density, "run_dir": run_dir, "wall_seconds": round(wall_seconds, 3),
             "collapsed_epochs": [row["epoch"] for row in state.history if row.get("collapsed")],
             "train_seconds": round(sum(float(row.get("seconds") or 0) for row in state.history), 3)}

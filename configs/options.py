@@ -43,6 +43,10 @@ def positive_finite(v: float) -> str | None:
     return None if math.isfinite(v) and v > 0 else "must be a finite number > 0"
 
 
+def finite(v: float) -> str | None:
+    return None if math.isfinite(v) else "must be a finite number"
+
+
 def fraction(*, low_open: bool, high_open: bool) -> Check:
     def check(v: float) -> str | None:
         low_ok = v > 0 if low_open else v >= 0
@@ -211,3 +215,93 @@ class ExportOptions(OptionSection):
                    group="export")
     image_size: int | None = opt(None, "input side of the exported program (default: the checkpoint's --image-dim, "
                                  "else its dataset's native size)", group="export", check=at_least(1))
+
+
+OBJECTIVES = ("natural", "pgd", "trades", "smooth", "stability")
+DISTANCES = ("linf", "l2")
+VAL_METHODS = ("base", "adv", "smooth")
+
+
+def radii_list(v: str) -> str | None:
+    """--certify-radii: comma-separated finite radii >= 0."""
+    try:
+        radii = [float(r) for r in v.split(",")]
+    except ValueError:
+        return "must be comma-separated numbers, e.g. 0,0.25,0.5"
+    return None if all(math.isfinite(r) and r >= 0 for r in radii) else "must be finite radii >= 0"
+
+
+@dataclass(frozen=True)
+class RobustOptions(OptionSection):
+    """The training objective of every trainer and mode, and the evaluation of every epoch
+    (HYDRA's adversarial and randomized-smoothing settings; its flag names and defaults)."""
+
+    objective: str = opt("natural", "training loss of every trainer and mode: natural = cross-entropy; pgd = "
+                         "cross-entropy on PGD examples (Madry et al.); trades = CE + beta * KL(f(x_adv) || f(x)) with "
+                         "x_adv maximising the KL (TRADES; HYDRA's adv trainer); smooth = CE on x + N(0, noise_std^2) "
+                         "(Gaussian augmentation, Cohen et al.); stability = CE + beta * KL(f(x + noise) || f(x)) "
+                         "(HYDRA's smooth trainer)", OBJECTIVES, "robust")
+    epsilon: float = opt(8 / 255, "pgd, trades, --val-method adv: radius of the perturbation ball, in the units of the "
+                         "inputs (pixels in [--clip-min, --clip-max])", group="robust", check=finite_non_negative)
+    num_steps: int = opt(10, "pgd, trades: attack steps per training batch", group="robust", check=at_least(1))
+    step_size: float = opt(2 / 255, "pgd, trades, --val-method adv: attack step size (linf: of the sign step; l2: of "
+                           "the normalised gradient step)", group="robust", check=positive_finite)
+    distance: str = opt("linf", "pgd, trades, --val-method adv: norm of the perturbation ball", DISTANCES, "robust")
+    beta: float = opt(6.0, "trades, stability: weight of the KL term (1/lambda in TRADES)", group="robust",
+                      check=finite_non_negative)
+    clip_min: float = opt(0.0, "pixel range of the inputs: attacks never leave [--clip-min, --clip-max]",
+                          group="robust", check=finite)
+    clip_max: float = opt(1.0, "upper end of the pixel range (see --clip-min)", group="robust", check=finite)
+    noise_std: float | None = opt(None, "smooth, stability, --val-method smooth: sigma of the Gaussian noise, in "
+                                        "pixel units; required by them (HYDRA uses 0.25)", group="robust",
+                                  check=positive_finite)
+    val_method: str = opt("base", "how the model is evaluated each epoch and at the end (model_best is chosen by its "
+                          "metric): base = clean top-1; adv = clean and PGD top-1 (--eval-num-steps steps, random "
+                          "start, at --epsilon); smooth = clean top-1 and the certified top-1 of the smoothed "
+                          "classifier at --certify-radii (Cohen et al.'s CERTIFY on --certify-subset samples)",
+                          VAL_METHODS, "robust")
+    eval_num_steps: int = opt(20, "--val-method adv: PGD steps of the evaluation attack (random start)",
+                              group="robust", check=at_least(1))
+    certify_n0: int = opt(100, "--val-method smooth: N0, noise samples that choose the top class", group="robust",
+                          check=at_least(1))
+    certify_n: int = opt(10000, "--val-method smooth: N, noise samples that bound its probability", group="robust",
+                         check=at_least(1))
+    certify_alpha: float = opt(0.001, "--val-method smooth: alpha, failure probability of the certificate",
+                               group="robust", check=fraction(low_open=True, high_open=True))
+    certify_subset: int = opt(100, "--val-method smooth: certify the first N samples of each evaluated split",
+                              group="robust", check=at_least(1))
+    certify_radii: str = opt("0,0.25,0.5,0.75", "--val-method smooth: L2 radii of the certified accuracies; "
+                             "model_best is chosen by the first", group="robust", check=radii_list)
+    certify_batch: int = opt(1000, "--val-method smooth: noise samples per forward pass", group="robust",
+                             check=at_least(1))
+
+    @property
+    def radii(self) -> tuple[float, ...]:
+        return tuple(float(r) for r in self.certify_radii.split(","))
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the run generates adversarial examples (training or evaluation)."""
+        return self.objective in ("pgd", "trades") or self.val_method == "adv"
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the run adds Gaussian noise (training or evaluation)."""
+        return self.objective in ("smooth", "stability") or self.val_method == "smooth"
+
+    def check_combination(self, *, normalize: bool) -> None:
+        """Checks across these options (each option's own range is checked where it is declared)."""
+        from configs.errors import UserError
+
+        if self.noisy and self.noise_std is None:
+            what = f"--objective {self.objective}" if self.objective in ("smooth", "stability") else \
+                "--val-method smooth"
+            raise UserError(f"{what} needs --noise-std (the sigma of the Gaussian noise, in pixel units; HYDRA "
+                            "uses 0.25)")
+        if (self.adversarial or self.noisy) and not self.clip_min < self.clip_max:
+            raise UserError(f"--clip-min {self.clip_min} must be below --clip-max {self.clip_max} (the pixel range "
+                            "of the inputs)")
+        if (self.adversarial or self.noisy) and normalize:
+            raise UserError("robust training and evaluation work in pixel units (--epsilon, --noise-std, the range "
+                            "[--clip-min, --clip-max]) and --normalize moves the inputs out of them: drop "
+                            "--normalize (HYDRA's robust runs use unnormalised [0, 1] inputs)")

@@ -27,6 +27,7 @@ from configs.options import (
     BilevelOptions,
     LthOptions,
     ObsUpdateOptions,
+    RobustOptions,
     WoodFisherOptions,
     at_least,
     check_fields,
@@ -47,7 +48,7 @@ SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 
 
 @dataclass(frozen=True)
-class Config(LthOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
+class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     """Every option of a run: the general ones below, and the trainers' sections (``configs.options``)."""
     # primary
     configs: str | None = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
@@ -71,7 +72,10 @@ class Config(LthOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     exclude_layers: str | None = opt(None, "layers kept dense (no mask, never pruned) by every trainer and "
                                      "granularity: comma-separated fnmatch patterns of module names, e.g. conv1,fc "
                                      "or 'layer1.*'; recorded in checkpoints, honoured by export.py", group="model")
-    scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA)", group="model")
+    scaled_score_init: bool = opt(False, "prune: init scores as sqrt(6/fan_in) * w / max|w| (HYDRA); finetune from a "
+                                  "dense checkpoint: HYDRA's magnitude baseline, the mask is the top-k of |w| (per "
+                                  "layer with --scope layer, over all layers with --scope global), no score training",
+                                  group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
     source_net: str | None = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
@@ -119,8 +123,6 @@ class Config(LthOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     save_dense: bool = opt(False, "also write the dense state dict (masks applied) next to checkpoints", group="run")
     seed: int = opt(1234, "random seed", group="run")
     print_freq: int = opt(100, "log every N batches in the run log", group="run", check=at_least(1))
-    val_method: str = opt("base", "how the model is evaluated each epoch and at the end: base = clean inputs "
-                          "(HYDRA/BiP configs name it)", ("base",), "run")
     progress: bool | None = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
                                 "and with --no-progress, a line every --print-freq batches)", group="run")
 
@@ -164,6 +166,7 @@ class Config(LthOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
             raise bad(f"--rewind-epoch is for pretrain (which saves the weights) and --trainer lth (which rewinds to "
                       f"them); {self.exp_mode} with --trainer {self.trainer} does not rewind: drop --rewind-epoch")
         check_fields(self)  # each option's own check, declared with it (configs.options.opt)
+        RobustOptions.of(self).check_combination(normalize=self.normalize)
         return self
 
     def as_dict(self) -> dict[str, Any]:
@@ -172,7 +175,7 @@ class Config(LthOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
 
 # Flags in the order a user reads them (--help, the README table): general groups first, then the
 # trainers' sections; dataclass inheritance would list the sections' fields first.
-GROUP_ORDER = ("primary", "model", "data", "train", "bilevel", "fisher", "woodfisher", "lth", "run")
+GROUP_ORDER = ("primary", "model", "data", "train", "robust", "bilevel", "fisher", "woodfisher", "lth", "run")
 FIELDS = {f.name: f for f in sorted(dataclasses.fields(Config), key=lambda f: GROUP_ORDER.index(f.metadata["group"]))}
 _TYPES = typing.get_type_hints(Config)
 # Old names still accepted (a flag, a YAML key, a saved config): alias -> option.

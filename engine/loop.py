@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import deferred_interrupts, rng_state, save_checkpoint, write_text
-from engine.evaluate import evaluate
+from engine.evaluate import BASE, Evaluation
 from engine.run_log import RunLog, sparsity_table
 from layers import MaskSet, dense_state_dict
 
@@ -95,7 +94,7 @@ def lr_names(lrs: dict[str, float]) -> dict[str, float]:
 def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, loaders: Loaders, device: torch.device,
         epochs: int,
         seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
-        save_dense: bool, num_classes: int, evaluate: Callable[..., dict[str, float]] = evaluate,
+        save_dense: bool, num_classes: int, evaluate: Evaluation = BASE,
         rewind_epoch: int | None = None) -> RunState:
     """Train ``epochs`` epochs from ``state``. ``rewind_epoch`` R also saves the model after R epochs
     (0: before the first) as ``checkpoint/rewind_epoch_R.pth.tar``, the point a lottery-ticket run rewinds to."""
@@ -118,14 +117,17 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
         test = evaluate(model, loaders.test, device=device) if loaders.val is not None else val
         seconds = time.perf_counter() - t0
         # Only epochs with the run's final masks compete for model_best (not a gradual pruner's denser early epochs).
+        # model_best: the evaluation's metric (top1, or the robust one of --val-method), HYDRA's prec1.
         final = trainer.final_masks(epoch)
-        is_best = final and (val["top1"] > state.best_prec1 or state.best_prec1 == 0.0)
+        chosen = val[evaluate.metric]
+        is_best = final and (chosen > state.best_prec1 or state.best_prec1 == 0.0)
         if final:
-            state.best_prec1 = max(state.best_prec1, val["top1"])
+            state.best_prec1 = max(state.best_prec1, chosen)
         sparsity = sparsity_scalars(maskset)
         lr_text = "  ".join(f"{k} {v:.4g}" for k, v in lrs.items())
+        robust = "".join(f"  | val {key} {val[key]:6.2f}  test {key} {test[key]:6.2f}" for key in evaluate.shown)
         log.info(f"epoch {epoch + 1:>3}/{epochs}  {lr_text}  train loss {train['loss']:.4f} top1 {train['top1']:6.2f}"
-                 f"  | val top1 {val['top1']:6.2f}  test top1 {test['top1']:6.2f}  | sparsity "
+                 f"  | val top1 {val['top1']:6.2f}  test top1 {test['top1']:6.2f}{robust}  | sparsity "
                  f"{100 * sparsity['sparsity/overall']:6.2f}%  | {seconds:5.1f}s{'  *best' if is_best else ''}")
         before = state.history[-1]["val_top1"] if state.history else state.source_top1
         fell = collapsed(before=before, after=val["top1"], num_classes=num_classes)
@@ -135,9 +137,8 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
                                     pruned=bool(notes))
             log.info(line)
             print(line, file=sys.stderr, flush=True)
-        scalars = {"train/loss": train["loss"], "train/top1": train["top1"], "train/top5": train["top5"],
-                   "val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"],
-                   "test/loss": test["loss"], "test/top1": test["top1"], "test/top5": test["top5"], **sparsity}
+        scalars = {**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()},
+                   **{f"test/{k}": v for k, v in test.items()}, **sparsity}
         scalars.update({f"lr/{k}": v for k, v in lrs.items()})
         log.scalars(epoch + 1, scalars)
         row = {"epoch": epoch + 1, **lrs,

@@ -139,10 +139,18 @@ def _number(text: str | None) -> Any:
 
 
 def summary_table(summaries: list[dict]) -> str:
-    """One row per run: stage, trainer, k, test top-1, sparsity (the quick start's closing table)."""
-    lines = [f"{'stage':<9} {'trainer':<8} {'k':>6} {'test top-1':>10} {'sparsity':>9}", "-" * 46]
+    """One row per run: stage, trainer, k, test top-1, sparsity (the quick start's closing table), and
+    the PGD test top-1 where a run was evaluated with --val-method adv."""
+    adv = any("test_adv_top1" in s for s in summaries)
+    # robust sweeps run several methods per stage: the experiment name tells them apart
+    width = max((len(s.get("exp_name", "")) for s in summaries), default=0) if adv else 0
+    name = (lambda s: f"{s.get('exp_name', ''):<{width}} ") if adv else (lambda s: "")
+    head = (f"{'run':<{width}} " if adv else "") + f"{'stage':<9} {'trainer':<8} {'k':>6} {'test top-1':>10}" \
+        + (f" {'test PGD':>9}" if adv else "")
+    lines = [f"{head} {'sparsity':>9}", "-" * (len(head) + 10)]
     for s in summaries:
-        lines.append(f"{s['stage']:<9} {s['trainer']:<8} {s['k']:>6g} {s['test_top1']:>9.2f}% "
+        pgd = (f" {s['test_adv_top1']:>8.2f}%" if "test_adv_top1" in s else f" {'-':>9}") if adv else ""
+        lines.append(f"{name(s)}{s['stage']:<9} {s['trainer']:<8} {s['k']:>6g} {s['test_top1']:>9.2f}%{pgd} "
                      f"{100 * s['sparsity']:>8.2f}%")
     return "\n".join(lines)
 

@@ -6,7 +6,8 @@ The rules, per mode:
   scores get the configured init; ``scaled_score_init`` always re-derives them from the weights.
 - finetune: the checkpoint must be pruned (scores or masks). Its stored masks are used as they
   are; a HYDRA/BiP checkpoint has none, so the selector derives them from its scores with this
-  run's k, layer type and scope (the same rule the public code applies).
+  run's k, layer type and scope (the same rule the public code applies). A dense checkpoint is
+  taken only with ``scaled_score_init``: HYDRA's magnitude baseline (``magnitude_masks``).
 - ``reset_head`` (any of the three): the source's classifier (the model's last Linear) is dropped
   and the freshly initialised one kept, so a checkpoint trained on another class count can be
   used. In finetune the new classifier stays dense: it has no learned mask to keep.
@@ -24,7 +25,7 @@ from torch import nn
 
 from configs.errors import UserError
 from engine.checkpoint import classifier_name, load_model_state
-from layers import MaskSet, init_scores
+from layers import MaskSet, init_scores, select_masks
 
 if TYPE_CHECKING:  # annotations only: trainers import engine
     from trainers.base import BaseTrainer
@@ -95,14 +96,17 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         return
     has_scores = any(k.endswith(".popup_scores") for k in state)
     masks = ckpt.get("masks")
+    dense = not has_scores and not masks
     if mode == "finetune":
-        if not has_scores and not masks:
-            raise UserError(f"{source} has no scores or masks: finetune needs the output of --exp-mode prune")
-        keys = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
-        check_matches(ckpt, run=run, keys=keys, source=source)
+        if dense and not scaled_score_init:
+            raise UserError(f"{source} has no scores or masks: finetune needs the output of --exp-mode prune, or "
+                            "pass --scaled-score-init for HYDRA's magnitude baseline (the mask is the top-k of |w|)")
+        if not dense:
+            keys = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
+            check_matches(ckpt, run=run, keys=keys, source=source)
     lacks = load_model_state(model, state, source=source, notice=notice,
                              may_lack=lambda k: k.endswith(".mask") or is_head(k)
-                             or (mode == "prune" and k.endswith(".popup_scores")))
+                             or ((mode == "prune" or dense) and k.endswith(".popup_scores")))
     if mode == "prune":
         if scaled_score_init:
             init_scores(maskset.layers, kind="scaled")
@@ -112,6 +116,11 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         maskset.step(force=True)
         return
     dense_head = {head: torch.ones_like(maskset.layers[head].mask)} if head in maskset.layers else {}
+    if dense:
+        set_stored_masks(maskset, {**magnitude_masks(maskset), **dense_head}, source)
+        notice(f"{source} is dense: HYDRA's magnitude baseline, the mask is the top-k of |w| at k={maskset.k:g} "
+               f"({maskset.granularity}, scope {maskset.scope}); no score training")
+        return
     if masks:
         set_stored_masks(maskset, {**{n: m for n, m in masks.items() if n != head}, **dense_head}, source)
         return
@@ -127,6 +136,19 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     maskset.freeze()
     if dense_head:
         set_stored_masks(maskset, {**maskset.masks(), **dense_head}, source)
+
+
+def magnitude_masks(maskset: MaskSet) -> dict[str, torch.Tensor]:
+    """HYDRA's magnitude baseline: the selector's top-k of |w| with the run's k, granularity and scope
+    (filters/channels ranked by their weights' L2 norm). The scores are set to HYDRA's scaled init
+    s = sqrt(6/fan_in) * w / max|w| (what its ``--scaled-score-init`` finetune holds). Per layer the
+    top-k of those scores is this mask (a positive factor per layer changes no ranking); over all
+    layers it is not, so the mask is taken from |w| itself, the global magnitude ranking."""
+    init_scores(maskset.layers, kind="scaled")
+    with torch.no_grad():
+        chosen = select_masks([layer.weight.abs() for layer in maskset.layers.values()], k=maskset.k,
+                              granularity=maskset.granularity, scope=maskset.scope, min_units=maskset.min_units)
+    return dict(zip(maskset.layers, chosen))
 
 
 def resume_into(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any], *, source: str,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from configs.errors import UserError
-from configs.options import BilevelOptions, LthOptions, WoodFisherOptions
+from configs.options import OBJECTIVES, BilevelOptions, LthOptions, RobustOptions, WoodFisherOptions
 from configs.schema import MODES
 from data.loaders import build_loaders
 from data.registry import DatasetSplits
@@ -99,7 +99,7 @@ KNOWN_MODES = {"base": set(MODES), "bilevel": {"prune"}, "woodfisher": {"prune"}
 
 
 def build(name: str, variant: str, mode: str, granularity: str, scope: str, *, freeze_bn: bool = False,
-          seed: int = 0, masks: dict | None = None):
+          seed: int = 0, masks: dict | None = None, robust: RobustOptions | None = None):
     """(model, mask set, trainer) as train.py sets them up for a fresh run (``masks`` None) or for a
     resumed one (``masks``: the checkpoint's, with ``frozen``)."""
     model = tiny_model(None if mode == "pretrain" else granularity, seed=seed)
@@ -109,7 +109,7 @@ def build(name: str, variant: str, mode: str, granularity: str, scope: str, *, f
         ms.step(force=True)
     trainer = TRAINERS[name](model=model, maskset=ms, mode=mode, device=CPU, weight_optim=sgd(0.1),
                              score_optim=sgd(0.2), freeze_bn=freeze_bn, progress=False, log=lambda line: None,
-                             options=trainer_options(name, variant, scope))
+                             options=trainer_options(name, variant, scope), robust=robust)
     return model, ms, trainer
 
 
@@ -273,6 +273,49 @@ def test_a_step_changes_exactly_what_the_trainer_owns(name, variant, mode, granu
     for layer in ms.layers.values():  # WoodFisher's and IMP's pruned weights are zero, not merely masked
         if "masks" in EXPECTED.get((name, mode), (set(), set()))[0]:
             assert torch.equal(layer.weight[~layer.mask], torch.zeros(int((~layer.mask).sum())))
+
+
+# -- every objective, with every trainer ---------------------------------------------------------------
+def robust_options(objective: str) -> RobustOptions:
+    return RobustOptions(objective=objective, epsilon=0.1, step_size=0.05, num_steps=2, noise_std=0.25)
+
+
+def robust_cases():
+    out = []
+    for objective in OBJECTIVES:
+        for name in TRAINERS.names():
+            for variant in VARIANTS.get(name, ("default",)):
+                for mode in MODES:
+                    g = "unstructured"
+                    try:
+                        build(name, variant, mode, g, "global", robust=robust_options(objective))
+                    except (ValueError, UserError):
+                        continue
+                    out.append(pytest.param(name, variant, mode, objective, id=f"{name}-{variant}-{mode}-{objective}"))
+    return out
+
+
+@pytest.mark.parametrize("name,variant,mode,objective", robust_cases())
+def test_a_step_on_every_objective_changes_exactly_what_the_trainer_owns(name, variant, mode, objective):
+    """The objective replaces the loss, never the trainer: a step on it moves exactly the owned
+    parameters (the attack moves none, and leaves no .grad behind) and keeps exact counts."""
+    model, ms, trainer = build(name, variant, mode, "unstructured", "global", robust=robust_options(objective))
+    params = {n for n, _ in model.named_parameters()}
+    before = snapshot(model)
+    one_epoch(trainer, one_batch_loaders(), 0)
+    assert changed(before, model) & params == owned_names(model, trainer)
+    assert model.training  # the attack's eval mode does not leak into training
+    if ms is not None:
+        assert_exact_counts(ms, density=density_after(trainer, ms, 0), scope=selection_scope(trainer, ms))
+
+
+def test_every_objective_runs_with_every_trainer_but_bip_code():
+    """bip-code (the public BiP iteration) refuses the robust objectives; every other trainer takes all."""
+    taken = {(p.values[0], p.values[1], p.values[3]) for p in robust_cases()}
+    for objective in OBJECTIVES:
+        assert ("bilevel", "paper", objective) in taken and ("woodfisher", "default", objective) in taken
+        assert ("base", "default", objective) in taken
+        assert (("bilevel", "bip-code", objective) in taken) == (objective == "natural")
 
 
 # -- checkpoint round trip --------------------------------------------------------------------------

@@ -42,3 +42,5 @@ def test_schema_choices_match_the_registries():
     assert set(schema.FIELDS["implicit_grad"].metadata["choices"]) == set(IMPLICIT_GRADS)
     from engine.evaluate import EVALUATIONS
     assert set(schema.FIELDS["val_method"].metadata["choices"]) == set(EVALUATIONS)
+    from robust import OBJECTIVES
+    assert set(schema.FIELDS["objective"].metadata["choices"]) == set(OBJECTIVES)

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from configs.options import OptionSection
+from configs.options import OptionSection, RobustOptions
 from engine.memory import MemoryNeed, size
 from engine.metrics import Average, correct_topk
 from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
 from layers import MaskSet
+from robust import build_objective
 from trainers.registry import register_trainer
 
 if TYPE_CHECKING:  # annotations only
@@ -55,7 +56,7 @@ class BaseTrainer:
                  weight_optim: OptimSettings, score_optim: OptimSettings | None = None, freeze_bn: bool = False,
                  label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
                  print_freq: int = 100, seed: int = 0, options: OptionSection | None = None,
-                 source: str | None = None) -> None:
+                 robust: RobustOptions | None = None, source: str | None = None) -> None:
         self.model = model
         self.source = source  # the --source-net checkpoint the run started from (lth finds its rewind point there)
         self.maskset = maskset
@@ -69,6 +70,9 @@ class BaseTrainer:
             options = self.Options()  # the declared defaults
         self.options = options
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # --objective (shared by every trainer, not one trainer's section): the loss of every step.
+        self.robust = robust if robust is not None else RobustOptions()
+        self.objective = build_objective(self.robust, self.criterion)
         self.settings: dict[str, OptimSettings] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.setup(weight_optim=weight_optim, score_optim=score_optim, freeze_bn=freeze_bn)
@@ -141,8 +145,7 @@ class BaseTrainer:
         """One optimisation step; returns (loss, logits, targets) of the batch it trained on."""
         x, y = self._to_device(batch)
         opt = self.optimizers["optimizer"]
-        logits = self.model(x)
-        loss = self.criterion(logits, y)
+        loss, logits = self.objective(self.model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

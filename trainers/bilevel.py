@@ -211,6 +211,11 @@ class BilevelTrainer(BaseTrainer):
     def _setup_public(self, *, weights: OptimSettings, masks: OptimSettings, freeze_bn: bool) -> None:
         """The public code's optimizers (``weights``: the weight optimizer's settings, ``masks``: the
         score optimizer's)."""
+        if self.robust.objective != "natural":
+            # Their iteration makes separate forward passes on the same upper-level batch (bilevel and prune
+            # phases); with a random attack each would see other examples, which is no longer their iteration.
+            raise UserError(f"--implicit-grad bip-code reproduces the public BiP code, which trains on natural "
+                            f"inputs only: use --implicit-grad paper with --objective {self.robust.objective}")
         if freeze_bn:
             # Their switch_to_finetune unfreezes BatchNorm at the first iteration whatever freeze_bn.
             raise UserError("--freeze-bn cannot be honoured by --implicit-grad bip-code: the public BiP code "
@@ -237,8 +242,8 @@ class BilevelTrainer(BaseTrainer):
         optimizer.step()
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return self.criterion(logits, y), logits
+        # --objective: both levels train on it (PGD examples are made at the current weights and mask)
+        return self.objective(self.model, x, y)
 
     def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (x1, y1), (x2, y2) = self._to_device(batch[0]), self._to_device(batch[1])

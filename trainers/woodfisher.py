@@ -19,6 +19,11 @@ This file is the schedule around that step:
   selection; ``--flops-target f --k 1`` runs AGP over FLOPs sparsity and keeps, per step, the
   largest ranked prefix of units within the FLOPs budget, then applies ONE update for that set.
 
+The weight steps between events train on ``--objective`` (the base trainer's step). The Fisher's
+gradients stay natural (the cross-entropy on clean inputs): a robust Fisher would need an attack
+per gradient row (m of them per event), and the OBS statistic only ranks weights by the curvature
+around the current ones; the robust fine-tuning between events then adapts the survivors.
+
 Supported granularities per method: see ``pruning.methods`` (filter/channel: group OBS on
 whole-layer blocks).
 """
