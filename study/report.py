@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from configs.errors import UserError
@@ -253,10 +253,11 @@ def layers_run(rows: list[dict[str, Any]], runs: list[Run], chosen: str | None) 
     return by_folder.get(os.path.normpath(best["finetune_run"] or best["prune_run"]))
 
 
-def report(result_dir: str, *, out: str | None = None, layers: str | None = None) -> list[str]:
-    runs = load_runs(result_dir)
+def report(result_dir: str, *, out: str | None = None, layers: str | None = None,
+           notice: Callable[[str], None] = lambda line: None) -> list[str]:
+    runs = load_runs(result_dir, notice=notice)
     if not runs:
-        raise UserError(f"no finished run (a folder with summary.json) under {result_dir}")
+        raise UserError(f"no finished run of train.py (a folder with its summary.json) under {result_dir}")
     rows = collect_rows(runs)
     out_dir = out or os.path.join(result_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers-run", help="run folder of the per-layer sparsity chart (default: the sparsest)")
     args = parser.parse_args(argv)
     try:
-        written = report(args.result_dir, out=args.out, layers=args.layers_run)
+        written = report(args.result_dir, out=args.out, layers=args.layers_run,
+                         notice=lambda line: print(f"notice: {line}", file=sys.stderr))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,19 +54,40 @@ def summary_files(root: str) -> Iterator[str]:
             yield os.path.join(folder, "summary.json")
 
 
-def load_runs(root: str) -> list[Run]:
-    """Every finished run under ``root``, sorted by folder; a summary that is not JSON is an error."""
+# What every summary.json of train.py holds and a results row needs: a file without them was not written
+# by this project (or by a version too old to report on), and is skipped rather than read as a wrong row.
+REQUIRED = ("exp_mode", "dataset", "arch", "layer_type", "k", "trainer", "seed", "test_top1")
+MODES = ("pretrain", "prune", "finetune")
+
+
+def read_summary(path: str) -> dict[str, Any] | str:
+    """The summary at ``path``, or why it cannot be reported on."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError) as exc:
+        return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if not isinstance(summary, dict):
+        return "not a run summary (a JSON object)"
+    missing = [key for key in REQUIRED if key not in summary]
+    if missing:
+        return f"not a summary of this project's train.py (no {', '.join(missing)})"
+    if summary["exp_mode"] not in MODES:
+        return f"unknown exp_mode {summary['exp_mode']!r}"
+    return summary
+
+
+def load_runs(root: str, *, notice: Callable[[str], None] = lambda line: None) -> list[Run]:
+    """Every finished run under ``root``, sorted by folder. A summary that cannot be read, or that this
+    project did not write, is skipped with a ``notice`` naming it."""
     if not os.path.isdir(root):
         raise UserError(f"{root} is not a folder: pass the --result-dir of the runs to report on")
     runs = []
     for path in summary_files(root):
-        try:
-            with open(path, encoding="utf-8") as fh:
-                summary = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read {path} ({exc}); delete that run folder or rerun it") from None
-        if not isinstance(summary, dict):
-            raise UserError(f"{path} does not hold a run summary (a JSON object); delete that run folder")
+        summary = read_summary(path)
+        if isinstance(summary, str):
+            notice(f"skipped {path}: {summary}")
+            continue
         runs.append(Run(folder=os.path.dirname(path), summary=summary))
     return sorted(runs, key=lambda r: r.folder)
 

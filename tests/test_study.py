@@ -269,16 +269,28 @@ def test_report_links_prune_and_finetune_runs_and_writes_csv_table_and_plots(tmp
     assert len(pngs) == 2 and all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
-def test_report_of_nothing_or_of_a_broken_summary_is_one_line(tmp_path, capsys):
+def test_report_of_nothing_is_one_line_and_foreign_or_broken_summaries_are_skipped_with_a_notice(tmp_path, capsys):
     assert study_report.main([str(tmp_path / "missing")]) == 2
     assert study_report.main([str(tmp_path)]) == 2
-    folder = tmp_path / "x" / "prune" / "1--k-0.1"
-    folder.mkdir(parents=True)
-    (folder / "summary.json").write_text("{not json")
-    assert study_report.main([str(tmp_path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and all(line.startswith("error: ") for line in lines)
-    assert "summary.json" in lines[2]
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    broken = tmp_path / "x" / "prune" / "1--k-0.1"
+    foreign = tmp_path / "other_project" / "run7"
+    for folder in (broken, foreign):
+        folder.mkdir(parents=True)
+    (broken / "summary.json").write_text('{"exp_mode": "prune", "dataset": "Dig')  # cut by a copy
+    (foreign / "summary.json").write_text('{"accuracy": 0.9, "epochs": 3}')
+    assert study_report.main([str(tmp_path)]) == 2  # nothing left to report on
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no finished run") and len(err) == 3
+    assert err[0].startswith(f"notice: skipped {foreign / 'summary.json'}: not a summary of this project")
+    assert err[1].startswith(f"notice: skipped {broken / 'summary.json'}: unreadable (JSONDecodeError")
+    fake_run(str(tmp_path), "good", "pretrain", 1)
+    assert study_report.main([str(tmp_path)]) == 0  # the good run is reported, the others named and skipped
+    out, err = capsys.readouterr()
+    assert "report of 1 rows" in out and err.count("notice: skipped") == 2
+    rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
+    assert [r["method"] for r in rows] == ["dense"]
 
 
 def test_the_newest_finished_run_is_found_by_reading_not_by_sorting_names(tmp_path):
