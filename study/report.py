@@ -132,8 +132,10 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Per (dataset, arch, layer type): final top-1 as mean ± std over seeds (n seeds) per method and k."""
+def markdown_table(rows: list[dict[str, Any]], *, ks: Sequence[float] | None = None) -> str:
+    """Per (dataset, arch, layer type): final top-1 as mean ± std over seeds (n seeds) per method and k.
+    ``ks``: only these columns; a method with no run at a column's k (IMP, whose rounds sit at 0.8^r)
+    shows its nearest density within 10 %, named in the cell."""
     out = []
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -142,18 +144,23 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     dense = dense_top1(rows)
     for key in sorted(groups):
         members = groups[key]
-        ks = sorted({float(r["k"]) for r in members}, reverse=True)
+        columns = sorted(ks or {float(r["k"]) for r in members}, reverse=True)
         methods = sorted({str(r["method"]) for r in members})
         ref = dense.get(key[:2])
         out.append(f"**{key[0]}, {key[1]}, {key[2]}**"
                    + (f" (dense: {mean_std(ref)} %)" if ref else "") + "\n")
-        out.append("| method | " + " | ".join(f"k = {k:g}" for k in ks) + " |")
-        out.append("|---|" + "---|" * len(ks))
+        out.append("| method | " + " | ".join(f"k = {k:g}" for k in columns) + " |")
+        out.append("|---|" + "---|" * len(columns))
         for method in methods:
             cells = []
-            for k in ks:
-                vals = [float(r["top1"]) for r in members if r["method"] == method and float(r["k"]) == k]
-                cells.append(f"{mean_std(vals)} ({len(vals)})" if vals else "")
+            own = sorted({float(r["k"]) for r in members if r["method"] == method})
+            for k in columns:
+                near = min(own, key=lambda d: abs(d - k))
+                if near != k and (ks is None or abs(near - k) > 0.1 * k):
+                    cells.append("")
+                    continue
+                vals = [float(r["top1"]) for r in members if r["method"] == method and float(r["k"]) == near]
+                cells.append(f"{mean_std(vals)} ({len(vals)})" + (f" at k = {near:g}" if near != k else ""))
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -253,7 +260,7 @@ def layers_run(rows: list[dict[str, Any]], runs: list[Run], chosen: str | None) 
     return by_folder.get(os.path.normpath(best["finetune_run"] or best["prune_run"]))
 
 
-def report(result_dir: str, *, out: str | None = None, layers: str | None = None,
+def report(result_dir: str, *, out: str | None = None, layers: str | None = None, ks: Sequence[float] | None = None,
            notice: Callable[[str], None] = lambda line: None) -> list[str]:
     runs = load_runs(result_dir, notice=notice)
     if not runs:
@@ -264,7 +271,7 @@ def report(result_dir: str, *, out: str | None = None, layers: str | None = None
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "table.md")]
     write_csv(rows, written[0])
     with open(written[1], "w", encoding="utf-8") as fh:
-        fh.write(markdown_table(rows) + "\n")
+        fh.write(markdown_table(rows, ks=ks) + "\n")
     written += plot_accuracy(rows, out_dir)
     chart_run = layers_run(rows, runs, layers)
     if chart_run is not None:
@@ -279,9 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("result_dir", help="the --result-dir of the runs (searched recursively)")
     parser.add_argument("--out", help="where to write (default RESULT_DIR/report)")
     parser.add_argument("--layers-run", help="run folder of the per-layer sparsity chart (default: the sparsest)")
+    parser.add_argument("--ks", type=float, nargs="+", help="columns of table.md: these densities only (IMP shows "
+                        "its nearest round within 10 %%, named in the cell); default: every density found")
     args = parser.parse_args(argv)
     try:
-        written = report(args.result_dir, out=args.out, layers=args.layers_run,
+        written = report(args.result_dir, out=args.out, layers=args.layers_run, ks=args.ks,
                          notice=lambda line: print(f"notice: {line}", file=sys.stderr))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
