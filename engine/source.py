@@ -124,7 +124,7 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     if masks:
         set_stored_masks(maskset, {**{n: m for n, m in masks.items() if n != head}, **dense_head}, source)
         return
-    if not ckpt.get("config") and maskset.granularity != "unstructured" and maskset.scope == "global":
+    if not ckpt.get("config") and maskset.granularity in ("filter", "channel") and maskset.scope == "global":
         # BiP selects filters/channels layer by layer (HYDRA has no structured masks): a global
         # selection would give another mask than the one the checkpoint was trained with.
         raise UserError(f"{source} is a public BiP {maskset.granularity} checkpoint, whose masks are chosen per "
@@ -147,7 +147,8 @@ def magnitude_masks(maskset: MaskSet) -> dict[str, torch.Tensor]:
     init_scores(maskset.layers, kind="scaled")
     with torch.no_grad():
         chosen = select_masks([layer.weight.abs() for layer in maskset.layers.values()], k=maskset.k,
-                              granularity=maskset.granularity, scope=maskset.scope, min_units=maskset.min_units)
+                              granularity=maskset.granularity, scope=maskset.scope, min_units=maskset.min_units,
+                              nm=maskset.nm)
     return dict(zip(maskset.layers, chosen))
 
 
