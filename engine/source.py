@@ -103,6 +103,8 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
                             "pass --scaled-score-init for HYDRA's magnitude baseline (the mask is the top-k of |w|)")
         if not dense:
             keys = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
+            if run.get("layer_type") == "nm":  # 2:4 and 4:8 share k = 0.5: the pattern itself must match
+                keys += ("nm",)
             check_matches(ckpt, run=run, keys=keys, source=source)
     lacks = load_model_state(model, state, source=source, notice=notice,
                              may_lack=lambda k: k.endswith(".mask") or is_head(k)

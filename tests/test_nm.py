@@ -273,6 +273,16 @@ def test_nm_runs_on_digits_and_export(tmp_path, capsys, digits_pretrained):
         assert sorted(ckpt["masks"]) == ["conv2", "conv3", "fc1", "fc2"]
         for mask in ckpt["masks"].values():
             assert bool((groups(mask, 4).sum(1) == 2).all())
+    hydra = glob.glob(str(tmp_path / "res" / "hydra" / "prune" / "*" / "checkpoint" / "model_best.pth.tar"))[0]
+    finetune = ["--exp-mode", "finetune", "--layer-type", "nm", "--k", "0.5", "--exclude-layers", "conv1",
+                "--source-net", hydra, "--result-dir", str(tmp_path / "res"), "--exp-name", "ft", *QUICK]
+    assert train.main([*finetune, "--nm", "4:8"]) == 2  # same k, another pattern: refused
+    assert "written with nm='2:4'" in capsys.readouterr().err
+    assert train.main(finetune) == 0
+    ft = glob.glob(str(tmp_path / "res" / "ft" / "finetune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0]
+    hydra_masks = load_checkpoint(hydra)["masks"]
+    for name, mask in load_checkpoint(ft)["masks"].items():
+        assert torch.equal(mask, hydra_masks[name])  # fine-tuning keeps the 2:4 mask
     model = train_model_from(path)
     result = export_model(model, example=torch.zeros(1, 1, 8, 8), format="sparse", path=str(tmp_path / "m.pth"))
     assert result.max_abs_diff == 0.0
