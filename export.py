@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from configs.errors import UserError, one_line
-from configs.options import ExportOptions, check_fields
+from configs.options import ExportOptions, check_fields, parse_nm
 from deploy.api import check_request, export_model
 from engine.checkpoint import classifier_name, load_checkpoint, load_model_state
 from engine.source import set_stored_masks
@@ -81,7 +81,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
     load_model_state(model, state, source=source, notice=lambda line: None)
     if masks and layer_type != "dense":
         maskset = MaskSet(model, k=config.get("k", 1.0), granularity=layer_type, scope=config.get("scope", "global"),
-                          min_units=config.get("layer_floor"))
+                          min_units=config.get("layer_floor"),
+                          nm=parse_nm(config.get("nm", "2:4")) if layer_type == "nm" else None)
         set_stored_masks(maskset, masks, source)
     return model.eval(), torch.zeros(1, channels, side, side)
 

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from configs.errors import RunStopped, UserError, one_line
-from configs.options import FisherOptions, OptionSection, RobustOptions
+from configs.options import FisherOptions, OptionSection, RobustOptions, parse_nm
 from configs.schema import Config, Options, read_options, resumed_config
 from data import DatasetSplits, Loaders, build_dataset, build_loaders
 from engine.checkpoint import (
@@ -44,7 +44,7 @@ from engine.memory import activation_bytes_per_sample, check_fits, meta_model, m
 from engine.optim import OptimSettings
 from engine.run_log import RunLog, csv_history, sparsity_table
 from engine.source import load_source, load_trainer_state, resume_into
-from layers import MaskSet, SelectionError, to_masked
+from layers import MaskSet, NMShapeError, SelectionError, to_masked
 from layers.convert import MASKED_TYPES, exclusion_patterns
 from models import build_model
 from pruning.cost import model_cost
@@ -230,7 +230,12 @@ def run(options: Options) -> int:
         except ValueError as exc:
             raise UserError(f"--exclude-layers: {exc}") from None
         try:
-            maskset = MaskSet(model, k=cfg.k, granularity=cfg.layer_type, scope=cfg.scope, min_units=cfg.layer_floor)
+            maskset = MaskSet(model, k=cfg.k, granularity=cfg.layer_type, scope=cfg.scope, min_units=cfg.layer_floor,
+                              nm=parse_nm(cfg.nm) if cfg.layer_type == "nm" else None)
+        except NMShapeError as exc:
+            # The fix is one flag: the user's own exclusions plus these layers.
+            keep = ",".join(exclusion_patterns(cfg.exclude_layers) + exc.names)
+            raise UserError(f"--layer-type nm: {exc}; keep them dense with --exclude-layers {keep}") from None
         except SelectionError as exc:
             raise UserError(str(exc)) from None
         if not maskset.layers and cfg.exclude_layers:
@@ -239,6 +244,10 @@ def run(options: Options) -> int:
         if not maskset.layers:
             raise UserError(f"--layer-type {cfg.layer_type} masks convolutions only (linear layers stay dense, as in "
                             f"BiP) and {cfg.arch} has none: use --layer-type unstructured")
+        if maskset.nm is not None:
+            kept, group = maskset.nm
+            notices.append(f"N:M masks: every group of {group} consecutive input channels/features keeps its {kept} "
+                           f"highest-scoring weights (--scope {cfg.scope} does not apply)")
         if cfg.scope == "global" and maskset.min_units:
             unit = {"filter": "filter", "channel": "channel"}.get(cfg.layer_type, "weight")
             notices.append(f"every masked layer keeps at least {maskset.min_units} {unit}(s) "
@@ -323,8 +332,8 @@ def run(options: Options) -> int:
         log.info(f"run folder: {run_dir}")
         for line in notices:
             log.info(line)
-        log.info(f"{cfg.exp_mode} {cfg.arch} on {cfg.dataset} with trainer {cfg.trainer}, "
-                 f"layer type {cfg.layer_type if maskset else 'dense'}, "
+        layer_type = cfg.layer_type + (f" {cfg.nm}" if cfg.layer_type == "nm" else "") if maskset else "dense"
+        log.info(f"{cfg.exp_mode} {cfg.arch} on {cfg.dataset} with trainer {cfg.trainer}, layer type {layer_type}, "
                  f"k {cfg.k:g} ({cfg.scope}), {cfg.epochs} epochs, device {device}"
                  + (f", resuming after epoch {state.start_epoch}" if resume is not None else ""))
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,

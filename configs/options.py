@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -54,6 +55,26 @@ def fraction(*, low_open: bool, high_open: bool) -> Check:
         span = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
         return None if (low_ok and high_ok and not math.isnan(v)) else f"must be in {span}"
     return check
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """``--nm N:M`` as (N, M): N kept in every group of M, 0 < N < M. ValueError says what is wrong."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if match is None:
+        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 124: the hint says how to write it.
+        raise ValueError("must be N:M, e.g. 2:4 (in YAML quote it: nm: '2:4')")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError("must be N:M with 0 < N < M (N kept in every group of M weights), e.g. 2:4")
+    return n, m
+
+
+def nm_pattern(v: str) -> str | None:
+    try:
+        parse_nm(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 S = TypeVar("S", bound="OptionSection")

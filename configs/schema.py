@@ -33,12 +33,14 @@ from configs.options import (
     check_fields,
     finite_non_negative,
     fraction,
+    nm_pattern,
     non_negative,
     opt,
+    parse_nm,
 )
 
 MODES = ("pretrain", "prune", "finetune")
-LAYER_TYPES = ("dense", "unstructured", "filter", "channel")
+LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
 SCOPES = ("global", "layer")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 SCHEDULES = ("constant", "cosine", "step")
@@ -62,7 +64,10 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
     arch: str = opt("smallcnn", "architecture name (see the README for the list)", group="model")
     num_classes: int | None = opt(None, "number of classes; must match the dataset (default: the dataset's)",
                                   group="model")
-    layer_type: str = opt("unstructured", "mask granularity; dense = plain layers, no mask", LAYER_TYPES, "model")
+    layer_type: str = opt("unstructured", "mask granularity; dense = plain layers, no mask; nm = N:M semi-structured "
+                          "(see --nm)", LAYER_TYPES, "model")
+    nm: str = opt("2:4", "with --layer-type nm: keep N of every M consecutive weights along the input dimension "
+                  "(--k must be N/M; --scope does not apply)", group="model", check=nm_pattern)
     k: float = opt(1.0, "density: fraction of weights (or filters/channels) KEPT, in (0, 1]", group="model")
     scope: str = opt("global", "global: one top-k over all layers (BiP); layer: k in every layer (HYDRA)", SCOPES,
                      "model")
@@ -139,8 +144,8 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
         if self.exp_mode == "pretrain" and self.k != 1.0:
             raise bad(f"pretrain trains every weight: --k must be 1.0 (got {self.k}); use --exp-mode prune to prune")
         if self.exp_mode in ("prune", "finetune") and self.layer_type == "dense":
-            raise bad(f"--exp-mode {self.exp_mode} needs a masked layer: pass --layer-type unstructured, filter or "
-                      "channel")
+            raise bad(f"--exp-mode {self.exp_mode} needs a masked layer: pass --layer-type unstructured, filter, "
+                      "channel or nm")
         if self.exp_mode in ("prune", "finetune") and not self.source_net and not self.resume:
             what = "a pretrained checkpoint" if self.exp_mode == "prune" else "a pruned checkpoint"
             raise bad(f"--exp-mode {self.exp_mode} needs --source-net: pass {what} (.pth.tar)")
@@ -166,8 +171,21 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
             raise bad(f"--rewind-epoch is for pretrain (which saves the weights) and --trainer lth (which rewinds to "
                       f"them); {self.exp_mode} with --trainer {self.trainer} does not rewind: drop --rewind-epoch")
         check_fields(self)  # each option's own check, declared with it (configs.options.opt)
+        if self.layer_type == "nm" and self.exp_mode in ("prune", "finetune"):
+            self._check_nm()
         RobustOptions.of(self).check_combination(normalize=self.normalize)
         return self
+
+    def _check_nm(self) -> None:
+        """N:M fixes the density (k = N/M in every group): a different --k is refused rather than
+        silently overridden, and the per-layer floor has nothing to do (every layer keeps N/M)."""
+        n, m = parse_nm(self.nm)
+        if abs(self.k - n / m) > 1e-9:
+            raise UserError(f"--layer-type nm --nm {n}:{m} keeps {n} of every {m} weights, a density of {n / m!r}: "
+                            f"pass --k {n / m!r} (got --k {self.k!r})")
+        if self.layer_floor is not None:
+            raise UserError(f"--layer-floor does not apply to --layer-type nm (every layer keeps {n} of every {m} "
+                            "weights): drop --layer-floor")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

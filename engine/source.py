@@ -102,7 +102,9 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
             raise UserError(f"{source} has no scores or masks: finetune needs the output of --exp-mode prune, or "
                             "pass --scaled-score-init for HYDRA's magnitude baseline (the mask is the top-k of |w|)")
         if not dense:
-            keys = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
+            keys: tuple[str, ...] = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
+            if run.get("layer_type") == "nm":  # 2:4 and 4:8 share k = 0.5: the pattern itself must match
+                keys += ("nm",)
             check_matches(ckpt, run=run, keys=keys, source=source)
     lacks = load_model_state(model, state, source=source, notice=notice,
                              may_lack=lambda k: k.endswith(".mask") or is_head(k)
@@ -124,7 +126,7 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     if masks:
         set_stored_masks(maskset, {**{n: m for n, m in masks.items() if n != head}, **dense_head}, source)
         return
-    if not ckpt.get("config") and maskset.granularity != "unstructured" and maskset.scope == "global":
+    if not ckpt.get("config") and maskset.granularity in ("filter", "channel") and maskset.scope == "global":
         # BiP selects filters/channels layer by layer (HYDRA has no structured masks): a global
         # selection would give another mask than the one the checkpoint was trained with.
         raise UserError(f"{source} is a public BiP {maskset.granularity} checkpoint, whose masks are chosen per "
@@ -147,7 +149,8 @@ def magnitude_masks(maskset: MaskSet) -> dict[str, torch.Tensor]:
     init_scores(maskset.layers, kind="scaled")
     with torch.no_grad():
         chosen = select_masks([layer.weight.abs() for layer in maskset.layers.values()], k=maskset.k,
-                              granularity=maskset.granularity, scope=maskset.scope, min_units=maskset.min_units)
+                              granularity=maskset.granularity, scope=maskset.scope, min_units=maskset.min_units,
+                              nm=maskset.nm)
     return dict(zip(maskset.layers, chosen))
 
 

@@ -5,7 +5,7 @@ their masked twins with the same weights; ``to_dense`` and ``dense_state_dict`` 
 masks applied, giving a model / state dict that loads strictly into the plain architecture.
 
 Which layers are masked depends on the granularity (``MASKED_TYPES``): every conv and linear layer
-for unstructured masks; convolutions only for filter and channel masks, as in BiP (its
+for unstructured and N:M masks; convolutions only for filter and channel masks, as in BiP (its
 ``get_layers`` returns a plain nn.Linear for them). A filter of a classifier is an output class,
 so masking linear rows would delete classes; and BiP's structured checkpoints have no scores for
 their linear layers, so they load here only if those layers stay plain.
@@ -61,6 +61,7 @@ MASKED_TYPES: dict[str, tuple[type, ...]] = {
     "unstructured": (nn.Conv2d, nn.Linear),
     "filter": (nn.Conv2d,),
     "channel": (nn.Conv2d,),
+    "nm": (nn.Conv2d, nn.Linear),  # N:M keeps N/M of every row, so no class is ever removed
 }
 
 

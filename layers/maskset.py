@@ -23,12 +23,29 @@ from torch import nn
 
 from layers.convert import masked_layers
 from layers.masked import MaskedLayer
-from layers.selector import IncrementalTopK, check_floor, n_keep, select_masks, unit_counts
+from layers.selector import (
+    IncrementalTopK,
+    SelectionError,
+    check_floor,
+    n_keep,
+    nm_group_dim,
+    select_masks,
+    unit_counts,
+)
 
 # The per-layer floor of a global selection when none is given: a structured selection keeps at
 # least one filter/channel in every layer, because a layer with none left cuts the network in two
 # (everything after it sees a constant). Unstructured global masks keep BiP's semantics (no floor).
-DEFAULT_MIN_UNITS = {"unstructured": 0, "filter": 1, "channel": 1}
+DEFAULT_MIN_UNITS = {"unstructured": 0, "filter": 1, "channel": 1, "nm": 0}
+
+
+class NMShapeError(SelectionError):
+    """Masked layers whose input dimension is not a multiple of M (``names``): they cannot hold an
+    N:M mask and must stay dense (``--exclude-layers``)."""
+
+    def __init__(self, message: str, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
 
 
 @dataclass(frozen=True)
@@ -45,13 +62,18 @@ class LayerSparsity:
 
 class MaskSet:
     def __init__(self, model: nn.Module, *, k: float, granularity: str, scope: str,
-                 min_units: int | None = None) -> None:
+                 min_units: int | None = None, nm: tuple[int, int] | None = None) -> None:
         """min_units: per-layer floor (None: ``DEFAULT_MIN_UNITS`` of the granularity). Raises
-        ``SelectionError`` when the floors of a global selection do not fit in its budget."""
+        ``SelectionError`` when the floors of a global selection do not fit in its budget.
+        nm: (N, M) for granularity ``nm`` (k, scope and min_units then do not choose the masks);
+        ``NMShapeError`` names the layers whose input dimension is not a multiple of M."""
         self.layers: dict[str, MaskedLayer] = masked_layers(model)
         self.k = k
         self.granularity = granularity
         self.scope = scope
+        self.nm = nm if granularity == "nm" else None
+        if granularity == "nm":
+            self._check_nm(nm)
         self.min_units = DEFAULT_MIN_UNITS[granularity] if min_units is None else min_units
         if scope == "global" and self.min_units and self.layers:
             check_floor(self.unit_counts(), k=k, min_units=self.min_units)
@@ -66,6 +88,21 @@ class MaskSet:
             groups = [layers] if scope == "global" else [[layer] for layer in layers]
             self._incremental = [(group, IncrementalTopK()) for group in groups]
         self._hook = model.register_forward_pre_hook(self._before_forward)
+
+    def _check_nm(self, nm: tuple[int, int] | None) -> None:
+        if nm is None:
+            raise ValueError("granularity 'nm' needs its pattern: pass nm=(N, M)")
+        n, m = nm
+        if not 0 < n < m:
+            raise ValueError(f"an N:M pattern needs 0 < N < M, got {n}:{m}")
+        # Refused, not skipped: a layer kept dense behind the user's back would change what k means
+        # and what the checkpoint holds; --exclude-layers makes the choice visible and recorded.
+        bad = {name: nm_group_dim(layer.weight.shape) for name, layer in self.layers.items()
+               if nm_group_dim(layer.weight.shape) % m}
+        if bad:
+            listed = ", ".join(f"{name} ({dim})" for name, dim in bad.items())
+            raise NMShapeError(f"N:M {n}:{m} groups {m} consecutive input channels/features, but these layers have "
+                               f"an input dimension that is not a multiple of {m}: {listed}", list(bad))
 
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.step()  # must return None: a pre-hook's return value would replace the input
@@ -87,7 +124,8 @@ class MaskSet:
                                          count)
             else:
                 masks = select_masks([layer.popup_scores for layer in self.layers.values()], k=self.k,
-                                     granularity=self.granularity, scope=self.scope, min_units=self.min_units)
+                                     granularity=self.granularity, scope=self.scope, min_units=self.min_units,
+                                     nm=self.nm)
                 for layer, mask in zip(self.layers.values(), masks):
                     layer.mask.copy_(mask)
         self._seen = self._score_versions()
@@ -145,12 +183,12 @@ class MaskSet:
         return unit_counts([layer.weight.shape for layer in self.layers.values()], self.granularity)
 
     def state_dict(self) -> dict:
-        return {"k": self.k, "granularity": self.granularity, "scope": self.scope,
+        return {"k": self.k, "granularity": self.granularity, "scope": self.scope, "nm": self.nm,
                 "min_units": self.min_units, "frozen": self.frozen, "masks": self.masks()}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("k", "granularity", "scope"):
-            if state[key] != getattr(self, key):
+        for key in ("k", "granularity", "scope", "nm"):
+            if state.get(key) != getattr(self, key):
                 raise ValueError(f"mask set {key} is {state[key]!r} in the state, {getattr(self, key)!r} here")
         self.set_masks(state["masks"])
         self.frozen = bool(state["frozen"])

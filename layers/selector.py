@@ -29,6 +29,16 @@ Everywhere else the counts are identical.
 
 The selector never sorts: it finds the n_keep-th largest unit score with a partial
 ``torch.topk`` (a selection) and only counts/cumsums the entries equal to it when there is a tie.
+
+N:M masks (granularity ``nm``, pattern (N, M)): every group of M consecutive weights along the
+input dimension keeps exactly the N with the largest |score|; k, scope and floors do not apply
+(the density is N/M in every group, hence in every layer). Groups follow NVIDIA's 2:4 convention
+(ASP): a Linear weight (out, in) is grouped along ``in`` in each row; a Conv2d weight
+(out, in, kh, kw) along the input channels at each (out, kh, kw) position, i.e. in the
+(out, kh, kw, in) order. That is the order in which sparse tensor cores reduce a convolution run as
+an implicit GEMM over channels-last input, so a mask chosen here is one the hardware accelerates; it
+also means that a layer qualifies when its input channels (features) are a multiple of M, whatever
+its kernel. Ties inside a group keep the higher input index, the same rule as above.
 """
 from __future__ import annotations
 
@@ -38,7 +48,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-GRANULARITIES = ("unstructured", "filter", "channel")
+GRANULARITIES = ("unstructured", "filter", "channel", "nm")
+STRUCTURED = ("filter", "channel")  # units of several weights; the others rank weight by weight
 SCOPES = ("global", "layer")
 
 
@@ -99,8 +110,8 @@ UNIT_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def expand_units(keep: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
-    """Broadcast a per-unit boolean vector to a full weight-shaped boolean mask."""
-    if granularity == "unstructured":
+    """Broadcast a per-unit boolean vector to a full weight-shaped boolean mask (N:M units are weights)."""
+    if granularity in ("unstructured", "nm"):
         return keep.view(shape)
     extra = [1] * (len(shape) - 2)
     if granularity == "filter":
@@ -161,11 +172,55 @@ def global_ranking(units: Sequence[torch.Tensor], *, min_units: int = 0) -> torc
 
 
 def unit_counts(shapes: Sequence[torch.Size], granularity: str) -> list[int]:
-    """Number of selectable units of each layer."""
-    if granularity == "unstructured":
+    """Number of selectable units of each layer (weights for N:M masks)."""
+    if granularity in ("unstructured", "nm"):
         return [int(torch.Size(s).numel()) for s in shapes]
     dim = 0 if granularity == "filter" else 1
     return [int(s[dim]) for s in shapes]
+
+
+def nm_group_dim(shape: Sequence[int]) -> int:
+    """Length of the dimension N:M groups run along: input channels (Conv2d) or features (Linear)."""
+    return int(shape[1])
+
+
+def _nm_groups(t: torch.Tensor, m: int) -> torch.Tensor:
+    """(groups, m) view of a weight-shaped tensor in the N:M group order (module docstring)."""
+    return t.movedim(1, -1).reshape(-1, m)
+
+
+def _nm_weight_shaped(groups: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of ``_nm_groups``."""
+    moved = (shape[0], *shape[2:], shape[1])
+    return groups.reshape(moved).movedim(-1, 1).contiguous()
+
+
+def check_nm_shape(shape: Sequence[int], nm: tuple[int, int]) -> None:
+    """ValueError unless the group dimension of a weight of ``shape`` is a multiple of M."""
+    n, m = nm
+    if not 0 < n < m:
+        raise ValueError(f"an N:M pattern needs 0 < N < M, got {n}:{m}")
+    if len(shape) < 2 or nm_group_dim(shape) % m:
+        raise ValueError(f"N:M groups of {m} need an input dimension that is a multiple of {m}, "
+                         f"got a weight of shape {tuple(shape)}")
+
+
+def select_nm(scores: torch.Tensor, nm: tuple[int, int], *, check: bool = True) -> torch.Tensor:
+    """Boolean weight-shaped mask keeping, in every group of M, the N weights of largest |score|.
+
+    A stable ascending sort of each group's M values (M is small: 4 or 8) lists equal values by
+    increasing index; the last N positions are kept, so ties keep the higher index, as in
+    ``top_units``. Costs one sort of M values per group, no global threshold.
+    """
+    n, m = nm
+    check_nm_shape(scores.shape, nm)
+    values = _nm_groups(scores.detach().abs(), m)
+    if check:
+        check_finite(values)
+    order = torch.sort(values, dim=1, stable=True).indices
+    keep = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    keep.scatter_(1, order[:, m - n:], True)
+    return _nm_weight_shaped(keep, scores.shape)
 
 
 def select_masks(
@@ -176,6 +231,7 @@ def select_masks(
     scope: str,
     min_units: int = 0,
     check: bool = True,
+    nm: tuple[int, int] | None = None,
 ) -> list[torch.Tensor]:
     """Boolean masks (weight-shaped) keeping the top-``k`` fraction of units.
 
@@ -184,7 +240,14 @@ def select_masks(
     min_units: per-layer floor; every layer keeps at least this many of its best units
         (only changes which units a global selection keeps, never the total).
     check: refuse NaN scores (a host synchronisation; see ``top_units``).
+    nm: (N, M) for granularity ``nm``, which keeps N in every group of M whatever k, scope and
+        min_units say (``select_nm``).
     """
+    if granularity == "nm":
+        if nm is None:
+            raise ValueError("granularity 'nm' needs its pattern: pass nm=(N, M)")
+        with torch.no_grad():
+            return [select_nm(s, nm, check=check) for s in scores]
     if granularity not in UNIT_SCORES:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
     if scope not in SCOPES:

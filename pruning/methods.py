@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from configs.registry import Registry
+from layers.selector import GRANULARITIES, STRUCTURED
 from pruning.obs import (
     diagonal_fisher_statistic,
     diagonal_fisher_update,
@@ -31,8 +32,6 @@ from pruning.obs import (
     woodtaylor_update,
     zero_update,
 )
-
-GRANULARITIES = ("unstructured", "filter", "channel")
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,10 @@ class PruneMethod:
 
     @property
     def granularities(self) -> tuple[str, ...]:
+        """Every method ranks single weights, hence unstructured and N:M masks (a per-group top-N of
+        the per-weight statistic); filters/channels need a group version or an additive statistic."""
         grouped = self.group_statistic is not None or self.additive
-        return GRANULARITIES if grouped else ("unstructured",)
+        return tuple(g for g in GRANULARITIES if grouped or g not in STRUCTURED)
 
     @property
     def compensates(self) -> bool:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from layers.masked import MaskedLayer
-from layers.selector import expand_units, select_masks
+from layers.selector import STRUCTURED, expand_units, select_masks
 from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from pruning.gradients import collect_gradients
 from pruning.methods import PruneMethod
@@ -108,9 +108,15 @@ class OBSSolver:
     """One OBS step on ``layers`` (see the module docstring)."""
 
     def __init__(self, layers: dict[str, MaskedLayer], *, granularity: str, method: PruneMethod,
-                 fisher: FisherSettings | None = None, device: torch.device | str | None = None) -> None:
+                 fisher: FisherSettings | None = None, device: torch.device | str | None = None,
+                 nm: tuple[int, int] | None = None) -> None:
+        """nm: (N, M) for granularity ``nm``: the per-weight statistic, a per-group top-N selection,
+        and the unstructured update for the removed set (see ``prune_to``)."""
         if granularity not in method.granularities:
             raise ValueError(f"prune method {method.name} does not support {granularity} masks")
+        if granularity == "nm" and nm is None:
+            raise ValueError("granularity 'nm' needs its pattern: pass nm=(N, M)")
+        self.nm = nm if granularity == "nm" else None
         if not layers:
             raise ValueError("the solver needs at least one masked layer")
         self.layers = layers
@@ -137,7 +143,7 @@ class OBSSolver:
 
     # -- gradients ------------------------------------------------------------------------------
     def _grouped(self) -> bool:
-        return self.granularity != "unstructured" and self.method.group_statistic is not None
+        return self.granularity in STRUCTURED and self.method.group_statistic is not None
 
     def _offloaded(self) -> bool:
         return self.fisher.offload and self.device.type == "cuda"  # on a CPU there is nowhere to offload to
@@ -186,7 +192,7 @@ class OBSSolver:
         w = torch.cat([layer.weight.detach().reshape(-1) for layer in layers])
         alive = torch.cat([layer.mask.reshape(-1) for layer in layers])
         perm, gsize = None, 1
-        if self.granularity != "unstructured":
+        if self.granularity in STRUCTURED:
             perm, gsize = group_permutation(shape=layers[0].weight.shape, granularity=self.granularity,
                                             device=self.device)
         cols = None
@@ -266,7 +272,7 @@ class OBSSolver:
                 layer = self.layers[group.names[0]]
                 out[group.names[0]] = expand_units((stat / p.group_size).sqrt(), layer.weight.shape, self.granularity)
                 continue
-            if self.granularity != "unstructured":
+            if self.granularity in STRUCTURED:
                 stat = stat.sqrt()  # additive: a group's L2 norm of sqrt(stat) is sqrt(sum of stat)
             out.update(self._split(group, p.perm, stat.reshape(-1)))
         return out
@@ -285,11 +291,13 @@ class OBSSolver:
     def prune_to(self, density: float, *, scope: str, min_units: int = 0, scale: float = 1.0,
                  joint: bool = True, scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Score (or use ``scores``), keep exactly n_keep(density, N) units with the shared selector,
-        apply the update, zero the pruned weights and install the masks; returns the new masks."""
+        apply the update, zero the pruned weights and install the masks; returns the new masks.
+        N:M masks keep N per group of M whatever ``density`` and ``scope`` say; the update is the
+        per-weight one (joint or sum over each Fisher block's removed set), as for unstructured masks."""
         scores = self.scores() if scores is None else scores
         names = list(self.layers)
         masks = select_masks([scores[n] for n in names], k=density, granularity=self.granularity, scope=scope,
-                             min_units=min_units, check=False)
+                             min_units=min_units, check=False, nm=self.nm)
         new = dict(zip(names, masks))
         self.compensate(new, scale=scale, joint=joint)
         return new

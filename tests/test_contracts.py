@@ -32,7 +32,10 @@ from trainers import TRAINERS
 
 CPU = torch.device("cpu")
 SCOPES = ("global", "layer")
-K = {"unstructured": 0.4, "filter": 0.5, "channel": 0.5}
+K = {"unstructured": 0.4, "filter": 0.5, "channel": 0.5, "nm": 0.5}
+NM = (2, 4)  # the N:M pattern of the "nm" cases (k = N/M above)
+# N:M selects inside groups, so its scope is moot: one scope is enough for its cases.
+NM_SCOPES = ("global",)
 
 
 # -- a tiny model and one-batch loaders ----------------------------------------------------------
@@ -45,8 +48,14 @@ def tiny_model(granularity: str | None, seed: int = 0) -> nn.Module:
                           nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
                           nn.Linear(4 * 2 * 2, 6))
     if granularity is not None:
-        to_masked(model, granularity=granularity)
+        # N:M groups run along the input channels: the first conv (1 channel) cannot hold a 2:4 mask,
+        # so it stays dense, as train.py asks the user to (--exclude-layers).
+        to_masked(model, granularity=granularity, exclude=["0"] if granularity == "nm" else None)
     return model
+
+
+def mask_set(model: nn.Module, *, k: float, granularity: str, scope: str) -> MaskSet:
+    return MaskSet(model, k=k, granularity=granularity, scope=scope, nm=NM if granularity == "nm" else None)
 
 
 class KeyedTensors(torch.utils.data.Dataset):
@@ -105,7 +114,7 @@ def build(name: str, variant: str, mode: str, granularity: str, scope: str, *, f
     model = tiny_model(None if mode == "pretrain" else granularity, seed=seed)
     ms = None
     if mode != "pretrain":
-        ms = MaskSet(model, k=K[granularity], granularity=granularity, scope=scope)
+        ms = mask_set(model, k=K[granularity], granularity=granularity, scope=scope)
         ms.step(force=True)
     trainer = TRAINERS[name](model=model, maskset=ms, mode=mode, device=CPU, weight_optim=sgd(0.1),
                              score_optim=sgd(0.2), freeze_bn=freeze_bn, progress=False, log=lambda line: None,
@@ -128,7 +137,7 @@ def cases(freeze_bn_values=(False, True)):
         for variant in VARIANTS.get(name, ("default",)):
             for mode in MODES:
                 layouts = [("dense", "global")] if mode == "pretrain" else \
-                    [(g, s) for g in GRANULARITIES for s in SCOPES]
+                    [(g, s) for g in GRANULARITIES for s in (NM_SCOPES if g == "nm" else SCOPES)]
                 for granularity, scope in layouts:
                     for freeze_bn in freeze_bn_values:
                         g = "unstructured" if granularity == "dense" else granularity
@@ -198,7 +207,7 @@ def one_epoch(trainer, loaders, epoch: int) -> dict[str, float]:
 
 
 def alive_units(mask: torch.Tensor, granularity: str) -> torch.Tensor:
-    if granularity == "unstructured":
+    if granularity in ("unstructured", "nm"):
         return mask.reshape(-1)
     units = mask.flatten(1) if granularity == "filter" else mask.transpose(0, 1).flatten(1)
     assert torch.equal(units.all(1), units.any(1)), "a filter/channel mask must keep or drop a whole unit"
@@ -207,7 +216,12 @@ def alive_units(mask: torch.Tensor, granularity: str) -> torch.Tensor:
 
 def assert_exact_counts(ms: MaskSet, *, density: float, scope: str) -> None:
     """Kept units equal n_keep(density, N): of all units (global) or of each layer's (layer)."""
-    kept = [int(alive_units(m, ms.granularity).sum()) for m in ms.masks().values()]
+    masks = ms.masks()
+    if ms.nm is not None and density == ms.k:  # N:M: every group of M keeps exactly N
+        n, m = ms.nm
+        for mask in masks.values():
+            assert bool((mask.movedim(1, -1).reshape(-1, m).sum(1) == n).all())
+    kept = [int(alive_units(m, ms.granularity).sum()) for m in masks.values()]
     units = ms.unit_counts()
     if scope == "global":
         assert sum(kept) == n_keep(density, sum(units)), (kept, units, density)
@@ -225,6 +239,8 @@ def density_after(trainer, ms: MaskSet, epoch: int) -> float:
     if getattr(trainer, "densities", None):  # lth: one density per round
         return trainer.densities[epoch // trainer.round_epochs]
     events = [e for e in getattr(trainer, "events", []) if e.epoch <= epoch]
+    if not events and getattr(trainer, "events", None):  # before the first event (N:M's one event): dense
+        return 1.0
     if not events or events[-1] is trainer.events[-1]:
         return ms.k
     return 1.0 - events[-1].sparsity
@@ -256,6 +272,8 @@ def test_a_step_changes_exactly_what_the_trainer_owns(name, variant, mode, granu
         must, must_not = EXPECTED[name, mode]
         if freeze_bn:
             must, must_not = must - {"bn_affine"}, must_not | {"bn_affine"}
+        if hasattr(trainer, "events") and not any(e.epoch == 0 for e in trainer.events):
+            must = must - {"masks"}  # no event at epoch 0 (N:M prunes once, at --prune-end)
         present = set(kind.values())
         assert {kind[k] for k in diff} >= must & present, sorted(diff)
         assert not {k for k in diff if kind[k] in must_not}, sorted(diff)
@@ -264,7 +282,7 @@ def test_a_step_changes_exactly_what_the_trainer_owns(name, variant, mode, granu
     if (name, mode) not in EXPECTED or "masks" not in EXPECTED[name, mode][0] | EXPECTED[name, mode][1]:
         if not ms.frozen:  # learned masks: exactly the selector's top-k of the scores after the step
             expected = select_masks([l.popup_scores for l in ms.layers.values()], k=ms.k, granularity=granularity,
-                                    scope=ms.scope, min_units=ms.min_units)
+                                    scope=ms.scope, min_units=ms.min_units, nm=ms.nm)
             for layer, mask in zip(ms.layers.values(), expected):
                 assert torch.equal(layer.mask, mask)
         else:
@@ -354,7 +372,7 @@ def test_checkpoint_round_trip_gives_the_same_outputs_and_next_step(tmp_path, na
     ms2 = None
     load_model_state(other, ckpt["state_dict"], source=path)
     if ms is not None:
-        ms2 = MaskSet(other, k=ms.k, granularity=granularity, scope=scope)
+        ms2 = mask_set(other, k=ms.k, granularity=granularity, scope=scope)
         if ckpt["masks_frozen"]:
             ms2.set_masks(ckpt["masks"])
         else:  # learned masks are a function of the scores
@@ -385,7 +403,8 @@ def method_cases():
     out = []
     for method in PRUNE_METHODS.values():
         for granularity in method.granularities:
-            for scope in ((method.scope,) if method.scope else SCOPES):
+            scopes = (method.scope,) if method.scope else (NM_SCOPES if granularity == "nm" else SCOPES)
+            for scope in scopes:
                 out.append(pytest.param(method.name, granularity, scope, id=f"{method.name}-{granularity}-{scope}"))
     return out
 
@@ -394,7 +413,7 @@ def method_cases():
 def test_a_pruning_event_keeps_exact_counts_never_revives_and_zeroes(method, granularity, scope):
     k = K[granularity]
     model = tiny_model(granularity)
-    ms = MaskSet(model, k=k, granularity=granularity, scope=scope)
+    ms = mask_set(model, k=k, granularity=granularity, scope=scope)
     options = WoodFisherOptions(prune_method=method, prune_start=0, prune_freq=1, prune_end=1, init_sparsity=0.3,
                                 fisher_subsample_size=6, fisher_mini_bsz=2, fittable_params=16,
                                 woodbury_joint_sparsify=scope == "global")
@@ -415,4 +434,6 @@ def test_a_pruning_event_keeps_exact_counts_never_revives_and_zeroes(method, gra
             trainer.step(next(iter(loaders.train)))
             for layer in ms.layers.values():
                 assert torch.equal(layer.weight[~layer.mask], torch.zeros(int((~layer.mask).sum())))
-    assert [round(e.sparsity, 6) for e in trainer.events] == [0.3, round(1 - k, 6)]
+    # N:M has one event, straight to N:M (an AGP step's sparsity has no N:M mask)
+    expected = [round(1 - k, 6)] if granularity == "nm" else [0.3, round(1 - k, 6)]
+    assert [round(e.sparsity, 6) for e in trainer.events] == expected

@@ -91,3 +91,25 @@ def test_hydra_and_bip_steps_on_the_gpu_match_the_cpu():
                 assert agree > 0.99, key
             else:
                 torch.testing.assert_close(states["cuda"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                    reason="2:4 kernels need compute capability >= 8.0")
+def test_two_four_linear_layers_run_as_semi_structured_tensors():
+    """A 2:4 mask of ``layers.selector`` is the layout torch's semi-structured tensors take: the
+    converted network gives the dense fp16 network's outputs (fp16 tolerance)."""
+    from deploy.semi_structured import semi_structured
+    from layers.convert import to_dense
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+    to_masked(model, granularity="nm")
+    ms = MaskSet(model, k=0.5, granularity="nm", scope="global", nm=(2, 4))
+    ms.step(force=True)
+    ms.freeze()
+    result = semi_structured(model)
+    assert result.converted == ["0", "2"], result.notes
+    dense = to_dense(copy.deepcopy(model)).to(GPU, torch.float16).eval()
+    x = torch.randn(64, 128, device=GPU, dtype=torch.float16)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), dense(x), rtol=1e-2, atol=1e-2)

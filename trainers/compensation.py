@@ -101,7 +101,7 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loader
     before = evaluate(model, loaders.test, device=device)["top1"]
     removed = int(sum(int(((~layer.mask) & (layer.weight != 0)).sum()) for layer in layers.values()))
     solver = OBSSolver(layers, granularity=maskset.granularity, method=PRUNE_METHODS["woodfisher"],
-                       fisher=fisher, device=device)
+                       fisher=fisher, device=device, nm=maskset.nm)
     batch = min(256, fisher.m * fisher.samples_per_grad)
     solver.collect(model, loaders.stream(OBS_UPDATE_STREAM, epoch=0, batch_size=batch),
                    label_smoothing=label_smoothing, masked_columns=False)  # at the masked model

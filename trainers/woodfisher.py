@@ -41,7 +41,7 @@ from configs.options import FisherOptions, OptionSection, WoodFisherOptions
 from engine.memory import MemoryNeed
 from engine.optim import OptimSettings
 from layers import MaskSet
-from layers.selector import unit_counts
+from layers.selector import STRUCTURED, unit_counts
 from pruning.flops import flops_per_weight, select_within_flops, weight_by_flops
 from pruning.gradients import piece_size
 from pruning.methods import PRUNE_METHODS, PruneMethod, granularity_note
@@ -87,7 +87,9 @@ def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
     if run.layer_type not in method.granularities:
         raise UserError(f"--prune-method {method.name} does not support --layer-type {run.layer_type}; "
                         f"supported: {granularity_note()}")
-    if run.layer_type != "unstructured" and o.fisher_blocks == "all" and method.group_statistic is not None:
+    if run.layer_type == "nm":
+        return _nm_plan(o, run=run, method=method)
+    if run.layer_type in STRUCTURED and o.fisher_blocks == "all" and method.group_statistic is not None:
         raise UserError(f"--layer-type {run.layer_type} with --prune-method {method.name} uses whole-layer Fisher "
                         "blocks (a filter/channel's update must reach the other groups of its layer): drop "
                         "--fisher-blocks all")
@@ -116,6 +118,37 @@ def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
                         "selects globally: pass --no-woodbury-joint-sparsify (or --scope global)")
     damp = o.fisher_damp if o.fisher_damp is not None else method.default_damp
     return Plan(target=target, damp=damp, events=tuple(events))
+
+
+def _nm_plan(o: WoodFisherOptions, *, run: RunSpec, method: PruneMethod) -> Plan:
+    """N:M masks: ONE event, at --prune-end (or epoch 0 with --one-shot), straight to N:M.
+
+    An AGP schedule's intermediate sparsities have no N:M mask (2:4 is the first and only step of
+    a 4-group), so the event is where AGP would reach its target; --prune-start, --prune-freq,
+    --init-sparsity and --agp-power do not apply (the run log says so). Options that change how
+    many weights a layer keeps are refused: N:M fixes N/M in every group."""
+    if o.flops_target is not None:
+        raise UserError("--flops-target chooses how many weights each layer keeps, but --layer-type nm keeps N/M of "
+                        "every layer: drop --flops-target")
+    if o.flops_power:
+        raise UserError("--flops-power weighs layers against each other, but an N:M selection compares weights of "
+                        "one group of one layer only: drop --flops-power")
+    if o.recompute_num > 1:
+        raise UserError("--recompute-num splits an event into intermediate sparsities, which N:M masks do not have "
+                        "(--layer-type nm prunes to N:M in one event): drop --recompute-num")
+    target = _weight_target(k=run.k, target_sparsity=o.target_sparsity)
+    if o.one_shot:
+        if run.epochs != 1:
+            raise UserError("--one-shot prunes once and evaluates without training: pass --epochs 1 "
+                            f"(got {run.epochs})")
+        epoch = 0
+    else:
+        if run.epochs <= o.prune_end:
+            raise UserError(f"--layer-type nm prunes once, at the start of epoch {o.prune_end} (0-based, --prune-end), "
+                            f"but --epochs {run.epochs} stops before it: pass --epochs {o.prune_end + 1} or more")
+        epoch = o.prune_end
+    damp = o.fisher_damp if o.fisher_damp is not None else method.default_damp
+    return Plan(target=target, damp=damp, events=(PruneEvent(epoch, target),))
 
 
 def _weight_target(*, k: float, target_sparsity: float | None) -> float:
@@ -201,6 +234,10 @@ class WoodFisherTrainer(FixedMaskTrainer):
         self.events = list(self.plan.events)
         self.history: list[dict] = []  # one record per pruning sub-step
         self._notes: list[str] = []
+        if ms.nm is not None and not self.opts.one_shot:
+            self._notes.append(f"N:M {ms.nm[0]}:{ms.nm[1]}: one pruning event at epoch {self.events[0].epoch} "
+                               "(--prune-end); --prune-start, --prune-freq, --init-sparsity and --agp-power do not "
+                               "apply")
         # FLOPs per weight by layer, measured at the first event, and only for FLOPs-aware pruning
         # (architecture and input size only, so never re-measured; a resumed run measures the same).
         self.flops: dict[str, int] | None = None
@@ -236,7 +273,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
     # -- masks ----------------------------------------------------------------------------------
     def _alive_units(self, mask: torch.Tensor) -> torch.Tensor:
         """One bool per unit of the granularity (a whole filter/channel is alive if any weight is)."""
-        if self.granularity == "unstructured":
+        if self.granularity not in STRUCTURED:
             return mask.reshape(-1)
         if self.granularity == "filter":
             return mask.flatten(1).any(1)
@@ -314,7 +351,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
         return solver.G
 
     def solver(self) -> OBSSolver:
-        return OBSSolver(self.maskset.layers, granularity=self.granularity, method=self.method,
+        return OBSSolver(self.maskset.layers, granularity=self.granularity, method=self.method, nm=self.maskset.nm,
                          fisher=fisher_settings(self.opts, damp=self.plan.damp), device=self.device)
 
     def prune_step(self, sparsity: float, *, epoch: int, substep: int = 0, substeps: int = 1,
@@ -378,7 +415,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
     def _event_line(self, out: dict, record: StepRecord, *, epoch: int, substep: int, substeps: int,
                     sparsity: float, flops_fraction: float | None) -> str:
         o = self.opts
-        blocks = ("whole layer" if self.granularity != "unstructured" and self.method.group_statistic is not None
+        blocks = ("whole layer" if self.granularity in STRUCTURED and self.method.group_statistic is not None
                   else o.fisher_blocks + (f" {o.fittable_params}" if o.fisher_blocks == "chunk" else ""))
         fisher = (f", m {o.fisher_subsample_size} x {o.fisher_mini_bsz} samples, blocks {blocks}, damp "
                   f"{self.plan.damp:g}, update {record.solve}" if self.method.fisher else "")
@@ -395,7 +432,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
         """'sparsity a% -> b% (target t%), FLOPs kept x% -> y%', the FLOPs first and as the target
         with --flops-target."""
         # Unit sparsity: of weights, or of whole filters/channels (the run's summary reports weights).
-        kind = {"unstructured": "weight"}.get(self.granularity, self.granularity)
+        kind = {"unstructured": "weight", "nm": "weight"}.get(self.granularity, self.granularity)
         units = f"{kind} sparsity {100 * record['before']:.2f}% -> {100 * record['sparsity']:.2f}%"
         if record["flops_kept"] is None:
             return f"{units} (target {100 * sparsity:.2f}%)"
