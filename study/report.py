@@ -160,7 +160,7 @@ def markdown_table(rows: list[dict[str, Any]], *, ks: Sequence[float] | None = N
                     cells.append("")
                     continue
                 vals = [float(r["top1"]) for r in members if r["method"] == method and float(r["k"]) == near]
-                cells.append(f"{mean_std(vals)} ({len(vals)})" + (f" at k = {near:g}" if near != k else ""))
+                cells.append(f"{mean_std(vals)} ({len(vals)})" + (f" at k = {near:.4g}" if near != k else ""))
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
