@@ -205,10 +205,11 @@ def plot_accuracy(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
                        label=f"dense ({statistics.mean(ref):.2f} %)")
         ax.set_xscale("log")
         ax.invert_xaxis()  # sparser to the right, as in the BiP/HYDRA papers' figures
-        percent = matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:.3g}%")
-        ax.xaxis.set_major_formatter(percent)
-        ax.xaxis.set_minor_formatter(percent)
-        ax.tick_params(axis="x", which="minor", labelsize=7)
+        # Ticks at 1-2-5 steps (100 %, 50 %, 20 %, 10 %, ...): log-axis minor labels would overlap.
+        ticks = [m * 10.0 ** e for e in range(-6, 1) for m in (1, 2, 5) if m * 10.0 ** e <= 1]
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{100 * v:.3g}%"))
         ax.set_xlabel("remaining weight ratio (log scale)")
         ax.set_ylabel("test top-1 (%)")
         ax.set_title(f"{key[0]}, {key[1]}, {key[2]} (mean over seeds, band: min-max)")
