@@ -93,6 +93,9 @@ def round_rows(run: Run) -> list[dict[str, Any]]:
         row = row_of(run, None)
         total = row["params_total"]
         kept = total - round(float(epoch["sparsity"]) * total) if isinstance(total, int) else None
+        # Wall time up to this round: the run's, pro rata by epochs (the rounds are equally long).
+        share = int(entry["end_epoch"]) / int(rounds[-1]["end_epoch"])
+        row.update(wall_seconds=round(float(row["wall_seconds"]) * share, 3))
         row.update(k=entry["density"], sparsity=float(epoch["sparsity"]), top1_prune=float(epoch["test_top1"]),
                    top1=float(epoch["test_top1"]), params_kept=kept, params_ratio=ratio(kept, total),
                    flops_kept=None, flops_ratio=None)

@@ -259,6 +259,7 @@ def test_report_links_prune_and_finetune_runs_and_writes_csv_table_and_plots(tmp
         ("lth", "1", "0.8", "97.5", "", "97.5"), ("lth", "1", "0.64", "96.0", "", "96.0")])
     lth_08 = next(r for r in rows if r["method"] == "lth" and r["k"] == "0.8")
     assert (lth_08["params_kept"], lth_08["params_ratio"], lth_08["flops_ratio"]) == ("800", "0.8", "")
+    assert lth_08["wall_seconds"] == "0.5"  # round 1 of 2: half the run's 1 s
     bip_row = next(r for r in rows if r["method"] == "bip" and r["seed"] == "1")
     assert (bip_row["params_ratio"], bip_row["flops_ratio"], bip_row["wall_seconds"]) == ("0.1", "0.14", "2.0")
     assert bip_row["finetune_run"].endswith(os.path.join("bip_s1", "finetune", "10--k-0.1"))
