@@ -1,7 +1,7 @@
 """Time of one WoodFisher pruning event (gradients + inverse + statistic + selection + update), this
 tree against another checkout of the project (e.g. the commit before a change), in one run.
 
-    python bench/bench_event.py [--baseline /path/to/other/checkout] [--repeats 5] [--device auto]
+    python bench/bench_event.py [--baseline /path/to/other/checkout] [--repeats 5] [--device auto] [--sum]
 
 Cases:
 - digits:   smallcnn on the Digits data, the shipped config's Fisher (m 64 x 8 samples, blocks of
@@ -30,7 +30,7 @@ CASES = {
 }
 
 
-def worker(case: str, device: str) -> dict:
+def worker(case: str, device: str, extra: dict | None = None) -> dict:
     """Runs inside the tree under test (its root first on sys.path); prints one JSON line."""
     import torch
     from data.loaders import build_loaders
@@ -65,7 +65,7 @@ def worker(case: str, device: str) -> dict:
     ms = MaskSet(model, k=1 - c["sparsity"], granularity="unstructured", scope="global")
     settings = OptimSettings(optimizer="sgd", lr=0.01, momentum=0.9, wd=0.0, schedule="constant", epochs=2)
     options = dict(prune_end=1, init_sparsity=c["sparsity"] / 2, fisher_subsample_size=c["m"],
-                   fisher_mini_bsz=c["b"], fittable_params=c["block"], fisher_damp=1e-5)
+                   fisher_mini_bsz=c["b"], fittable_params=c["block"], fisher_damp=1e-5, **(extra or {}))
     try:  # typed options (this tree)
         from configs.options import WoodFisherOptions
         trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=dev, weight_optim=settings,
@@ -78,10 +78,10 @@ def worker(case: str, device: str) -> dict:
             "sparsity": record["sparsity"]}
 
 
-def run_in(tree: str, case: str, device: str) -> dict:
+def run_in(tree: str, case: str, device: str, extra: dict | None = None) -> dict:
     code = (f"import sys; sys.path.insert(0, {tree!r}); sys.path.insert(1, {HERE + '/bench'!r}); "
             f"import os; os.chdir({tree!r}); import json, bench_event; "
-            f"print(json.dumps(bench_event.worker({case!r}, {device!r})))")
+            f"print(json.dumps(bench_event.worker({case!r}, {device!r}, {extra!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -92,16 +92,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--sum", action="store_true",
+                        help="also time this tree with --obs-solve sum (WoodFisher's summed update, no joint solve)")
     args = parser.parse_args()
-    trees = {"ours": HERE}
+    trees: dict[str, tuple[str, dict | None]] = {"ours": (HERE, None)}
+    if args.sum:
+        trees["ours, sum"] = (HERE, {"obs_solve": "sum"})
     if args.baseline:
-        trees["baseline"] = os.path.abspath(args.baseline)
+        trees["baseline"] = (os.path.abspath(args.baseline), None)
     cases = args.cases.split(",")
     times: dict[tuple[str, str], list[dict]] = {(c, t): [] for c in cases for t in trees}
     for r in range(args.repeats):
         for case in cases:
-            for tree_name, tree in trees.items():
-                times[(case, tree_name)].append(run_in(tree, case, args.device))
+            for tree_name, (tree, extra) in trees.items():
+                times[(case, tree_name)].append(run_in(tree, case, args.device, extra))
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     print("| case | tree | event s (median) | gradients s | sparsity |")
     print("|---|---|---|---|---|")
@@ -114,9 +118,10 @@ def main() -> None:
                   f"| {case} | {tree_name} | {statistics.median(r['seconds'] for r in rows):.3f} | | "
                   f"{rows[0]['sparsity']:.4f} |")
         if "baseline" in trees:
-            ours = statistics.median(r["seconds"] for r in times[(case, "ours")])
             base = statistics.median(r["seconds"] for r in times[(case, "baseline")])
-            print(f"| {case} | baseline / ours | **{base / ours:.2f}x** | | |")
+            for name in (n for n in trees if n != "baseline"):
+                ours = statistics.median(r["seconds"] for r in times[(case, name)])
+                print(f"| {case} | baseline / {name} | **{base / ours:.2f}x** | | |")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,11 @@ from layers.masked import MaskedLayer
 
 CPU_BUDGET_BYTES = 256 * 2**20   # row gradients of one pass (the rows it touches x D floats)
 GPU_BUDGET_BYTES = 1024 * 2**20
-SAMPLES_PER_PASS = 256           # at most this many samples per forward/backward pass
+SAMPLES_PER_PASS = 256           # at most this many samples of one row per pass (bounds a piece)
+# Samples per forward/backward pass (several rows' pieces together). On a CPU, passes larger than the
+# caches cost more than they save: ResNet-20 rows of 1 sample took 3.3 s per 1000 rows in passes of 256
+# against 1.5 s in passes of 64, rows of 8 samples 0.81 s against 0.55 s (bench/bench_event.py cases).
+PASS_SAMPLES = {"cpu": 64, "cuda": 256}
 
 
 def piece_size(samples_per_row: int, max_samples: int | None) -> int:
@@ -143,7 +147,7 @@ def collect_gradients(
     total = rows * pieces_per_row
     budget = budget_bytes or (GPU_BUDGET_BYTES if device.type == "cuda" else CPU_BUDGET_BYTES)
     # pieces per pass: bounded by the samples of one pass, and by the row gradients it makes
-    per_pass = max(1, min(total, max(1, SAMPLES_PER_PASS // p),
+    per_pass = max(1, min(total, max(1, PASS_SAMPLES.get(device.type, SAMPLES_PER_PASS) // p),
                           max(1, budget // max(1, D * mods[0].weight.element_size())) * pieces_per_row))
     calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
