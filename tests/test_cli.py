@@ -11,6 +11,7 @@ import train
 from configs.schema import load_config
 from models import build_model
 from engine.checkpoint import load_checkpoint
+from tests.run_helpers import interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "2", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -138,17 +139,9 @@ def test_resume_equals_uninterrupted(tmp_path, digits_pretrained, monkeypatch):
     full = run_ok(tmp_path / "a", *args)
     # interrupt the same run after two epochs, then resume it
     from trainers.bilevel import BilevelTrainer
-    original = BilevelTrainer.train_epoch
-
-    def stop_at_third(self, epoch, loaders):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, loaders)
-
-    monkeypatch.setattr(BilevelTrainer, "train_epoch", stop_at_third)
-    code = train.main(["--result-dir", str(tmp_path / "b" / "res"), "--exp-name", "t", *FAST, *args])
-    assert code == 130
-    monkeypatch.setattr(BilevelTrainer, "train_epoch", original)
+    restore = interrupt_at(monkeypatch, BilevelTrainer, 2)
+    assert train.main(["--result-dir", str(tmp_path / "b" / "res"), "--exp-name", "t", *FAST, *args]) == 130
+    restore()
     cut = glob.glob(str(tmp_path / "b" / "res" / "t" / "prune" / "*"))[0]
     ckpt = os.path.join(cut, "checkpoint", "checkpoint.pth.tar")
     assert load_checkpoint(ckpt)["epoch"] == 2

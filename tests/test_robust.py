@@ -19,6 +19,7 @@ from layers import MaskSet, n_keep, to_masked
 from robust.attacks import cross_entropy_loss, pgd
 from robust.certify import ABSTAIN, certified_accuracy, certify, lower_confidence_bound
 from robust.objectives import build_objective
+from tests.run_helpers import interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "1", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -341,16 +342,9 @@ def test_a_robust_bip_run_resumes_exactly(tmp_path, digits_pretrained, monkeypat
             "--num-steps", "1", "--eval-num-steps", "1", "--data-fraction", "0.3", "--batch-size", "128",
             "--no-progress", "--exp-name", "t"]
     assert train.main([*args, "--result-dir", str(tmp_path / "a")]) == 0
-    original = BilevelTrainer.train_epoch
-
-    def stop_at_third(self, epoch, loaders):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return original(self, epoch, loaders)
-
-    monkeypatch.setattr(BilevelTrainer, "train_epoch", stop_at_third)
+    restore = interrupt_at(monkeypatch, BilevelTrainer, 2)
     assert train.main([*args, "--result-dir", str(tmp_path / "b")]) == 130
-    monkeypatch.setattr(BilevelTrainer, "train_epoch", original)
+    restore()
     ckpt = glob.glob(str(tmp_path / "b" / "t" / "prune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0]
     assert train.main([*args, "--result-dir", str(tmp_path / "b"), "--resume", ckpt]) == 0
     for name in ("checkpoint.pth.tar", "model_best.pth.tar"):

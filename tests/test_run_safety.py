@@ -23,6 +23,7 @@ from layers import MaskSet, to_masked
 from models import build_model
 from trainers.base import BaseTrainer
 from engine.checkpoint import atomic_write, load_checkpoint
+from tests.run_helpers import interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -212,24 +213,11 @@ def test_read_only_file_system_is_an_error_before_training(tmp_path, capsys, mon
 
 
 # -- A4: resume keeps the run's settings ------------------------------------------------------------
-def interrupt_at(monkeypatch, epoch):
-    """Make the base trainer raise KeyboardInterrupt when it starts ``epoch`` (0-based)."""
-    original = BaseTrainer.train_epoch
-
-    def train_epoch(self, e, loaders):
-        if e == epoch:
-            raise KeyboardInterrupt
-        return original(self, e, loaders)
-
-    monkeypatch.setattr(BaseTrainer, "train_epoch", train_epoch)
-    return lambda: monkeypatch.setattr(BaseTrainer, "train_epoch", original)
-
-
 def test_bare_resume_takes_everything_from_the_checkpoint(tmp_path, runs, monkeypatch):
     args = ["--exp-mode", "prune", "--k", "0.3", "--scope", "layer", "--optimizer", "adam", "--lr", "0.01",
             "--source-net", os.path.join(runs.pre, "checkpoint", "model_best.pth.tar"), "--epochs", "3"]
     full = run_ok(tmp_path / "a", *args)
-    restore = interrupt_at(monkeypatch, 1)
+    restore = interrupt_at(monkeypatch, BaseTrainer, 1)
     assert train.main(["--result-dir", str(tmp_path / "b"), "--exp-name", "t", *FAST, *args]) == 130
     restore()
     cut = glob.glob(str(tmp_path / "b" / "t" / "prune" / "*"))[0]
