@@ -9,6 +9,7 @@ A run that cannot go on (a full disk) exits with status 1, an interrupted one (S
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -182,10 +183,38 @@ def resumed_folder(checkpoint: str) -> str | None:
     return run_dir if os.path.isfile(os.path.join(run_dir, "config.yml")) else None
 
 
+def unfinished_checkpoint(cfg: Config) -> str | None:
+    """``--resume auto``: checkpoint.pth.tar of the newest unfinished run of this experiment
+    (RESULT_DIR/EXP_NAME/EXP_MODE/*: a checkpoint and no summary.json, which a run writes last), by the
+    time the checkpoint was written; None if every run there finished or none started."""
+    parent = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
+    try:
+        runs = [os.path.join(parent, name) for name in os.listdir(parent)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    candidates = [os.path.join(run, "checkpoint", "checkpoint.pth.tar") for run in runs
+                  if os.path.isfile(os.path.join(run, "checkpoint", "checkpoint.pth.tar"))
+                  and not os.path.isfile(os.path.join(run, "summary.json"))]
+    return max(candidates, key=lambda path: (os.path.getmtime(path), path), default=None)
+
+
+def resolve_auto_resume(options: Options, notice: Callable[[str], None]) -> Options:
+    """``--resume auto`` (the same command for a first start and every restart, as torchrun's
+    --max-restarts needs): continue the newest unfinished run of the experiment, or start a new one."""
+    cfg = options.config()
+    found = unfinished_checkpoint(cfg)
+    where = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
+    notice(f"--resume auto: continuing {found}" if found else
+           f"--resume auto: no unfinished run under {where}; starting a new one")
+    return dataclasses.replace(options, values={**options.values, "resume": found})
+
+
 def run(options: Options) -> int:
     started = time.monotonic()
     notices: list[str] = []
     resume, changed = None, {}
+    if options.values["resume"] == "auto":
+        options = resolve_auto_resume(options, notices.append)
     if options.values["resume"]:
         source = options.values["resume"]
         resume = load_checkpoint(source)

@@ -123,7 +123,9 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
     mask_lr_schedule: str = opt("cosine", "bilevel: schedule of --mask-lr (step: x0.1 at 75%, x0.01 at 90%)", SCHEDULES,
                                 "bilevel")
     # run control
-    resume: str | None = opt(None, "checkpoint of this run to continue from", group="run")
+    resume: str | None = opt(None, "checkpoint of this run to continue from; auto: the newest unfinished run of "
+                             "RESULT_DIR/EXP_NAME/EXP_MODE (a checkpoint, no summary.json), else a new run (one "
+                             "command for a first start and every restart)", group="run")
     evaluate: bool = opt(False, "only evaluate the model (from --source-net or --resume) and exit", group="run")
     save_dense: bool = opt(False, "also write the dense state dict (masks applied) next to checkpoints", group="run")
     seed: int = opt(1234, "random seed", group="run")

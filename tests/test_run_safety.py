@@ -233,6 +233,31 @@ def test_bare_resume_takes_everything_from_the_checkpoint(tmp_path, runs, monkey
     assert csv_epochs(cut) == [1, 2, 3]
 
 
+def test_resume_auto_is_one_command_for_a_start_and_every_restart(tmp_path, runs, monkeypatch, capsys):
+    run = ["--exp-mode", "prune", "--k", "0.3", "--source-net", os.path.join(runs.pre, "checkpoint", "model_best.pth.tar"),
+           "--epochs", "3", "--exp-name", "t", *FAST]
+    assert train.main([*run, "--result-dir", str(tmp_path / "a")]) == 0  # the same run, never interrupted
+    full = glob.glob(str(tmp_path / "a" / "t" / "prune" / "*"))[0]
+    args = [*run, "--result-dir", str(tmp_path / "b"), "--resume", "auto"]
+    restore = interrupt_at(monkeypatch, BaseTrainer, 1)
+    assert train.main(args) == 130  # the first start: nothing to continue, a new run, killed in epoch 2
+    restore()
+    assert "--resume auto: no unfinished run under" in capsys.readouterr().out
+    cut = glob.glob(str(tmp_path / "b" / "t" / "prune" / "*"))
+    assert len(cut) == 1
+    assert train.main(args) == 0  # the restart: the same command continues that run in its folder
+    assert f"--resume auto: continuing {os.path.join(cut[0], 'checkpoint', 'checkpoint.pth.tar')}" in \
+        capsys.readouterr().out
+    assert glob.glob(str(tmp_path / "b" / "t" / "prune" / "*")) == cut and csv_epochs(cut[0]) == [1, 2, 3]
+    a = load_checkpoint(os.path.join(full, "checkpoint", "checkpoint.pth.tar"))
+    b = load_checkpoint(os.path.join(cut[0], "checkpoint", "checkpoint.pth.tar"))
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key  # as if never interrupted
+    assert train.main(args) == 0  # finished (summary.json written): the same command starts a new run
+    assert "no unfinished run" in capsys.readouterr().out
+    assert len(glob.glob(str(tmp_path / "b" / "t" / "prune" / "*"))) == 2
+
+
 @pytest.mark.parametrize("args,needle,drop", [
     (["--optimizer", "adam"], "optimizer='sgd' but this run asks for optimizer='adam'", "drop --optimizer"),
     (["--lr", "0.2"], "lr=0.05 but this run asks for lr=0.2", "drop --lr (or pass --lr 0.05)"),
