@@ -1,7 +1,12 @@
-"""Helpers for tests that drive whole runs through train.main."""
+"""Helpers shared by test files: interrupting a run driven through train.main, and a dataset read with
+the samplers' sample keys."""
 from __future__ import annotations
 
 from collections.abc import Callable
+
+import torch
+
+from data.sampling import split_key
 
 
 def interrupt_at(monkeypatch, trainer_cls, epoch: int) -> Callable[[], None]:
@@ -16,3 +21,17 @@ def interrupt_at(monkeypatch, trainer_cls, epoch: int) -> Callable[[], None]:
 
     monkeypatch.setattr(trainer_cls, "train_epoch", train_epoch)
     return lambda: monkeypatch.setattr(trainer_cls, "train_epoch", original)
+
+
+class KeyedTensors(torch.utils.data.Dataset):
+    """Tensors read with the sample keys the run's samplers give ((index, augmentation seed))."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, key):
+        index, _ = split_key(key)
+        return self.x[index], int(self.y[index])

@@ -22,13 +22,13 @@ from configs.options import OBJECTIVES, BilevelOptions, LthOptions, RobustOption
 from configs.schema import MODES
 from data.loaders import build_loaders
 from data.registry import DatasetSplits
-from data.sampling import split_key
 from engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from engine.loop import checkpoint_state
 from engine.optim import OptimSettings
 from layers import GRANULARITIES, MaskSet, n_keep, select_masks, to_masked
 from pruning.methods import PRUNE_METHODS
 from trainers import TRAINERS
+from tests.run_helpers import KeyedTensors
 
 CPU = torch.device("cpu")
 SCOPES = ("global", "layer")
@@ -56,20 +56,6 @@ def tiny_model(granularity: str | None, seed: int = 0) -> nn.Module:
 
 def mask_set(model: nn.Module, *, k: float, granularity: str, scope: str) -> MaskSet:
     return MaskSet(model, k=k, granularity=granularity, scope=scope, nm=NM if granularity == "nm" else None)
-
-
-class KeyedTensors(torch.utils.data.Dataset):
-    """Tensors read with the sample keys the run's samplers give ((index, augmentation seed))."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, key):
-        index, _ = split_key(key)
-        return self.x[index], int(self.y[index])
 
 
 def one_batch_loaders(n: int = 8):

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from data.loaders import build_loaders
 from data.registry import DatasetSplits
-from data.sampling import split_key
 
 import train
 from configs.errors import UserError
@@ -22,6 +21,7 @@ from pruning.obs import obs_statistic, obs_update
 from configs.options import WoodFisherOptions
 from trainers.base import RunSpec
 from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, plan
+from tests.run_helpers import KeyedTensors
 
 
 def check_plan(*, mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=5, **options):
@@ -52,20 +52,6 @@ def tiny_model(granularity="unstructured"):
                               nn.Linear(4 * 2 * 2, 6))
     to_masked(model, granularity=granularity)
     return model
-
-
-class KeyedTensors(torch.utils.data.Dataset):
-    """Tensors read with the sample keys the run's samplers give ((index, augmentation seed))."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, key):
-        index, _ = split_key(key)
-        return self.x[index], int(self.y[index])
 
 
 def tiny_loaders(n=48):
