@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Robust pruning sweep (HYDRA's setting): from a dense adversarially trained checkpoint, at each density
 # HYDRA-robust prune + finetune, BiP-robust, and the magnitude baseline (top-k of |w| per layer, then robust
-# finetune), all with configs/DATASET/robust_*.yml (TRADES, PGD evaluation); then one table with the PGD column.
+# finetune), all with configs/DATASET/robust_*.yml (TRADES, PGD evaluation); then one table with the PGD column and
+# the results report of OUT (default results/robust_sweep_DATASET).
 #
 #   sh/robust_sweep.sh DATASET PRETRAINED "K1 K2 ..." [more train.py flags...]
 #   e.g. sh/robust_sweep.sh Digits results/.../model_best.pth.tar "0.1 0.01"
@@ -14,7 +15,7 @@ DATASET="${1:?usage: sh/robust_sweep.sh DATASET PRETRAINED \"K1 K2 ...\" [train.
 PRE="${2:?path of the dense (adversarially trained) checkpoint}"
 KS="${3:?densities to sweep, e.g. \"0.1 0.01\"}"
 shift 3
-OUT="${OUT:-results}"
+OUT="${OUT:-results/robust_sweep_${DATASET}}"
 summaries=()
 for K in $KS; do
   common=(--result-dir "$OUT" --k "$K" "$@")
@@ -29,3 +30,4 @@ for K in $KS; do
   summaries+=("$FINE/summary.json" "$BIP/summary.json" "$MAG/summary.json")
 done
 "$PY" -m engine.run_log "${summaries[@]}"
+"$PY" -m study.report "$OUT"
