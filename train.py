@@ -330,10 +330,10 @@ def run(options: Options) -> int:
     obs: dict[str, dict] = {}
     if resume is None and cfg.obs_update and cfg.exp_mode == "finetune":
         assert maskset is not None  # finetune runs on masked layers
-        done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,
-                                     fisher=obs_fisher(cfg), joint=cfg.obs_solve == "joint",
-                                     label_smoothing=cfg.label_smoothing)
-        notices.append(done.line(when="the source's mask, before fine-tuning", fisher=obs_fisher(cfg)))
+        fisher = obs_fisher(cfg)
+        done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device, fisher=fisher,
+                                     joint=cfg.obs_solve == "joint", label_smoothing=cfg.label_smoothing)
+        notices.append(done.line(when="the source's mask, before fine-tuning", fisher=fisher))
         obs["finetune_start"] = done.as_dict()
     if resume is None and cfg.source_net:
         # What the run starts from (after the trainer's set-up: WoodFisher starts dense), and the
@@ -372,15 +372,16 @@ def run(options: Options) -> int:
         final = evaluate(model, loaders.test, device=device)  # the model of checkpoint.pth.tar
         if cfg.obs_update and cfg.exp_mode == "prune":
             assert maskset is not None  # prune runs on masked layers
-            done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device,
-                                         fisher=obs_fisher(cfg), joint=cfg.obs_solve == "joint",
-                                         label_smoothing=cfg.label_smoothing)
+            fisher = obs_fisher(cfg)
+            done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device, fisher=fisher,
+                                         joint=cfg.obs_solve == "joint", label_smoothing=cfg.label_smoothing,
+                                         test_top1_before=final["top1"])  # measured just above, same masks
             path = os.path.join(run_dir, "checkpoint", "model_obs.pth.tar")
             ckpt = checkpoint_state(epoch=cfg.epochs, arch=cfg.arch, model=model, maskset=maskset, trainer=trainer,
                                     best_prec1=state.best_prec1, config=run_cfg, history=state.history)
             ckpt["obs_update"] = done.as_dict()
             save_checkpoint(ckpt, path)
-            log.info(done.line(when="the learned mask, at the end of pruning", fisher=obs_fisher(cfg))
+            log.info(done.line(when="the learned mask, at the end of pruning", fisher=fisher)
                      + f"; written to {path} (pass it to --source-net to fine-tune)")
             obs["prune_end"] = {**done.as_dict(), "checkpoint": path}
         density = maskset.density() if maskset is not None else 1.0
@@ -421,7 +422,7 @@ def summary(cfg: Config, *, run_dir: str, masked: bool, final: dict, state: RunS
     model_best (``model_best_by``)."""
     return {"stage": cfg.exp_mode, "exp_name": cfg.exp_name, "exp_mode": cfg.exp_mode, "dataset": cfg.dataset,
             "arch": cfg.arch, "layer_type": cfg.layer_type if masked else "dense", "scope": cfg.scope, "k": cfg.k,
-            "trainer": cfg.trainer, "prune_method": cfg.prune_method if cfg.trainer == "woodfisher" else None,
+            "trainer": cfg.trainer, "prune_method": None,  # the woodfisher trainer's summary_fields set it
             "seed": cfg.seed, "epochs": cfg.epochs,
             "source_net": os.path.abspath(cfg.source_net) if cfg.source_net else None,
             "objective": cfg.objective, "val_method": cfg.val_method,

@@ -155,6 +155,11 @@ def remove_stale_temps(folder: str) -> list[str]:
 
 
 # -- reading --------------------------------------------------------------------------------------
+def rewind_checkpoint(folder: str, epoch: int) -> str:
+    """Where a pretrain run with --rewind-epoch keeps its weights after ``epoch`` epochs (LTH's rewind point)."""
+    return os.path.join(folder, f"rewind_epoch_{epoch}.pth.tar")
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Read a checkpoint (ours, HYDRA's, BiP's, or a bare state dict) without executing code.
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from engine.checkpoint import deferred_interrupts, rng_state, save_checkpoint, write_text
+from engine.checkpoint import deferred_interrupts, rewind_checkpoint, rng_state, save_checkpoint, write_text
 from engine.evaluate import BASE, Evaluation
 from engine.run_log import RunLog, sparsity_table
 from layers import MaskSet, dense_state_dict
@@ -99,7 +99,7 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
     """Train ``epochs`` epochs from ``state``. ``rewind_epoch`` R also saves the model after R epochs
     (0: before the first) as ``checkpoint/rewind_epoch_R.pth.tar``, the point a lottery-ticket run rewinds to."""
     ckpt_dir = os.path.join(run_dir, "checkpoint")
-    rewind_path = os.path.join(ckpt_dir, f"rewind_epoch_{rewind_epoch}.pth.tar")
+    rewind_path = rewind_checkpoint(ckpt_dir, rewind_epoch) if rewind_epoch is not None else ""
     if rewind_epoch == 0 and state.start_epoch == 0:
         with deferred_interrupts():
             save_checkpoint(checkpoint_state(epoch=0, arch=arch, model=model, maskset=maskset, trainer=trainer,

@@ -26,6 +26,7 @@ from torch import nn
 from configs.errors import UserError
 from engine.checkpoint import classifier_name, load_model_state
 from layers import MaskSet, init_scores, select_masks
+from layers.selector import STRUCTURED
 
 if TYPE_CHECKING:  # annotations only: trainers import engine
     from trainers.base import BaseTrainer
@@ -126,7 +127,7 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
     if masks:
         set_stored_masks(maskset, {**{n: m for n, m in masks.items() if n != head}, **dense_head}, source)
         return
-    if not ckpt.get("config") and maskset.granularity in ("filter", "channel") and maskset.scope == "global":
+    if not ckpt.get("config") and maskset.granularity in STRUCTURED and maskset.scope == "global":
         # BiP selects filters/channels layer by layer (HYDRA has no structured masks): a global
         # selection would give another mask than the one the checkpoint was trained with.
         raise UserError(f"{source} is a public BiP {maskset.granularity} checkpoint, whose masks are chosen per "

@@ -111,7 +111,7 @@ UNIT_SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def expand_units(keep: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
     """Broadcast a per-unit boolean vector to a full weight-shaped boolean mask (N:M units are weights)."""
-    if granularity in ("unstructured", "nm"):
+    if granularity not in STRUCTURED:
         return keep.view(shape)
     extra = [1] * (len(shape) - 2)
     if granularity == "filter":
@@ -173,7 +173,7 @@ def global_ranking(units: Sequence[torch.Tensor], *, min_units: int = 0) -> torc
 
 def unit_counts(shapes: Sequence[torch.Size], granularity: str) -> list[int]:
     """Number of selectable units of each layer (weights for N:M masks)."""
-    if granularity in ("unstructured", "nm"):
+    if granularity not in STRUCTURED:
         return [int(torch.Size(s).numel()) for s in shapes]
     dim = 0 if granularity == "filter" else 1
     return [int(s[dim]) for s in shapes]

@@ -89,8 +89,10 @@ def _take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
 
 
 def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loaders, device: torch.device,
-                          fisher: FisherSettings, joint: bool = True, label_smoothing: float = 0.0) -> Compensation:
-    """Fix the mask set's current masks and compensate the weights they remove (see the module docstring)."""
+                          fisher: FisherSettings, joint: bool = True, label_smoothing: float = 0.0,
+                          test_top1_before: float | None = None) -> Compensation:
+    """Fix the mask set's current masks and compensate the weights they remove (see the module docstring).
+    ``test_top1_before``: the model's test top-1 at these masks, when the caller has just measured it."""
     import time
 
     t0 = time.perf_counter()
@@ -98,7 +100,7 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loader
     new = maskset.masks()
     maskset.freeze()
     layers = maskset.layers
-    before = evaluate(model, loaders.test, device=device)["top1"]
+    before = test_top1_before if test_top1_before is not None else evaluate(model, loaders.test, device=device)["top1"]
     removed = int(sum(int(((~layer.mask) & (layer.weight != 0)).sum()) for layer in layers.values()))
     solver = OBSSolver(layers, granularity=maskset.granularity, method=PRUNE_METHODS["woodfisher"],
                        fisher=fisher, device=device, nm=maskset.nm)

@@ -10,6 +10,7 @@ import torch
 
 from engine.optim import OptimSettings, own_only, split_parameters
 from layers import MaskSet
+from pruning.solver import dense_masks
 from trainers.base import BaseTrainer
 
 
@@ -26,7 +27,7 @@ class FixedMaskTrainer(BaseTrainer):
         self.add_optimizer("optimizer", params, weight_optim)
         ms = self.maskset
         if not ms.frozen:
-            ms.set_masks({name: torch.ones_like(layer.mask) for name, layer in ms.layers.items()})
+            ms.set_masks(dense_masks(ms.layers))
         self.apply_masks()
         return params
 

@@ -27,7 +27,7 @@ import torch
 
 from configs.errors import UserError
 from configs.options import LthOptions, OptionSection
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, rewind_checkpoint
 from engine.optim import OptimSettings
 from layers.selector import select_masks
 from trainers.base import RunSpec
@@ -70,7 +70,7 @@ def round_plan(*, k: float, rate: float, epochs: int) -> tuple[list[float], int]
 
 
 def rewind_path(source: str, epoch: int) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(source)), f"rewind_epoch_{epoch}.pth.tar")
+    return rewind_checkpoint(os.path.dirname(os.path.abspath(source)), epoch)
 
 
 @register_trainer("lth")
@@ -98,7 +98,6 @@ class LotteryTicketTrainer(FixedMaskTrainer):
                                                        epochs=weight_optim.epochs)
         # Each round restarts the schedule: a round is a full training of the subnetwork.
         self.round_optim = dataclasses.replace(weight_optim, epochs=self.round_epochs)
-        self.freeze_bn = freeze_bn
         self.params = self.setup_weights(weight_optim=self.round_optim, freeze_bn=freeze_bn)
         self.rewind_state = self._load_rewind_point()
         self._notes: list[str] = []

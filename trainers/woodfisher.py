@@ -32,7 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -266,6 +266,9 @@ class WoodFisherTrainer(FixedMaskTrainer):
         """Only epochs from the last pruning event on compete for model_best."""
         return not self.events or epoch >= self.events[-1].epoch
 
+    def summary_fields(self) -> dict[str, Any]:
+        return {"prune_method": self.method.name}
+
     def pop_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
         return notes
@@ -432,7 +435,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
         """'sparsity a% -> b% (target t%), FLOPs kept x% -> y%', the FLOPs first and as the target
         with --flops-target."""
         # Unit sparsity: of weights, or of whole filters/channels (the run's summary reports weights).
-        kind = {"unstructured": "weight", "nm": "weight"}.get(self.granularity, self.granularity)
+        kind = self.granularity if self.granularity in STRUCTURED else "weight"
         units = f"{kind} sparsity {100 * record['before']:.2f}% -> {100 * record['sparsity']:.2f}%"
         if record["flops_kept"] is None:
             return f"{units} (target {100 * sparsity:.2f}%)"
