@@ -21,7 +21,7 @@ from torch import nn
 
 from configs.errors import UserError, one_line
 from configs.options import ExportOptions, check_fields, parse_nm
-from deploy.api import check_request, export_model
+from deploy.api import export_model
 from engine.checkpoint import classifier_name, load_checkpoint, load_model_state
 from engine.source import set_stored_masks
 from layers import MaskSet, to_masked
@@ -30,8 +30,8 @@ from models import build_model
 
 # (input channels, side) of each dataset's images as train.py feeds them, so that a checkpoint can be
 # exported without its data; --image-size overrides the side.
-DATASET_INPUTS = {"Digits": (1, 8), "CIFAR10": (3, 32), "CIFAR100": (3, 32), "TinyImageNet": (3, 64),
-                  "ImageNet": (3, 224)}
+DATASET_INPUTS = {"Digits": (1, 8), "MNIST5k": (1, 28), "CIFAR10": (3, 32), "CIFAR100": (3, 32),
+                  "TinyImageNet": (3, 64), "ImageNet": (3, 224)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,7 +90,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
 def run(options: ExportOptions) -> int:
     ckpt = load_checkpoint(options.checkpoint)
     model, example = model_from_checkpoint(ckpt, source=options.checkpoint, image_size=options.image_size)
-    check_request(model, format=options.format, path=options.out)
     result = export_model(model, example=example, format=options.format, path=options.out)
     for line in result.lines():
         print(line)

@@ -19,7 +19,6 @@ import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -173,7 +172,3 @@ def export_model(model: nn.Module, *, example: torch.Tensor, format: str, path: 
     entry = check_request(model, format=format, path=path)
     return entry.write(model, example, path)
 
-
-def describe(result: ExportResult) -> dict[str, Any]:
-    return {"path": result.path, "format": result.format, "bytes": result.file_bytes, "params": result.params,
-            "max_abs_diff": result.max_abs_diff, "dense_bytes": result.dense_bytes}

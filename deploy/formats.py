@@ -171,6 +171,3 @@ def load_sparse(path: str) -> dict[str, torch.Tensor]:
     """The dense plain state dict stored in a sparse file (read with weights_only: no code runs)."""
     return dense_from_sparse(torch.load(path, map_location="cpu", weights_only=True))
 
-
-def file_bytes(path: str) -> int:
-    return os.path.getsize(path)

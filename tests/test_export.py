@@ -248,3 +248,12 @@ def test_a_model_without_convolutions_has_nothing_to_slim():
     to_masked(model, granularity="filter")  # linear layers stay plain for structured masks
     with pytest.raises(SlimError, match="no masked layers"):
         slim(model.eval(), example=torch.randn(1, 1, 28, 28))
+
+
+def test_export_knows_the_input_of_every_registered_dataset():
+    # export.py rebuilds a model without its data: every dataset needs its (channels, side) there
+    # (an MNIST5k checkpoint once fell back to CIFAR's 3 channels and failed to load).
+    from data import dataset_names
+    from export import DATASET_INPUTS
+
+    assert set(DATASET_INPUTS) == set(dataset_names())
