@@ -74,6 +74,9 @@ if [ -z "${PRETRAINED:-}" ]; then
 fi
 
 smallest="$(printf '%s\n' $KS | sort -g | head -n 1)"
+case " $METHODS " in  # IMP's rounds to the smallest density: one Python start, not one per seed
+  *" lth "*) rounds="$("$PY" -c "from trainers.lth import imp_densities; print(len(imp_densities($smallest, 0.2)))")" ;;
+esac
 for seed in $SEEDS; do
   for method in $METHODS; do
     if [ "$method" = lth ]; then
@@ -81,7 +84,6 @@ for seed in $SEEDS; do
         echo "== lth prunes single weights: skipped for --layer-type $LAYER_TYPE" >&2
         continue
       fi
-      rounds="$("$PY" -c "from trainers.lth import imp_densities; print(len(imp_densities($smallest, 0.2)))")"
       per_round="${ROUND_EPOCHS:-$(sed -n 's/^epochs: *//p' "$CONFIGS/pretrain.yml")}"
       stage RUN "${TAG}_lth_k${smallest}_s${seed}" prune --configs "$CONFIGS/lth.yml" "${masked[@]}" \
         --k "$smallest" --epochs "$(( rounds * per_round ))" --rewind-epoch "$REWIND_EPOCH" --source-net "$PRETRAINED"

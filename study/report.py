@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from configs.errors import UserError
+from configs.errors import UserError, one_line
 from study.runs import Run, link, load_runs, newest
 
 COLUMNS = ("dataset", "arch", "layer_type", "scope", "method", "seed", "k", "sparsity", "params_kept",
@@ -111,8 +111,7 @@ def collect_rows(runs: list[Run]) -> list[dict[str, Any]]:
             rows.extend(round_rows(run))
         elif run.mode in ("pretrain", "prune"):
             rows.append(row_of(run, newest([c for c in run.children if c.mode == "finetune"])))
-        elif run.mode == "finetune" and not any(run in other.children for other in runs
-                                                if other.mode in ("pretrain", "prune")):
+        elif run.mode == "finetune" and (run.parent is None or run.parent.mode == "finetune"):
             rows.append(row_of(run, None))
     return rows
 
@@ -297,13 +296,14 @@ def main(argv: list[str] | None = None) -> int:
         written = report(args.result_dir, out=args.out, layers=args.layers_run, ks=args.ks,
                          notice=lambda line: print(f"notice: {line}", file=sys.stderr))
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot write the report ({exc.strerror}: {exc.filename}); pass a writable --out",
               file=sys.stderr)
         return 2
-    n = sum(1 for _ in csv.DictReader(open(written[0], encoding="utf-8")))
+    with open(written[0], encoding="utf-8") as fh:
+        n = sum(1 for _ in csv.DictReader(fh))
     print(f"report of {n} rows from {args.result_dir}:")
     for path in written:
         print(f"  {path}")

@@ -16,11 +16,12 @@ from typing import Any
 from configs.errors import UserError
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: identity, not a comparison of whole summaries
 class Run:
     folder: str
     summary: dict[str, Any]
     children: list[Run] = field(default_factory=list)  # finetune runs started from this run
+    parent: Run | None = None  # the run whose checkpoint this one started from (set by ``link``)
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -101,6 +102,7 @@ def link(runs: list[Run]) -> list[Run]:
         parent = by_key.get(source_key(run.summary.get("source_net")) or ())
         if parent is not None and parent is not run:
             parent.children.append(run)
+            run.parent = parent
         else:
             roots.append(run)
     return roots
