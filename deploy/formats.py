@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from engine.checkpoint import make_readable, save_checkpoint
 from layers import masked_layers
 from layers.convert import PLAIN_TWIN
 
@@ -31,16 +32,15 @@ SPARSE_FORMAT = "pruning-trainer-sparse-v1"
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)``, then rename to ``path``; the temporary file is removed on failure."""
+    """``write(tmp_path)``, then rename to ``path``; the temporary file is removed on failure. For writers
+    that need a path (torch.export, ONNX); a writer to a file object uses ``engine.checkpoint.atomic_write``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
+        make_readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -164,7 +164,7 @@ def dense_from_sparse(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def save_sparse(model: nn.Module, path: str, *, meta: dict[str, Any] | None = None) -> None:
     state = {**sparse_state(model), "meta": dict(meta or {})}
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+    save_checkpoint(state, path)
 
 
 def load_sparse(path: str) -> dict[str, torch.Tensor]:

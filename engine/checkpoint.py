@@ -99,6 +99,14 @@ class _RecordingWriter:
         self.fh.flush()
 
 
+def make_readable(tmp: str) -> None:
+    """Give a temporary file the mode ``open()`` would have given it (0666 less the umask):
+    mkstemp's 0600 would hide checkpoints and logs from the other users of a shared machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def atomic_write(path: str, write: Callable[[Any], None]) -> None:
     """Write ``path`` with ``write(file)`` atomically: the old content stays until the new one is
     complete on disk. An OSError carries ``path`` as its filename."""
@@ -117,6 +125,7 @@ def atomic_write(path: str, write: Callable[[Any], None]) -> None:
                     raise
                 fh.flush()
                 os.fsync(fh.fileno())
+            make_readable(tmp)
             os.replace(tmp, path)
             dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
             try:

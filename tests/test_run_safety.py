@@ -632,3 +632,12 @@ def test_resume_with_frozen_masks_that_do_not_fit_names_the_file(runs):
     with pytest.raises(UserError, match="stored masks do not fit this model") as info:
         resume_into(model, ms, ckpt, source="RUN/checkpoint.pth.tar", notice=print)
     assert "RUN/checkpoint.pth.tar" in str(info.value)
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    # mkstemp makes 0600 files: checkpoints and logs would be unreadable to a shared machine's group
+    from engine.checkpoint import write_text
+    write_text(str(tmp_path / "summary.json"), "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(tmp_path / "summary.json").st_mode & 0o777 == 0o666 & ~umask
