@@ -38,12 +38,13 @@ from engine.checkpoint import (
     set_rng_state,
     write_text,
 )
+from engine.distributed import Dist, check_launch, sharded_evaluation, sync_batchnorm
 from engine.evaluate import Evaluation, build_evaluation
 from engine.loop import RunState, checkpoint_state, fit, write_summary
 from engine.lr_schedules import MASK_MILESTONES
 from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
 from engine.optim import OptimSettings
-from engine.run_log import RunLog, csv_history, sparsity_table
+from engine.run_log import RunLog, SilentLog, csv_history, sparsity_table
 from engine.source import load_source, load_trainer_state, resume_into
 from layers import MaskSet, NMShapeError, SelectionError, to_masked
 from layers.convert import MASKED_TYPES, exclusion_patterns
@@ -57,6 +58,10 @@ from trainers.compensation import compensate_fixed_mask
 from trainers.woodfisher import fisher_settings
 
 INTERRUPTED = "interrupted; the last checkpoint.pth.tar is complete (writes are atomic); continue with --resume"
+# Under torchrun a process is stopped by a signal when another one failed (torchrun ends them all).
+STOPPED_BY_TORCHRUN = ("stopped: torchrun ends every process when one fails (its error is above) or the job is "
+                       "stopped; the last checkpoint.pth.tar is complete; the same command with --resume auto "
+                       "continues the run")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,23 +203,45 @@ def unfinished_checkpoint(cfg: Config) -> str | None:
     return max(candidates, key=lambda path: (os.path.getmtime(path), path), default=None)
 
 
-def resolve_auto_resume(options: Options, notice: Callable[[str], None]) -> Options:
+def resolve_auto_resume(options: Options, notice: Callable[[str], None], group: Dist) -> Options:
     """``--resume auto`` (the same command for a first start and every restart, as torchrun's
-    --max-restarts needs): continue the newest unfinished run of the experiment, or start a new one."""
+    --max-restarts needs): continue the newest unfinished run of the experiment, or start a new one.
+    Rank 0 looks, so that every rank of a distributed run continues the same one."""
     cfg = options.config()
-    found = unfinished_checkpoint(cfg)
+    found = group.broadcast_object(unfinished_checkpoint(cfg) if group.main else None)
     where = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
     notice(f"--resume auto: continuing {found}" if found else
            f"--resume auto: no unfinished run under {where}; starting a new one")
     return dataclasses.replace(options, values={**options.values, "resume": found})
 
 
-def run(options: Options) -> int:
+def join_group(options: Options) -> Dist:
+    """The processes of a ``torchrun`` launch as one group (``engine.distributed``), or a group of one."""
+    # The raw values: the run's whole configuration is checked later (a resumed run's comes from its checkpoint).
+    device, timeout = str(options.values["device"]), options.values["dist_timeout"]
+    check_launch(device_flag=device)
+    return Dist.from_env(cuda=device != "cpu" and torch.cuda.is_available(), timeout_s=max(1, int(timeout)))
+
+
+def check_distributed(cfg: Config, group: Dist) -> None:
+    """Settings a run of several processes cannot honour (train.py refuses them before any work)."""
+    if not group.enabled:
+        return
+    if cfg.val_method == "smooth":
+        raise UserError("--val-method smooth certifies the first --certify-subset test samples in one process: run "
+                        "it with python train.py (one process), or use --val-method base|adv under torchrun")
+    uses_fisher = cfg.trainer == "woodfisher" or cfg.obs_update
+    if uses_fisher and cfg.fisher_subsample_size < group.world:
+        raise UserError(f"--fisher-subsample-size {cfg.fisher_subsample_size} rows cannot be shared by {group.world} "
+                        f"processes: use at least {group.world}")
+
+
+def run(options: Options, group: Dist) -> int:
     started = time.monotonic()
     notices: list[str] = []
     resume, changed = None, {}
     if options.values["resume"] == "auto":
-        options = resolve_auto_resume(options, notices.append)
+        options = resolve_auto_resume(options, notices.append, group)
     if options.values["resume"]:
         source = options.values["resume"]
         resume = load_checkpoint(source)
@@ -227,6 +254,9 @@ def run(options: Options) -> int:
         cfg = options.config()
     evaluate = build_evaluation(RobustOptions.of(cfg), seed=cfg.seed)  # --val-method: every evaluation of the run
     device = resolve_device(cfg.device)
+    if group.enabled and device.type == "cuda":
+        device = torch.device("cuda", group.local_rank)  # one GPU per process, as torchrun numbers them
+    check_distributed(cfg, group)
     trainer_cls = get_trainer(cfg.trainer)
     trainer_cls.check_options(trainer_options(cfg, trainer_cls),
                               run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope,
@@ -235,7 +265,7 @@ def run(options: Options) -> int:
     if resume is not None:
         assert cfg.resume is not None  # the resumed config keeps --resume
         run_dir = resumed_folder(cfg.resume)
-    if not cfg.evaluate:  # evaluating writes nothing
+    if not cfg.evaluate and group.main:  # evaluating writes nothing; rank 0 alone writes
         if run_dir is not None:
             check_writable(run_dir, "--resume: the run folder")
         else:
@@ -248,7 +278,9 @@ def run(options: Options) -> int:
                            num_classes=cfg.num_classes, skip_bad_records=cfg.skip_bad_records)
     loaders = build_loaders(splits, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size, seed=cfg.seed,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                            val_fraction=cfg.val_fraction, data_fraction=cfg.data_fraction)
+                            val_fraction=cfg.val_fraction, data_fraction=cfg.data_fraction, rank=group.rank,
+                            world=group.world)
+    evaluate = sharded_evaluation(evaluate, loaders=loaders, group=group)
     check_memory(cfg, trainer_cls=trainer_cls, splits=splits, loaders=loaders, device=device)
     model = build_model(cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                         image_size=splits.image_size)
@@ -274,8 +306,8 @@ def run(options: Options) -> int:
             raise UserError(f"--layer-type {cfg.layer_type} masks convolutions only (linear layers stay dense, as in "
                             f"BiP) and {cfg.arch} has none: use --layer-type unstructured")
         if maskset.nm is not None:
-            kept, group = maskset.nm
-            notices.append(f"N:M masks: every group of {group} consecutive input channels/features keeps its {kept} "
+            kept, size = maskset.nm
+            notices.append(f"N:M masks: every group of {size} consecutive input channels/features keeps its {kept} "
                            f"highest-scoring weights (--scope {cfg.scope} does not apply)")
         if cfg.scope == "global" and maskset.min_units:
             unit = {"filter": "filter", "channel": "channel"}.get(cfg.layer_type, "weight")
@@ -292,30 +324,32 @@ def run(options: Options) -> int:
     elif maskset is not None:
         maskset.step(force=True)
     model.to(device)
+    model = sync_batchnorm(model, group=group, device=device)
+    say = print if group.main else (lambda *args, **kwargs: None)
 
     if cfg.evaluate:
         for line in notices:
-            print(line)
+            say(line)
         for split, loader in (("val", loaders.val), ("test", loaders.test)):
             if loader is not None:
                 m = evaluate(model, loader, device=device)
-                print(f"{split}: " + "  ".join(f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.2f}"
+                say(f"{split}: " + "  ".join(f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.2f}"
                                                for key, value in m.items()))
         if maskset is not None:
-            print(sparsity_table(maskset.report()))
-        print(model_cost(model, example=example_input(splits, device)).line())
+            say(sparsity_table(maskset.report()))
+        say(model_cost(model, example=example_input(splits, device)).line())
         return 0
 
     weight_optim, score_optim = optim_settings(cfg)
-    log = RunLog()
+    log = RunLog() if group.main else SilentLog()
     # A bar redraws ~190 bytes per step: into a redirected stderr (a cluster log) that is noise, so
     # without a terminal the per-batch lines at --print-freq go to the console instead.
-    bar = sys.stderr.isatty() if cfg.progress is None else cfg.progress
+    bar = (sys.stderr.isatty() if cfg.progress is None else cfg.progress) and group.main
     trainer = trainer_cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weight_optim=weight_optim,
                           score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
                           progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
                           options=trainer_options(cfg, trainer_cls), robust=RobustOptions.of(cfg),
-                          source=cfg.source_net)
+                          source=cfg.source_net, group=group)
     if resume is not None:
         assert cfg.resume is not None
         load_trainer_state(trainer, resume["trainer_state"], cfg.resume)
@@ -333,6 +367,7 @@ def run(options: Options) -> int:
         fisher = obs_fisher(cfg)
         done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device, fisher=fisher,
                                      joint=cfg.obs_solve == "joint", label_smoothing=cfg.label_smoothing)
+        group.broadcast_state(model)  # every rank solved the same system; rank 0's result, bit for bit
         notices.append(done.line(when="the source's mask, before fine-tuning", fisher=fisher))
         obs["finetune_start"] = done.as_dict()
     if resume is None and cfg.source_net:
@@ -346,10 +381,12 @@ def run(options: Options) -> int:
     # Everything is validated: from here on the run writes its folder.
     fresh = run_dir is None
     if run_dir is None:  # fresh
-        run_dir = new_run_dir(cfg)
+        run_dir = new_run_dir(cfg) if group.main else ""
     try:
         log.open(run_dir)
-        if fresh:
+        if not group.main:
+            pass  # rank 0 writes the folder
+        elif fresh:
             write_text(os.path.join(run_dir, "config.yml"), yaml.safe_dump(run_cfg, sort_keys=False))
         else:
             for folder in (run_dir, os.path.join(run_dir, "checkpoint")):
@@ -362,13 +399,14 @@ def run(options: Options) -> int:
         for line in notices:
             log.info(line)
         layer_type = cfg.layer_type + (f" {cfg.nm}" if cfg.layer_type == "nm" else "") if maskset else "dense"
+        processes = f" x {group.world} processes ({group.backend})" if group.enabled else ""
         log.info(f"{cfg.exp_mode} {cfg.arch} on {cfg.dataset} with trainer {cfg.trainer}, layer type {layer_type}, "
-                 f"k {cfg.k:g} ({cfg.scope}), {cfg.epochs} epochs, device {device}"
+                 f"k {cfg.k:g} ({cfg.scope}), {cfg.epochs} epochs, device {device}{processes}"
                  + (f", resuming after epoch {state.start_epoch}" if resume is not None else ""))
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,
                     seed=cfg.seed, arch=cfg.arch, config=run_cfg, run_dir=run_dir, log=log, state=state,
                     save_dense=cfg.save_dense, num_classes=splits.num_classes, evaluate=evaluate,
-                    rewind_epoch=cfg.rewind_epoch if cfg.exp_mode == "pretrain" else None)
+                    rewind_epoch=cfg.rewind_epoch if cfg.exp_mode == "pretrain" else None, group=group)
         final = evaluate(model, loaders.test, device=device)  # the model of checkpoint.pth.tar
         if cfg.obs_update and cfg.exp_mode == "prune":
             assert maskset is not None  # prune runs on masked layers
@@ -376,11 +414,13 @@ def run(options: Options) -> int:
             done = compensate_fixed_mask(model=model, maskset=maskset, loaders=loaders, device=device, fisher=fisher,
                                          joint=cfg.obs_solve == "joint", label_smoothing=cfg.label_smoothing,
                                          test_top1_before=final["top1"])  # measured just above, same masks
+            group.broadcast_state(model)
             path = os.path.join(run_dir, "checkpoint", "model_obs.pth.tar")
             ckpt = checkpoint_state(epoch=cfg.epochs, arch=cfg.arch, model=model, maskset=maskset, trainer=trainer,
                                     best_prec1=state.best_prec1, config=run_cfg, history=state.history)
             ckpt["obs_update"] = done.as_dict()
-            save_checkpoint(ckpt, path)
+            if group.main:
+                save_checkpoint(ckpt, path)
             log.info(done.line(when="the learned mask, at the end of pruning", fisher=fisher)
                      + f"; written to {path} (pass it to --source-net to fine-tune)")
             obs["prune_end"] = {**done.as_dict(), "checkpoint": path}
@@ -397,6 +437,8 @@ def run(options: Options) -> int:
                      "(see the warnings above); this run's results are not a fair measure of the method")
         cost = model_cost(model, example=example_input(splits, device))
         log.info(cost.line())
+        if not group.main:
+            return 0
         write_summary(run_dir, {**summary(cfg, run_dir=run_dir, masked=maskset is not None, final=final,
                                           state=state, density=density, wall_seconds=time.monotonic() - started,
                                           evaluation=evaluate),
@@ -466,22 +508,39 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt)
+    # Under torchrun the other ranks print nothing for an error they share with rank 0 (bad input);
+    # torchrun names every rank that failed.
+    rank = int(os.environ.get("RANK", "0") or 0)
+    distributed = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+    def error(text: str) -> None:
+        if rank == 0:
+            print(f"error: {text}", file=sys.stderr, flush=True)
     try:
-        return run(read_options(sys.argv[1:] if argv is None else argv))
+        options = read_options(sys.argv[1:] if argv is None else argv)
+        group = join_group(options)
+        code = run(options, group)
+        group.close()
+        return code
     except UserError as exc:  # also one raised in a DataLoader worker: one_line drops the worker's traceback
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        error(one_line(exc))
         return 2
     except (RunStopped, FloatingPointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(str(exc))
+        return 1
+    except torch.distributed.DistError as exc:  # a collective failed: another process died or hangs
+        print(f"error: rank {rank} lost the other processes ({one_line(exc)[:200]}); the last checkpoint.pth.tar "
+              "is complete; the same command with --resume auto continues the run", file=sys.stderr, flush=True)
         return 1
     except OSError as exc:  # a full disk while closing the log, after the last checkpoint
         if not is_storage_error(exc):
             raise
-        print(f"error: could not write {exc.filename} ({exc.strerror}); completed checkpoints are kept: "
-              "free space and continue with --resume", file=sys.stderr)
+        error(f"could not write {exc.filename} ({exc.strerror}); completed checkpoints are kept: "
+              "free space and continue with --resume")
         return 1
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        if rank == 0:
+            print(STOPPED_BY_TORCHRUN if distributed else INTERRUPTED, file=sys.stderr, flush=True)
         return 130
     finally:
         if threading.current_thread() is threading.main_thread():

@@ -92,7 +92,8 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
     data_dir: str = opt("./datasets", "folder holding the dataset files", group="data")
     normalize: bool = opt(False, "normalize inputs with the dataset's mean/std", group="data")
     image_dim: int | None = opt(None, "input image size (default: the dataset's)", group="data")
-    batch_size: int = opt(128, "training batch size", group="data", check=at_least(1))
+    batch_size: int = opt(128, "training batch size (under torchrun the global batch, split over the processes)",
+                          group="data", check=at_least(1))
     test_batch_size: int = opt(128, "evaluation batch size", group="data", check=at_least(1))
     num_workers: int = opt(0, "DataLoader worker processes (0 = load in the main process)", group="data",
                            check=non_negative)
@@ -132,6 +133,8 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
     print_freq: int = opt(100, "log every N batches in the run log", group="run", check=at_least(1))
     progress: bool | None = opt(None, "progress bar per epoch (default: only when stderr is a terminal; otherwise, "
                                 "and with --no-progress, a line every --print-freq batches)", group="run")
+    dist_timeout: int = opt(600, "torchrun: seconds a process waits for the others in a collective before the run "
+                            "stops (a process that died or hangs)", group="run", check=at_least(1))
 
     def validate(self) -> Config:
         def bad(msg: str) -> UserError:
@@ -374,7 +377,7 @@ def load_config(argv: list[str]) -> Config:
 # its run.log and config.yml). Every other option shapes the trajectory (optimizer, rates,
 # schedules, data, trainer options, ...) and must keep the value the run started with.
 RUN_CONTROL = ("configs", "resume", "result_dir", "exp_name", "device", "data_dir", "num_workers", "test_batch_size",
-               "progress", "print_freq", "skip_bad_records", "evaluate", "save_dense")
+               "progress", "print_freq", "skip_bad_records", "evaluate", "save_dense", "dist_timeout")
 # What to do instead of dropping the flag, where that is not what the user wants.
 RESUME_HINTS = {"exp_mode": "to start the next stage from it, pass it to --source-net instead of --resume"}
 

@@ -65,3 +65,35 @@ class EpochSampler(Sampler[tuple[int, int]]):
         order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
         aug_seeds = torch.randint(0, 1 << 62, (n,), generator=generator)
         yield from zip(self.indices[order].tolist(), aug_seeds.tolist())
+
+
+def shard(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous block [start, stop) of 0..n-1 that ``rank`` of ``world`` takes (sizes differ by <= 1)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class RankBatches(Sampler[list[tuple[int, int]]]):
+    """One rank's slices of the global batches of ``sampler`` (a batch sampler for a DataLoader).
+
+    Every rank draws the same global order; global batch b is keys [b*B, (b+1)*B) (the last one
+    shorter), split into ``world`` contiguous slices whose sizes differ by at most one, and rank r
+    takes slice r. With world 1 these are exactly the batches of ``DataLoader(sampler, batch_size=B)``.
+    """
+
+    def __init__(self, sampler: EpochSampler, *, batch_size: int, rank: int, world: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+
+    def __len__(self) -> int:
+        return (len(self.sampler) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        keys = list(self.sampler)
+        for b in range(0, len(keys), self.batch_size):
+            batch = keys[b:b + self.batch_size]
+            start, stop = shard(len(batch), self.rank, self.world)
+            yield batch[start:stop]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.checkpoint import deferred_interrupts, rewind_checkpoint, rng_state, save_checkpoint, write_text
+from engine.distributed import SINGLE, Dist
 from engine.evaluate import BASE, Evaluation
 from engine.run_log import RunLog, sparsity_table
 from layers import MaskSet, dense_state_dict
@@ -95,12 +96,13 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
         epochs: int,
         seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
         save_dense: bool, num_classes: int, evaluate: Evaluation = BASE,
-        rewind_epoch: int | None = None) -> RunState:
+        rewind_epoch: int | None = None, group: Dist = SINGLE) -> RunState:
     """Train ``epochs`` epochs from ``state``. ``rewind_epoch`` R also saves the model after R epochs
-    (0: before the first) as ``checkpoint/rewind_epoch_R.pth.tar``, the point a lottery-ticket run rewinds to."""
+    (0: before the first) as ``checkpoint/rewind_epoch_R.pth.tar``, the point a lottery-ticket run rewinds to.
+    ``group``: a distributed run's ranks (engine.distributed); only rank 0 writes files."""
     ckpt_dir = os.path.join(run_dir, "checkpoint")
     rewind_path = rewind_checkpoint(ckpt_dir, rewind_epoch) if rewind_epoch is not None else ""
-    if rewind_epoch == 0 and state.start_epoch == 0:
+    if rewind_epoch == 0 and state.start_epoch == 0 and group.main:
         with deferred_interrupts():
             save_checkpoint(checkpoint_state(epoch=0, arch=arch, model=model, maskset=maskset, trainer=trainer,
                                              best_prec1=0.0, config=config), rewind_path)
@@ -110,6 +112,7 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
         lrs = lr_names(trainer.set_epoch(epoch))
         t0 = time.perf_counter()
         train = trainer.train_epoch(epoch, loaders)
+        group.average_buffers(model)  # BatchNorm statistics of all ranks' slices (equal with SyncBatchNorm)
         notes = trainer.pop_notes()
         for line in notes:
             log.info(line)
@@ -147,6 +150,10 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
                "seconds": round(seconds, 3), "collapsed": int(fell)}
         log.csv_row(row)
         state.history.append(row)
+        if maskset is not None:
+            group.check_masks(maskset.masks(), epoch=epoch + 1)
+        if not group.main:
+            continue
         ckpt = checkpoint_state(epoch=epoch + 1, arch=arch, model=model, maskset=maskset, trainer=trainer,
                                 best_prec1=state.best_prec1, config=config, history=state.history)
         # checkpoint.pth.tar last: until it is written a resume redoes this epoch and every other file

@@ -159,3 +159,28 @@ if __name__ == "__main__":  # python -m engine.run_log RUN/summary.json ...
     import json
 
     print(summary_table([json.load(open(path, encoding="utf-8")) for path in sys.argv[1:]]))
+
+
+class SilentLog(RunLog):
+    """The log of a rank other than 0 in a distributed run: rank 0 alone prints and writes."""
+
+    def open(self, folder: str) -> None:
+        self.folder = None
+
+    def info(self, line: str) -> None:
+        pass
+
+    def debug(self, line: str) -> None:
+        pass
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def csv_row(self, row: Mapping[str, float | int | str]) -> None:
+        pass
+
+    def rewrite_csv(self, rows: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self, *, after_error: bool = False) -> None:
+        pass

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from configs.options import OptionSection, RobustOptions
+from engine.distributed import SINGLE, Dist, wrap
 from engine.memory import MemoryNeed, size
 from engine.metrics import Average, correct_topk
 from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
@@ -51,13 +52,17 @@ class BaseTrainer:
     # The trainer's own options (a section of configs.options), or None: train.py reads an instance
     # of it off the run's config and passes it as ``options``.
     Options: type[OptionSection] | None = None
+    # Whether a step's backward may leave a trainable parameter without a gradient (BiP's weight step
+    # leaves the scores out): DDP must then look for unused parameters after each forward pass.
+    unused_parameters = False
 
     def __init__(self, *, model: nn.Module, maskset: MaskSet | None, mode: str, device: torch.device,
                  weight_optim: OptimSettings, score_optim: OptimSettings | None = None, freeze_bn: bool = False,
                  label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
                  print_freq: int = 100, seed: int = 0, options: OptionSection | None = None,
-                 robust: RobustOptions | None = None, source: str | None = None) -> None:
+                 robust: RobustOptions | None = None, source: str | None = None, group: Dist = SINGLE) -> None:
         self.model = model
+        self.group = group  # a distributed run's process group (engine.distributed); SINGLE otherwise
         self.source = source  # the --source-net checkpoint the run started from (lth finds its rewind point there)
         self.maskset = maskset
         self.mode = mode
@@ -76,6 +81,10 @@ class BaseTrainer:
         self.settings: dict[str, OptimSettings] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.setup(weight_optim=weight_optim, score_optim=score_optim, freeze_bn=freeze_bn)
+        # What a training step's forward runs: DDP around the model in a distributed run (after
+        # setup, which decides which parameters train), the model itself otherwise. Everything else
+        # (masks, evaluation, OBS steps, checkpoints) uses ``self.model``.
+        self.net = wrap(model, group=group, device=device, unused_parameters=self.unused_parameters)
 
     @classmethod
     def check_options(cls, options: OptionSection | None, *, run: RunSpec) -> None:
@@ -141,13 +150,19 @@ class BaseTrainer:
         x, y = batch
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
+    def scaled(self, loss: torch.Tensor, n: int) -> torch.Tensor:
+        """The loss whose gradient a step takes: in a distributed run, this rank's mean loss times
+        ``n * N / n_global``, so that DDP's average over the ranks is the global batch's mean."""
+        scale = self.group.loss_scale(n, loss.device)
+        return loss if scale is None else loss * scale
+
     def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step; returns (loss, logits, targets) of the batch it trained on."""
         x, y = self._to_device(batch)
         opt = self.optimizers["optimizer"]
-        loss, logits = self.objective(self.model, x, y)
+        loss, logits = self.objective(self.net, x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaled(loss, len(y)).backward()
         opt.step()
         return loss.detach(), logits.detach(), y
 
@@ -174,7 +189,8 @@ class BaseTrainer:
                 self.log(f"epoch {epoch} [{i}/{total}] loss {loss_avg.mean:.4f} top1 {top1.mean:.2f} "
                          f"top5 {top5.mean:.2f}")
         bar.close()
-        return {"loss": loss_avg.mean, "top1": top1.mean, "top5": top5.mean}
+        means = {"loss": loss_avg.mean, "top1": top1.mean, "top5": top5.mean}
+        return self.group.reduce_mean(means, loss_avg.count)  # over every rank's samples
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -181,6 +181,7 @@ class PublicBipIteration:
 @register_trainer("bilevel")
 class BilevelTrainer(BaseTrainer):
     Options = BilevelOptions
+    unused_parameters = True  # the weight step's forward leaves the scores out
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
     def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:
@@ -211,6 +212,9 @@ class BilevelTrainer(BaseTrainer):
     def _setup_public(self, *, weights: OptimSettings, masks: OptimSettings, freeze_bn: bool) -> None:
         """The public code's optimizers (``weights``: the weight optimizer's settings, ``masks``: the
         score optimizer's)."""
+        if self.group.enabled:
+            raise UserError("--implicit-grad bip-code reproduces the public single-process BiP code: run it with "
+                            "one process (python train.py), or use --implicit-grad paper under torchrun")
         if self.robust.objective != "natural":
             # Their iteration makes separate forward passes on the same upper-level batch (bilevel and prune
             # phases); with a random attack each would see other examples, which is no longer their iteration.
@@ -243,7 +247,20 @@ class BilevelTrainer(BaseTrainer):
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # --objective: both levels train on it (PGD examples are made at the current weights and mask)
-        return self.objective(self.model, x, y)
+        return self.objective(self.net, x, y)
+
+    def _grads(self, loss: torch.Tensor, params: Sequence[torch.Tensor], n: int) -> Sequence[torch.Tensor]:
+        """d loss / d params. Distributed: through ``backward()``, where DDP averages every trainable
+        parameter's gradient over the ranks (``torch.autograd.grad`` would bypass it), then read off
+        ``.grad`` and cleared; the loss scaled so the average is the global batch's (``scaled``)."""
+        if not self.group.enabled:
+            return torch.autograd.grad(loss, params)
+        self.scaled(loss, n).backward()
+        grads = [p.grad for p in params]
+        for p in self.scores + self.weights:
+            p.grad = None
+        assert all(g is not None for g in grads), "every requested parameter takes part in the loss"
+        return cast(list[torch.Tensor], grads)
 
     def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         (x1, y1), (x2, y2) = self._to_device(batch[0]), self._to_device(batch[1])
@@ -253,19 +270,19 @@ class BilevelTrainer(BaseTrainer):
         opt, mask_opt = self.optimizers["optimizer"], self.optimizers["mask_optimizer"]
         if self.accelerate:
             loss_up, _ = self._loss(x2, y2)
-            self._apply(mask_opt, self.scores, torch.autograd.grad(loss_up, self.scores))
+            self._apply(mask_opt, self.scores, self._grads(loss_up, self.scores, len(y2)))
             with self.maskset.scores_fixed():
                 loss, logits = self._loss(x1, y1)
-                self._apply(opt, self.weights, torch.autograd.grad(loss, self.weights))
+                self._apply(opt, self.weights, self._grads(loss, self.weights, len(y1)))
             return loss.detach(), logits.detach(), y1
         # 1. lower level: weights on x1 (no score gradient needed)
         with self.maskset.scores_fixed():
             loss, logits = self._loss(x1, y1)
-            self._apply(opt, self.weights, torch.autograd.grad(loss, self.weights))
+            self._apply(opt, self.weights, self._grads(loss, self.weights, len(y1)))
         # 2. upper level: scores on x2 at the new weights, with the implicit-gradient term
         loss_up, _ = self._loss(x2, y2)
         n = len(self.scores)
-        grads = torch.autograd.grad(loss_up, self.scores + self.masked_weights)
+        grads = self._grads(loss_up, self.scores + self.masked_weights, len(y2))
         g_s, g_theta = grads[:n], grads[n:]
         # g_s - lr2 * g_s * g_theta, built in place in g_theta's buffers (no longer needed)
         score_grads = [gt.mul_(gs).mul_(-self.lr2).add_(gs) for gs, gt in zip(g_s, g_theta)]

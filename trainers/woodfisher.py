@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from configs.errors import UserError
 from configs.options import FisherOptions, OptionSection, WoodFisherOptions
+from data.sampling import shard
 from engine.memory import MemoryNeed
 from engine.optim import OptimSettings
 from layers import MaskSet
@@ -333,29 +334,35 @@ class WoodFisherTrainer(FixedMaskTrainer):
         for i, s in enumerate(steps):
             self.prune_step(s, epoch=epoch, substep=i, substeps=len(steps), loaders=loaders)
 
-    def fisher_batches(self, loaders: Loaders | None, *, epoch: int,
-                       substep: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The Fisher's sample stream of one (sub-)step: a function of (seed, epoch, substep) only."""
+    def fisher_batches(self, loaders: Loaders | None, *, epoch: int, substep: int,
+                       skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The Fisher's sample stream of one (sub-)step: a function of (seed, epoch, substep) only;
+        ``skip``: from that sample on (a distributed rank's block of rows)."""
         if loaders is None:
             raise ValueError(f"prune method {self.method.name} needs training data for its Fisher (loaders)")
-        return loaders.stream(FISHER_STREAM, epoch=epoch * 1000 + substep,
+        return loaders.stream(FISHER_STREAM, epoch=epoch * 1000 + substep, skip=skip,
                               batch_size=min(256, self.opts.fisher_subsample_size * self.opts.fisher_mini_bsz))
 
     def collect_gradients(self, loaders: Loaders | None, *, epoch: int, substep: int = 0) -> torch.Tensor:
-        """G (m x D) of one (sub-)step, labels from the data or, with --true-fisher, from the model."""
+        """G (m x D) of one (sub-)step, labels from the data or, with --true-fisher, from the model.
+        Distributed: each rank computes its block of the m rows (the same samples one process would
+        use for them) and the blocks are gathered, so every rank holds the same m global rows."""
+        settings = fisher_settings(self.opts, damp=self.plan.damp)
+        start, stop = shard(settings.m, self.group.rank, self.group.world)
         generator = None
-        if self.opts.true_fisher:
+        if self.opts.true_fisher:  # a rank's labels are drawn from its own seed (+ its first row)
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(derive_label_seed(self.seed, epoch, substep))
-        solver = self.solver()
-        solver.collect(self.model, self.fisher_batches(loaders, epoch=epoch, substep=substep),
+            generator.manual_seed(derive_label_seed(self.seed, epoch, substep) + start)
+        solver = self.solver(fisher=replace(settings, m=stop - start))
+        solver.collect(self.model, self.fisher_batches(loaders, epoch=epoch, substep=substep,
+                                                       skip=start * settings.samples_per_grad),
                        label_smoothing=self.criterion.label_smoothing, label_generator=generator)
         assert solver.G is not None  # set by collect()
-        return solver.G
+        return self.group.gather_rows(solver.G, settings.m)
 
-    def solver(self) -> OBSSolver:
+    def solver(self, fisher: FisherSettings | None = None) -> OBSSolver:
         return OBSSolver(self.maskset.layers, granularity=self.granularity, method=self.method, nm=self.maskset.nm,
-                         fisher=fisher_settings(self.opts, damp=self.plan.damp), device=self.device)
+                         fisher=fisher or fisher_settings(self.opts, damp=self.plan.damp), device=self.device)
 
     def prune_step(self, sparsity: float, *, epoch: int, substep: int = 0, substeps: int = 1,
                    loaders: Loaders | None = None) -> dict:
@@ -400,6 +407,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
             solver.prune_to(density, scope=self.scope, min_units=self.maskset.min_units, scale=scale, joint=joint)
             record = solver.record
         solver.release()
+        self.group.broadcast_state(self.model)  # rank 0's result on every rank, bit for bit
         self.maskset.set_masks({name: layer.mask for name, layer in self.maskset.layers.items()})
         self.clear_pruned_state()
         seconds = time.perf_counter() - t0
