@@ -38,7 +38,7 @@ from engine.checkpoint import (
     set_rng_state,
     write_text,
 )
-from engine.distributed import Dist, check_launch, sharded_evaluation, sync_batchnorm
+from engine.distributed import Dist, check_launch, lost_peer, sharded_evaluation, sync_batchnorm
 from engine.evaluate import Evaluation, build_evaluation
 from engine.loop import RunState, checkpoint_state, fit, write_summary
 from engine.lr_schedules import MASK_MILESTONES
@@ -528,7 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RunStopped, FloatingPointError) as exc:
         error(str(exc))
         return 1
-    except torch.distributed.DistError as exc:  # a collective failed: another process died or hangs
+    except RuntimeError as exc:  # a collective failed: another process died or hangs
+        if not (distributed and lost_peer(exc)):
+            raise
         print(f"error: rank {rank} lost the other processes ({one_line(exc)[:200]}); the last checkpoint.pth.tar "
               "is complete; the same command with --resume auto continues the run", file=sys.stderr, flush=True)
         return 1

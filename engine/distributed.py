@@ -187,7 +187,7 @@ def wrap(model: nn.Module, *, group: Dist, device: torch.device, unused_paramete
     if not group.enabled:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=unused_parameters)
+                                   forward_sync_buffers=False, find_unused_parameters=unused_parameters)
 
 
 def sync_batchnorm(model: nn.Module, *, group: Dist, device: torch.device) -> nn.Module:
@@ -195,6 +195,16 @@ def sync_batchnorm(model: nn.Module, *, group: Dist, device: torch.device) -> nn
     if group.enabled and device.type == "cuda":
         return cast(nn.Module, nn.SyncBatchNorm.convert_sync_batchnorm(model))
     return model
+
+
+PEER_FAILURE = ("gloo", "NCCL", "Connection reset", "Connection closed", "ProcessGroup")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process died or hangs (gloo and NCCL
+    report it as a RuntimeError raised inside backward() or a collective)."""
+    return isinstance(exc, tdist.DistError) or (isinstance(exc, RuntimeError)
+                                                and any(word in str(exc) for word in PEER_FAILURE))
 
 
 def check_launch(*, device_flag: str) -> None:
