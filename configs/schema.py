@@ -40,6 +40,7 @@ from configs.options import (
 )
 
 MODES = ("pretrain", "prune", "finetune")
+DECODE_MODES = ("auto", "cpu", "gpu")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
 SCOPES = ("global", "layer")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")

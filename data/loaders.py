@@ -16,16 +16,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs.errors import UserError
+from data.encoded import EncodedImages, collate_encoded
+from data.gpu_decode import DeviceLoader
 from data.registry import DatasetSplits
 from data.sampling import STREAM_HOLDOUT, STREAM_TRAIN, STREAM_UPPER, STREAM_WORKERS, EpochSampler, derive_seed
+
+# A DeviceLoader (--decode gpu) yields batches already on the device; both have sampler and dataset.
+Batches = DataLoader | DeviceLoader
 
 
 @dataclass
 class Loaders:
-    train: DataLoader  # shuffled training stream
-    upper: DataLoader  # BiP upper level: independent shuffle of train, or the held-out fraction
-    val: DataLoader | None
-    test: DataLoader
+    train: Batches  # shuffled training stream
+    upper: Batches  # BiP upper level: independent shuffle of train, or the held-out fraction
+    val: Batches | None
+    test: Batches
     train_indices: list[int] = field(default_factory=list)  # the training split (after --data-fraction)
     seed: int = 0
     num_workers: int = 0
@@ -84,13 +89,17 @@ def check_batch_size(batch_size: int, *, train: int, upper: int | None, data_fra
 
 
 def _loader(dataset: Dataset, *, batch_size: int, sampler: EpochSampler | None, seed: int, stream: int,
-            num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(
+            num_workers: int, pin_memory: bool) -> Batches:
+    encoded = isinstance(dataset, EncodedImages)  # bytes mode: the device decodes (data.gpu_decode)
+    loader = DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        # The JPEG decoder reads encoded bytes from any host memory: pinning them would only cost.
+        pin_memory=pin_memory and not encoded, persistent_workers=num_workers > 0,
+        collate_fn=collate_encoded if encoded else None,
         # Worker seeds come from this generator; augmentation itself is seeded per sample.
         generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_WORKERS, stream)),
     )
+    return DeviceLoader(loader) if encoded else loader
 
 
 def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: int, seed: int = 0,
