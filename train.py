@@ -275,7 +275,8 @@ def run(options: Options, group: Dist) -> int:
 
     # Everything that can fail on bad input happens before the run folder exists.
     splits = build_dataset(cfg.dataset, data_dir=cfg.data_dir, normalize=cfg.normalize, image_dim=cfg.image_dim,
-                           num_classes=cfg.num_classes, skip_bad_records=cfg.skip_bad_records)
+                           num_classes=cfg.num_classes, skip_bad_records=cfg.skip_bad_records,
+                           decode=cfg.decode, device=device)
     loaders = build_loaders(splits, batch_size=cfg.batch_size, test_batch_size=cfg.test_batch_size, seed=cfg.seed,
                             num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
                             val_fraction=cfg.val_fraction, data_fraction=cfg.data_fraction, rank=group.rank,

@@ -40,6 +40,7 @@ from configs.options import (
 )
 
 MODES = ("pretrain", "prune", "finetune")
+DECODE_MODES = ("auto", "cpu", "gpu")
 LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
 SCOPES = ("global", "layer")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
@@ -103,6 +104,10 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
                               "(0 = an independent shuffle of the whole training set, as BiP)", group="data",
                               check=fraction(low_open=False, high_open=True))
     skip_bad_records: bool = opt(False, "LMDB: skip and count undecodable records instead of stopping", group="data")
+    decode: str = opt("auto", "where JPEG datasets (ImageNet, TinyImageNet) are decoded and augmented: gpu = in "
+                      "batches on the run's CUDA device (the CPU path's crops and flips, pixels within resampling "
+                      "differences); cpu = PIL in the DataLoader workers; auto = gpu on a CUDA device, else cpu",
+                      DECODE_MODES, "data")
     # training
     trainer: str = opt("base", "base (pretrain / HYDRA prune / finetune), bilevel (BiP), woodfisher (gradual OBS) or "
                        "lth (iterative magnitude pruning with rewinding)",
@@ -377,7 +382,7 @@ def load_config(argv: list[str]) -> Config:
 # its run.log and config.yml). Every other option shapes the trajectory (optimizer, rates,
 # schedules, data, trainer options, ...) and must keep the value the run started with.
 RUN_CONTROL = ("configs", "resume", "result_dir", "exp_name", "device", "data_dir", "num_workers", "test_batch_size",
-               "progress", "print_freq", "skip_bad_records", "evaluate", "save_dense", "dist_timeout")
+               "progress", "print_freq", "skip_bad_records", "evaluate", "save_dense", "dist_timeout", "decode")
 # What to do instead of dropping the flag, where that is not what the user wants.
 RESUME_HINTS = {"exp_mode": "to start the next stage from it, pass it to --source-net instead of --resume"}
 

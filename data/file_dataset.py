@@ -51,9 +51,13 @@ class FileImages(Dataset):
             raise BadRecordError(f"cannot read {path} ({exc.strerror}); restore it, or pass --skip-bad-records "
                                  "to skip it") from None
 
+    def record_name(self, index: int) -> str:
+        """How messages name record ``index``."""
+        return self.images.path(index)
+
     def _load(self, index: int) -> tuple[Any, int]:
         data, label = self.raw(index)
-        return decode_rgb(data, source=self.images.path(index)), label
+        return decode_rgb(data, source=self.record_name(index)), label
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
         index, generator = split_key(key)

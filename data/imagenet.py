@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 
 from configs.errors import UserError
+from data import device_ops, tensor_ops
+from data.device_ops import DevicePipeline
 from data.file_dataset import FileImages
+from data.gpu_decode import register_device_pipeline
 from data.image_folder import scan_image_folder
 from data.lmdb_reader import LmdbImages, find_lmdb_pair
 from data.normalization import IMAGENET_MEAN, IMAGENET_STD
@@ -31,6 +34,16 @@ def imagenet_transforms(*, size: int, normalize: bool) -> tuple[Compose, Compose
         tail.append(Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD))
     train = Compose([RandomResizedCrop(size=size), RandomHorizontalFlip(), *tail])
     evaluation = Compose([ResizeShorter(size=int(round(size / CROP_FRACTION))), CenterCrop(size=size), *tail])
+    return train, evaluation
+
+
+@register_device_pipeline("ImageNet")
+def imagenet_device_pipelines(*, size: int, normalize: bool) -> tuple[DevicePipeline, DevicePipeline]:
+    """``imagenet_transforms`` on the device (--decode gpu), step for step."""
+    norm = dict(mean=IMAGENET_MEAN, std=IMAGENET_STD) if normalize else {}
+    train = DevicePipeline(steps=(device_ops.RandomResizedCrop(size=size), tensor_ops.RandomHorizontalFlip()), **norm)
+    evaluation = DevicePipeline(steps=(device_ops.ResizeShorter(size=int(round(size / CROP_FRACTION))),
+                                       device_ops.CenterCrop(size=size)), **norm)
     return train, evaluation
 
 

@@ -227,9 +227,13 @@ class LmdbImages(Dataset):
                             f"pass --num-classes {label + 1} or more if the file is right, else re-create it")
         return image, label
 
+    def record_name(self, index: int) -> str:
+        """How messages name record ``index``."""
+        return f"{self.path} key {self.key(index)!r}"
+
     def _load(self, index: int) -> tuple[Any, int]:
         data, label = self.raw(index)
-        return decode_rgb(data, source=f"{self.path} key {self.key(index)!r}"), label
+        return decode_rgb(data, source=self.record_name(index)), label
 
     def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, int]:
         index, generator = split_key(key)

@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from configs.errors import UserError
+from data.encoded import EncodedImages, collate_encoded
+from data.gpu_decode import DeviceLoader
 from data.registry import DatasetSplits
 from data.sampling import (
     STREAM_HOLDOUT,
@@ -28,13 +30,16 @@ from data.sampling import (
     shard,
 )
 
+# A DeviceLoader (--decode gpu) yields batches already on the device; both have sampler and dataset.
+Batches = DataLoader | DeviceLoader
+
 
 @dataclass
 class Loaders:
-    train: DataLoader  # shuffled training stream
-    upper: DataLoader  # BiP upper level: independent shuffle of train, or the held-out fraction
-    val: DataLoader | None
-    test: DataLoader
+    train: Batches  # shuffled training stream
+    upper: Batches  # BiP upper level: independent shuffle of train, or the held-out fraction
+    val: Batches | None
+    test: Batches
     train_indices: list[int] = field(default_factory=list)  # the training split (after --data-fraction)
     seed: int = 0
     num_workers: int = 0
@@ -66,7 +71,7 @@ class Loaders:
             yield from _loader(self.train.dataset, batch_size=batch_size, sampler=keys, seed=self.seed,
                                stream=stream, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
-    def shard(self, loader: DataLoader) -> tuple[DataLoader, int]:
+    def shard(self, loader: Batches) -> tuple[Batches, int]:
         """This rank's contiguous part of an evaluation loader (``val``/``test``) and its size: the
         whole loader in a run of one process."""
         n = len(cast(Sized, loader.dataset))
@@ -113,18 +118,22 @@ def check_batch_size(batch_size: int, *, train: int, upper: int | None, data_fra
 
 
 def _loader(dataset: Dataset, *, batch_size: int, sampler: Iterable | None, seed: int, stream: int,
-            num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1) -> DataLoader:
+            num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1) -> Batches:
     """A loader of ``dataset``; a training stream (an EpochSampler) goes through RankBatches, so that
     it yields this rank's slice of every global batch (all of it with world 1)."""
     batches = None
     if isinstance(sampler, EpochSampler):
         batches, sampler = RankBatches(sampler, batch_size=batch_size, rank=rank, world=world), None
-    return DataLoader(
+    encoded = isinstance(dataset, EncodedImages)  # bytes mode: the device decodes (data.gpu_decode)
+    loader = DataLoader(
         dataset, batch_size=1 if batches is not None else batch_size, sampler=sampler, batch_sampler=batches,
-        shuffle=False, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        shuffle=False, num_workers=num_workers, persistent_workers=num_workers > 0,
+        # The JPEG decoder reads encoded bytes from any host memory: pinning them would only cost.
+        pin_memory=pin_memory and not encoded, collate_fn=collate_encoded if encoded else None,
         # Worker seeds come from this generator; augmentation itself is seeded per sample.
         generator=torch.Generator().manual_seed(derive_seed(seed, STREAM_WORKERS, stream)),
     )
+    return DeviceLoader(loader) if encoded else loader
 
 
 def build_loaders(splits: DatasetSplits, *, batch_size: int, test_batch_size: int, seed: int = 0,

@@ -2,6 +2,7 @@
 
 Each builder is called with the same keyword arguments (``data_dir, normalize, image_dim,
 num_classes, skip_bad_records``) and returns ``DatasetSplits``; a new dataset is a new entry.
+``--decode`` is applied here, to every JPEG dataset alike (``data.gpu_decode``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import cast
 
+import torch
 from torch.utils.data import Dataset
 
 from configs.errors import UserError
 from configs.registry import Registry
+from data.gpu_decode import decode_on_device, encoded_splits
 
 
 @dataclass(frozen=True)
@@ -35,9 +38,14 @@ dataset_names = DATASETS.names
 
 
 def build_dataset(name: str, *, data_dir: str, normalize: bool = False, image_dim: int | None = None,
-                  num_classes: int | None = None, skip_bad_records: bool = False) -> DatasetSplits:
-    """Build the splits of dataset ``name`` from files under ``data_dir`` (never downloads)."""
+                  num_classes: int | None = None, skip_bad_records: bool = False, decode: str = "cpu",
+                  device: torch.device | str = "cpu") -> DatasetSplits:
+    """Build the splits of dataset ``name`` from files under ``data_dir`` (never downloads).
+
+    ``decode`` (``--decode``) and ``device``: where JPEG images are decoded; with ``gpu`` (or ``auto``
+    on a CUDA device) the splits yield encoded bytes and their loaders decode on ``device``."""
     builder = DATASETS.get(name)
+    on_device = decode_on_device(decode, dataset=DATASETS.resolve(name), device=torch.device(device))
     if image_dim is not None and image_dim <= 0:
         raise UserError(f"--image-dim must be a positive number of pixels, got {image_dim}")
     if num_classes is not None and num_classes <= 0:
@@ -51,6 +59,8 @@ def build_dataset(name: str, *, data_dir: str, normalize: bool = False, image_di
             source = getattr(dataset, "source", data_dir)
             raise UserError(f"the {split} split of {DATASETS.resolve(name)} is empty: {source} holds no images; point "
                             "--data-dir at a complete copy of the dataset (LMDB: re-create it with sh/prepare_lmdb.sh)")
+    if on_device:
+        return encoded_splits(splits, dataset=DATASETS.resolve(name), normalize=normalize, device=device)
     return splits
 
 

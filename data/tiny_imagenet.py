@@ -11,7 +11,10 @@ from __future__ import annotations
 import os
 
 from configs.errors import UserError
+from data import device_ops
+from data.device_ops import DevicePipeline
 from data.file_dataset import FileImages
+from data.gpu_decode import register_device_pipeline
 from data.image_folder import TINY_VAL_ANNOTATIONS, scan_tiny_train, scan_tiny_val
 from data.lmdb_reader import LmdbImages, find_lmdb_pair
 from data.normalization import TINYIMAGENET_MEAN, TINYIMAGENET_STD
@@ -33,6 +36,17 @@ def tiny_transforms(*, size: int, normalize: bool) -> tuple[Compose, Compose]:
         tail.append(Normalize(mean=TINYIMAGENET_MEAN, std=TINYIMAGENET_STD))
     train = Compose([*head, RandomCropPadded(size=NATIVE_SIZE, padding=4), RandomHorizontalFlip(), *tail])
     return train, Compose([*head, *tail])
+
+
+@register_device_pipeline("TinyImageNet")
+def tiny_device_pipelines(*, size: int, normalize: bool) -> tuple[DevicePipeline, DevicePipeline]:
+    """``tiny_transforms`` on the device (--decode gpu), step for step (the crop pads with zeros there too)."""
+    head = (device_ops.ResizeShorter(size=NATIVE_SIZE), device_ops.CenterCrop(size=NATIVE_SIZE))
+    norm = dict(mean=TINYIMAGENET_MEAN, std=TINYIMAGENET_STD) if normalize else {}
+    # Resize works on [0, 255] values as on [0, 1]: the filter is linear.
+    train = DevicePipeline(steps=(*head, RandomCropPadded(size=NATIVE_SIZE, padding=4), RandomHorizontalFlip(),
+                                  Resize(size=size)), **norm)
+    return train, DevicePipeline(steps=(*head, Resize(size=size)), **norm)
 
 
 def find_tiny_root(data_dir: str) -> tuple[str, tuple[str, str] | None]:

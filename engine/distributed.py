@@ -34,14 +34,13 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from configs.errors import RunStopped, UserError
 from data.sampling import shard
 from engine.evaluate import Evaluation
 
 if TYPE_CHECKING:  # annotations only
-    from data.loaders import Loaders
+    from data.loaders import Batches, Loaders
 
 
 @dataclass(frozen=True)
@@ -220,9 +219,9 @@ def sharded_evaluation(evaluation: Evaluation, *, loaders: Loaders, group: Dist)
     ``loaders``' val/test) and the means reduced over all samples; itself in a group of one."""
     if not group.enabled:
         return evaluation
-    shards: dict[int, tuple[DataLoader, int]] = {}
+    shards: dict[int, tuple[Batches, int]] = {}
 
-    def run(model: nn.Module, loader: DataLoader, *, device: torch.device) -> dict[str, float]:
+    def run(model: nn.Module, loader: Batches, *, device: torch.device) -> dict[str, float]:
         if id(loader) not in shards:
             shards[id(loader)] = loaders.shard(loader)
         part, n = shards[id(loader)]

@@ -113,3 +113,36 @@ def test_two_four_linear_layers_run_as_semi_structured_tensors():
     x = torch.randn(64, 128, device=GPU, dtype=torch.float16)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), dense(x), rtol=1e-2, atol=1e-2)
+
+
+def test_decode_gpu_path_on_cuda_matches_the_cpu_path(tmp_path):
+    """--decode gpu with device="cuda": nvJPEG's batch decode, the device steps and the loader wrapper.
+
+    nvJPEG's IDCT and chroma upsampling are not libjpeg's, so pixels are compared by their mean
+    difference per image (4/255): the same crop and flip stay well inside it, a wrong crop, scale
+    or flip of these smooth-plus-noise images is far outside. Labels and shapes are exact.
+    """
+    from bench.bench_data import make_images
+    from data import build_dataset, build_loaders
+    from data.gpu_decode import DeviceLoader, encoded_splits
+    from data.image_folder import scan_image_folder
+    from data.lmdb_writer import write_lmdb
+
+    make_images(str(tmp_path / "tree"), count=24, size=(120, 90), classes=3)
+    listing = scan_image_folder(str(tmp_path / "tree"), fix="test")
+    for name in ("train.lmdb", "val.lmdb"):
+        write_lmdb(listing, str(tmp_path / name), progress=False)
+    cpu = build_dataset("ImageNet", data_dir=str(tmp_path), image_dim=64, num_classes=3)
+    dev = encoded_splits(cpu, dataset="ImageNet", normalize=False, device=GPU)
+    settings = dict(batch_size=8, test_batch_size=8, seed=1, num_workers=0)
+    cpu_loaders, gpu_loaders = build_loaders(cpu, **settings), build_loaders(dev, **settings)
+    assert isinstance(gpu_loaders.train, DeviceLoader)
+    for loaders in (cpu_loaders, gpu_loaders):
+        loaders.set_epoch(2)
+    for name in ("train", "test"):
+        pairs = list(zip(getattr(gpu_loaders, name), getattr(cpu_loaders, name), strict=True))
+        assert len(pairs) == 3
+        for (x, y), (ref, ref_y) in pairs:
+            assert x.device.type == y.device.type == "cuda" and x.shape == ref.shape
+            assert torch.equal(y.cpu(), ref_y)
+            assert (x.cpu() - ref).abs().mean(dim=(1, 2, 3)).max() <= 4 / 255
