@@ -69,7 +69,13 @@ class Dist:
         if not tdist.is_initialized():
             if cuda:
                 torch.cuda.set_device(local_rank)
-            tdist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # torchrun's store outlives a restart (--max-restarts): keys of the failed attempt (its
+            # processes' addresses) must not be read by the next one, so each attempt gets a prefix.
+            store, _, _ = next(tdist.rendezvous("env://", rank=rank, world_size=world,
+                                                timeout=datetime.timedelta(seconds=timeout_s)))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            tdist.init_process_group(backend=backend, store=tdist.PrefixStore(f"train-attempt-{attempt}", store),
+                                     rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
         return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend)
 
     # -- collectives (no-ops in a group of one) -------------------------------------------------

@@ -233,13 +233,17 @@ def _ranks(parent: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_a_dead_rank_stops_the_others_and_auto_resume_ends_as_the_uninterrupted_run(tmp_path, lenet_source):
+def test_a_dead_rank_stops_the_others_and_torchrun_restarts_the_run_where_it_was(tmp_path, lenet_source):
+    """SIGKILL one of two processes after the first checkpoint: the other stops with one line (no hang),
+    torchrun --max-restarts starts both again, --resume auto continues the run in the same folder, and
+    it ends with the masks and weights of an uninterrupted run."""
     args = [*RUNS["hydra"][:2], *COMMON, "--epochs", "3", "--k", "0.2", "--source-net", lenet_source,
             "--resume", "auto", "--dist-timeout", "60"]
     reference = _train(*args, "--result-dir", str(tmp_path / "ref"))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "run"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "--max-restarts=1", "train.py"]
     proc = subprocess.Popen([*launcher, *args, "--result-dir", str(out)], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -247,15 +251,13 @@ def test_a_dead_rank_stops_the_others_and_auto_resume_ends_as_the_uninterrupted_
         while not glob.glob(os.path.join(str(out), "**", "checkpoint.pth.tar"), recursive=True):
             assert proc.poll() is None and time.monotonic() < deadline, "no first checkpoint"
             time.sleep(0.05)
+        killed_at = _checkpoint(out)["epoch"]
         os.kill(_ranks(proc.pid)[1], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=90)  # the others stop: no hang until --dist-timeout
+        stdout, stderr = proc.communicate(timeout=180)
     finally:
         proc.kill()
-    assert proc.returncode != 0
-    assert "error: rank 0 lost the other processes" in stderr or "stopped: torchrun ends every process" in stderr
-    first = _checkpoint(out)
-    assert 1 <= first["epoch"] < 3
-    resumed = _train(*args, "--result-dir", str(out), procs=2)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "--resume auto: continuing" in resumed.stdout
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "error: rank 0 lost the other processes" in stderr  # the survivor's one line
+    assert killed_at < 3 and "--resume auto: continuing" in stdout
+    assert len(os.listdir(next(iter(glob.glob(os.path.join(str(out), "*", "prune")))))) == 2  # one run (+ claim)
     assert_same_run(_checkpoint(tmp_path / "ref"), _checkpoint(out))
