@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.distributed as tdist
 from torch import nn
+from torch.distributed.distributed_c10d import PrefixStore
+from torch.distributed.rendezvous import rendezvous
 from torch.nn.parallel import DistributedDataParallel
 
 from configs.errors import RunStopped, UserError
@@ -71,10 +73,10 @@ class Dist:
                 torch.cuda.set_device(local_rank)
             # torchrun's store outlives a restart (--max-restarts): keys of the failed attempt (its
             # processes' addresses) must not be read by the next one, so each attempt gets a prefix.
-            store, _, _ = next(tdist.rendezvous("env://", rank=rank, world_size=world,
+            store, _, _ = next(rendezvous("env://", rank=rank, world_size=world,
                                                 timeout=datetime.timedelta(seconds=timeout_s)))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            tdist.init_process_group(backend=backend, store=tdist.PrefixStore(f"train-attempt-{attempt}", store),
+            tdist.init_process_group(backend=backend, store=PrefixStore(f"train-attempt-{attempt}", store),
                                      rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
         return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend)
 
