@@ -106,7 +106,8 @@ class Dist:
         A one-number all-reduce per step; it stays on the device (no host synchronisation)."""
         if not self.enabled:
             return None
-        n = torch.tensor([float(n_local)], dtype=torch.float32, device=self._device())
+        # torch.full is a kernel on a GPU; torch.tensor([...], device=cuda) would copy from the host and wait
+        n = torch.full((1,), float(n_local), dtype=torch.float32, device=self._device())
         tdist.all_reduce(n)
         return (float(n_local) * self.world / n).to(device)
 
