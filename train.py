@@ -203,6 +203,27 @@ def unfinished_checkpoint(cfg: Config) -> str | None:
     return max(candidates, key=lambda path: (os.path.getmtime(path), path), default=None)
 
 
+def abandoned_run_dir(cfg: Config, config_text: str) -> str | None:
+    """``--resume auto`` when no run has a checkpoint: the newest folder of this experiment that a start
+    of the same command (its config.yml is ``config_text``) left before its first checkpoint (killed),
+    with no summary.json; the run starts again in it instead of leaving it behind as an unfinished run."""
+    parent = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
+    try:
+        runs = [os.path.join(parent, name) for name in os.listdir(parent)]
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    found = []
+    for run in runs:
+        config = os.path.join(run, "config.yml")
+        if (not os.path.isfile(config) or os.path.exists(os.path.join(run, "checkpoint", "checkpoint.pth.tar"))
+                or os.path.exists(os.path.join(run, "summary.json"))):
+            continue
+        with open(config, encoding="utf-8") as fh:
+            if fh.read() == config_text:
+                found.append(run)
+    return max(found, key=lambda run: (os.path.getmtime(os.path.join(run, "config.yml")), run), default=None)
+
+
 def resolve_auto_resume(options: Options, notice: Callable[[str], None], group: Dist) -> Options:
     """``--resume auto`` (the same command for a first start and every restart, as torchrun's
     --max-restarts needs): continue the newest unfinished run of the experiment, or start a new one.
@@ -240,7 +261,8 @@ def run(options: Options, group: Dist) -> int:
     started = time.monotonic()
     notices: list[str] = []
     resume, changed = None, {}
-    if options.values["resume"] == "auto":
+    auto = options.values["resume"] == "auto"
+    if auto:
         options = resolve_auto_resume(options, notices.append, group)
     if options.values["resume"]:
         source = options.values["resume"]
@@ -381,15 +403,23 @@ def run(options: Options, group: Dist) -> int:
 
     # Everything is validated: from here on the run writes its folder.
     fresh = run_dir is None
+    config_text = yaml.safe_dump(run_cfg, sort_keys=False)
+    if run_dir is None and auto and group.main:  # a start of this command killed before its first checkpoint
+        run_dir = abandoned_run_dir(cfg, config_text)
+        if run_dir is not None:
+            notices.append(f"--resume auto: starting again in {run_dir}, left by a start of this command "
+                           "before its first checkpoint")
+            for folder in (run_dir, os.path.join(run_dir, "checkpoint")):
+                remove_stale_temps(folder)
+            if os.path.exists(os.path.join(run_dir, "metrics.csv")):  # rows of epochs no checkpoint holds
+                os.remove(os.path.join(run_dir, "metrics.csv"))
     if run_dir is None:  # fresh
         run_dir = new_run_dir(cfg) if group.main else ""
     try:
+        if fresh and group.main:  # before the log: a folder without config.yml could not be started again
+            write_text(os.path.join(run_dir, "config.yml"), config_text)
         log.open(run_dir)
-        if not group.main:
-            pass  # rank 0 writes the folder
-        elif fresh:
-            write_text(os.path.join(run_dir, "config.yml"), yaml.safe_dump(run_cfg, sort_keys=False))
-        else:
+        if not fresh and group.main:
             for folder in (run_dir, os.path.join(run_dir, "checkpoint")):
                 for name in remove_stale_temps(folder):
                     notices.append(f"removed {os.path.join(folder, name)}, left by an interrupted write")
