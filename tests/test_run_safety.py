@@ -23,6 +23,7 @@ from layers import MaskSet, to_masked
 from models import build_model
 from trainers.base import BaseTrainer
 from engine.checkpoint import atomic_write, load_checkpoint
+from engine.run_folder import new_run_dir
 from tests.run_helpers import interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -531,7 +532,7 @@ def test_concurrent_run_folders_get_distinct_numbers(tmp_path):
     def create():
         barrier.wait()
         try:
-            made.append(train.new_run_dir(cfg))
+            made.append(new_run_dir(cfg))
         except Exception as exc:  # noqa: BLE001 - any failure is the bug under test
             errors.append(exc)
 
@@ -551,8 +552,8 @@ def test_concurrent_run_folders_get_distinct_numbers(tmp_path):
 # threads on it, with stale claims and older folders besides.
 @pytest.mark.slow
 def test_concurrent_processes_get_distinct_numbers(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); import train; from configs.schema import load_config; "
-            "print(train.new_run_dir(load_config(['--result-dir', %r, '--exp-name', 't'])))" % (ROOT, str(tmp_path)))
+    code = ("import sys; sys.path.insert(0, %r); from engine.run_folder import new_run_dir; from configs.schema import load_config; "
+            "print(new_run_dir(load_config(['--result-dir', %r, '--exp-name', 't'])))" % (ROOT, str(tmp_path)))
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
              for _ in range(4)]
     paths = [p.communicate(timeout=300)[0].strip() for p in procs]
