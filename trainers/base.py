@@ -20,10 +20,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from configs.options import OptionSection, RobustOptions
+from configs.options import OptionSection, RobustOptions, SpeedOptions
 from engine.memory import MemoryNeed, size
 from engine.metrics import Average, correct_topk
 from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
+from engine.precision import Precision
 from layers import MaskSet
 from robust import build_objective
 from trainers.registry import register_trainer
@@ -56,7 +57,8 @@ class BaseTrainer:
                  weight_optim: OptimSettings, score_optim: OptimSettings | None = None, freeze_bn: bool = False,
                  label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
                  print_freq: int = 100, seed: int = 0, options: OptionSection | None = None,
-                 robust: RobustOptions | None = None, source: str | None = None) -> None:
+                 robust: RobustOptions | None = None, source: str | None = None,
+                 speed: SpeedOptions | None = None) -> None:
         self.model = model
         self.source = source  # the --source-net checkpoint the run started from (lth finds its rewind point there)
         self.maskset = maskset
@@ -73,6 +75,10 @@ class BaseTrainer:
         # --objective (shared by every trainer, not one trainer's section): the loss of every step.
         self.robust = robust if robust is not None else RobustOptions()
         self.objective = build_objective(self.robust, self.criterion)
+        # --amp, --channels-last, --compile: ``net`` is the module every training forward calls (the
+        # compiled model, or the model itself); everything else (masks, checkpoints, OBS) uses ``model``.
+        self.precision = Precision(options=speed, device=device)
+        self.net = self.precision.prepare(model)
         self.settings: dict[str, OptimSettings] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.setup(weight_optim=weight_optim, score_optim=score_optim, freeze_bn=freeze_bn)
@@ -139,16 +145,16 @@ class BaseTrainer:
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self.precision.batch(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
     def step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimisation step; returns (loss, logits, targets) of the batch it trained on."""
         x, y = self._to_device(batch)
         opt = self.optimizers["optimizer"]
-        loss, logits = self.objective(self.model, x, y)
+        with self.precision.autocast():
+            loss, logits = self.objective(self.net, x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        self.precision.backward_step(loss, opt)
         return loss.detach(), logits.detach(), y
 
     # -- one epoch ---------------------------------------------------------------------------
@@ -178,10 +184,11 @@ class BaseTrainer:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict]:
-        return {key: opt.state_dict() for key, opt in self.optimizers.items()}
+        return {**{key: opt.state_dict() for key, opt in self.optimizers.items()}, **self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         for key, opt in self.optimizers.items():
             if state.get(key) is None:
                 raise ValueError(f"checkpoint has no state for {key}")
             opt.load_state_dict(state[key])
+        self.precision.load_state_dict(state)
