@@ -89,7 +89,7 @@ def test_bf16_run_collects_float32_obs_rows_equal_to_the_plain_ones(tmp_path, mo
     assert torch.equal(g_plain, g_bf16)
 
 
-def test_bf16_autocasts_the_step_and_the_evaluation(tmp_path, digits_pretrained):
+def test_bf16_run_keeps_float32_weights_and_no_scaler(tmp_path, digits_pretrained):
     ckpt = run(tmp_path, "bf16", digits_pretrained, "--configs", config("bip.yml"), "--amp", "bf16")
     assert all(v.dtype in (torch.float32, torch.bool, torch.int64) for v in ckpt["state_dict"].values())
     assert SCALER_STATE not in ckpt["trainer_state"]  # bf16 needs no loss scaling
@@ -200,3 +200,31 @@ def test_compile_gives_the_eager_masks(tmp_path, digits_pretrained):
     compiled = run(tmp_path, "compiled", digits_pretrained, "--configs", config("hydra.yml"), "--compile")
     for name in eager["masks"]:
         assert torch.equal(eager["masks"][name], compiled["masks"][name]), name
+
+
+def _autocast_log(model):
+    """Records, for every forward of ``model``, whether CPU autocast was on and the logits' dtype."""
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
+    return seen
+
+
+def test_bf16_autocasts_every_forward_of_both_bip_levels_and_of_the_evaluation():
+    from configs.options import BilevelOptions
+    from engine.evaluate import BASE
+    from trainers.bilevel import BilevelTrainer
+
+    model = net()
+    ms = MaskSet(model, k=0.5, granularity="unstructured", scope="global")
+    settings = OptimSettings(optimizer="sgd", lr=0.1, momentum=0.9, wd=0.0, schedule="constant", epochs=1)
+    trainer = BilevelTrainer(model=model, maskset=ms, mode="prune", device=CPU, weight_optim=settings,
+                             score_optim=settings, options=BilevelOptions(), progress=False,
+                             speed=SpeedOptions(amp="bf16"))
+    seen = _autocast_log(model)
+    trainer.step((batch(0), batch(1)))
+    assert seen == [(True, torch.bfloat16)] * 2  # lower and upper level
+    seen.clear()
+    evaluation = Precision(options=SpeedOptions(amp="bf16"), device=CPU).evaluation(BASE)
+    metrics = evaluation(model, [batch(2)], device=CPU)
+    assert seen == [(True, torch.bfloat16)] and metrics["top1"] >= 0
+    assert not torch.is_autocast_enabled("cpu")  # nothing left on after the step or the evaluation
