@@ -25,7 +25,7 @@ import torch
 import yaml
 
 from configs.errors import RunStopped, UserError, one_line
-from configs.options import FisherOptions, OptionSection, RobustOptions, parse_nm
+from configs.options import FisherOptions, OptionSection, RobustOptions, SpeedOptions, parse_nm
 from configs.schema import Config, Options, read_options, resumed_config
 from data import DatasetSplits, Loaders, build_dataset, build_loaders
 from engine.checkpoint import (
@@ -43,6 +43,7 @@ from engine.loop import RunState, checkpoint_state, fit, write_summary
 from engine.lr_schedules import MASK_MILESTONES
 from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
 from engine.optim import OptimSettings
+from engine.precision import Precision, check_speed
 from engine.run_folder import abandoned_run_dir, check_writable, new_run_dir, resumed_folder, unfinished_checkpoint
 from engine.run_log import RunLog, SilentLog, csv_history, sparsity_table
 from engine.source import load_source, load_trainer_state, resume_into
@@ -181,6 +182,9 @@ def run(options: Options, group: Dist) -> int:
     if group.enabled and device.type == "cuda":
         device = torch.device("cuda", group.local_rank)  # one GPU per process, as torchrun numbers them
     check_distributed(cfg, group)
+    speed = SpeedOptions.of(cfg)
+    check_speed(speed, device=device)
+    evaluate = Precision(options=speed, device=device).evaluation(evaluate)  # --amp, --channels-last
     trainer_cls = get_trainer(cfg.trainer)
     trainer_cls.check_options(trainer_options(cfg, trainer_cls),
                               run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k, scope=cfg.scope,
@@ -274,7 +278,7 @@ def run(options: Options, group: Dist) -> int:
                           score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
                           progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
                           options=trainer_options(cfg, trainer_cls), robust=RobustOptions.of(cfg),
-                          source=cfg.source_net, group=group)
+                          source=cfg.source_net, speed=speed, group=group)
     if resume is not None:
         assert cfg.resume is not None
         load_trainer_state(trainer, resume["trainer_state"], cfg.resume)

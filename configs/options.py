@@ -220,6 +220,24 @@ class LthOptions(OptionSection):
                                    check=non_negative)
 
 
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class SpeedOptions(OptionSection):
+    """How the training and evaluation forwards run on the hardware (every trainer): mixed precision,
+    memory format, compilation (``engine.precision``). The OBS algebra stays in float32/float64."""
+
+    amp: str = opt("none", "mixed precision of every training step's forward and loss and of evaluation forwards: "
+                   "none = float32; bf16 = torch.autocast to bfloat16 (CPU and CUDA); fp16 = autocast to float16 with "
+                   "a GradScaler (CUDA only; not --trainer bilevel); the OBS statistics stay float32/float64",
+                   AMP_MODES, "speed")
+    channels_last: bool = opt(False, "model and input batches in torch.channels_last memory format (faster convs "
+                              "on recent GPUs, same results within float tolerance)", group="speed")
+    compile: bool = opt(False, "torch.compile the model for the training forward (a C compiler is needed on CPU; "
+                        "the first steps pay the compilation)", group="speed")
+
+
 EXPORT_FORMATS = ("slim", "dense", "masked", "sparse")
 
 

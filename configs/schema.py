@@ -28,6 +28,7 @@ from configs.options import (
     LthOptions,
     ObsUpdateOptions,
     RobustOptions,
+    SpeedOptions,
     WoodFisherOptions,
     at_least,
     check_fields,
@@ -51,7 +52,7 @@ SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 
 
 @dataclass(frozen=True)
-class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
+class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, BilevelOptions):
     """Every option of a run: the general ones below, and the trainers' sections (``configs.options``)."""
     # primary
     configs: str | None = opt(None, "YAML file of options (defaults < YAML < command line)", group="primary")
@@ -180,6 +181,11 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
         if self.rewind_epoch is not None and not (self.exp_mode == "pretrain" or self.trainer == "lth"):
             raise bad(f"--rewind-epoch is for pretrain (which saves the weights) and --trainer lth (which rewinds to "
                       f"them); {self.exp_mode} with --trainer {self.trainer} does not rewind: drop --rewind-epoch")
+        if self.amp == "fp16" and self.trainer == "bilevel":
+            # BiP takes its gradients with torch.autograd.grad (and combines two of them in the implicit
+            # term), which GradScaler's scale/unscale/step protocol does not cover.
+            raise bad("--amp fp16 needs loss scaling, which --trainer bilevel does not implement: use --amp bf16 "
+                      "(same speed on recent GPUs, no scaling needed)")
         check_fields(self)  # each option's own check, declared with it (configs.options.opt)
         if self.layer_type == "nm" and self.exp_mode in ("prune", "finetune"):
             self._check_nm()
@@ -203,7 +209,7 @@ class Config(LthOptions, RobustOptions, ObsUpdateOptions, WoodFisherOptions, Bil
 
 # Flags in the order a user reads them (--help, the README table): general groups first, then the
 # trainers' sections; dataclass inheritance would list the sections' fields first.
-GROUP_ORDER = ("primary", "model", "data", "train", "robust", "bilevel", "fisher", "woodfisher", "lth", "run")
+GROUP_ORDER = ("primary", "model", "data", "train", "robust", "bilevel", "fisher", "woodfisher", "lth", "speed", "run")
 FIELDS = {f.name: f for f in sorted(dataclasses.fields(Config), key=lambda f: GROUP_ORDER.index(f.metadata["group"]))}
 _TYPES = typing.get_type_hints(Config)
 # Old names still accepted (a flag, a YAML key, a saved config): alias -> option.
@@ -382,7 +388,9 @@ def load_config(argv: list[str]) -> Config:
 # its run.log and config.yml). Every other option shapes the trajectory (optimizer, rates,
 # schedules, data, trainer options, ...) and must keep the value the run started with.
 RUN_CONTROL = ("configs", "resume", "result_dir", "exp_name", "device", "data_dir", "num_workers", "test_batch_size",
-               "progress", "print_freq", "skip_bad_records", "evaluate", "save_dense", "dist_timeout", "decode")
+               "progress", "print_freq", "skip_bad_records", "evaluate", "save_dense", "dist_timeout", "decode",
+               # memory format and compilation change float rounding at most, not the trajectory
+               "channels_last", "compile")
 # What to do instead of dropping the flag, where that is not what the user wants.
 RESUME_HINTS = {"exp_mode": "to start the next stage from it, pass it to --source-net instead of --resume"}
 

@@ -63,6 +63,10 @@ class MaskedLayer(nn.Module):
         Multiplying by a bool tensor converts it on every call (measured 3x slower than a float
         product); the cache is refreshed when the mask's version counter, storage or device changes.
         """
+        if torch.compiler.is_compiling():
+            # --compile: the cast joins the compiled graph (fused with the product, no pass of its
+            # own); the cache's _version check cannot be traced and would break the graph per layer.
+            return self.mask.to(self.weight.dtype)
         source, version, dtype = self._multiplier_of
         # ``is`` on the mask tensor itself (held here), not its address: a new mask allocated where
         # a freed one lived must never match.

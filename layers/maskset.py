@@ -104,6 +104,9 @@ class MaskSet:
             raise NMShapeError(f"N:M {n}:{m} groups {m} consecutive input channels/features, but these layers have "
                                f"an input dimension that is not a multiple of {m}: {listed}", list(bad))
 
+    # Eager under torch.compile (--compile): the selection is host-side, data-dependent control flow
+    # (thresholds, counts) that dynamo would specialise on and recompile at every score step.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]  # (torch leaves it untyped)
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.step()  # must return None: a pre-hook's return value would replace the input
 

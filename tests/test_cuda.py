@@ -146,3 +146,32 @@ def test_decode_gpu_path_on_cuda_matches_the_cpu_path(tmp_path):
             assert x.device.type == y.device.type == "cuda" and x.shape == ref.shape
             assert torch.equal(y.cpu(), ref_y)
             assert (x.cpu() - ref).abs().mean(dim=(1, 2, 3)).max() <= 4 / 255
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_speed_options_on_the_gpu_match_the_float32_step(amp, channels_last):
+    """--amp and --channels-last on CUDA: a HYDRA step agrees with the float32 one within the autocast
+    dtype's tolerance, the weights stay float32, and fp16's GradScaler state is in the trainer state."""
+    from configs.options import SpeedOptions
+    from engine.precision import SCALER_STATE
+
+    x, y = data(16)
+    states, trainers = {}, {}
+    for name, speed in (("float32", SpeedOptions()), ("amp", SpeedOptions(amp=amp, channels_last=channels_last))):
+        model = net().to(GPU)
+        ms = MaskSet(model, k=0.2, granularity="unstructured", scope="global")
+        ms.step(force=True)
+        trainer = BaseTrainer(model=model, maskset=ms, mode="prune", device=GPU, weight_optim=sgd(0.05),
+                              progress=False, speed=speed)
+        if speed.amp == "fp16":  # a scale whose first step cannot overflow: this compares one step
+            scaler = trainer.precision.scaler
+            scaler.load_state_dict({**scaler.state_dict(), "scale": 1024.0})
+        trainer.step((x, y))
+        states[name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        trainers[name] = trainer
+    for key, value in states["float32"].items():
+        assert states["amp"][key].dtype == value.dtype, key
+        if value.is_floating_point():
+            torch.testing.assert_close(states["amp"][key], value, rtol=5e-2, atol=5e-3, msg=key)
+    assert (SCALER_STATE in trainers["amp"].state_dict()) == (amp == "fp16")

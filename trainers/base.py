@@ -20,11 +20,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from configs.options import OptionSection, RobustOptions
+from configs.options import OptionSection, RobustOptions, SpeedOptions
 from engine.distributed import SINGLE, Dist, wrap
 from engine.memory import MemoryNeed, size
 from engine.metrics import Average, correct_topk
 from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
+from engine.precision import Precision
 from layers import MaskSet
 from robust import build_objective
 from trainers.registry import register_trainer
@@ -60,7 +61,8 @@ class BaseTrainer:
                  weight_optim: OptimSettings, score_optim: OptimSettings | None = None, freeze_bn: bool = False,
                  label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
                  print_freq: int = 100, seed: int = 0, options: OptionSection | None = None,
-                 robust: RobustOptions | None = None, source: str | None = None, group: Dist = SINGLE) -> None:
+                 robust: RobustOptions | None = None, source: str | None = None,
+                 speed: SpeedOptions | None = None, group: Dist = SINGLE) -> None:
         self.model = model
         self.group = group  # a distributed run's process group (engine.distributed); SINGLE otherwise
         self.source = source  # the --source-net checkpoint the run started from (lth finds its rewind point there)
@@ -78,13 +80,17 @@ class BaseTrainer:
         # --objective (shared by every trainer, not one trainer's section): the loss of every step.
         self.robust = robust if robust is not None else RobustOptions()
         self.objective = build_objective(self.robust, self.criterion)
+        # --amp, --channels-last, --compile (engine.precision); channels_last before DDP sees the tensors.
+        self.precision = Precision(options=speed, device=device)
+        self.precision.prepare(model)
         self.settings: dict[str, OptimSettings] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.setup(weight_optim=weight_optim, score_optim=score_optim, freeze_bn=freeze_bn)
-        # What a training step's forward runs: DDP around the model in a distributed run (after
-        # setup, which decides which parameters train), the model itself otherwise. Everything else
-        # (masks, evaluation, OBS steps, checkpoints) uses ``self.model``.
-        self.net = wrap(model, group=group, device=device, unused_parameters=self.unused_parameters)
+        # What a training step's forward runs: DDP around the model in a distributed run (after setup,
+        # which decides which parameters train), compiled with --compile; the model itself otherwise.
+        # Everything else (masks, evaluation, OBS steps, checkpoints) uses ``self.model``.
+        self.net = self.precision.compiled(wrap(model, group=group, device=device,
+                                                unused_parameters=self.unused_parameters))
 
     @classmethod
     def check_options(cls, options: OptionSection | None, *, run: RunSpec) -> None:
@@ -148,7 +154,7 @@ class BaseTrainer:
 
     def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return self.precision.batch(x.to(self.device, non_blocking=True)), y.to(self.device, non_blocking=True)
 
     def scaled(self, loss: torch.Tensor, n: int) -> torch.Tensor:
         """The loss whose gradient a step takes: in a distributed run, this rank's mean loss times
@@ -160,10 +166,10 @@ class BaseTrainer:
         """One optimisation step; returns (loss, logits, targets) of the batch it trained on."""
         x, y = self._to_device(batch)
         opt = self.optimizers["optimizer"]
-        loss, logits = self.objective(self.net, x, y)
+        with self.precision.autocast():
+            loss, logits = self.objective(self.net, x, y)
         opt.zero_grad(set_to_none=True)
-        self.scaled(loss, len(y)).backward()
-        opt.step()
+        self.precision.backward_step(self.scaled(loss, len(y)), opt)
         return loss.detach(), logits.detach(), y
 
     # -- one epoch ---------------------------------------------------------------------------
@@ -194,10 +200,11 @@ class BaseTrainer:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict]:
-        return {key: opt.state_dict() for key, opt in self.optimizers.items()}
+        return {**{key: opt.state_dict() for key, opt in self.optimizers.items()}, **self.precision.state_dict()}
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         for key, opt in self.optimizers.items():
             if state.get(key) is None:
                 raise ValueError(f"checkpoint has no state for {key}")
             opt.load_state_dict(state[key])
+        self.precision.load_state_dict(state)

@@ -31,6 +31,7 @@ from torch import nn
 from configs.errors import UserError
 from configs.options import IMPLICIT_GRADS, BilevelOptions
 from engine.optim import OptimSettings, own_only, split_parameters
+from engine.precision import Precision
 from layers import MaskSet
 from trainers.base import BaseTrainer
 from trainers.registry import register_trainer
@@ -79,8 +80,9 @@ class PublicBipIteration:
 
     def __init__(self, *, model: nn.Module, maskset: MaskSet, criterion: nn.Module,
                  optimizer: torch.optim.Optimizer, mask_optimizer: torch.optim.Optimizer, lr2: float,
-                 accelerate: bool) -> None:
+                 accelerate: bool, precision: Precision | None = None) -> None:
         self.model = model
+        self.precision = precision if precision is not None else Precision(device=torch.device("cpu"))
         self.maskset = maskset
         self.criterion = criterion
         self.optimizer = optimizer
@@ -113,8 +115,9 @@ class PublicBipIteration:
         return kinds
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return self.criterion(logits, y), logits
+        with self.precision.autocast():
+            logits = self.model(x)
+            return self.criterion(logits, y), logits
 
     def _grads(self, loss: torch.Tensor, trainable: list[int]) -> dict[int, torch.Tensor]:
         """The gradient their backward leaves on each trainable parameter, by index; a parameter the
@@ -164,7 +167,7 @@ class PublicBipIteration:
         # grad + (-lr2 * mask_grad) * param_grad, in their order of operations; the parameters
         # outside the prune set have a zero mask_grad, hence a zero term, and keep a zero gradient.
         self._step(self.mask_optimizer, {i: g + (-self.lr2 * g) * param_grad[i] for i, g in mask_grad.items()})
-        with torch.no_grad():  # their accuracy-logging forward after the step: a BatchNorm update
+        with torch.no_grad(), self.precision.autocast():  # their accuracy-logging forward: a BatchNorm update
             self.model(x2)
         return loss.detach(), logits.detach()
 
@@ -233,7 +236,7 @@ class BilevelTrainer(BaseTrainer):
         self.public = PublicBipIteration(model=self.model, maskset=self.maskset, criterion=self.criterion,
                                          optimizer=self.optimizers["optimizer"],
                                          mask_optimizer=self.optimizers["mask_optimizer"], lr2=self.lr2,
-                                         accelerate=self.accelerate)
+                                         accelerate=self.accelerate, precision=self.precision)
 
     def batches(self, loaders: Loaders) -> tuple[Iterator, int]:
         # The upper level reads its own stream (an independent shuffle, or a held-out split).
@@ -247,7 +250,8 @@ class BilevelTrainer(BaseTrainer):
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # --objective: both levels train on it (PGD examples are made at the current weights and mask)
-        return self.objective(self.net, x, y)
+        with self.precision.autocast():
+            return self.objective(self.net, x, y)
 
     def _grads(self, loss: torch.Tensor, params: Sequence[torch.Tensor], n: int) -> Sequence[torch.Tensor]:
         """d loss / d params. Distributed: through ``backward()``, where DDP averages every trainable
