@@ -8,6 +8,8 @@ Cases:
             512, lambda 1e-5), one event from dense to 64.8 % sparsity;
 - resnet20: resnet20s on CIFAR-shaped random images, m 64 x 8 samples, blocks of 1000 (the CIFAR-10
             config's block size), one event to 50 %.
+- resnet50: ResNet-50 on 224x224 random images (1000 classes), m 64 x 1 sample, blocks of 2000 (the
+            ImageNet config's), one event to 50 % (for a GPU: pass --cases resnet50 --device cuda).
 Each repeat runs every (case, tree) pair once in a fresh subprocess, round-robin, so that load from
 other processes affects both trees alike; the table gives medians and the baseline/ours ratio.
 Gradient collection time is reported separately where a tree logs it.
@@ -27,6 +29,8 @@ CASES = {
     "digits": dict(arch="smallcnn", dataset="digits", m=64, b=8, block=512, sparsity=0.6481, batch=64),
     "resnet20": dict(arch="resnet20s", dataset="random-cifar", m=64, b=8, block=1000, sparsity=0.5, batch=64),
     "resnet20-config": dict(arch="resnet20s", dataset="random-cifar", m=1000, b=1, block=1000, sparsity=0.5, batch=64),
+    # the GPU figure: ResNet-50 at ImageNet size, m = 64, the ImageNet config's blocks of 2000
+    "resnet50": dict(arch="resnet50", dataset="random-imagenet", m=64, b=1, block=2000, sparsity=0.5, batch=64),
 }
 
 
@@ -51,10 +55,11 @@ def worker(case: str, device: str, extra: dict | None = None) -> dict:
         from data.tensor_dataset import InMemoryImages
         from data.tensor_ops import ToFloat
         g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (1024, 3, 32, 32), dtype=torch.uint8, generator=g)
-        labels = torch.randint(0, 10, (1024,), generator=g)
+        size, classes, count = (224, 1000, 256) if c["dataset"] == "random-imagenet" else (32, 10, 1024)
+        images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, classes, (count,), generator=g)
         data = InMemoryImages(images, labels, transform=ToFloat())
-        splits = DatasetSplits(train=data, val=None, test=data, num_classes=10, in_channels=3, image_size=32)
+        splits = DatasetSplits(train=data, val=None, test=data, num_classes=classes, in_channels=3, image_size=size)
     loaders = build_loaders(splits, batch_size=c["batch"], test_batch_size=256, seed=0)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -91,7 +96,7 @@ def main() -> None:
     parser.add_argument("--baseline", help="another checkout of the project to compare with")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--cases", default="digits,resnet20,resnet20-config")
     parser.add_argument("--sum", action="store_true",
                         help="also time this tree with --obs-solve sum (WoodFisher's summed update, no joint solve)")
     args = parser.parse_args()
