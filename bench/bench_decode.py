@@ -30,10 +30,11 @@ from data.image_folder import scan_image_folder  # noqa: E402
 from data.lmdb_writer import write_lmdb  # noqa: E402
 
 
-def time_loader(loader, *, device: torch.device, repeats: int, train: bool) -> float:
+def time_loader(loaders, name: str, *, device: torch.device, repeats: int) -> float:
+    loader = getattr(loaders, name)
+
     def one_pass(epoch: int) -> float:
-        if train:
-            loader.sampler.set_epoch(epoch)
+        loaders.set_epoch(epoch)  # the training stream's order and crops; evaluation has none
         count = 0
         start = time.perf_counter()
         for x, _ in loader:
@@ -62,8 +63,8 @@ def run(*, images: int, size: tuple[int, int], workers: int, batch_size: int, re
         for path, splits in paths.items():
             loaders = build_loaders(splits, batch_size=batch_size, test_batch_size=batch_size,
                                     num_workers=workers, pin_memory=device.type == "cuda")
-            rows.append(("train", path, time_loader(loaders.train, device=device, repeats=repeats, train=True)))
-            rows.append(("eval", path, time_loader(loaders.test, device=device, repeats=repeats, train=False)))
+            rows.append(("train", path, time_loader(loaders, "train", device=device, repeats=repeats)))
+            rows.append(("eval", path, time_loader(loaders, "test", device=device, repeats=repeats)))
         return rows
 
 
