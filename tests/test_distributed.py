@@ -181,28 +181,30 @@ def assert_same_run(a: dict, b: dict, *, atol: float = 1e-5) -> None:
 def lenet_source(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("lenet_source")
     done = _train("--configs", "configs/Digits/pretrain.yml", *COMMON, "--epochs", "2", "--lr", "0.05",
-                  "--result-dir", str(out))
+                  "--rewind-epoch", "1", "--result-dir", str(out))  # LTH rewinds to epoch 1
     assert done.returncode == 0, done.stderr
-    return glob.glob(os.path.join(str(out), "**", "checkpoint.pth.tar"), recursive=True)[0]
+    return glob.glob(os.path.join(str(out), "**", "checkpoint", "checkpoint.pth.tar"), recursive=True)[0]
 
 
 RUNS = {
-    "hydra": ["--configs", "configs/Digits/hydra.yml", "--epochs", "1"],
-    "bip": ["--configs", "configs/Digits/bip.yml", "--epochs", "1"],
+    "hydra": ["--configs", "configs/Digits/hydra.yml", "--epochs", "1", "--k", "0.2"],
+    "bip": ["--configs", "configs/Digits/bip.yml", "--epochs", "1", "--k", "0.2"],
     "woodfisher": ["--configs", "configs/Digits/woodfisher.yml", "--epochs", "2", "--prune-start", "0",
-                   "--prune-end", "1", "--prune-freq", "1"],
+                   "--prune-end", "1", "--prune-freq", "1", "--k", "0.2"],
+    "lth": ["--configs", "configs/Digits/lth.yml", "--epochs", "2", "--k", "0.64"],  # two rounds of one epoch
 }
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_train_the_model_one_process_trains(tmp_path, lenet_source, name):
-    args = [*RUNS[name], *COMMON, "--k", "0.2", "--source-net", lenet_source]
+    args = [*RUNS[name], *COMMON, "--source-net", lenet_source]
     one = _train(*args, "--result-dir", str(tmp_path / "one"))
     two = _train(*args, "--result-dir", str(tmp_path / "two"), procs=2)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "x 2 processes (gloo)" in two.stdout
     assert two.stdout.count("done: prune") == 1  # rank 0 alone prints
+    assert "x 2 processes (gloo)" not in one.stdout
     assert len(os.listdir(tmp_path / "two")) == 1  # one run folder, written by rank 0
     assert_same_run(_checkpoint(tmp_path / "one"), _checkpoint(tmp_path / "two"))
     if name == "woodfisher":  # every event's m counts global samples: the same 64 rows, split 32 + 32
