@@ -188,7 +188,8 @@ def lenet_source(tmp_path_factory) -> str:
 
 RUNS = {
     "hydra": ["--configs", "configs/Digits/hydra.yml", "--epochs", "1", "--k", "0.2"],
-    "bip": ["--configs", "configs/Digits/bip.yml", "--epochs", "1", "--k", "0.2"],
+    # lr2 1: the implicit term -lr2 * g_s * g_theta weighs as much as g_s (the config's 1e-4 would hide it)
+    "bip": ["--configs", "configs/Digits/bip.yml", "--epochs", "1", "--k", "0.2", "--lr2", "1"],
     "woodfisher": ["--configs", "configs/Digits/woodfisher.yml", "--epochs", "2", "--prune-start", "0",
                    "--prune-end", "1", "--prune-freq", "1", "--k", "0.2"],
     "lth": ["--configs", "configs/Digits/lth.yml", "--epochs", "2", "--k", "0.64"],  # two rounds of one epoch

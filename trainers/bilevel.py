@@ -259,6 +259,8 @@ class BilevelTrainer(BaseTrainer):
         ``.grad`` and cleared; the loss scaled so the average is the global batch's (``scaled``)."""
         if not self.group.enabled:
             return torch.autograd.grad(loss, params)
+        for p in self.scores + self.weights:  # backward() adds to .grad: the last step's must not count
+            p.grad = None
         self.scaled(loss, n).backward()
         grads = [p.grad for p in params]
         for p in self.scores + self.weights:
