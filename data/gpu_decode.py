@@ -113,6 +113,8 @@ class DeviceTransform:
         try:
             decoded = decode_jpeg([images[i] for i in jpegs], device=self.device,
                                   mode=ImageReadMode.RGB) if jpegs else []
+        except torch.OutOfMemoryError:  # not a bad record: a fall-back would hide it as a slow-down
+            raise
         except RuntimeError:  # one bad record fails the whole call: find it (them) one by one
             labels = labels.clone()
             decoded = []
@@ -140,6 +142,8 @@ class DeviceTransform:
             return data.to(self.device)
         try:
             return decode_jpeg(data, device=self.device, mode=ImageReadMode.RGB)
+        except torch.OutOfMemoryError:
+            raise
         except RuntimeError:
             pass
         # A JPEG variant the device decoder refuses (e.g. CMYK on some decoders) is not a bad record

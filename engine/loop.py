@@ -139,7 +139,8 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
             line = collapse_warning(epoch=epoch + 1, before=before, after=val["top1"], num_classes=num_classes,
                                     pruned=bool(notes))
             log.info(line)
-            print(line, file=sys.stderr, flush=True)
+            if group.main:
+                print(line, file=sys.stderr, flush=True)
         scalars = {**{f"train/{k}": v for k, v in train.items()}, **{f"val/{k}": v for k, v in val.items()},
                    **{f"test/{k}": v for k, v in test.items()}, **sparsity}
         scalars.update({f"lr/{k}": v for k, v in lrs.items()})
