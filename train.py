@@ -37,7 +37,7 @@ from engine.checkpoint import (
     set_rng_state,
     write_text,
 )
-from engine.distributed import Dist, check_launch, lost_peer, sharded_evaluation, sync_batchnorm
+from engine.distributed import Dist, check_launch, launched, lost_peer, sharded_evaluation, sync_batchnorm
 from engine.evaluate import Evaluation, build_evaluation
 from engine.loop import RunState, checkpoint_state, fit, write_summary
 from engine.lr_schedules import MASK_MILESTONES
@@ -445,14 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt)
-    # Under torchrun the other ranks print nothing for an error they share with rank 0 (bad input);
-    # torchrun names every rank that failed.
-    rank = int(os.environ.get("RANK", "0") or 0)
-    distributed = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    rank, world = launched()  # under torchrun: which process this is
+    distributed = world > 1
 
     def error(text: str) -> None:
-        if rank == 0:
-            print(f"error: {text}", file=sys.stderr, flush=True)
+        # Every process says its own error (one may fail alone: its data, its GPU's memory); under
+        # torchrun the others name their rank, so bad input shared by all reads as one line per process.
+        where = f" (rank {rank})" if rank else ""
+        print(f"error{where}: {text}", file=sys.stderr, flush=True)
     try:
         options = read_options(sys.argv[1:] if argv is None else argv)
         group = join_group(options)

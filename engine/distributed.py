@@ -63,10 +63,10 @@ class Dist:
     @staticmethod
     def from_env(*, cuda: bool, timeout_s: float) -> Dist:
         """The group torchrun describes in the environment (WORLD_SIZE > 1), joined; else ``SINGLE``."""
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        rank, world = launched()
         if world <= 1:
             return SINGLE
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         backend = "nccl" if cuda else "gloo"
         if not tdist.is_initialized():
             if cuda:
@@ -215,10 +215,14 @@ def lost_peer(exc: BaseException) -> bool:
                                                 and any(word in str(exc) for word in PEER_FAILURE))
 
 
+def launched() -> tuple[int, int]:
+    """(rank, world size) that torchrun set in the environment; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def check_launch(*, device_flag: str) -> None:
     """Refuse settings that contradict torchrun's (one device per rank, chosen by LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world > 1 and device_flag.startswith("cuda:"):
+    if launched()[1] > 1 and device_flag.startswith("cuda:"):
         raise UserError(f"--device {device_flag} under torchrun: each rank uses cuda:LOCAL_RANK; pass --device cuda "
                         "(or auto)")
 

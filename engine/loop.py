@@ -108,7 +108,9 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
                                              best_prec1=0.0, config=config), rewind_path)
     for epoch in range(state.start_epoch, epochs):
         loaders.set_epoch(epoch)
-        torch.manual_seed(epoch_seed(seed, epoch))
+        # Per rank: random draws inside a step (PGD's random start, smoothing noise, dropout) must be
+        # independent across the ranks' slices, not the same numbers for each slice.
+        torch.manual_seed(epoch_seed(seed, epoch) + group.rank)
         lrs = lr_names(trainer.set_epoch(epoch))
         t0 = time.perf_counter()
         train = trainer.train_epoch(epoch, loaders)
