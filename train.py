@@ -44,7 +44,15 @@ from engine.lr_schedules import MASK_MILESTONES
 from engine.memory import activation_bytes_per_sample, check_fits, meta_model, model_bytes
 from engine.optim import OptimSettings
 from engine.precision import Precision, check_speed
-from engine.run_folder import abandoned_run_dir, check_writable, new_run_dir, resumed_folder, unfinished_checkpoint
+from engine.run_folder import (
+    abandoned_run_dir,
+    check_writable,
+    hold,
+    new_run_dir,
+    release,
+    resumed_folder,
+    unfinished_checkpoint,
+)
 from engine.run_log import RunLog, SilentLog, csv_history, sparsity_table
 from engine.source import load_source, load_trainer_state, resume_into
 from layers import MaskSet, NMShapeError, SelectionError, to_masked
@@ -155,6 +163,10 @@ def check_distributed(cfg: Config, group: Dist) -> None:
         raise UserError("--val-method smooth certifies the first --certify-subset test samples in one process: run "
                         "it with python train.py (one process), or use --val-method base|adv under torchrun")
     uses_fisher = cfg.trainer == "woodfisher" or cfg.obs_update
+    if uses_fisher and cfg.offload_grads and group.backend == "nccl":
+        raise UserError("--offload-grads keeps the Fisher rows in host memory, which NCCL cannot gather across "
+                        "processes: drop --offload-grads (each process holds only its block of rows while computing "
+                        "them) or lower --fisher-subsample-size")
     if uses_fisher and cfg.fisher_subsample_size < group.world:
         raise UserError(f"--fisher-subsample-size {cfg.fisher_subsample_size} rows cannot be shared by {group.world} "
                         f"processes: use at least {group.world}")
@@ -313,6 +325,7 @@ def run(options: Options, group: Dist) -> int:
     if run_dir is None and auto and group.main:  # a start of this command killed before its first checkpoint
         run_dir = abandoned_run_dir(cfg, config_text)
         if run_dir is not None:
+            hold(run_dir)  # before anything in it is removed
             notices.append(f"--resume auto: starting again in {run_dir}, left by a start of this command "
                            "before its first checkpoint")
             for folder in (run_dir, os.path.join(run_dir, "checkpoint")):
@@ -321,6 +334,8 @@ def run(options: Options, group: Dist) -> int:
                 os.remove(os.path.join(run_dir, "metrics.csv"))
     if run_dir is None:  # fresh
         run_dir = new_run_dir(cfg) if group.main else ""
+    if group.main:
+        hold(run_dir)  # one live process per run folder (a second --resume of a live run is refused)
     try:
         if fresh and group.main:  # before the log: a folder without config.yml could not be started again
             write_text(os.path.join(run_dir, "config.yml"), config_text)
@@ -482,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             print(STOPPED_BY_TORCHRUN if distributed else INTERRUPTED, file=sys.stderr, flush=True)
         return 130
     finally:
+        release()  # the run folder's lock
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 

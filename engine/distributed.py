@@ -153,15 +153,23 @@ class Dist:
                     tdist.broadcast(tensor.data, src=0)
 
     def gather_rows(self, block: torch.Tensor, rows: int) -> torch.Tensor:
-        """The (rows x D) matrix whose consecutive row blocks are the ranks' ``block``s (rank order)."""
+        """The (rows x D) matrix whose consecutive row blocks are the ranks' ``block``s (rank order).
+        Gathered into one buffer (no per-rank copies): the rows plus at most world - 1 padding rows."""
         if not self.enabled:
             return block
         sizes = [stop - start for start, stop in (shard(rows, r, self.world) for r in range(self.world))]
-        padded = torch.zeros(max(sizes), *block.shape[1:], dtype=block.dtype, device=block.device)
-        padded[: block.shape[0]] = block
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        tdist.all_gather(parts, padded)
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        most = max(sizes)
+        if block.shape[0] < most:  # shard() blocks differ by one row at most: pad the short ones
+            block = torch.cat([block, block.new_zeros(most - block.shape[0], *block.shape[1:])])
+        out = block.new_empty(most * self.world, *block.shape[1:])
+        tdist.all_gather_into_tensor(out, block.contiguous())
+        start = 0
+        for r, size in enumerate(sizes):  # close the padding gaps, moving rows down (never overlapping forward)
+            if start != r * most:
+                for i in range(size):
+                    out[start + i].copy_(out[r * most + i])
+            start += size
+        return out[:rows]
 
     def check_masks(self, masks: dict[str, torch.Tensor], *, epoch: int) -> None:
         """Stop the run if any rank's masks differ from rank 0's (per layer: count and a position checksum)."""

@@ -5,8 +5,10 @@ it holds summary.json (written last), unfinished when it holds a checkpoint and 
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+from typing import IO
 
 from configs.errors import UserError
 from configs.schema import Config
@@ -74,16 +76,62 @@ def resumed_folder(checkpoint: str) -> str | None:
     return run_dir if os.path.isfile(os.path.join(run_dir, "config.yml")) else None
 
 
-def unfinished_checkpoint(cfg: Config) -> str | None:
-    """``--resume auto``: checkpoint.pth.tar of the newest unfinished run of this experiment
-    (RESULT_DIR/EXP_NAME/EXP_MODE/*: a checkpoint and no summary.json, which a run writes last), by the
-    time the checkpoint was written; None if every run there finished or none started."""
+LOCK = ".lock"
+_held: list[IO[str]] = []  # locks this process holds (the kernel drops them when it dies)
+
+
+def hold(run_dir: str) -> None:
+    """Take the run folder's lock (an exclusive ``flock`` of RUN/.lock) until ``release()``; a folder
+    another live process holds is refused. A killed run's lock goes with its process, so a restart
+    (``--resume``, ``--resume auto``) takes it again."""
+    path = os.path.join(run_dir, LOCK)
+    if any(fh.name == path for fh in _held):
+        return
+    fh = open(path, "a", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise UserError(f"{run_dir} is in use: another process is running this run (it holds {LOCK}); wait for it "
+                        "to end, or start a new run (without --resume)") from None
+    _held.append(fh)
+
+
+def release() -> None:
+    """Drop the locks this process holds (the end of train.py's run)."""
+    while _held:
+        _held.pop().close()
+
+
+def in_use(run_dir: str) -> bool:
+    """Whether a live process holds the folder's lock (a run going on there)."""
+    path = os.path.join(run_dir, LOCK)
+    if not os.path.exists(path) or any(fh.name == path for fh in _held):
+        return False
+    with open(path, "a", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
+def _runs(cfg: Config) -> list[str]:
+    """The run folders of the experiment that no live process is running."""
     parent = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
     try:
         runs = [os.path.join(parent, name) for name in os.listdir(parent)]
     except (FileNotFoundError, NotADirectoryError):
-        return None
-    candidates = [os.path.join(run, "checkpoint", "checkpoint.pth.tar") for run in runs
+        return []
+    return [run for run in runs if os.path.isdir(run) and not in_use(run)]
+
+
+def unfinished_checkpoint(cfg: Config) -> str | None:
+    """``--resume auto``: checkpoint.pth.tar of the newest unfinished run of this experiment
+    (RESULT_DIR/EXP_NAME/EXP_MODE/*: a checkpoint and no summary.json, which a run writes last, and no
+    live process running it), by the time the checkpoint was written; None if there is none."""
+    candidates = [os.path.join(run, "checkpoint", "checkpoint.pth.tar") for run in _runs(cfg)
                   if os.path.isfile(os.path.join(run, "checkpoint", "checkpoint.pth.tar"))
                   and not os.path.isfile(os.path.join(run, "summary.json"))]
     return max(candidates, key=lambda path: (os.path.getmtime(path), path), default=None)
@@ -91,15 +139,11 @@ def unfinished_checkpoint(cfg: Config) -> str | None:
 
 def abandoned_run_dir(cfg: Config, config_text: str) -> str | None:
     """``--resume auto`` when no run has a checkpoint: the newest folder of this experiment that a start
-    of the same command (its config.yml is ``config_text``) left before its first checkpoint (killed),
-    with no summary.json; the run starts again in it instead of leaving it behind as an unfinished run."""
-    parent = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
-    try:
-        runs = [os.path.join(parent, name) for name in os.listdir(parent)]
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    of the same command (its config.yml is ``config_text``) left before its first checkpoint (killed:
+    no live process holds it), with no summary.json; the run starts again in it instead of leaving it
+    behind as an unfinished run."""
     found = []
-    for run in runs:
+    for run in _runs(cfg):
         config = os.path.join(run, "config.yml")
         if (not os.path.isfile(config) or os.path.exists(os.path.join(run, "checkpoint", "checkpoint.pth.tar"))
                 or os.path.exists(os.path.join(run, "summary.json"))):

@@ -105,6 +105,14 @@ def test_what_several_processes_cannot_do_is_refused(args, needle):
         train.check_distributed(_options(*args).config(), Dist(rank=0, world=2, backend="gloo"))
 
 
+def test_offloaded_fisher_rows_are_refused_with_nccl_only():
+    import train
+    cfg = _options("--offload-grads").config()
+    train.check_distributed(cfg, Dist(rank=0, world=2, backend="gloo"))  # CPU tensors: gloo gathers them
+    with pytest.raises(UserError, match="--offload-grads keeps the Fisher rows in host memory, which NCCL cannot"):
+        train.check_distributed(cfg, Dist(rank=0, world=2, backend="nccl"))
+
+
 # -- the collectives, in a real two-process gloo group ------------------------------------------
 def _collectives(rank: int, world: int, init: str) -> None:
     tdist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

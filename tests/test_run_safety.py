@@ -259,6 +259,34 @@ def test_resume_auto_is_one_command_for_a_start_and_every_restart(tmp_path, runs
     assert len(glob.glob(str(tmp_path / "b" / "t" / "prune" / "*"))) == 2
 
 
+def test_a_run_a_live_process_holds_is_never_continued_by_another(tmp_path, runs, monkeypatch, capsys):
+    """A run folder's lock (RUN/.lock, flock) is held while a process runs it: --resume auto leaves such
+    a run alone (a requeued job while the old one still runs starts its own), and an explicit --resume
+    of it is refused with one line, nothing touched."""
+    import fcntl
+    run = ["--exp-mode", "prune", "--k", "0.3", "--source-net", os.path.join(runs.pre, "checkpoint", "model_best.pth.tar"),
+           "--epochs", "3", "--exp-name", "t", "--result-dir", str(tmp_path), "--resume", "auto", *FAST]
+    restore = interrupt_at(monkeypatch, BaseTrainer, 1)
+    assert train.main(run) == 130  # an unfinished run: its checkpoint after epoch 1
+    restore()
+    (first,) = glob.glob(str(tmp_path / "t" / "prune" / "*"))
+    ckpt = os.path.join(first, "checkpoint", "checkpoint.pth.tar")
+    with open(os.path.join(first, ".lock"), "a") as live:  # another process running it
+        fcntl.flock(live, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = hashlib.sha256(open(ckpt, "rb").read()).hexdigest()
+        capsys.readouterr()
+        assert train.main([*run[:-len(FAST) - 2], "--resume", ckpt, *FAST]) == 2
+        assert f"error: {first} is in use: another process is running this run" in capsys.readouterr().err
+        restore = interrupt_at(monkeypatch, BaseTrainer, 0)
+        assert train.main(run) == 130  # --resume auto: not that run; a new one
+        restore()
+        assert "no unfinished run under" in capsys.readouterr().out
+        assert len(glob.glob(str(tmp_path / "t" / "prune" / "*"))) == 2
+        assert hashlib.sha256(open(ckpt, "rb").read()).hexdigest() == before
+    assert train.main(run) == 0  # the lock is gone (the process ended): the newest unfinished run continues
+    assert "--resume auto: continuing" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,needle,drop", [
     (["--optimizer", "adam"], "optimizer='sgd' but this run asks for optimizer='adam'", "drop --optimizer"),
     (["--lr", "0.2"], "lr=0.05 but this run asks for lr=0.2", "drop --lr (or pass --lr 0.05)"),
