@@ -48,14 +48,17 @@ def time_loader(loaders, name: str, *, device: torch.device, repeats: int) -> fl
 
 
 def run(*, images: int, size: tuple[int, int], workers: int, batch_size: int, repeats: int,
-        device: torch.device, directory: str | None = None) -> list[tuple[str, str, float]]:
+        device: torch.device, directory: str | None = None, source: str = "lmdb") -> list[tuple[str, str, float]]:
     """Rows (pipeline, path, images/s)."""
     with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        tree = os.path.join(tmp, "tree")
+        tree = os.path.join(tmp, "train")
         make_images(tree, count=images, size=size)
         listing = scan_image_folder(tree, fix="bench")
-        for name in ("train.lmdb", "val.lmdb"):
-            write_lmdb(listing, os.path.join(tmp, name), progress=False)
+        if source == "lmdb":
+            for name in ("train.lmdb", "val.lmdb"):
+                write_lmdb(listing, os.path.join(tmp, name), progress=False)
+        else:  # ImageNet's folder layout: DIR/train/<class>/ and DIR/val/<class>/ (the same images)
+            os.symlink(tree, os.path.join(tmp, "val"))
         cpu = build_dataset("ImageNet", data_dir=tmp, normalize=True, num_classes=len(listing.classes))
         paths = {"cpu": cpu, f"device ({device.type})": encoded_splits(cpu, dataset="ImageNet", normalize=True,
                                                                         device=device)}
@@ -76,16 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per row; the best is reported")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    parser.add_argument("--source", default="lmdb", choices=("lmdb", "folder"),
+                        help="train.lmdb/val.lmdb, or ImageNet's class folders (no lmdb package needed)")
     parser.add_argument("--dir", default=None, help="where to put the temporary files (default: system temp)")
     args = parser.parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     width, height = (int(v) for v in args.size.lower().split("x"))
     start = time.perf_counter()
     rows = run(images=args.images, size=(width, height), workers=args.workers, batch_size=args.batch_size,
-               repeats=args.repeats, device=device, directory=args.dir)
+               repeats=args.repeats, device=device, directory=args.dir, source=args.source)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     print(f"{args.images} JPEGs of {width}x{height}, batch {args.batch_size}, {args.workers} workers, "
-          f"{os.cpu_count()} CPUs, {name}, best of {args.repeats} passes")
+          f"{os.cpu_count()} CPUs, {name}, {args.source}, best of {args.repeats} passes")
     print("| pipeline | path | images/s | vs cpu |")
     print("|---|---|---|---|")
     baseline = {pipeline: rate for pipeline, path, rate in rows if path == "cpu"}

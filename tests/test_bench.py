@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bench import bench_decode
@@ -12,9 +13,10 @@ from bench import bench_decode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_decode_measures_both_paths(tmp_path):
+@pytest.mark.parametrize("source", ["lmdb", "folder"])
+def test_bench_decode_measures_both_paths(tmp_path, source):
     rows = bench_decode.run(images=12, size=(64, 48), workers=0, batch_size=4, repeats=1,
-                            device=torch.device("cpu"), directory=str(tmp_path))
+                            device=torch.device("cpu"), directory=str(tmp_path), source=source)
     assert [(pipeline, path) for pipeline, path, _ in rows] == [
         ("train", "cpu"), ("eval", "cpu"), ("train", "device (cpu)"), ("eval", "device (cpu)")]
     assert all(rate > 0 for _, _, rate in rows)
