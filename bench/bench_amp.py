@@ -1,7 +1,7 @@
 """Speed options (--amp, --channels-last) on the training steps of every trainer, as ratios measured in one process.
 
     python bench/bench_amp.py [--arch resnet18] [--batch-size 32] [--image-size 32] [--steps 5] [--device auto]
-    python bench/bench_amp.py --arch resnet50 --image-size 224 --classes 1000 --batch-size 64 --device cuda
+    python bench/bench_amp.py --arch ResNet50 --image-size 224 --classes 1000 --batch-size 64 --device cuda
 
 For each trainer (dense = the plain training step of pretrain mode, HYDRA = base prune mode, BiP =
 bilevel, WoodFisher = its weight step between pruning events) and each setting (float32, bf16

@@ -8,7 +8,7 @@ Cases:
             512, lambda 1e-5), one event from dense to 64.8 % sparsity;
 - resnet20: resnet20s on CIFAR-shaped random images, m 64 x 8 samples, blocks of 1000 (the CIFAR-10
             config's block size), one event to 50 %.
-- resnet50: ResNet-50 on 224x224 random images (1000 classes), m 64 x 1 sample, blocks of 2000 (the
+- resnet50: ResNet-50 (torchvision's, ImageNet stem) on 224x224 random images (1000 classes), m 64 x 1 sample, blocks of 2000 (the
             ImageNet config's), one event to 50 % (for a GPU: pass --cases resnet50 --device cuda).
 Each repeat runs every (case, tree) pair once in a fresh subprocess, round-robin, so that load from
 other processes affects both trees alike; the table gives medians and the baseline/ours ratio.
@@ -30,7 +30,7 @@ CASES = {
     "resnet20": dict(arch="resnet20s", dataset="random-cifar", m=64, b=8, block=1000, sparsity=0.5, batch=64),
     "resnet20-config": dict(arch="resnet20s", dataset="random-cifar", m=1000, b=1, block=1000, sparsity=0.5, batch=64),
     # the GPU figure: ResNet-50 at ImageNet size, m = 64, the ImageNet config's blocks of 2000
-    "resnet50": dict(arch="resnet50", dataset="random-imagenet", m=64, b=1, block=2000, sparsity=0.5, batch=64),
+    "resnet50": dict(arch="ResNet50", dataset="random-imagenet", m=64, b=1, block=2000, sparsity=0.5, batch=64),
 }
 
 

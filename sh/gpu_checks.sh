@@ -20,7 +20,7 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 step quickstart_pretrain_gpu 50 $PY train.py --configs configs/Digits/pretrain.yml --epochs 2 --no-progress \
     --device cuda --amp bf16 --channels-last --result-dir "$OUT/runs"
 step test_cuda 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -m "slow or not slow"
-step bench_amp_resnet50 150 $PY bench/bench_amp.py --arch resnet50 --image-size 224 --classes 1000 --batch-size 64 \
+step bench_amp_resnet50 150 $PY bench/bench_amp.py --arch ResNet50 --image-size 224 --classes 1000 --batch-size 64 \
     --steps 5 --device cuda
 step bench_event_resnet50 100 $PY bench/bench_event.py --cases resnet50 --device cuda --repeats 1
 step bench_decode_gpu 60 $PY bench/bench_decode.py --source folder --images 512 --workers 4 --device cuda
