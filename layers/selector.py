@@ -281,19 +281,24 @@ class IncrementalTopK:
         self.threshold: float | None = None
         self.last_move = 0.0  # |change of the threshold| at the last selection: the next bracket's width
         self.passes = 0       # counting passes over all scores (for tests and benchmarks)
+        # |scores| of all layers in ONE buffer (``_abs`` are its per-layer views): a counting pass is one
+        # kernel and one host read, not one per layer (on a GPU each read waits for the queue: ResNet-50's
+        # 54 layers made ~160 waits per step).
+        self._flat = torch.empty(0)
         self._abs: list[torch.Tensor] = []
 
-    def _count_at_least(self, value: float, masks: Sequence[torch.Tensor]) -> int:
+    def _count_at_least(self, value: float) -> int:
         self.passes += 1
-        return sum(int(torch.count_nonzero(torch.ge(a, value, out=m))) for a, m in zip(self._abs, masks))
+        return int(torch.count_nonzero(torch.ge(self._flat, value)))
 
     def select_into(self, scores: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], count: int) -> None:
         if len(self._abs) != len(scores) or any(a.shape != s.shape or a.device != s.device or a.dtype != s.dtype
                                                 for a, s in zip(self._abs, scores)):
-            self._abs = [torch.empty_like(s, dtype=s.dtype) for s in scores]
+            self._flat = torch.empty(sum(s.numel() for s in scores), dtype=scores[0].dtype, device=scores[0].device)
+            self._abs = [part.view(s.shape) for part, s in zip(self._flat.split([s.numel() for s in scores]), scores)]
         for a, s in zip(self._abs, scores):
             torch.abs(s.detach(), out=a)
-        total = sum(a.numel() for a in self._abs)
+        total = self._flat.numel()
         if count >= total:
             for m in masks:
                 m.fill_(True)
@@ -305,10 +310,10 @@ class IncrementalTopK:
             self.threshold = None
             self._copy_reference(masks, count)
             return
-        above = self._count_at_least(t, masks)
+        above = self._count_at_least(t)
         if above != count:
             try:
-                lo, hi, n_hi = self._bracket(t, above, count, masks)
+                lo, hi, n_hi = self._bracket(t, above, count)
             except _Unbracketable:  # infinite scores around the threshold: the exact path decides
                 self.threshold = None
                 self._copy_reference(masks, count)
@@ -317,47 +322,50 @@ class IncrementalTopK:
             if need == 0:  # exactly count values at or above hi: hi separates them from the rest
                 t = hi
             else:
-                band = torch.cat([a[(a >= lo) & (a < hi)] for a in self._abs])
+                flat = self._flat
+                band = flat[(flat >= lo) & (flat < hi)]
                 t = float(torch.topk(band, need, sorted=False).values.min())
-            above = self._count_at_least(t, masks)
+            above = self._count_at_least(t)
         if self.threshold is not None:
             self.last_move = abs(t - self.threshold)
         self.threshold = t
         if above != count:  # a tie straddles the threshold: the reference rule decides
             self._copy_reference(masks, count)
+            return
+        for a, m in zip(self._abs, masks):  # |s| >= t, straight into the mask buffers (layout kept)
+            torch.ge(a, t, out=m)
 
     def _copy_reference(self, masks: Sequence[torch.Tensor], count: int) -> None:
-        flat_keep = top_units(torch.cat([a.flatten() for a in self._abs]), count)
+        flat_keep = top_units(self._flat, count)
         for m, keep in zip(masks, flat_keep.split([a.numel() for a in self._abs])):
             m.copy_(keep.view_as(m))
 
     def _exact_threshold(self, count: int) -> float:
-        flat = torch.cat([a.flatten() for a in self._abs])
-        check_finite(flat)
-        return float(torch.topk(flat, count, sorted=False).values.min())
+        check_finite(self._flat)
+        return float(torch.topk(self._flat, count, sorted=False).values.min())
 
-    def _bracket(self, t: float, above: int, count: int, masks: Sequence[torch.Tensor]) -> tuple[float, float, int]:
+    def _bracket(self, t: float, above: int, count: int) -> tuple[float, float, int]:
         """(lo, hi, count(|s| >= hi)) with count(|s| >= lo) >= count > count(|s| >= hi), widening
         geometrically from the last move of the threshold."""
         # Thresholds drift smoothly: a bracket 1.5x the last move usually needs a single probe.
         step = max(1.5 * self.last_move, abs(t) * 1e-4, 1e-12)
         if above > count:  # threshold moved up
             lo, hi = t, t + step
-            n_hi = self._count_at_least(hi, masks)
+            n_hi = self._count_at_least(hi)
             while n_hi > count:
                 if not math.isfinite(hi):  # more than count infinite scores
                     raise _Unbracketable
                 lo, step = hi, step * 4
                 hi = hi + step
-                n_hi = self._count_at_least(hi, masks)
+                n_hi = self._count_at_least(hi)
             return lo, hi, n_hi
         # too few at or above t: the threshold moved down
         lo, hi, n_hi = t - step, t, above
-        n_lo = self._count_at_least(lo, masks)
+        n_lo = self._count_at_least(lo)
         while n_lo < count:
             if not math.isfinite(lo):
                 raise _Unbracketable
             hi, n_hi, step = lo, n_lo, step * 4
             lo = lo - step
-            n_lo = self._count_at_least(lo, masks)
+            n_lo = self._count_at_least(lo)
         return lo, hi, n_hi

@@ -308,6 +308,35 @@ def test_incremental_selection_needs_few_passes_for_small_drift():
         assert all(torch.equal(m, r) for m, r in zip(masks, ref))
 
 
+def test_incremental_selection_reads_the_host_as_often_for_50_layers_as_for_2(monkeypatch):
+    """Each host read (item/int/float/bool/tolist) waits for a GPU's queue: a re-selection must make a
+    few, whatever the number of layers (it made several per layer per counting pass)."""
+    from layers.selector import IncrementalTopK
+    counts = {}
+    for layers in (2, 50):
+        g = torch.Generator().manual_seed(0)
+        scores = [torch.randn(4000 // layers, generator=g) for _ in range(layers)]
+        masks = [torch.empty_like(s, dtype=torch.bool) for s in scores]
+        sel = IncrementalTopK()
+        sel.select_into(scores, masks, 400)
+        scores = [s + 1e-3 * torch.randn(s.shape, generator=g) for s in scores]
+        calls = []
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *a, _original=original, **kw):
+                calls.append(name)
+                return _original(self, *a, **kw)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        sel.select_into(scores, masks, 400)
+        monkeypatch.undo()
+        counts[layers] = len(calls)
+        ref = select_masks(scores, k=400 / sum(s.numel() for s in scores), granularity="unstructured",
+                           scope="global")
+        assert all(torch.equal(m, r) for m, r in zip(masks, ref))
+    assert counts[2] == counts[50] <= 6, counts
+
+
 def test_torchvision_model_converts_and_exports():
     import torchvision
 
