@@ -269,7 +269,8 @@ def test_a_dead_rank_stops_the_others_and_torchrun_restarts_the_run_where_it_was
     finally:
         proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
-    assert "error: rank 0 lost the other processes" in stderr  # the survivor's one line
+    # the survivor's one line: it lost the dead rank in a collective, or torchrun stopped it first
+    assert "error: rank 0 lost the other processes" in stderr or "stopped: torchrun ends every process" in stderr
     assert killed_at < 3 and "--resume auto: continuing" in stdout
     assert len(os.listdir(next(iter(glob.glob(os.path.join(str(out), "*", "prune")))))) == 2  # one run (+ claim)
     assert_same_run(_checkpoint(tmp_path / "ref"), _checkpoint(out))
