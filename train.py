@@ -106,10 +106,14 @@ def check_memory(cfg: Config, *, trainer_cls: type[BaseTrainer], splits: Dataset
                                      on_gpu=device.type == "cuda",
                                      options=trainer_options(cfg, trainer_cls))
     check_fits(needs, device=device)
-    uses_fisher = cfg.trainer == "woodfisher" or cfg.obs_update
-    if uses_fisher and cfg.fisher_mini_bsz > len(loaders.train_indices):
+    if uses_fisher(cfg) and cfg.fisher_mini_bsz > len(loaders.train_indices):
         raise UserError(f"--fisher-mini-bsz {cfg.fisher_mini_bsz} asks each Fisher gradient to average more samples "
                         f"than the {len(loaders.train_indices)} of the training split: lower --fisher-mini-bsz")
+
+
+def uses_fisher(cfg: Config) -> bool:
+    """Whether the run collects Fisher gradient rows (the WoodFisher trainer, or --obs-update)."""
+    return cfg.trainer == "woodfisher" or cfg.obs_update
 
 
 def trainer_options(cfg: Config, trainer_cls: type[BaseTrainer]) -> OptionSection | None:
@@ -162,12 +166,11 @@ def check_distributed(cfg: Config, group: Dist) -> None:
     if cfg.val_method == "smooth":
         raise UserError("--val-method smooth certifies the first --certify-subset test samples in one process: run "
                         "it with python train.py (one process), or use --val-method base|adv under torchrun")
-    uses_fisher = cfg.trainer == "woodfisher" or cfg.obs_update
-    if uses_fisher and cfg.offload_grads and group.backend == "nccl":
+    if uses_fisher(cfg) and cfg.offload_grads and group.backend == "nccl":
         raise UserError("--offload-grads keeps the Fisher rows in host memory, which NCCL cannot gather across "
                         "processes: drop --offload-grads (each process holds only its block of rows while computing "
                         "them) or lower --fisher-subsample-size")
-    if uses_fisher and cfg.fisher_subsample_size < group.world:
+    if uses_fisher(cfg) and cfg.fisher_subsample_size < group.world:
         raise UserError(f"--fisher-subsample-size {cfg.fisher_subsample_size} rows cannot be shared by {group.world} "
                         f"processes: use at least {group.world}")
 

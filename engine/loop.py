@@ -153,7 +153,7 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
                "seconds": round(seconds, 3), "collapsed": int(fell)}
         log.csv_row(row)
         state.history.append(row)
-        if maskset is not None:
+        if maskset is not None and group.enabled:  # masks() copies every mask: not in a run of one
             group.check_masks(maskset.masks(), epoch=epoch + 1)
         if not group.main:
             continue
