@@ -74,7 +74,7 @@ class Dist:
             # torchrun's store outlives a restart (--max-restarts): keys of the failed attempt (its
             # processes' addresses) must not be read by the next one, so each attempt gets a prefix.
             store, _, _ = next(rendezvous("env://", rank=rank, world_size=world,
-                                                timeout=datetime.timedelta(seconds=timeout_s)))
+                                          timeout=datetime.timedelta(seconds=timeout_s)))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             tdist.init_process_group(backend=backend, store=PrefixStore(f"train-attempt-{attempt}", store),
                                      rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
@@ -118,10 +118,6 @@ class Dist:
         box = [obj]
         tdist.broadcast_object_list(box, src=0)
         return box[0]
-
-    def barrier(self) -> None:
-        if self.enabled:
-            tdist.barrier()
 
     def close(self) -> None:
         if self.enabled and tdist.is_initialized():
