@@ -459,6 +459,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt  # SIGTERM (what clusters send) ends a run like Ctrl-C
 
 
+def say_line(line: str) -> None:
+    """One line on stderr in ONE write: print() writes the text and the newline apart, and the lines of
+    processes sharing a stderr (torchrun's ranks) then run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -470,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every process says its own error (one may fail alone: its data, its GPU's memory); under
         # torchrun the others name their rank, so bad input shared by all reads as one line per process.
         where = f" (rank {rank})" if rank else ""
-        print(f"error{where}: {text}", file=sys.stderr, flush=True)
+        say_line(f"error{where}: {text}")
     try:
         options = read_options(sys.argv[1:] if argv is None else argv)
         group = join_group(options)
@@ -486,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # a collective failed: another process died or hangs
         if not (distributed and lost_peer(exc)):
             raise
-        print(f"error: rank {rank} lost the other processes ({one_line(exc)[:200]}); the last checkpoint.pth.tar "
-              "is complete; the same command with --resume auto continues the run", file=sys.stderr, flush=True)
+        say_line(f"error: rank {rank} lost the other processes ({one_line(exc)[:200]}); the last checkpoint.pth.tar "
+                 "is complete; the same command with --resume auto continues the run")
         return 1
     except OSError as exc:  # a full disk while closing the log, after the last checkpoint
         if not is_storage_error(exc):
@@ -497,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if rank == 0:
-            print(STOPPED_BY_TORCHRUN if distributed else INTERRUPTED, file=sys.stderr, flush=True)
+            say_line(STOPPED_BY_TORCHRUN if distributed else INTERRUPTED)
         return 130
     finally:
         release()  # the run folder's lock
