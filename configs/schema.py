@@ -6,6 +6,8 @@ from it, so a flag and its YAML key can never drift apart. YAML keys use undersc
 is a ``UserError`` naming the closest valid one. YAML is read with ``yaml.safe_load`` only.
 
 A resumed run (``--resume``) takes its configuration from the checkpoint: see ``resumed_config``.
+``Config.validate`` checks each option's own value; the checks across options live in
+``configs.checks``.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ import math
 import os
 import re
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import yaml
 
+from configs.choices import DECODE_MODES, LAYER_TYPES, MODES, OPTIMIZERS, SCHEDULES, SCOPES, SCORE_INITS
 from configs.errors import UserError
 from configs.options import (
     BilevelOptions,
@@ -37,16 +40,8 @@ from configs.options import (
     nm_pattern,
     non_negative,
     opt,
-    parse_nm,
 )
 
-MODES = ("pretrain", "prune", "finetune")
-DECODE_MODES = ("auto", "cpu", "gpu")
-LAYER_TYPES = ("dense", "unstructured", "filter", "channel", "nm")
-SCOPES = ("global", "layer")
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
-SCHEDULES = ("constant", "cosine", "step")
-SCORE_INITS = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 SEED_LIMIT = 2**63  # torch.manual_seed takes a signed 64-bit integer
 
@@ -63,7 +58,7 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
     result_dir: str = opt("./results", "root folder of run folders", group="primary")
     device: str = opt("auto", "auto (cuda when available), cpu, cuda or cuda:N", group="primary")
     # model and mask
-    arch: str = opt("smallcnn", "architecture name (see the README for the list)", group="model")
+    arch: str = opt("smallcnn", "architecture name", group="model")
     num_classes: int | None = opt(None, "number of classes; must match the dataset (default: the dataset's)",
                                   group="model")
     layer_type: str = opt("unstructured", "mask granularity; dense = plain layers, no mask; nm = N:M semi-structured "
@@ -143,65 +138,16 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
                             "stops (a process that died or hangs)", group="run", check=at_least(1))
 
     def validate(self) -> Config:
-        def bad(msg: str) -> UserError:
-            return UserError(msg)
-
+        """Each option's own value; checks across options are ``configs.checks``'."""
         if not DEVICE_PATTERN.fullmatch(self.device):
-            raise bad(f"unsupported --device '{self.device}'; use auto, cpu, cuda or cuda:N")
+            raise UserError(f"unsupported --device '{self.device}'; use auto, cpu, cuda or cuda:N")
         if not 0 <= self.seed < SEED_LIMIT:
-            raise bad(f"--seed must be in [0, 2**63), got {self.seed}")
+            raise UserError(f"--seed must be in [0, 2**63), got {self.seed}")
         if not (isinstance(self.k, float) and 0.0 < self.k <= 1.0) or math.isnan(self.k):
-            raise bad(f"--k is the density (fraction kept) and must be in (0, 1], got {self.k}; e.g. --k 0.05 keeps 5%")
-        if self.exp_mode == "pretrain" and self.k != 1.0:
-            raise bad(f"pretrain trains every weight: --k must be 1.0 (got {self.k}); use --exp-mode prune to prune")
-        if self.exp_mode in ("prune", "finetune") and self.layer_type == "dense":
-            raise bad(f"--exp-mode {self.exp_mode} needs a masked layer: pass --layer-type unstructured, filter, "
-                      "channel or nm")
-        if self.exp_mode in ("prune", "finetune") and not self.source_net and not self.resume:
-            what = "a pretrained checkpoint" if self.exp_mode == "prune" else "a pruned checkpoint"
-            raise bad(f"--exp-mode {self.exp_mode} needs --source-net: pass {what} (.pth.tar)")
-        if self.reset_head and not self.source_net:
-            raise bad("--reset-head replaces the classifier of --source-net; pass --source-net or drop --reset-head")
-        if self.exp_mode == "pretrain" and self.trainer != "base":
-            raise bad(f"pretrain uses the base trainer; drop --trainer {self.trainer} or use --exp-mode prune")
-        if self.obs_update:
-            if self.trainer == "woodfisher":
-                raise bad("--obs-update compensates a learned HYDRA/BiP mask; the woodfisher trainer applies the OBS "
-                          "update at every pruning event already: drop --obs-update")
-            if self.exp_mode == "pretrain" or self.evaluate:
-                what = "--evaluate changes no weight" if self.evaluate else "pretrain has no mask"
-                raise bad(f"--obs-update applies when a learned mask becomes fixed (prune, finetune); {what}: "
-                          "drop --obs-update")
-        if self.exp_mode == "finetune" and self.trainer != "base":
-            raise bad(f"finetune uses the base trainer; drop --trainer {self.trainer} (the mask comes from "
-                      "--source-net)")
-        if self.rewind_epoch is not None and self.exp_mode == "pretrain" and self.rewind_epoch >= self.epochs:
-            raise bad(f"--rewind-epoch {self.rewind_epoch} saves the weights after that many epochs, but pretrain runs "
-                      f"{self.epochs}: pass a smaller --rewind-epoch (LTH rewinds to an early epoch, e.g. 2)")
-        if self.rewind_epoch is not None and not (self.exp_mode == "pretrain" or self.trainer == "lth"):
-            raise bad(f"--rewind-epoch is for pretrain (which saves the weights) and --trainer lth (which rewinds to "
-                      f"them); {self.exp_mode} with --trainer {self.trainer} does not rewind: drop --rewind-epoch")
-        if self.amp == "fp16" and self.trainer == "bilevel":
-            # BiP takes its gradients with torch.autograd.grad (and combines two of them in the implicit
-            # term), which GradScaler's scale/unscale/step protocol does not cover.
-            raise bad("--amp fp16 needs loss scaling, which --trainer bilevel does not implement: use --amp bf16 "
-                      "(same speed on recent GPUs, no scaling needed)")
+            raise UserError(f"--k is the density (fraction kept) and must be in (0, 1], got {self.k}; e.g. --k 0.05 "
+                            "keeps 5%")
         check_fields(self)  # each option's own check, declared with it (configs.options.opt)
-        if self.layer_type == "nm" and self.exp_mode in ("prune", "finetune"):
-            self._check_nm()
-        RobustOptions.of(self).check_combination(normalize=self.normalize)
         return self
-
-    def _check_nm(self) -> None:
-        """N:M fixes the density (k = N/M in every group): a different --k is refused rather than
-        silently overridden, and the per-layer floor has nothing to do (every layer keeps N/M)."""
-        n, m = parse_nm(self.nm)
-        if abs(self.k - n / m) > 1e-9:
-            raise UserError(f"--layer-type nm --nm {n}:{m} keeps {n} of every {m} weights, a density of {n / m!r}: "
-                            f"pass --k {n / m!r} (got --k {self.k!r})")
-        if self.layer_floor is not None:
-            raise UserError(f"--layer-floor does not apply to --layer-type nm (every layer keeps {n} of every {m} "
-                            "weights): drop --layer-floor")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -328,7 +274,9 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see python train.py --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(names: Mapping[str, Sequence[str]] | None = None) -> argparse.ArgumentParser:
+    """The command line of train.py. ``names``: the registered names of the options a registry fills
+    (--arch, --dataset, ...; configs/ imports no registry), listed in their --help."""
     parser = _Parser(prog="train.py", description="Prune image classifiers with HYDRA, BiP or WoodFisher.",
                      argument_default=argparse.SUPPRESS, allow_abbrev=False)
     groups: dict[str, Any] = {}
@@ -336,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flags = ["--" + n.replace("_", "-") for n in (name, *meta["aliases"])]
-        help_text = f"{meta['help']} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
+        listed = f"; one of: {', '.join(names[name])}" if names and name in names else ""
+        help_text = f"{meta['help']} (default: {f.default}{listed})".replace("%", "%%")  # argparse %-formats help
         if _base_type(name) is bool:
             group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -362,9 +311,10 @@ class Options:
         return Config(**self.values).validate()
 
 
-def read_options(argv: list[str]) -> Options:
-    """Parse a command line (without the program name); nothing is validated across options yet."""
-    parser = build_parser()
+def read_options(argv: list[str], *, names: Mapping[str, Sequence[str]] | None = None) -> Options:
+    """Parse a command line (without the program name); nothing is validated across options yet.
+    ``names``: the registries' names for --help (``build_parser``)."""
+    parser = build_parser(names)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         first = unknown[0]
@@ -446,12 +396,15 @@ def resumed_config(saved: dict[str, Any], options: Options, *, source: str) -> R
     return Resumed(config=Config(**values).validate(), changed=changed, defaulted=defaulted)
 
 
-def flag_table() -> str:
-    """The README's flag table, generated from the schema (python -m configs.schema)."""
+def flag_table(names: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The README's flag table, generated from the schema (``python -m configs.schema``); ``names``: the
+    registries' names, as --help lists them (``build_parser``); the README lists them apart."""
     lines = ["| flag | YAML key | default | meaning |", "|---|---|---|---|"]
     for name, f in FIELDS.items():
         choices = f.metadata["choices"]
         meaning = f.metadata["help"] + (f" ({' / '.join(choices)})" if choices else "")
+        if names and name in names:
+            meaning += f"; one of: {', '.join(names[name])}"
         if f.metadata["aliases"]:
             meaning += "; also accepted as " + ", ".join(f"`--{a.replace('_', '-')}`" for a in f.metadata["aliases"])
         lines.append(f"| `--{name.replace('_', '-')}` | `{name}` | `{f.default}` | {meaning.replace('|', '/')} |")

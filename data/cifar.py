@@ -15,8 +15,9 @@ import torch
 
 from configs.errors import UserError
 from data.normalization import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
-from data.registry import DatasetSplits, register_dataset, resolve_num_classes
+from data.registry import register_dataset, resolve_num_classes
 from data.safe_pickle import NUMPY_GLOBALS, safe_load_file
+from data.splits import DatasetSplits
 from data.tensor_dataset import InMemoryImages
 from data.tensor_ops import Compose, Normalize, RandomCropPadded, RandomHorizontalFlip, Resize, ToFloat, Transform
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from configs.errors import UserError
 from data.embedded import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION, embedded_splits, stratified_split
-from data.registry import DatasetSplits, register_dataset
+from data.registry import register_dataset
+from data.splits import DatasetSplits
 
 __all__ = ["SPLIT_SEED", "TEST_FRACTION", "VAL_FRACTION", "build_digits", "load_digit_arrays", "stratified_split"]
 

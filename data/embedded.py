@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.registry import DatasetSplits, resolve_num_classes
+from data.registry import resolve_num_classes
+from data.splits import DatasetSplits
 from data.tensor_dataset import InMemoryImages
 from data.tensor_ops import Compose, Normalize, Resize, ToFloat, Transform
 

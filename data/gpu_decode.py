@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader
 
+from configs.choices import DECODE_MODES
 from configs.errors import UserError
 from configs.registry import Registry
-from configs.schema import DECODE_MODES
 from data.decode import decode_rgb
 from data.device_ops import DevicePipeline
 from data.encoded import EncodedBatch, EncodedImages
 from data.file_dataset import FileImages
 from data.lmdb_reader import LmdbImages
 from data.pil_ops import ToUint8Tensor
-
-if TYPE_CHECKING:  # data.registry imports this module (build_dataset); at run time replace() needs no class
-    from data.registry import DatasetSplits
+from data.splits import DatasetSplits
 
 # Dataset name -> (size, normalize) -> (training pipeline, evaluation pipeline). A dataset that
 # registers here is a JPEG dataset, eligible for --decode gpu; its module keeps the pipelines next

@@ -18,7 +18,8 @@ from data.image_folder import scan_image_folder
 from data.lmdb_reader import LmdbImages, find_lmdb_pair
 from data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from data.pil_ops import CenterCrop, RandomHorizontalFlip, RandomResizedCrop, ResizeShorter, ToUint8Tensor
-from data.registry import DatasetSplits, register_dataset, resolve_num_classes
+from data.registry import register_dataset, resolve_num_classes
+from data.splits import DatasetSplits
 from data.tensor_ops import Compose, Normalize, ToFloat, Transform
 
 DEFAULT_SIZE = 224

@@ -18,7 +18,6 @@ from torch.utils.data import DataLoader, Dataset
 from configs.errors import UserError
 from data.encoded import EncodedImages, collate_encoded
 from data.gpu_decode import DeviceLoader
-from data.registry import DatasetSplits
 from data.sampling import (
     STREAM_HOLDOUT,
     STREAM_TRAIN,
@@ -29,6 +28,7 @@ from data.sampling import (
     derive_seed,
     shard,
 )
+from data.splits import DatasetSplits
 
 # A DeviceLoader (--decode gpu) yields batches already on the device; both have sampler and dataset.
 Batches = DataLoader | DeviceLoader

@@ -19,7 +19,8 @@ import numpy as np
 
 from configs.errors import UserError
 from data.embedded import embedded_splits
-from data.registry import DatasetSplits, register_dataset
+from data.registry import register_dataset
+from data.splits import DatasetSplits
 
 NATIVE_SIZE = 28
 MAX_PIXEL = 255.0

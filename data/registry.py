@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sized
-from dataclasses import dataclass
 from typing import cast
 
 import torch
-from torch.utils.data import Dataset
 
 from configs.errors import UserError
 from configs.registry import Registry
 from data.gpu_decode import decode_on_device, encoded_splits
-
-
-@dataclass(frozen=True)
-class DatasetSplits:
-    train: Dataset  # training augmentation; items (float tensor C x H x W, int label)
-    val: Dataset | None  # held-out split with evaluation transforms; None when the dataset has none
-    test: Dataset  # evaluation transforms
-    # A split read from one file or folder names it in a ``source`` attribute, for error messages.
-    num_classes: int
-    in_channels: int
-    image_size: int
-
+from data.splits import DatasetSplits
 
 DatasetBuilder = Callable[..., DatasetSplits]
 DATASETS: Registry[DatasetBuilder] = Registry("dataset", flag="--dataset")

@@ -19,7 +19,8 @@ from data.image_folder import TINY_VAL_ANNOTATIONS, scan_tiny_train, scan_tiny_v
 from data.lmdb_reader import LmdbImages, find_lmdb_pair
 from data.normalization import TINYIMAGENET_MEAN, TINYIMAGENET_STD
 from data.pil_ops import CenterCrop, ResizeShorter, ToUint8Tensor
-from data.registry import DatasetSplits, register_dataset, resolve_num_classes
+from data.registry import register_dataset, resolve_num_classes
+from data.splits import DatasetSplits
 from data.tensor_ops import Compose, Normalize, RandomCropPadded, RandomHorizontalFlip, Resize, ToFloat, Transform
 
 FOLDER = "tiny-imagenet-200"

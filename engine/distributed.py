@@ -202,6 +202,26 @@ def wrap(model: nn.Module, *, group: Dist, device: torch.device, unused_paramete
                                    forward_sync_buffers=False, find_unused_parameters=unused_parameters)
 
 
+def run_device(name: str, *, group: Dist) -> torch.device:
+    """The device of this process for ``--device name`` (auto: cuda when available); under torchrun
+    one GPU per process, as torchrun numbers them (LOCAL_RANK)."""
+    if name == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        if name.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {name} asked for, but no CUDA device is available; use --device cpu")
+            index = int(name.partition(":")[2] or 0)
+            count = torch.cuda.device_count()
+            if index >= count:
+                raise UserError(f"--device {name}: there are {count} CUDA devices (cuda:0 to cuda:{count - 1}); "
+                                "pass one of them")
+        device = torch.device(name)  # the schema admits only auto, cpu, cuda and cuda:N
+    if group.enabled and device.type == "cuda":
+        return torch.device("cuda", group.local_rank)
+    return device
+
+
 def sync_batchnorm(model: nn.Module, *, group: Dist, device: torch.device) -> nn.Module:
     """BatchNorm -> SyncBatchNorm where the backend supports it (CUDA)."""
     if group.enabled and device.type == "cuda":

@@ -7,25 +7,34 @@ model_best and CSV rows of that epoch).
 """
 from __future__ import annotations
 
-import json
 import os
+import random
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import deferred_interrupts, rewind_checkpoint, rng_state, save_checkpoint, write_text
+from engine.checkpoint import deferred_interrupts, rewind_checkpoint, rng_state, save_checkpoint
 from engine.distributed import SINGLE, Dist
 from engine.evaluate import BASE, Evaluation
-from engine.run_log import RunLog, sparsity_table
+from engine.protocols import FitContext, FitHook, Trainer
+from engine.run_log import RunLog
 from layers import MaskSet, dense_state_dict
 
-if TYPE_CHECKING:  # annotations only: trainers import engine
+if TYPE_CHECKING:  # annotations only
     from data.loaders import Loaders
-    from trainers.base import BaseTrainer
+
+
+def seed_everything(seed: int) -> None:
+    """The run's seed in every generator it draws from (Python, NumPy, torch)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -40,6 +49,7 @@ class RunState:
     best_prec1: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     source_top1: float | None = None  # val top-1 of the source network before the run's first epoch
+    test: dict[str, float] = field(default_factory=dict)  # the final test evaluation (checkpoint.pth.tar's model)
 
 
 def collapsed(*, before: float | None, after: float, num_classes: int) -> bool:
@@ -57,7 +67,7 @@ def collapse_warning(*, epoch: int, before: float, after: float, num_classes: in
             f"in epoch {epoch}{cause}")
 
 
-def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer,
+def checkpoint_state(*, epoch: int, arch: str, model: nn.Module, maskset: MaskSet | None, trainer: Trainer,
                      best_prec1: float, config: dict[str, Any],
                      history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     optim = trainer.state_dict()
@@ -92,13 +102,32 @@ def lr_names(lrs: dict[str, float]) -> dict[str, float]:
     return {"mask_lr" if key == "mask_optimizer" else "lr": value for key, value in lrs.items()}
 
 
-def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, loaders: Loaders, device: torch.device,
+def start_point(*, model: nn.Module, maskset: MaskSet | None, loaders: Loaders, device: torch.device,
+                evaluate: Evaluation, group: Dist, hooks: Sequence[FitHook], source: bool,
+                notice: Callable[[str], None]) -> float | None:
+    """The start of a fresh run, before its folder exists (so that what fails here leaves nothing
+    behind): each hook's ``before_fit`` (``--obs-update`` on a source's mask), then, when the run
+    starts from a ``source`` network, its val top-1 as a notice; returns that top-1, the reference
+    of the first epoch's collapse check (None without a source)."""
+    run = FitContext(model=model, maskset=maskset, loaders=loaders, device=device, group=group, log=notice)
+    for hook in hooks:
+        hook.before_fit(run)
+    if not source:
+        return None
+    start = evaluate(model, loaders.val if loaders.val is not None else loaders.test, device=device)
+    notice("source network before the first epoch: "
+           + "  ".join(f"val {key} {start[key]:.2f}" for key in ("top1", *evaluate.shown)))
+    return start["top1"]
+
+
+def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: Trainer, loaders: Loaders, device: torch.device,
         epochs: int,
         seed: int, arch: str, config: dict[str, Any], run_dir: str, log: RunLog, state: RunState,
         save_dense: bool, num_classes: int, evaluate: Evaluation = BASE,
-        rewind_epoch: int | None = None, group: Dist = SINGLE) -> RunState:
-    """Train ``epochs`` epochs from ``state``. ``rewind_epoch`` R also saves the model after R epochs
-    (0: before the first) as ``checkpoint/rewind_epoch_R.pth.tar``, the point a lottery-ticket run rewinds to.
+        rewind_epoch: int | None = None, group: Dist = SINGLE, hooks: Sequence[FitHook] = ()) -> RunState:
+    """Train ``epochs`` epochs from ``state``, then evaluate the model on the test split (``state.test``)
+    and call each hook's ``after_fit``. ``rewind_epoch`` R also saves the model after R epochs (0: before
+    the first) as ``checkpoint/rewind_epoch_R.pth.tar``, the point a lottery-ticket run rewinds to.
     ``group``: a distributed run's ranks (engine.distributed); only rank 0 writes files."""
     ckpt_dir = os.path.join(run_dir, "checkpoint")
     rewind_path = rewind_checkpoint(ckpt_dir, rewind_epoch) if rewind_epoch is not None else ""
@@ -172,17 +201,12 @@ def fit(*, model: nn.Module, maskset: MaskSet | None, trainer: BaseTrainer, load
             if dense is not None:
                 save_checkpoint(dense, os.path.join(ckpt_dir, "checkpoint_dense.pth.tar"))
             save_checkpoint(ckpt, os.path.join(ckpt_dir, "checkpoint.pth.tar"))
+    state.test = evaluate(model, loaders.test, device=device)  # the model of checkpoint.pth.tar
+    run = FitContext(model=model, maskset=maskset, loaders=loaders, device=device, group=group, log=log.info,
+                     run_dir=run_dir,
+                     checkpoint=lambda: checkpoint_state(epoch=epochs, arch=arch, model=model, maskset=maskset,
+                                                         trainer=trainer, best_prec1=state.best_prec1, config=config,
+                                                         history=state.history))
+    for hook in hooks:
+        hook.after_fit(run, test_top1=state.test["top1"])
     return state
-
-
-def write_summary(run_dir: str, summary: dict[str, Any], maskset: MaskSet | None) -> None:
-    """summary.json (and sparsity.txt), each written atomically: a reader never sees half a file. The
-    summary gets the per-layer kept counts (``layers``) and the time it was written (``finished_at``, UTC),
-    which the results report uses to pick the newest of several runs of one experiment."""
-    rows = maskset.report() if maskset is not None else []
-    summary = {**summary, "layers": [{"name": r.name, "type": r.kind, "params": r.params, "kept": r.kept}
-                                     for r in rows],
-               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
-    if maskset is not None:
-        write_text(os.path.join(run_dir, "sparsity.txt"), sparsity_table(rows) + "\n")

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from configs.errors import UserError
+from configs.options import FisherOptions
+from pruning.gradients import piece_size
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,30 @@ def check_fits(needs: list[MemoryNeed], *, device: torch.device) -> None:
             where = "host memory" if on_host else f"{device} memory"
             raise UserError(f"this run needs at least {gib(total)} of {where} but {gib(free)} is free; the largest "
                             f"part is {worst.what} ({gib(worst.bytes)}): {worst.fix}")
+
+
+def check_run_fits(*, build: Callable[[], nn.Module], in_channels: int, image_size: int,
+                   masked_types: tuple[type, ...], batch_size: int, needs: Callable[..., list[MemoryNeed]],
+                   device: torch.device) -> None:
+    """Refuse a run that cannot fit in memory before anything is allocated: the architecture ``build``
+    makes is measured on the meta device, so a huge --image-dim costs nothing here. ``needs``: the
+    trainer's ``memory_needs`` (its options bound); ``masked_types``: the layer types the run masks."""
+    shapes = meta_model(build)
+    per_sample = activation_bytes_per_sample(shapes, in_channels=in_channels, image_size=image_size)
+    masked = sum(cast(torch.Tensor, m.weight).numel() for m in shapes.modules() if type(m) in masked_types)
+    check_fits(needs(per_sample_bytes=per_sample, batch_size=batch_size, model_bytes=model_bytes(shapes),
+                     masked_weights=masked, on_gpu=device.type == "cuda"), device=device)
+
+
+def fisher_memory_needs(options: FisherOptions, *, masked_weights: int, on_gpu: bool,
+                        per_sample_bytes: int) -> list[MemoryNeed]:
+    """The m x D Fisher gradient matrix and one Fisher forward's activations."""
+    m = options.fisher_subsample_size
+    offload = options.offload_grads and on_gpu
+    hint = "" if offload or not on_gpu else ", or pass --offload-grads to keep them in host memory"
+    chunk = piece_size(options.fisher_mini_bsz, options.max_mini_bsz)  # samples of one row per pass
+    return [MemoryNeed(f"the {m} x {masked_weights:,} Fisher gradients", m * masked_weights * 4, offload,
+                       f"lower --fisher-subsample-size{hint}"),
+            MemoryNeed(f"the activations of a Fisher pass over {chunk} samples", per_sample_bytes * chunk,
+                       False,
+                       "pass a smaller --max-mini-bsz to split each --fisher-mini-bsz batch into smaller chunks")]

@@ -3,7 +3,7 @@ and compilation (--compile), in one place so that each trainer's step calls it i
 
 - ``autocast()`` surrounds a step's forward and loss (both levels of BiP) and an evaluation's
   forwards, never a whole epoch: backward passes run outside it (as torch.amp recommends), and the
-  OBS algebra (pruning.gradients, pruning.fisher_inverse, pruning.solver, trainers.compensation)
+  OBS algebra (pruning.gradients, pruning.fisher_inverse, pruning.solver, engine.obs_update)
   runs between steps, so no autocast region reaches it and it stays float32/float64.
 - ``backward_step()`` is loss.backward() + optimizer.step(), through a GradScaler with --amp fp16
   (float16 gradients underflow without it). Its state goes into the trainer state of checkpoints.

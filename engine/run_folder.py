@@ -1,17 +1,57 @@
-"""The run folders of an experiment: where a new run goes, which one ``--resume`` continues.
+"""The run folders of an experiment: where a new run goes, which one ``--resume`` continues, and the
+configuration a run starts with (``settle_config``).
 
 ``RESULT_DIR/EXP_NAME/EXP_MODE/<n>--k-<k>_trainer-<t>_epochs-<E>_arch-<a>``: a run is finished when
 it holds summary.json (written last), unfinished when it holds a checkpoint and no summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import re
-from typing import IO
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import IO, Any
 
 from configs.errors import UserError
-from configs.schema import Config
+from configs.schema import Config, Options, resumed_config
+from engine.checkpoint import check_resumable, load_checkpoint, remove_stale_temps, write_text
+from engine.distributed import Dist
+
+
+@dataclass(frozen=True)
+class Start:
+    """The run's configuration and, for ``--resume``, the checkpoint it continues."""
+
+    config: Config
+    resume: dict[str, Any] | None
+    changed: dict[str, tuple[Any, Any]]  # run-control options the resume changed: (saved, now)
+    auto: bool  # --resume auto
+
+
+def settle_config(options: Options, *, group: Dist, notice: Callable[[str], None]) -> Start:
+    """A fresh run's config is the command line's; a resumed run's is its checkpoint's
+    (``configs.schema.resumed_config``). ``--resume auto`` (the same command for a first start and every
+    restart, as torchrun's --max-restarts needs) continues the newest unfinished run of the experiment,
+    or starts a new one; rank 0 looks, so that every rank continues the same one."""
+    auto = options.values["resume"] == "auto"
+    if auto:
+        cfg = options.config()
+        found = group.broadcast_object(unfinished_checkpoint(cfg) if group.main else None)
+        where = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
+        notice(f"--resume auto: continuing {found}" if found else
+               f"--resume auto: no unfinished run under {where}; starting a new one")
+        options = dataclasses.replace(options, values={**options.values, "resume": found})
+    source = options.values["resume"]
+    if not source:
+        return Start(config=options.config(), resume=None, changed={}, auto=auto)
+    resume = load_checkpoint(source)
+    check_resumable(resume, source)
+    resumed = resumed_config(resume["config"], options, source=source)
+    if resumed.defaulted:
+        notice(f"{source}: its config predates {', '.join(resumed.defaulted)}: they take their defaults")
+    return Start(config=resumed.config, resume=resume, changed=resumed.changed, auto=auto)
 
 
 def check_writable(folder: str, flag: str) -> None:
@@ -24,6 +64,15 @@ def check_writable(folder: str, flag: str) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {folder}: {probe} is not writable (read-only or no permission); "
                         "pass a writable folder")
+
+
+def check_output(*, result_dir: str, run_dir: str | None) -> None:
+    """Fail before any work when the run could not write its folder: ``run_dir`` (a resumed run's) or
+    ``result_dir`` (where a new run's folder goes)."""
+    if run_dir is not None:
+        check_writable(run_dir, "--resume: the run folder")
+    else:
+        check_writable(result_dir, "--result-dir")
 
 
 RUN_NUMBER = re.compile(r"(\d+)--")
@@ -152,3 +201,59 @@ def abandoned_run_dir(cfg: Config, config_text: str) -> str | None:
             if fh.read() == config_text:
                 found.append(run)
     return max(found, key=lambda run: (os.path.getmtime(os.path.join(run, "config.yml")), run), default=None)
+
+
+def claim_run_folder(cfg: Config, *, run_dir: str | None, config_text: str, auto: bool, main: bool,
+                     changed: dict[str, tuple[Any, Any]], start_epoch: int, notice: Callable[[str], None]) -> str:
+    """The folder the run writes, held by this process (``hold``) until it ends. ``run_dir``: a resumed
+    run's; else, with ``--resume auto``, the folder a start of the same command left before its first
+    checkpoint (cleared of what that start wrote), or a new one (``new_run_dir``). A new folder gets
+    config.yml (``config_text``) first: a folder without it could not be started again. A resumed one
+    loses the temporary files of interrupted writes and records the run-control options the resume
+    ``changed``. Only rank 0 (``main``) touches the disk; the other ranks get a resumed run's folder or ""."""
+    fresh = run_dir is None
+    if run_dir is None and auto and main:
+        run_dir = abandoned_run_dir(cfg, config_text)
+        if run_dir is not None:
+            hold(run_dir)  # before anything in it is removed
+            notice(f"--resume auto: starting again in {run_dir}, left by a start of this command before its "
+                   "first checkpoint")
+            for folder in (run_dir, os.path.join(run_dir, "checkpoint")):
+                remove_stale_temps(folder)
+            if os.path.exists(os.path.join(run_dir, "metrics.csv")):  # rows of epochs no checkpoint holds
+                os.remove(os.path.join(run_dir, "metrics.csv"))
+    if not main:
+        return run_dir or ""
+    if run_dir is None:
+        run_dir = new_run_dir(cfg)
+    hold(run_dir)  # one live process per run folder (a second --resume of a live run is refused)
+    if fresh:
+        write_text(os.path.join(run_dir, "config.yml"), config_text)
+        return run_dir
+    for folder in (run_dir, os.path.join(run_dir, "checkpoint")):
+        for name in remove_stale_temps(folder):
+            notice(f"removed {os.path.join(folder, name)}, left by an interrupted write")
+    record_changes(run_dir, changed, epoch=start_epoch, notice=notice)
+    return run_dir
+
+
+def record_changes(run_dir: str, changed: dict[str, tuple[Any, Any]], *, epoch: int,
+                   notice: Callable[[str], None]) -> None:
+    """Run-control options a resume changed: a line in run.log and a comment at the end of config.yml
+    (its settings stay those the run started with; comments keep it valid YAML)."""
+    if not changed:
+        return
+    text = "; ".join(f"{key}: {new!r} (was {old!r})" for key, (old, new) in changed.items())
+    notice(f"resumed after epoch {epoch} with {text}")
+    path = os.path.join(run_dir, "config.yml")
+    with open(path, encoding="utf-8") as fh:
+        original = fh.read()
+    write_text(path, original.rstrip("\n") + f"\n# resumed after epoch {epoch} with {text}\n")
+
+
+def stopped_message(exc: OSError, run_dir: str) -> str:
+    """The line of a run the disk stopped: what is kept and how to continue."""
+    ckpt = os.path.join(run_dir, "checkpoint", "checkpoint.pth.tar")
+    kept = (f"the last complete checkpoint is kept: free space (or fix the disk) and continue with --resume {ckpt}"
+            if os.path.isfile(ckpt) else "no checkpoint was written yet: free space (or fix the disk) and start again")
+    return f"could not write {exc.filename} ({exc.strerror}); {kept}"

@@ -7,7 +7,7 @@ The rules, per mode:
 - finetune: the checkpoint must be pruned (scores or masks). Its stored masks are used as they
   are; a HYDRA/BiP checkpoint has none, so the selector derives them from its scores with this
   run's k, layer type and scope (the same rule the public code applies). A dense checkpoint is
-  taken only with ``scaled_score_init``: HYDRA's magnitude baseline (``magnitude_masks``).
+  taken only with ``scaled_score_init``: HYDRA's magnitude baseline (``hydra_baseline_masks``).
 - ``reset_head`` (any of the three): the source's classifier (the model's last Linear) is dropped
   and the freshly initialised one kept, so a checkpoint trained on another class count can be
   used. In finetune the new classifier stays dense: it has no learned mask to keep.
@@ -18,18 +18,19 @@ Stored masks or optimizer state that do not fit are a UserError naming the file.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from configs.errors import UserError
-from engine.checkpoint import classifier_name, load_model_state
-from layers import MaskSet, init_scores, select_masks
+from engine.checkpoint import classifier_name, load_model_state, set_rng_state
+from engine.loop import RunState
+from engine.protocols import Trainer
+from engine.run_log import csv_history
+from layers import MaskSet, init_scores
 from layers.selector import STRUCTURED
-
-if TYPE_CHECKING:  # annotations only: trainers import engine
-    from trainers.base import BaseTrainer
+from pruning.methods import magnitude_masks
 
 FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
 HEAD_KEYS = ("weight", "bias", "popup_scores", "mask")  # what a (masked) classifier stores
@@ -120,7 +121,7 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         return
     dense_head = {head: torch.ones_like(maskset.layers[head].mask)} if head in maskset.layers else {}
     if dense:
-        set_stored_masks(maskset, {**magnitude_masks(maskset), **dense_head}, source)
+        set_stored_masks(maskset, {**hydra_baseline_masks(maskset), **dense_head}, source)
         notice(f"{source} is dense: HYDRA's magnitude baseline, the mask is the top-k of |w| at k={maskset.k:g} "
                f"({maskset.granularity}, scope {maskset.scope}); no score training")
         return
@@ -141,18 +142,16 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         set_stored_masks(maskset, {**maskset.masks(), **dense_head}, source)
 
 
-def magnitude_masks(maskset: MaskSet) -> dict[str, torch.Tensor]:
-    """HYDRA's magnitude baseline: the selector's top-k of |w| with the run's k, granularity and scope
-    (filters/channels ranked by their weights' L2 norm). The scores are set to HYDRA's scaled init
-    s = sqrt(6/fan_in) * w / max|w| (what its ``--scaled-score-init`` finetune holds). Per layer the
-    top-k of those scores is this mask (a positive factor per layer changes no ranking); over all
-    layers it is not, so the mask is taken from |w| itself, the global magnitude ranking."""
+def hydra_baseline_masks(maskset: MaskSet) -> dict[str, torch.Tensor]:
+    """HYDRA's magnitude baseline: the magnitude criterion's top-k (``pruning.methods``) with the run's k,
+    granularity and scope (filters/channels ranked by their weights' L2 norm). The scores are set to
+    HYDRA's scaled init s = sqrt(6/fan_in) * w / max|w| (what its ``--scaled-score-init`` finetune
+    holds). Per layer the top-k of those scores is this mask (a positive factor per layer changes no
+    ranking); over all layers it is not, so the mask is taken from the weights themselves, the global
+    magnitude ranking."""
     init_scores(maskset.layers, kind="scaled")
-    with torch.no_grad():
-        chosen = select_masks([layer.weight.abs() for layer in maskset.layers.values()], k=maskset.k,
-                              granularity=maskset.granularity, scope=maskset.scope, min_units=maskset.min_units,
-                              nm=maskset.nm)
-    return dict(zip(maskset.layers, chosen))
+    return magnitude_masks(maskset.layers, k=maskset.k, granularity=maskset.granularity, scope=maskset.scope,
+                           min_units=maskset.min_units, nm=maskset.nm)
 
 
 def resume_into(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any], *, source: str,
@@ -168,7 +167,7 @@ def resume_into(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
         maskset.step(force=True)
 
 
-def load_trainer_state(trainer: BaseTrainer, state: dict[str, Any], source: str) -> None:
+def load_trainer_state(trainer: Trainer, state: dict[str, Any], source: str) -> None:
     """Optimizer state from a checkpoint; one that does not fit the trainer is a damaged file."""
     try:
         trainer.load_state_dict(state)
@@ -176,3 +175,17 @@ def load_trainer_state(trainer: BaseTrainer, state: dict[str, Any], source: str)
         raise UserError(f"{source}: its optimizer state does not fit this run ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:120] if str(exc) else 'no detail'}); the file is damaged "
                         "or was edited; resume from another checkpoint of the run") from None
+
+
+def resumed_state(trainer: Trainer, ckpt: dict[str, Any], *, source: str, run_dir: str | None,
+                  notice: Callable[[str], None]) -> RunState:
+    """Where a resumed run continues: the trainer's optimizer state, the epochs done and their history
+    (from metrics.csv for a checkpoint written before checkpoints held it), and the RNG state."""
+    load_trainer_state(trainer, ckpt["trainer_state"], source)
+    history = ckpt.get("history")
+    if history is None:  # written before checkpoints held it: take metrics.csv up to the checkpoint
+        history = csv_history(run_dir, ckpt["epoch"]) if run_dir else []
+        notice(f"{source} holds no per-epoch history (an older train.py): metrics.csv "
+               + (f"keeps its rows up to epoch {ckpt['epoch']}" if run_dir else f"starts at epoch {ckpt['epoch'] + 1}"))
+    set_rng_state(ckpt["rng"])
+    return RunState(start_epoch=ckpt["epoch"], best_prec1=float(ckpt["best_prec1"]), history=list(history))

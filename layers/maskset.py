@@ -4,11 +4,12 @@ Modelled on torch.ao.pruning's sparsifier: masks are buffers on the layers, ``st
 them, ``state_dict()`` / ``load_state_dict()`` save and restore them.
 
 Two regimes:
-- learned (HYDRA, BiP): masks are the selector's top-k of the scores. ``step()`` re-runs the
-  selector only when a score tensor changed since the last selection (PyTorch bumps a tensor's
-  ``_version`` on every in-place update, such as an optimizer step), so the forward pass never
-  pays for a selection it does not need. A forward pre-hook on the model calls ``step()``, so a
-  forward always sees masks consistent with the current scores.
+- learned (HYDRA, BiP): masks are the selector's top-k of the scores, selected when the mask set is
+  built. ``step()`` re-runs the selector only when a score tensor changed since the last selection
+  (PyTorch bumps a tensor's ``_version`` on every in-place update, such as an optimizer step), so
+  the forward pass never pays for a selection it does not need. A forward pre-hook on the model
+  calls ``step()``, so a forward always sees masks consistent with the current scores;
+  ``remove()`` takes the hook off.
 - frozen (finetune, WoodFisher): masks are set explicitly and ``step()`` leaves them alone.
 """
 from __future__ import annotations
@@ -20,8 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from layers.convert import masked_layers
+from configs.errors import UserError
+from configs.options import parse_nm
+from layers.convert import exclusion_patterns, masked_layers, to_masked
 from layers.masked import MaskedLayer
 from layers.selector import (
     IncrementalTopK,
@@ -37,6 +41,11 @@ from layers.selector import (
 # least one filter/channel in every layer, because a layer with none left cuts the network in two
 # (everything after it sees a constant). Unstructured global masks keep BiP's semantics (no floor).
 DEFAULT_MIN_UNITS = {"unstructured": 0, "filter": 1, "channel": 1, "nm": 0}
+
+
+def dense_masks(layers: dict[str, MaskedLayer]) -> dict[str, torch.Tensor]:
+    """All-ones masks for ``layers`` (every weight alive): what a gradual pruner starts from."""
+    return {name: torch.ones_like(layer.mask) for name, layer in layers.items()}
 
 
 class NMShapeError(SelectionError):
@@ -87,7 +96,15 @@ class MaskSet:
             layers = list(self.layers.values())
             groups = [layers] if scope == "global" else [[layer] for layer in layers]
             self._incremental = [(group, IncrementalTopK()) for group in groups]
-        self._hook = model.register_forward_pre_hook(self._before_forward)
+        self._hook: RemovableHandle | None = model.register_forward_pre_hook(self._before_forward)
+        self.step(force=True)  # masks that match the scores from the start, not all ones until a forward
+
+    def remove(self) -> None:
+        """Detach from the model: its forward no longer re-selects the masks. The layers keep their current
+        masks (a frozen mask set needs nothing more); the model stays masked (``layers.to_dense`` undoes that)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def _check_nm(self, nm: tuple[int, int] | None) -> None:
         if nm is None:
@@ -196,3 +213,40 @@ class MaskSet:
         self.set_masks(state["masks"])
         self.frozen = bool(state["frozen"])
         self._seen = self._score_versions()  # the loaded masks belong to the loaded scores
+
+
+def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, layer_floor: int | None = None,
+                  nm: str = "2:4", exclude: str | None = None, arch: str = "the model") -> tuple[MaskSet, list[str]]:
+    """Mask ``model``'s layers (``to_masked``, keeping the ``exclude`` patterns dense) and build the run's
+    mask set. A refusal is a UserError naming the flag that fixes it (--exclude-layers, --layer-type,
+    --layer-floor); returns the mask set and the notices for the run log."""
+    patterns = exclusion_patterns(exclude)
+    try:
+        to_masked(model, granularity=granularity, exclude=patterns)
+    except ValueError as exc:
+        raise UserError(f"--exclude-layers: {exc}") from None
+    try:
+        maskset = MaskSet(model, k=k, granularity=granularity, scope=scope, min_units=layer_floor,
+                          nm=parse_nm(nm) if granularity == "nm" else None)
+    except NMShapeError as exc:
+        # The fix is one flag: the user's own exclusions plus these layers.
+        keep = ",".join(patterns + exc.names)
+        raise UserError(f"--layer-type nm: {exc}; keep them dense with --exclude-layers {keep}") from None
+    except SelectionError as exc:
+        raise UserError(str(exc)) from None
+    if not maskset.layers and exclude:
+        raise UserError(f"--exclude-layers {exclude} excludes every layer --layer-type {granularity} would mask: "
+                        "nothing is left to prune; exclude fewer layers")
+    if not maskset.layers:
+        raise UserError(f"--layer-type {granularity} masks convolutions only (linear layers stay dense, as in "
+                        f"BiP) and {arch} has none: use --layer-type unstructured")
+    notices = []
+    if maskset.nm is not None:
+        kept, size = maskset.nm
+        notices.append(f"N:M masks: every group of {size} consecutive input channels/features keeps its {kept} "
+                       f"highest-scoring weights (--scope {scope} does not apply)")
+    if scope == "global" and maskset.min_units:
+        unit = granularity if granularity in ("filter", "channel") else "weight"
+        notices.append(f"every masked layer keeps at least {maskset.min_units} {unit}(s) "
+                       f"(--layer-floor {maskset.min_units}), so no layer is emptied")
+    return maskset, notices

@@ -48,9 +48,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-GRANULARITIES = ("unstructured", "filter", "channel", "nm")
+from configs.choices import GRANULARITIES, SCOPES
+
 STRUCTURED = ("filter", "channel")  # units of several weights; the others rank weight by weight
-SCOPES = ("global", "layer")
 
 
 def n_keep(k: float, n: int) -> int:
@@ -119,6 +119,15 @@ def expand_units(keep: torch.Tensor, shape: torch.Size, granularity: str) -> tor
     if granularity == "channel":
         return keep.view(1, -1, *extra).expand(shape).contiguous()
     raise ValueError(f"unknown granularity {granularity!r}; expected one of {GRANULARITIES}")
+
+
+def alive_units(mask: torch.Tensor, granularity: str) -> torch.Tensor:
+    """One bool per unit of ``mask``: a filter/channel is alive while any of its weights is."""
+    if granularity not in STRUCTURED:
+        return mask.reshape(-1)
+    if granularity == "filter":
+        return mask.flatten(1).any(1)
+    return mask.transpose(0, 1).flatten(1).any(1)
 
 
 def check_finite(values: torch.Tensor) -> None:

@@ -9,7 +9,9 @@ pruning does not remove them, and at the densities studied they are a rounding e
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -44,19 +46,34 @@ def weight_layers(model: nn.Module) -> dict[str, nn.Conv2d | nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
+def kept_weights(layers: Mapping[str, nn.Module]) -> list[int]:
+    """The kept weights of each layer (its mask's True count; all of a plain layer's), in one host read."""
+    counts = []
+    for layer in layers.values():
+        weight = cast(torch.Tensor, layer.weight)
+        mask = getattr(layer, "mask", None)
+        counts.append(mask.sum() if isinstance(mask, torch.Tensor) else torch.tensor(weight.numel(),
+                                                                                    device=weight.device))
+    return torch.stack([c.to(torch.int64) for c in counts]).tolist() if counts else []
+
+
+def kept_flops(layers: Mapping[str, nn.Module], flops: Mapping[str, int], *,
+               kept: list[int] | None = None) -> tuple[int, int]:
+    """(kept, dense) FLOPs of ``layers`` given their FLOPs per weight (``pruning.flops.flops_per_weight``);
+    ``kept``: their ``kept_weights``, when the caller has read them."""
+    kept = kept_weights(layers) if kept is None else kept
+    totals = [cast(torch.Tensor, layer.weight).numel() for layer in layers.values()]
+    per_weight = [flops[name] for name in layers]
+    return (sum(k * f for k, f in zip(kept, per_weight)), sum(t * f for t, f in zip(totals, per_weight)))
+
+
 @torch.no_grad()
 def model_cost(model: nn.Module, *, example: torch.Tensor) -> ModelCost:
     """Count ``model``'s weights and FLOPs for one sample shaped like ``example`` (a batch of >= 1).
     Masked layers (with a boolean ``mask`` buffer) count their kept weights; one host read in all."""
     layers = weight_layers(model)
     per_weight = flops_per_weight(model, example=example[:1], layers=layers)
-    weights = [m.weight for m in layers.values()]
-    masks = [getattr(m, "mask", None) for m in layers.values()]
-    kept = [mask.sum() if isinstance(mask, torch.Tensor) else torch.tensor(w.numel(), device=w.device)
-            for mask, w in zip(masks, weights)]
-    kept_counts = torch.stack([k.to(torch.int64) for k in kept]).tolist() if kept else []
-    totals = [w.numel() for w in weights]
-    flops = list(per_weight.values())
-    return ModelCost(params_total=sum(totals), params_kept=sum(kept_counts),
-                     flops_total=sum(t * f for t, f in zip(totals, flops)),
-                     flops_kept=sum(k * f for k, f in zip(kept_counts, flops)))
+    kept = kept_weights(layers)
+    flops_kept, flops_total = kept_flops(layers, per_weight, kept=kept)
+    return ModelCost(params_total=sum(m.weight.numel() for m in layers.values()), params_kept=sum(kept),
+                     flops_total=flops_total, flops_kept=flops_kept)

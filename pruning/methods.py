@@ -13,13 +13,15 @@ A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from configs.choices import GRANULARITIES
 from configs.registry import Registry
-from layers.selector import GRANULARITIES, STRUCTURED
+from layers.masked import MaskedLayer
+from layers.selector import STRUCTURED, select_masks
 from pruning.obs import (
     diagonal_fisher_statistic,
     diagonal_fisher_update,
@@ -82,7 +84,8 @@ def register_prune_method(method: PruneMethod) -> PruneMethod:
     return PRUNE_METHODS.add(method.name, method)
 
 
-register_prune_method(PruneMethod(
+# The OBS criterion, also the one of every step that compensates a mask chosen elsewhere (--obs-update).
+OBS_METHOD = register_prune_method(PruneMethod(
     "woodfisher", "empirical", obs_statistic, obs_update, group_obs_statistic, group_obs_update,
     help="OBS statistic w^2/[F^-1]_qq and update -F^-1 s (group OBS for filters/channels)"))
 # WoodTaylor applies the Newton step -F^-1 g at every event. g is the mean of the m gradient rows, so
@@ -104,6 +107,28 @@ register_prune_method(PruneMethod(
 register_prune_method(PruneMethod(
     "globalmagnitude", None, magnitude_statistic, zero_update, additive=True, scope="global",
     help="|w| over all layers at once"))
+
+
+def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:
+    """An additive per-weight statistic as the shared selector ranks it: as it is for single weights;
+    its square root for filters/channels, whose score is the L2 norm of their weights' scores, so
+    that a unit ranks by the sum of its statistic."""
+    return statistic.sqrt() if granularity in STRUCTURED else statistic
+
+
+def magnitude_masks(layers: Mapping[str, MaskedLayer], *, k: float, granularity: str, scope: str,
+                    min_units: int = 0, nm: tuple[int, int] | None = None,
+                    alive_only: bool = False) -> dict[str, torch.Tensor]:
+    """The masks of the magnitude criterion (the statistic of ``magnitude``/``globalmagnitude``) at
+    density ``k``, from the shared selector: filters/channels rank by their weights' L2 norm. Every
+    weight is a candidate (HYDRA's magnitude baseline), or with ``alive_only`` the weights the
+    current masks keep: pruned ones rank below every survivor, so the selection only removes (IMP)."""
+    statistic = PRUNE_METHODS["magnitude"].statistic
+    with torch.no_grad():
+        scores = [selector_scores(statistic(weight=layer.weight.detach(), mask=layer.mask if alive_only else None),
+                                  granularity) for layer in layers.values()]
+        masks = select_masks(scores, k=k, granularity=granularity, scope=scope, min_units=min_units, nm=nm)
+    return dict(zip(layers, masks))
 
 
 def granularity_note() -> str:

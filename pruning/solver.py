@@ -36,14 +36,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from configs.options import FISHER_BLOCKS, FisherOptions
 from layers.masked import MaskedLayer
 from layers.selector import STRUCTURED, expand_units, select_masks
 from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from pruning.gradients import collect_gradients
-from pruning.methods import PruneMethod
+from pruning.methods import PruneMethod, selector_scores
 from pruning.obs import group_permutation
-
-BLOCKS = ("chunk", "layer", "all")
 
 
 @dataclass(frozen=True)
@@ -60,10 +59,45 @@ class FisherSettings:
     joint_limit: int = 4096          # largest per-block system (min(|Q|, c, m)) of the joint solve
 
     def __post_init__(self) -> None:
-        if self.blocks not in BLOCKS:
-            raise ValueError(f"blocks must be one of {BLOCKS}, got {self.blocks!r}")
+        if self.blocks not in FISHER_BLOCKS:
+            raise ValueError(f"blocks must be one of {FISHER_BLOCKS}, got {self.blocks!r}")
         if self.m < 1 or self.samples_per_grad < 1 or self.block_size < 1 or not self.damp > 0:
             raise ValueError(f"invalid Fisher settings {self}")
+
+    @classmethod
+    def of(cls, options: FisherOptions, *, damp: float) -> FisherSettings:
+        """The solver's settings (the paper's names) from the command line's (the public code's names)."""
+        return cls(m=options.fisher_subsample_size, samples_per_grad=options.fisher_mini_bsz,
+                   max_samples=options.max_mini_bsz, damp=damp, block_size=options.fittable_params,
+                   blocks=options.fisher_blocks, offload=options.offload_grads)
+
+    def offloaded(self, device: torch.device) -> bool:
+        """Whether G lives in host memory for a solver on ``device`` (on a CPU there is nowhere to offload to)."""
+        return self.offload and device.type == "cuda"
+
+
+def collect_rows(model: nn.Module, layers: dict[str, MaskedLayer],
+                 batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, fisher: FisherSettings, device: torch.device,
+                 rows: int | None = None, label_smoothing: float = 0.0, label_generator: torch.Generator | None = None,
+                 masked_columns: bool = True) -> torch.Tensor:
+    """G: ``rows`` (default ``fisher.m``) gradient rows of ``layers`` from ``batches``
+    (``pruning.gradients``), each the mean over ``fisher.samples_per_grad`` samples, with the model in
+    eval mode and no score gradient; in pinned host memory when ``fisher`` offloads on a GPU."""
+    m = fisher.m if rows is None else rows
+    out = None
+    if fisher.offloaded(device):
+        out = torch.empty(m, sum(layer.weight.numel() for layer in layers.values()),
+                          dtype=next(iter(layers.values())).weight.dtype, pin_memory=torch.cuda.is_available())
+    score_grad = [layer.score_grad for layer in layers.values()]
+    for layer in layers.values():  # a plain weight * mask forward: no straight-through path
+        layer.score_grad = False
+    try:
+        return collect_gradients(model, layers, batches, rows=m, samples_per_row=fisher.samples_per_grad,
+                                 max_samples=fisher.max_samples, label_smoothing=label_smoothing,
+                                 label_generator=label_generator, out=out, masked_columns=masked_columns)
+    finally:
+        for layer, flag in zip(layers.values(), score_grad):
+            layer.score_grad = flag
 
 
 @dataclass(frozen=True)
@@ -146,7 +180,7 @@ class OBSSolver:
         return self.granularity in STRUCTURED and self.method.group_statistic is not None
 
     def _offloaded(self) -> bool:
-        return self.fisher.offload and self.device.type == "cuda"  # on a CPU there is nowhere to offload to
+        return self.fisher.offloaded(self.device)
 
     def add_gradients(self, G: torch.Tensor, *, seconds: float = 0.0) -> None:
         """Use the m x D gradient rows G (columns: the layers' weights flattened, in layer order;
@@ -161,26 +195,13 @@ class OBSSolver:
     def collect(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                 label_smoothing: float = 0.0, label_generator: torch.Generator | None = None,
                 masked_columns: bool = True) -> None:
-        """Fill G from ``batches`` (``pruning.gradients``): m rows, each the mean over
-        samples_per_grad samples, with the model in eval mode and no score gradient."""
+        """Fill G from ``batches`` (``collect_rows``); nothing for a method without a Fisher."""
         if self.method.fisher is None:
             return
         t0 = time.perf_counter()
-        f = self.fisher
-        out = None
-        if self._offloaded():
-            out = torch.empty(f.m, self.num_weights, dtype=next(iter(self.layers.values())).weight.dtype,
-                              pin_memory=torch.cuda.is_available())
-        score_grad = [layer.score_grad for layer in self.layers.values()]
-        for layer in self.layers.values():  # a plain weight * mask forward: no straight-through path
-            layer.score_grad = False
-        try:
-            G = collect_gradients(model, self.layers, batches, rows=f.m, samples_per_row=f.samples_per_grad,
-                                  max_samples=f.max_samples, label_smoothing=label_smoothing,
-                                  label_generator=label_generator, out=out, masked_columns=masked_columns)
-        finally:
-            for layer, flag in zip(self.layers.values(), score_grad):
-                layer.score_grad = flag
+        G = collect_rows(model, self.layers, batches, fisher=self.fisher, device=self.device,
+                         label_smoothing=label_smoothing, label_generator=label_generator,
+                         masked_columns=masked_columns)
         self.add_gradients(G, seconds=time.perf_counter() - t0)
 
     # -- per block group: weights, inverse, statistic --------------------------------------------
@@ -272,9 +293,7 @@ class OBSSolver:
                 layer = self.layers[group.names[0]]
                 out[group.names[0]] = expand_units((stat / p.group_size).sqrt(), layer.weight.shape, self.granularity)
                 continue
-            if self.granularity in STRUCTURED:
-                stat = stat.sqrt()  # additive: a group's L2 norm of sqrt(stat) is sqrt(sum of stat)
-            out.update(self._split(group, p.perm, stat.reshape(-1)))
+            out.update(self._split(group, p.perm, selector_scores(stat, self.granularity).reshape(-1)))
         return out
 
     def _split(self, group: BlockGroup, perm: torch.Tensor | None, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -383,14 +402,4 @@ class OBSSolver:
         self.free_inverses()
 
 
-def weight_masks(layers: dict[str, MaskedLayer]) -> dict[str, torch.Tensor]:
-    """The layers' current masks (copies)."""
-    return {name: layer.mask.detach().clone() for name, layer in layers.items()}
-
-
-def dense_masks(layers: dict[str, MaskedLayer]) -> dict[str, torch.Tensor]:
-    return {name: torch.ones_like(layer.mask) for name, layer in layers.items()}
-
-
-__all__: Sequence[str] = ("BLOCKS", "BlockGroup", "FisherSettings", "OBSSolver", "StepRecord", "dense_masks",
-                          "weight_masks")
+__all__: Sequence[str] = ("BlockGroup", "FisherSettings", "OBSSolver", "StepRecord", "collect_rows")

@@ -6,9 +6,9 @@ Rows: one per pretrain run (method ``dense``) and one per prune run, with the ne
 started from it (its top-1 in ``top1_finetune``); a finetune run whose source is not a run in the
 folder (a public checkpoint, a dense model) is a row of its own; an IMP (``--trainer lth``) run is a
 row per round, at each round's density (its FLOPs only for the last round). ``top1`` is the last stage's test
-top-1. The method is read from the run: ``hydra`` (trainer base), ``bip`` (bilevel), the WoodFisher
-trainer's ``--prune-method`` (woodfisher, globalmagnitude, magnitude, ...), with ``+obs`` when
-``--obs-update`` compensated the mask, and ``lth``.
+top-1. The method is the one the run's trainer wrote into summary.json (``method``: its record's label,
+``hydra``, ``bip``, ``lth``, or the WoodFisher trainer's ``--prune-method``, woodfisher, globalmagnitude,
+magnitude, ...), with ``+obs`` when ``--obs-update`` compensated the mask.
 
 Writes ``results.csv``, ``table.md`` (top-1 mean +- std over seeds per method and density), one plot per
 (dataset, arch, layer type): top-1 against the remaining weight ratio on a log axis, one line per
@@ -33,20 +33,29 @@ COLUMNS = ("dataset", "arch", "layer_type", "scope", "method", "seed", "k", "spa
            "params_total", "params_ratio", "flops_kept", "flops_total", "flops_ratio", "top1_prune",
            "top1_finetune", "top1", "wall_seconds", "prune_run", "finetune_run")
 
-TRAINER_METHOD = {"base": "hydra", "bilevel": "bip", "lth": "lth"}
-
-
 def method_of(prune: dict[str, Any], finetune: dict[str, Any] | None) -> str:
+    """The method of a row: ``dense`` (pretrain), ``finetune`` (a finetune run of an outside source), or the
+    ``method`` its prune run's trainer wrote (``trainer_label`` for a summary from before that field),
+    with ``+obs`` when ``--obs-update`` compensated the mask."""
     if prune.get("exp_mode") == "pretrain":
         return "dense"
     if prune.get("exp_mode") == "finetune":
         name = "finetune"
-    elif prune.get("trainer") == "woodfisher":
-        name = str(prune.get("prune_method") or "woodfisher")
     else:
-        name = TRAINER_METHOD.get(str(prune.get("trainer")), str(prune.get("trainer")))
+        name = str(prune.get("method") or trainer_label(prune))
     obs = {**(prune.get("obs_update") or {}), **((finetune or {}).get("obs_update") or {})}
     return name + ("+obs" if obs else "")
+
+
+def trainer_label(summary: dict[str, Any]) -> str:
+    """The method of a prune run whose summary predates its ``method`` field: its prune method, else the
+    label of its trainer's record (``configs.capabilities``), else the trainer's name."""
+    if summary.get("prune_method"):
+        return str(summary["prune_method"])
+    from trainers import TRAINERS  # only for such summaries: it imports torch
+
+    trainer = str(summary.get("trainer"))
+    return TRAINERS[trainer].capabilities.label if trainer in TRAINERS else trainer
 
 
 def ratio(kept: Any, total: Any) -> float | None:

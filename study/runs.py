@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from configs.choices import MODES
 from configs.errors import UserError
 
 
@@ -58,7 +59,6 @@ def summary_files(root: str) -> Iterator[str]:
 # What every summary.json of train.py holds and a results row needs: a file without them was not written
 # by this project (or by a version too old to report on), and is skipped rather than read as a wrong row.
 REQUIRED = ("exp_mode", "dataset", "arch", "layer_type", "k", "trainer", "seed", "test_top1")
-MODES = ("pretrain", "prune", "finetune")
 
 
 def read_summary(path: str) -> dict[str, Any] | str:

@@ -95,22 +95,26 @@ def _options(*args: str) -> Options:
     return read_options(["--configs", "configs/Digits/woodfisher.yml", "--source-net", "dense.pth.tar", *args])
 
 
+def _check_processes(cfg, backend):
+    from configs.checks import check_run
+    from trainers import get_trainer
+    check_run(cfg, trainer=get_trainer(cfg.trainer), world=2, backend=backend)
+
+
 @pytest.mark.parametrize("args,needle", [
     (("--val-method", "smooth", "--noise-std", "0.25", "--no-normalize"), "--val-method smooth certifies"),
     (("--fisher-subsample-size", "1"), "--fisher-subsample-size 1 rows cannot be shared by 2 processes"),
 ])
 def test_what_several_processes_cannot_do_is_refused(args, needle):
-    import train
     with pytest.raises(UserError, match=needle):
-        train.check_distributed(_options(*args).config(), Dist(rank=0, world=2, backend="gloo"))
+        _check_processes(_options(*args).config(), "gloo")
 
 
 def test_offloaded_fisher_rows_are_refused_with_nccl_only():
-    import train
     cfg = _options("--offload-grads").config()
-    train.check_distributed(cfg, Dist(rank=0, world=2, backend="gloo"))  # CPU tensors: gloo gathers them
+    _check_processes(cfg, "gloo")  # CPU tensors: gloo gathers them
     with pytest.raises(UserError, match="--offload-grads keeps the Fisher rows in host memory, which NCCL cannot"):
-        train.check_distributed(cfg, Dist(rank=0, world=2, backend="nccl"))
+        _check_processes(cfg, "nccl")
 
 
 # -- the collectives, in a real two-process gloo group ------------------------------------------

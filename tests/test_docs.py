@@ -44,3 +44,18 @@ def test_schema_choices_match_the_registries():
     assert set(schema.FIELDS["val_method"].metadata["choices"]) == set(EVALUATIONS)
     from robust import OBJECTIVES
     assert set(schema.FIELDS["objective"].metadata["choices"]) == set(OBJECTIVES)
+    from configs.options import AMP_MODES
+    from engine.precision import AMP_DTYPES
+    assert schema.FIELDS["amp"].metadata["choices"] == AMP_MODES and set(AMP_DTYPES) == set(AMP_MODES)
+
+
+def test_help_lists_the_names_of_every_registry():
+    """--arch, --dataset, --trainer and --prune-method take registered names: --help lists them all."""
+    import train
+    from configs.schema import build_parser
+
+    names = train.registry_names()
+    assert set(names) == {"arch", "dataset", "trainer", "prune_method"} and all(names.values())
+    text = " ".join(build_parser(names).format_help().split())  # argparse wraps lines
+    for option, registered in names.items():
+        assert f"one of: {', '.join(registered)}" in text, option

@@ -242,6 +242,27 @@ def test_maskset_reselects_only_when_scores_change():
     assert sum(int(l.mask.sum()) for l in ms.layers.values()) == n_keep(0.3, sum(l.mask.numel() for l in ms.layers.values()))
 
 
+def test_maskset_selects_when_built_and_remove_detaches_it():
+    model = to_masked(tiny_net(), granularity="unstructured")
+    ms = MaskSet(model, k=0.3, granularity="unstructured", scope="global")
+    total = sum(l.mask.numel() for l in ms.layers.values())
+    # selected at once: exactly n_keep masks before any forward or step(), the top-k of the scores
+    assert ms.selections == 1
+    assert sum(int(l.mask.sum()) for l in ms.layers.values()) == n_keep(0.3, total)
+    ref = select_masks([l.popup_scores for l in ms.layers.values()], k=0.3, granularity="unstructured",
+                       scope="global")
+    assert all(torch.equal(l.mask, r) for l, r in zip(ms.layers.values(), ref))
+    ms.remove()
+    ms.remove()  # idempotent
+    layer = next(iter(ms.layers.values()))
+    before = layer.mask.clone()
+    with torch.no_grad():
+        layer.popup_scores.mul_(-100.0).add_(torch.randn_like(layer.popup_scores))  # a new ranking
+    model(torch.randn(2, 3, 6, 6))
+    assert ms.selections == 1 and torch.equal(layer.mask, before)  # no hook: the forward selects nothing
+    assert ms.step() and not torch.equal(layer.mask, before)  # an explicit step still follows the scores
+
+
 def test_frozen_maskset_keeps_explicit_masks():
     model = to_masked(tiny_net(), granularity="unstructured")
     ms = MaskSet(model, k=0.3, granularity="unstructured", scope="layer")

@@ -74,7 +74,7 @@ def test_line_search_keeps_no_move_when_every_move_hurts(digits_pretrained, monk
     from layers import MaskSet, to_masked
     from models import build_model
     from pruning.solver import FisherSettings
-    from trainers import compensation
+    from engine import obs_update as compensation
 
     splits = build_dataset("Digits", data_dir=".", normalize=True)
     loaders = build_loaders(splits, batch_size=64, test_batch_size=256, seed=0)

@@ -10,7 +10,8 @@ from pruning.fisher_inverse import EmpiricalFisherInverse
 from pruning.gradients import collect_gradients
 from pruning.methods import PRUNE_METHODS
 from pruning.obs import obs_statistic, obs_update
-from pruning.solver import FisherSettings, OBSSolver, dense_masks
+from layers import dense_masks
+from pruning.solver import FisherSettings, OBSSolver
 
 
 def odd_net(granularity="unstructured"):

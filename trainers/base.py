@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from configs.capabilities import Capabilities, RunSpec
+from configs.choices import MODES
 from configs.options import OptionSection, RobustOptions, SpeedOptions
 from engine.distributed import SINGLE, Dist, wrap
 from engine.memory import MemoryNeed, size
@@ -28,28 +29,17 @@ from engine.optim import OptimSettings, make_optimizer, own_only, split_paramete
 from engine.precision import Precision
 from layers import MaskSet
 from robust import build_objective
-from trainers.registry import register_trainer
 
 if TYPE_CHECKING:  # annotations only
     from data.loaders import Loaders
 
 
-@dataclass(frozen=True)
-class RunSpec:
-    """What a trainer's option check needs to know of the run (besides its own options)."""
-
-    mode: str
-    layer_type: str
-    k: float
-    scope: str
-    epochs: int
-
-
-@register_trainer("base")
 class BaseTrainer:
     """One optimizer; HYDRA's prune mode when the mode is ``prune``."""
 
     name = "base"
+    # What it runs and accepts (configs.capabilities): every mode; HYDRA when it prunes.
+    capabilities = Capabilities(label="hydra", modes=MODES)
     # The trainer's own options (a section of configs.options), or None: train.py reads an instance
     # of it off the run's config and passes it as ``options``.
     Options: type[OptionSection] | None = None
@@ -119,8 +109,9 @@ class BaseTrainer:
         return []
 
     def summary_fields(self) -> dict[str, Any]:
-        """The trainer's own entries of summary.json (none for the base trainer)."""
-        return {}
+        """The trainer's own entries of summary.json: ``method``, the name of the pruning method in the
+        results report (its record's label; none outside prune)."""
+        return {"method": self.capabilities.label if self.mode == "prune" else None}
 
     # -- set-up ------------------------------------------------------------------------------
     def setup(self, *, weight_optim: OptimSettings, score_optim: OptimSettings | None, freeze_bn: bool) -> None:

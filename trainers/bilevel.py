@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
+from configs.capabilities import Capabilities
 from configs.errors import UserError
 from configs.options import IMPLICIT_GRADS, BilevelOptions
 from engine.optim import OptimSettings, own_only, split_parameters
@@ -183,6 +184,10 @@ class PublicBipIteration:
 
 @register_trainer("bilevel")
 class BilevelTrainer(BaseTrainer):
+    # GradScaler scales one loss per backward(); BiP takes its gradients with torch.autograd.grad and
+    # combines two of them in the implicit term, which its scale/unscale/step protocol does not cover.
+    capabilities = Capabilities(label="bip", fp16="BiP takes its gradients with torch.autograd.grad, which "
+                                "GradScaler does not cover")
     Options = BilevelOptions
     unused_parameters = True  # the weight step's forward leaves the scores out
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers

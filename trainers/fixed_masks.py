@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from engine.optim import OptimSettings, own_only, split_parameters
-from layers import MaskSet
-from pruning.solver import dense_masks
+from layers import MaskSet, dense_masks
 from trainers.base import BaseTrainer
 
 

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from configs.capabilities import Capabilities, RunSpec
 from configs.errors import UserError
 from configs.options import LthOptions, OptionSection
 from engine.checkpoint import load_checkpoint, rewind_checkpoint
 from engine.optim import OptimSettings
-from layers.selector import select_masks
-from trainers.base import RunSpec
+from pruning.methods import magnitude_masks
 from trainers.fixed_masks import FixedMaskTrainer
 from trainers.registry import register_trainer
 
@@ -77,6 +77,7 @@ def rewind_path(source: str, epoch: int) -> str:
 class LotteryTicketTrainer(FixedMaskTrainer):
     """IMP: prune by magnitude, rewind, retrain; one round per ``--epochs / rounds`` epochs."""
 
+    capabilities = Capabilities(label="lth", rewind_point=True)
     Options = LthOptions
 
     @classmethod
@@ -146,13 +147,10 @@ class LotteryTicketTrainer(FixedMaskTrainer):
         ms = self.maskset
         density = self.densities[index]
         before = ms.density()
-        # Magnitudes of the surviving weights; pruned ones rank below every survivor (a survivor that is
-        # exactly 0 is lifted to the smallest positive float), so a round only removes weights.
-        tiny = torch.finfo(torch.float32).tiny
-        scores = [torch.where(layer.mask, layer.weight.detach().abs().float().clamp_min(tiny), 0.0)
-                  for layer in ms.layers.values()]
-        masks = select_masks(scores, k=density, granularity="unstructured", scope=ms.scope, min_units=ms.min_units)
-        ms.set_masks(dict(zip(ms.layers, masks)))
+        # The magnitude criterion over the surviving weights: pruned ones rank below every survivor
+        # (a survivor that is exactly 0 too), so a round only removes weights.
+        ms.set_masks(magnitude_masks(ms.layers, k=density, granularity="unstructured", scope=ms.scope,
+                                     min_units=ms.min_units, alive_only=True))
         if self.rewind_state is not None:
             own = self.model.state_dict()
             for name, value in self.rewind_state.items():
@@ -170,5 +168,6 @@ class LotteryTicketTrainer(FixedMaskTrainer):
     def summary_fields(self) -> dict[str, Any]:
         """Every round's density and last epoch, for summary.json (the report reads the rounds' accuracy
         from metrics.csv at those epochs)."""
-        return {"imp_rounds": [{"round": i + 1, "density": d, "end_epoch": (i + 1) * self.round_epochs}
-                               for i, d in enumerate(self.densities)]}
+        rounds = [{"round": i + 1, "density": d, "end_epoch": (i + 1) * self.round_epochs}
+                  for i, d in enumerate(self.densities)]
+        return {**super().summary_fields(), "imp_rounds": rounds}

@@ -1,13 +1,15 @@
-"""Trainers by name: a new method is a new entry, not a new branch in train.py."""
+"""Trainers by name: a new method is a new entry, not a new branch in train.py.
+
+The base trainer (plain training and HYDRA) is the first entry; every other trainer module
+registers itself with ``@register_trainer`` and imports this module, never the other way round.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from configs.registry import Registry
-
-if TYPE_CHECKING:  # trainers.base registers itself here: a run-time import would be circular
-    from trainers.base import BaseTrainer
+from trainers.base import BaseTrainer
 
 TRAINERS: Registry[type[BaseTrainer]] = Registry("trainer", flag="--trainer")
 get_trainer = TRAINERS.get
@@ -21,3 +23,6 @@ def register_trainer(name: str) -> Callable[[TrainerClass], TrainerClass]:
         TRAINERS.add(name, cls)
         return cls
     return wrap
+
+
+register_trainer(BaseTrainer.name)(BaseTrainer)

@@ -7,11 +7,12 @@ its own, the block inverse of the damped empirical Fisher, the method's statisti
 selector (global with ``--woodburry-joint-sparsify``, else per layer; exactly n_keep(k, N) units,
 and exactly the run's ``--k`` at the final target), the OBS update (joint or summed, ``--obs-solve``)
 and the new masks. Then it clears the pruned coordinates of the optimizer state and logs the event.
-This file is the schedule around that step:
+This file runs the plan around that step (``pruning.plan``: the target, lambda and the events):
 
 - AGP events from ``--prune-start`` to ``--prune-end`` every ``--prune-freq`` epochs, from
   ``--init-sparsity`` to 1 - k; ``--recompute-num`` sub-steps per event from the CURRENT sparsity,
-  each with a fresh Fisher; ``--one-shot``: one event at epoch 0 and no training.
+  each with a fresh Fisher; ``--one-shot``: one event at epoch 0 and no training; N:M masks: one
+  event at ``--prune-end``.
 - between events the base trainer's loop fine-tunes the weights, with the masks re-applied after
   every optimizer step, so pruned weights stay exactly zero (momentum, weight decay, Adam).
 - FLOPs-aware pruning (``pruning.flops``; FLOPs measured once, and only when asked for):
@@ -31,24 +32,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from configs.errors import UserError
-from configs.options import FisherOptions, OptionSection, WoodFisherOptions
-from data.sampling import shard
-from engine.memory import MemoryNeed
+from configs.capabilities import Capabilities, RunSpec
+from configs.options import OptionSection, WoodFisherOptions
+from data.sampling import derive_seed, shard
+from engine.memory import MemoryNeed, fisher_memory_needs
 from engine.optim import OptimSettings
 from layers import MaskSet
-from layers.selector import STRUCTURED, unit_counts
+from layers.selector import STRUCTURED, alive_units, unit_counts
+from pruning.cost import kept_flops
 from pruning.flops import flops_per_weight, select_within_flops, weight_by_flops
-from pruning.gradients import piece_size
-from pruning.methods import PRUNE_METHODS, PruneMethod, granularity_note
-from pruning.schedule import PruneEvent, agp_schedule, one_shot_schedule, recompute_steps
-from pruning.solver import FisherSettings, OBSSolver, StepRecord
-from trainers.base import RunSpec
+from pruning.methods import PRUNE_METHODS, PruneMethod
+from pruning.plan import plan
+from pruning.schedule import recompute_steps
+from pruning.solver import FisherSettings, OBSSolver, StepRecord, collect_rows
 from trainers.fixed_masks import FixedMaskTrainer
 from trainers.registry import register_trainer
 
@@ -59,141 +59,6 @@ FISHER_STREAM = 0x5F  # sample stream of the Fisher mini-batches (independent of
 FLOPS_STREAM = 0x5E   # the one input FLOPs are measured on
 
 
-# ---------------------------------------------------------------------------------------------
-# options
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the typed options and the run settle: the final target (a sparsity of units, or of FLOPs
-    with --flops-target), lambda (the method's default unless given) and the schedule."""
-
-    target: float
-    damp: float
-    events: tuple[PruneEvent, ...]
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
-    """Validate the WoodFisher options against the run (UserError naming the fix) and settle them.
-    Each option's own range is checked where it is declared (configs.options)."""
-    o = options
-    o.check_values()
-    if run.mode != "prune":
-        raise UserError(f"the woodfisher trainer prunes: use --exp-mode prune (got {run.mode})")
-    method = PRUNE_METHODS.get(o.prune_method)
-    if run.layer_type not in method.granularities:
-        raise UserError(f"--prune-method {method.name} does not support --layer-type {run.layer_type}; "
-                        f"supported: {granularity_note()}")
-    if run.layer_type == "nm":
-        return _nm_plan(o, run=run, method=method)
-    if run.layer_type in STRUCTURED and o.fisher_blocks == "all" and method.group_statistic is not None:
-        raise UserError(f"--layer-type {run.layer_type} with --prune-method {method.name} uses whole-layer Fisher "
-                        "blocks (a filter/channel's update must reach the other groups of its layer): drop "
-                        "--fisher-blocks all")
-    if o.flops_target is None:
-        target = _weight_target(k=run.k, target_sparsity=o.target_sparsity)
-    else:
-        target = _flops_sparsity_target(flops_target=o.flops_target, k=run.k, target_sparsity=o.target_sparsity,
-                                        method=method, scope=run.scope, joint_sparsify=o.woodbury_joint_sparsify)
-    if not o.one_shot:
-        if not 0.0 <= o.init_sparsity <= target:
-            what = "FLOPs sparsity 1 - --flops-target" if o.flops_target is not None else "sparsity"
-            raise UserError(f"--init-sparsity must be in [0, target {what} {target:g}], got {o.init_sparsity:g}")
-        if o.prune_end < o.prune_start:
-            raise UserError(f"--prune-end ({o.prune_end}) must be >= --prune-start ({o.prune_start})")
-        if run.epochs <= o.prune_end:
-            raise UserError(f"the last pruning event runs at the start of epoch {o.prune_end} (0-based, --prune-end), "
-                            f"but --epochs {run.epochs} stops before it: pass --epochs {o.prune_end + 1} or more")
-        events = agp_schedule(start=o.prune_start, freq=o.prune_freq, end=o.prune_end, initial=o.init_sparsity,
-                              target=target, power=o.agp_power)
-    elif run.epochs != 1:
-        raise UserError(f"--one-shot prunes once and evaluates without training: pass --epochs 1 (got {run.epochs})")
-    else:
-        events = one_shot_schedule(target=target, epoch=0)
-    if run.scope == "layer" and o.woodbury_joint_sparsify and method.scope is None:
-        raise UserError("--scope layer asks for per-layer selection but --woodbury-joint-sparsify (the default) "
-                        "selects globally: pass --no-woodbury-joint-sparsify (or --scope global)")
-    damp = o.fisher_damp if o.fisher_damp is not None else method.default_damp
-    return Plan(target=target, damp=damp, events=tuple(events))
-
-
-def _nm_plan(o: WoodFisherOptions, *, run: RunSpec, method: PruneMethod) -> Plan:
-    """N:M masks: ONE event, at --prune-end (or epoch 0 with --one-shot), straight to N:M.
-
-    An AGP schedule's intermediate sparsities have no N:M mask (2:4 is the first and only step of
-    a 4-group), so the event is where AGP would reach its target; --prune-start, --prune-freq,
-    --init-sparsity and --agp-power do not apply (the run log says so). Options that change how
-    many weights a layer keeps are refused: N:M fixes N/M in every group."""
-    if o.flops_target is not None:
-        raise UserError("--flops-target chooses how many weights each layer keeps, but --layer-type nm keeps N/M of "
-                        "every layer: drop --flops-target")
-    if o.flops_power:
-        raise UserError("--flops-power weighs layers against each other, but an N:M selection compares weights of "
-                        "one group of one layer only: drop --flops-power")
-    if o.recompute_num > 1:
-        raise UserError("--recompute-num splits an event into intermediate sparsities, which N:M masks do not have "
-                        "(--layer-type nm prunes to N:M in one event): drop --recompute-num")
-    target = _weight_target(k=run.k, target_sparsity=o.target_sparsity)
-    if o.one_shot:
-        if run.epochs != 1:
-            raise UserError("--one-shot prunes once and evaluates without training: pass --epochs 1 "
-                            f"(got {run.epochs})")
-        epoch = 0
-    else:
-        if run.epochs <= o.prune_end:
-            raise UserError(f"--layer-type nm prunes once, at the start of epoch {o.prune_end} (0-based, --prune-end), "
-                            f"but --epochs {run.epochs} stops before it: pass --epochs {o.prune_end + 1} or more")
-        epoch = o.prune_end
-    damp = o.fisher_damp if o.fisher_damp is not None else method.default_damp
-    return Plan(target=target, damp=damp, events=(PruneEvent(epoch, target),))
-
-
-def _weight_target(*, k: float, target_sparsity: float | None) -> float:
-    """The final sparsity of units: 1 - k (--target-sparsity, if given, must agree)."""
-    default_target = 1.0 - k
-    target = default_target
-    if target_sparsity is not None:
-        if abs(target_sparsity - default_target) > 1e-9:
-            raise UserError(f"--target-sparsity {target_sparsity:g} disagrees with --k {k:g} (sparsity = 1 - k = "
-                            f"{default_target:g}); drop --target-sparsity or pass --k {1 - target_sparsity:g}")
-        target = target_sparsity
-    if not 0.0 < target < 1.0:
-        raise UserError(f"--k {k:g} leaves nothing to prune: pass a density --k < 1 (the weights kept at the end)")
-    return target
-
-
-def _flops_sparsity_target(*, flops_target: float, k: float, target_sparsity: float | None, method: PruneMethod,
-                           scope: str, joint_sparsify: bool) -> float:
-    """The final FLOPs sparsity 1 - flops_target, after checking that nothing else sets a target and
-    that the selection is global (the FLOPs search ranks the units of all layers together)."""
-    if flops_target == 1.0:
-        raise UserError("--flops-target 1 keeps every FLOP: nothing to prune; pass a fraction in (0, 1)")
-    if not 0.0 < flops_target < 1.0:
-        raise UserError(f"--flops-target is the fraction of the dense FLOPs kept, in (0, 1); got {flops_target:g}")
-    if k != 1.0:
-        raise UserError(f"--flops-target replaces the weight-count target --k: leave --k at 1 (got --k {k:g}); "
-                        "the weight sparsity the FLOPs budget leads to is reported at the end")
-    if target_sparsity is not None:
-        raise UserError("--target-sparsity is a weight-count target and --flops-target a FLOPs one: pass only "
-                        "--flops-target")
-    if method.scope == "layer":
-        raise UserError(f"--flops-target ranks the units of all layers together, but --prune-method {method.name} "
-                        "selects per layer: use --prune-method globalmagnitude")
-    if scope == "layer":
-        raise UserError("--flops-target ranks the units of all layers together: pass --scope global")
-    if method.scope is None and not joint_sparsify:
-        raise UserError("--flops-target ranks the units of all layers together: drop --no-woodbury-joint-sparsify")
-    return 1.0 - flops_target
-
-
-# ---------------------------------------------------------------------------------------------
-# the trainer
-
-
 def _mib(n: int) -> float:
     return n / 2**20
 
@@ -202,6 +67,8 @@ def _mib(n: int) -> float:
 class WoodFisherTrainer(FixedMaskTrainer):
     """Gradual OBS pruning (see the module docstring)."""
 
+    capabilities = Capabilities(label="woodfisher", fisher_rows=True,
+                                obs_update="applies the OBS update at every pruning event already")
     Options = WoodFisherOptions
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
@@ -242,6 +109,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
         # FLOPs per weight by layer, measured at the first event, and only for FLOPs-aware pruning
         # (architecture and input size only, so never re-measured; a resumed run measures the same).
         self.flops: dict[str, int] | None = None
+        self.fisher = FisherSettings.of(self.opts, damp=self.plan.damp)
         self.setup_weights(weight_optim=weight_optim, freeze_bn=freeze_bn)
 
     # -- hooks used by the epoch loop ------------------------------------------------------------
@@ -268,23 +136,18 @@ class WoodFisherTrainer(FixedMaskTrainer):
         return not self.events or epoch >= self.events[-1].epoch
 
     def summary_fields(self) -> dict[str, Any]:
-        return {"prune_method": self.method.name}
+        """The report names a WoodFisher run by its criterion (woodfisher, globalmagnitude, ...)."""
+        return {"prune_method": self.method.name, "method": self.method.name}
 
     def pop_notes(self) -> list[str]:
         notes, self._notes = self._notes, []
         return notes
 
     # -- masks ----------------------------------------------------------------------------------
-    def _alive_units(self, mask: torch.Tensor) -> torch.Tensor:
-        """One bool per unit of the granularity (a whole filter/channel is alive if any weight is)."""
-        if self.granularity not in STRUCTURED:
-            return mask.reshape(-1)
-        if self.granularity == "filter":
-            return mask.flatten(1).any(1)
-        return mask.transpose(0, 1).flatten(1).any(1)
-
     def alive_units(self) -> int:
-        return int(sum(self._alive_units(layer.mask).sum() for layer in self.maskset.layers.values()))
+        """Units (weights, filters or channels) alive now, over all masked layers."""
+        layers = self.maskset.layers.values()
+        return int(sum(alive_units(layer.mask, self.granularity).sum() for layer in layers))
 
     def current_sparsity(self) -> float:
         """Fraction of units (weights, filters or channels) pruned now, over all masked layers."""
@@ -305,16 +168,12 @@ class WoodFisherTrainer(FixedMaskTrainer):
         x, _ = next(loaders.stream(FLOPS_STREAM, epoch=0, batch_size=1))
         self.flops = flops_per_weight(self.model, example=x.to(self.device), layers=self.maskset.layers)
 
-    def dense_flops(self) -> int:
-        assert self.flops is not None, "measure_flops() first"
-        return sum(layer.weight.numel() * self.flops[name] for name, layer in self.maskset.layers.items())
-
     def kept_flops_fraction(self) -> float | None:
         """Kept FLOPs of the masked layers over their dense FLOPs (None without FLOPs-aware pruning)."""
         if self.flops is None:
             return None
-        kept = sum(int(layer.mask.sum()) * self.flops[name] for name, layer in self.maskset.layers.items())
-        return kept / self.dense_flops()
+        kept, dense = kept_flops(self.maskset.layers, self.flops)
+        return kept / dense
 
     def schedule_sparsity(self) -> float:
         """Where the schedule stands now: FLOPs sparsity with --flops-target, unit sparsity otherwise."""
@@ -347,22 +206,20 @@ class WoodFisherTrainer(FixedMaskTrainer):
         """G (m x D) of one (sub-)step, labels from the data or, with --true-fisher, from the model.
         Distributed: each rank computes its block of the m rows (the same samples one process would
         use for them) and the blocks are gathered, so every rank holds the same m global rows."""
-        settings = fisher_settings(self.opts, damp=self.plan.damp)
-        start, stop = shard(settings.m, self.group.rank, self.group.world)
+        start, stop = shard(self.fisher.m, self.group.rank, self.group.world)
         generator = None
         if self.opts.true_fisher:  # a rank's labels are drawn from its own seed (+ its first row)
             generator = torch.Generator(device=self.device)
             generator.manual_seed(derive_label_seed(self.seed, epoch, substep) + start)
-        solver = self.solver(fisher=replace(settings, m=stop - start))
-        solver.collect(self.model, self.fisher_batches(loaders, epoch=epoch, substep=substep,
-                                                       skip=start * settings.samples_per_grad),
-                       label_smoothing=self.criterion.label_smoothing, label_generator=generator)
-        assert solver.G is not None  # set by collect()
-        return self.group.gather_rows(solver.G, settings.m)
+        batches = self.fisher_batches(loaders, epoch=epoch, substep=substep, skip=start * self.fisher.samples_per_grad)
+        G = collect_rows(self.model, self.maskset.layers, batches, fisher=self.fisher, device=self.device,
+                         rows=stop - start, label_smoothing=self.criterion.label_smoothing,
+                         label_generator=generator)
+        return self.group.gather_rows(G, self.fisher.m)
 
-    def solver(self, fisher: FisherSettings | None = None) -> OBSSolver:
+    def solver(self) -> OBSSolver:
         return OBSSolver(self.maskset.layers, granularity=self.granularity, method=self.method, nm=self.maskset.nm,
-                         fisher=fisher or fisher_settings(self.opts, damp=self.plan.damp), device=self.device)
+                         fisher=self.fisher, device=self.device)
 
     def prune_step(self, sparsity: float, *, epoch: int, substep: int = 0, substeps: int = 1,
                    loaders: Loaders | None = None) -> dict:
@@ -454,26 +311,4 @@ class WoodFisherTrainer(FixedMaskTrainer):
 
 
 def derive_label_seed(seed: int, epoch: int, substep: int) -> int:
-    from data.sampling import derive_seed
     return derive_seed(seed, FISHER_STREAM, epoch, substep, 1)
-
-
-def fisher_settings(options: FisherOptions, *, damp: float) -> FisherSettings:
-    """The solver's Fisher settings (the paper's names) from the command line's (the public code's names)."""
-    return FisherSettings(m=options.fisher_subsample_size, samples_per_grad=options.fisher_mini_bsz,
-                          max_samples=options.max_mini_bsz, damp=damp, block_size=options.fittable_params,
-                          blocks=options.fisher_blocks, offload=options.offload_grads)
-
-
-def fisher_memory_needs(options: FisherOptions, *, masked_weights: int, on_gpu: bool,
-                        per_sample_bytes: int) -> list[MemoryNeed]:
-    """The m x D gradient matrix and one Fisher forward's activations (``engine.memory``)."""
-    m = options.fisher_subsample_size
-    offload = options.offload_grads and on_gpu
-    hint = "" if offload or not on_gpu else ", or pass --offload-grads to keep them in host memory"
-    chunk = piece_size(options.fisher_mini_bsz, options.max_mini_bsz)  # samples of one row per pass
-    return [MemoryNeed(f"the {m} x {masked_weights:,} Fisher gradients", m * masked_weights * 4, offload,
-                       f"lower --fisher-subsample-size{hint}"),
-            MemoryNeed(f"the activations of a Fisher pass over {chunk} samples", per_sample_bytes * chunk,
-                       False,
-                       "pass a smaller --max-mini-bsz to split each --fisher-mini-bsz batch into smaller chunks")]

@@ -1,5 +1,7 @@
 """``--obs-update`` for HYDRA and BiP: when a learned mask becomes fixed, compensate the surviving
-weights for the weights it removes, with the OBS solver every trainer shares.
+weights for the weights it removes, with the OBS solver every trainer shares. ``ObsUpdate`` is the
+hook the epoch loop calls (``engine.loop``): a finetune run compensates its source's mask before
+the first epoch, a prune run its learned mask after the last (into ``model_obs.pth.tar``).
 
 The weights the mask drops still hold values (HYDRA never changes weights; BiP's lower level only
 moves the kept ones, plus weight decay), but the model that was trained is the MASKED one: its
@@ -19,18 +21,23 @@ factor of 0 (no compensation) is chosen when every move makes the loss worse.
 """
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from configs.options import FisherOptions
+from engine.checkpoint import save_checkpoint
 from engine.evaluate import evaluate
-from layers import MaskSet
-from pruning.methods import PRUNE_METHODS
-from pruning.solver import FisherSettings, OBSSolver, dense_masks
+from engine.protocols import FitContext
+from layers import MaskSet, dense_masks
+from pruning.methods import OBS_METHOD
+from pruning.solver import FisherSettings, OBSSolver
 
 if TYPE_CHECKING:  # annotations only
     from data.loaders import Loaders
@@ -93,8 +100,6 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loader
                           test_top1_before: float | None = None) -> Compensation:
     """Fix the mask set's current masks and compensate the weights they remove (see the module docstring).
     ``test_top1_before``: the model's test top-1 at these masks, when the caller has just measured it."""
-    import time
-
     t0 = time.perf_counter()
     was_training = model.training
     new = maskset.masks()
@@ -102,7 +107,7 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loader
     layers = maskset.layers
     before = test_top1_before if test_top1_before is not None else evaluate(model, loaders.test, device=device)["top1"]
     removed = int(sum(int(((~layer.mask) & (layer.weight != 0)).sum()) for layer in layers.values()))
-    solver = OBSSolver(layers, granularity=maskset.granularity, method=PRUNE_METHODS["woodfisher"],
+    solver = OBSSolver(layers, granularity=maskset.granularity, method=OBS_METHOD,
                        fisher=fisher, device=device, nm=maskset.nm)
     batch = min(256, fisher.m * fisher.samples_per_grad)
     solver.collect(model, loaders.stream(OBS_UPDATE_STREAM, epoch=0, batch_size=batch),
@@ -131,3 +136,55 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loader
     model.train(was_training)
     return Compensation(removed=removed, scale=best, judged_on=judged_on, losses=tuple(losses), test_top1_before=before,
                         test_top1_after=after, solve=record.solve, seconds=time.perf_counter() - t0)
+
+
+class ObsUpdate:
+    """``--obs-update`` as a hook of the epoch loop (``engine.protocols.FitHook``): in a finetune run the
+    source's mask is compensated before the first epoch; in a prune run the learned mask after the last,
+    written to ``checkpoint/model_obs.pth.tar`` (the run's own checkpoints keep the uncompensated
+    model). A resumed finetune run is not compensated again: its checkpoint holds the compensated weights."""
+
+    def __init__(self, *, mode: str, fisher: FisherSettings, joint: bool = True, label_smoothing: float = 0.0) -> None:
+        self.mode = mode
+        self.fisher = fisher
+        self.joint = joint
+        self.label_smoothing = label_smoothing
+        self.records: dict[str, dict] = {}  # summary.json's "obs_update": what each compensation did
+
+    @classmethod
+    def of(cls, options: FisherOptions, *, mode: str, label_smoothing: float) -> ObsUpdate:
+        """From the run's Fisher options (the WoodFisher trainer's flags; lambda defaults to the OBS method's)."""
+        damp = options.fisher_damp if options.fisher_damp is not None else OBS_METHOD.default_damp
+        return cls(mode=mode, fisher=FisherSettings.of(options, damp=damp), joint=options.obs_solve == "joint",
+                   label_smoothing=label_smoothing)
+
+    def _compensate(self, run: FitContext, test_top1_before: float | None = None) -> Compensation:
+        assert run.maskset is not None  # prune and finetune runs have masked layers
+        done = compensate_fixed_mask(model=run.model, maskset=run.maskset, loaders=run.loaders, device=run.device,
+                                     fisher=self.fisher, joint=self.joint, label_smoothing=self.label_smoothing,
+                                     test_top1_before=test_top1_before)
+        run.group.broadcast_state(run.model)  # every rank solved the same system; rank 0's result, bit for bit
+        return done
+
+    def before_fit(self, run: FitContext) -> None:
+        if self.mode != "finetune":
+            return
+        done = self._compensate(run)
+        run.log(done.line(when="the source's mask, before fine-tuning", fisher=self.fisher))
+        self.records["finetune_start"] = done.as_dict()
+
+    def after_fit(self, run: FitContext, *, test_top1: float) -> None:
+        if self.mode != "prune":
+            return
+        done = self._compensate(run, test_top1_before=test_top1)  # measured by the loop, same masks
+        assert run.checkpoint is not None and run.run_dir is not None  # after the epochs the folder exists
+        path = os.path.join(run.run_dir, "checkpoint", "model_obs.pth.tar")
+        ckpt = {**run.checkpoint(), "obs_update": done.as_dict()}
+        if run.group.main:
+            save_checkpoint(ckpt, path)
+        run.log(done.line(when="the learned mask, at the end of pruning", fisher=self.fisher)
+                + f"; written to {path} (pass it to --source-net to fine-tune)")
+        self.records["prune_end"] = {**done.as_dict(), "checkpoint": path}
+
+    def summary_fields(self) -> dict[str, Any]:
+        return {"obs_update": self.records} if self.records else {}

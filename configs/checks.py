@@ -1,0 +1,113 @@
+"""Every check across options, in one place: what no single option's own check can see.
+
+Each option's own type, choices and range are checked where it is declared (``configs.options.opt``,
+``Config.validate``). What is checked here needs several options, or the trainer's record
+(``configs.capabilities``), or how many processes run:
+
+- ``check_run``: before anything is built (train.py calls it once the run's config is settled):
+  the general rules of modes, masks and sources, the trainer's record (its modes, --amp fp16,
+  --obs-update, --rewind-epoch), its own option section's check, and what a run of several
+  processes cannot honour;
+- ``check_data``: once the training split's size is known.
+
+A failed check is a ``UserError`` naming the problem and the fix.
+"""
+from __future__ import annotations
+
+from configs.capabilities import Capabilities, RunSpec, TrainerSpec
+from configs.errors import UserError
+from configs.options import RobustOptions, parse_nm
+from configs.schema import Config
+
+
+def uses_fisher(cfg: Config, capabilities: Capabilities) -> bool:
+    """Whether the run collects Fisher gradient rows (a trainer that does, or --obs-update)."""
+    return capabilities.fisher_rows or cfg.obs_update
+
+
+def check_run(cfg: Config, *, trainer: type[TrainerSpec], world: int = 1, backend: str = "") -> None:
+    """The checks of a run before anything is built (see the module docstring); ``world`` processes
+    on ``backend`` (``engine.distributed``)."""
+    _check_general(cfg)
+    _check_trainer(cfg, trainer)
+    if world > 1:
+        _check_processes(cfg, trainer.capabilities, world=world, backend=backend)
+    section = trainer.Options.of(cfg) if trainer.Options is not None else None
+    trainer.check_options(section, run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k,
+                                               scope=cfg.scope, epochs=cfg.epochs))
+
+
+def check_data(cfg: Config, *, capabilities: Capabilities, train_samples: int) -> None:
+    """The checks that need the size of the training split."""
+    if uses_fisher(cfg, capabilities) and cfg.fisher_mini_bsz > train_samples:
+        raise UserError(f"--fisher-mini-bsz {cfg.fisher_mini_bsz} asks each Fisher gradient to average more samples "
+                        f"than the {train_samples} of the training split: lower --fisher-mini-bsz")
+
+
+def _check_general(cfg: Config) -> None:
+    """Modes, masks, sources and the options that only some modes use."""
+    if cfg.exp_mode == "pretrain" and cfg.k != 1.0:
+        raise UserError(f"pretrain trains every weight: --k must be 1.0 (got {cfg.k}); use --exp-mode prune to prune")
+    if cfg.exp_mode in ("prune", "finetune") and cfg.layer_type == "dense":
+        raise UserError(f"--exp-mode {cfg.exp_mode} needs a masked layer: pass --layer-type unstructured, filter, "
+                        "channel or nm")
+    if cfg.exp_mode in ("prune", "finetune") and not cfg.source_net and not cfg.resume:
+        what = "a pretrained checkpoint" if cfg.exp_mode == "prune" else "a pruned checkpoint"
+        raise UserError(f"--exp-mode {cfg.exp_mode} needs --source-net: pass {what} (.pth.tar)")
+    if cfg.reset_head and not cfg.source_net:
+        raise UserError("--reset-head replaces the classifier of --source-net; pass --source-net or drop --reset-head")
+    if cfg.obs_update and (cfg.exp_mode == "pretrain" or cfg.evaluate):
+        what = "--evaluate changes no weight" if cfg.evaluate else "pretrain has no mask"
+        raise UserError(f"--obs-update applies when a learned mask becomes fixed (prune, finetune); {what}: "
+                        "drop --obs-update")
+    if cfg.rewind_epoch is not None and cfg.exp_mode == "pretrain" and cfg.rewind_epoch >= cfg.epochs:
+        raise UserError(f"--rewind-epoch {cfg.rewind_epoch} saves the weights after that many epochs, but pretrain "
+                        f"runs {cfg.epochs}: pass a smaller --rewind-epoch (LTH rewinds to an early epoch, e.g. 2)")
+    if cfg.layer_type == "nm" and cfg.exp_mode in ("prune", "finetune"):
+        _check_nm(cfg)
+    RobustOptions.of(cfg).check_combination(normalize=cfg.normalize)
+
+
+def _check_nm(cfg: Config) -> None:
+    """N:M fixes the density (k = N/M in every group): a different --k is refused rather than
+    silently overridden, and the per-layer floor has nothing to do (every layer keeps N/M)."""
+    n, m = parse_nm(cfg.nm)
+    if abs(cfg.k - n / m) > 1e-9:
+        raise UserError(f"--layer-type nm --nm {n}:{m} keeps {n} of every {m} weights, a density of {n / m!r}: "
+                        f"pass --k {n / m!r} (got --k {cfg.k!r})")
+    if cfg.layer_floor is not None:
+        raise UserError(f"--layer-floor does not apply to --layer-type nm (every layer keeps {n} of every {m} "
+                        "weights): drop --layer-floor")
+
+
+def _check_trainer(cfg: Config, trainer: type[TrainerSpec]) -> None:
+    """What the trainer's record says it runs and accepts."""
+    caps, name = trainer.capabilities, trainer.name
+    if cfg.exp_mode not in caps.modes:
+        hint = {"pretrain": " or use --exp-mode prune", "finetune": " (the mask comes from --source-net)"}
+        raise UserError(f"--trainer {name} runs --exp-mode {', '.join(caps.modes)}, not {cfg.exp_mode}: drop "
+                        f"--trainer {name}{hint.get(cfg.exp_mode, '')}")
+    if cfg.obs_update and caps.obs_update is not None:
+        raise UserError(f"--obs-update compensates a learned mask when it becomes fixed; the {name} trainer "
+                        f"{caps.obs_update}: drop --obs-update")
+    if cfg.rewind_epoch is not None and cfg.exp_mode != "pretrain" and not caps.rewind_point:
+        raise UserError(f"--rewind-epoch is for pretrain (which saves the weights) and for the trainers that rewind "
+                        f"to them; {cfg.exp_mode} with --trainer {name} does not rewind: drop --rewind-epoch")
+    if cfg.amp == "fp16" and caps.fp16 is not None:
+        raise UserError(f"--amp fp16 needs loss scaling, which --trainer {name} does not implement ({caps.fp16}): "
+                        "use --amp bf16 (same speed on recent GPUs, no scaling needed)")
+
+
+def _check_processes(cfg: Config, capabilities: Capabilities, *, world: int, backend: str) -> None:
+    """Settings a run of several processes cannot honour."""
+    if cfg.val_method == "smooth":
+        raise UserError("--val-method smooth certifies the first --certify-subset test samples in one process: run "
+                        "it with python train.py (one process), or use --val-method base|adv under torchrun")
+    fisher = uses_fisher(cfg, capabilities)
+    if fisher and cfg.offload_grads and backend == "nccl":
+        raise UserError("--offload-grads keeps the Fisher rows in host memory, which NCCL cannot gather across "
+                        "processes: drop --offload-grads (each process holds only its block of rows while computing "
+                        "them) or lower --fisher-subsample-size")
+    if fisher and cfg.fisher_subsample_size < world:
+        raise UserError(f"--fisher-subsample-size {cfg.fisher_subsample_size} rows cannot be shared by {world} "
+                        f"processes: use at least {world}")
