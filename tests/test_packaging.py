@@ -174,18 +174,18 @@ def test_installed_scripts_train_export_and_report_from_another_folder(installed
         assert os.access(os.path.join(installed, "bin", name), os.X_OK), name
 
     config = os.path.join(installed, "configs", "Digits", "pretrain.yml")  # the installed copy (package data)
-    trained = _run(["prune-train", "--configs", config, "--epochs", "1", "--data-fraction", "0.3",
+    trained = _run([os.path.join(installed, "bin", "prune-train"), "--configs", config, "--epochs", "1", "--data-fraction", "0.3",
                     "--result-dir", "runs", "--exp-name", "pkg", "--no-progress"], cwd=str(work), env=env)
     run_dir = re.search(r"^run folder: (.+)$", trained.stdout, flags=re.M).group(1).strip()
     run_dir = os.path.join(str(work), run_dir)
     assert os.path.realpath(run_dir).startswith(os.path.realpath(work / "runs"))
     assert os.path.isfile(os.path.join(run_dir, "summary.json"))
 
-    exported = _run(["prune-export", os.path.join(run_dir, "checkpoint", "model_best.pth.tar"), "--format", "dense",
+    exported = _run([os.path.join(installed, "bin", "prune-export"), os.path.join(run_dir, "checkpoint", "model_best.pth.tar"), "--format", "dense",
                      "--out", "model.pt2"], cwd=str(work), env=env)
     assert "checked:" in exported.stdout and (work / "model.pt2").is_file()
 
-    _run(["prune-report", "runs"], cwd=str(work), env=env)
+    _run([os.path.join(installed, "bin", "prune-report"), "runs"], cwd=str(work), env=env)
     assert (work / "runs" / "report" / "results.csv").is_file() and (work / "runs" / "report" / "table.md").is_file()
     assert not os.path.exists(os.path.join(ROOT, "runs")) and not os.path.exists(os.path.join(ROOT, "model.pt2"))
 
