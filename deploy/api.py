@@ -95,7 +95,8 @@ def _write_network(net: nn.Module, model: nn.Module, example: torch.Tensor, path
         try:
             got = onnx_outputs(path, x)
         except ImportError:
-            got, notes = None, ["onnxruntime is not installed: the ONNX file was not run (pip install onnxruntime)"]
+            got, notes = None, ["onnxruntime is not installed: the ONNX file was not run (pip install "
+                                   "'pruning-trainer[onnx]')"]
     else:
         save_program(net, example, path)
         with torch.no_grad():

@@ -14,6 +14,7 @@ leaves nothing that looks finished.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from configs.errors import UserError
 from engine.checkpoint import make_readable, save_checkpoint
 from layers import masked_layers
 from layers.convert import PLAIN_TWIN
@@ -105,8 +107,22 @@ def load_program(path: str) -> nn.Module:
     return torch.export.load(path).module()
 
 
+ONNX_EXTRA = "pip install 'pruning-trainer[onnx]'"
+
+
+def require_onnx_exporter() -> None:
+    """torch.onnx's exporter imports onnx and onnxscript; a UserError naming the extra when one is missing
+    (they are optional: only .onnx files need them)."""
+    for name in ("onnx", "onnxscript"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UserError(f"exporting to .onnx needs the {name} package: {ONNX_EXTRA}") from None
+
+
 def save_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
     """ONNX at the default opset of the installed torch, dynamic batch dimension."""
+    require_onnx_exporter()
     model, example = _frozen(model), _batch_of_two(example)
 
     def write(tmp: str) -> None:

@@ -24,6 +24,7 @@ import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 from configs.errors import UserError, one_line
@@ -185,11 +186,23 @@ def dense_top1(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]
     return dense
 
 
+def matplotlib_agg() -> ModuleType:
+    """matplotlib on its file-only backend, or a UserError naming the extra that installs it (the report's
+    plots are its only use, so it is not a core dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot  # the plots reach it as matplotlib.pyplot
+    except ImportError as exc:
+        raise UserError(f"the report's plots need matplotlib ({exc.name or 'matplotlib'} cannot be imported): "
+                        "pip install 'pruning-trainer[report]'") from None
+    return matplotlib
+
+
 def plot_accuracy(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
     """One PNG per (dataset, arch, layer type): top-1 against the remaining weight ratio."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    matplotlib = matplotlib_agg()
+    plt = matplotlib.pyplot
 
     dense = dense_top1(rows)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -239,10 +252,7 @@ def plot_layers(summary: dict[str, Any], out_dir: str, *, name: str) -> str | No
     layers = summary.get("layers") or []
     if not layers:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = matplotlib_agg().pyplot
     fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(layers)), 4.2))
     sparsity = [100 * (1 - r["kept"] / r["params"]) if r["params"] else 0.0 for r in layers]
     ax.bar(range(len(layers)), sparsity)
@@ -278,6 +288,7 @@ def report(result_dir: str, *, out: str | None = None, layers: str | None = None
     if not runs:
         raise UserError(f"no finished run of train.py (a folder with its summary.json) under {result_dir}")
     rows = collect_rows(runs)
+    matplotlib_agg()  # before anything is written: without it the report stops with one line
     out_dir = out or os.path.join(result_dir, "report")
     os.makedirs(out_dir, exist_ok=True)
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "table.md")]
