@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -26,7 +26,7 @@ from torch import nn
 
 from configs.checks import check_data, check_run
 from configs.errors import RunStopped, UserError, one_line
-from configs.options import FisherOptions, RobustOptions, SpeedOptions
+from configs.options import FisherOptions, RobustOptions, SpeedOptions, section_of
 from configs.schema import Config, Options, read_options
 from data import DatasetSplits, Loaders, build_dataset, build_loaders, dataset_names
 from engine.checkpoint import is_storage_error, load_checkpoint
@@ -74,8 +74,9 @@ def run(options: Options, group: Dist) -> int:
     notices: list[str] = []
     start = settle_config(options, group=group, notice=notices.append)
     cfg = start.config
+    run_cfg = cfg.as_dict()  # into config.yml and every checkpoint
     trainer_cls = get_trainer(cfg.trainer)
-    check_run(cfg, trainer=trainer_cls, world=group.world, backend=group.backend)
+    check_run(cfg, trainer=trainer_cls, registry=TRAINERS.items(), world=group.world, backend=group.backend)
     device = run_device(cfg.device, group=group)
     check_speed(SpeedOptions.of(cfg), device=device)
     run_dir = resumed_folder(cfg.resume) if start.resume is not None and cfg.resume else None
@@ -85,16 +86,18 @@ def run(options: Options, group: Dist) -> int:
     # Everything that can fail on bad input happens before the run folder exists.
     splits, loaders, evaluate = build_data(cfg, trainer_cls, device=device, group=group)
     model, maskset = build_network(cfg, trainer_cls, start, splits=splits, device=device, group=group,
-                                   notice=notices.append)
+                                   notice=notices.append, run_cfg=run_cfg)
     example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size, device=device)  # for FLOPs
     if cfg.evaluate:
-        report = evaluation_report(model=model, maskset=maskset, loaders=loaders, evaluation=evaluate, device=device,
-                                   example=example)
-        if group.main:
-            print("\n".join(notices + report))
+        say = print if group.main else (lambda line: None)
+        for line in notices:
+            say(line)
+        for line in evaluation_report(model=model, maskset=maskset, loaders=loaders, evaluation=evaluate,
+                                      device=device, example=example):
+            say(line)
         return 0
     log = RunLog() if group.main else SilentLog()
-    trainer = build_trainer(cfg, model=model, maskset=maskset, device=device, group=group, log=log)
+    trainer = build_trainer(cfg, trainer_cls, model=model, maskset=maskset, device=device, group=group, log=log)
     hooks = [ObsUpdate.of(FisherOptions.of(cfg), mode=cfg.exp_mode, label_smoothing=cfg.label_smoothing)
              ] if cfg.obs_update else []
     if start.resume is not None:
@@ -105,7 +108,7 @@ def run(options: Options, group: Dist) -> int:
                                                  source=bool(cfg.source_net), notice=notices.append))
     # Everything is validated: from here on the run writes its folder.
     try:
-        run_dir = claim_run_folder(cfg, run_dir=run_dir, config_text=yaml.safe_dump(cfg.as_dict(), sort_keys=False),
+        run_dir = claim_run_folder(cfg, run_dir=run_dir, config_text=yaml.safe_dump(run_cfg, sort_keys=False),
                                    auto=start.auto, main=group.main, changed=start.changed,
                                    start_epoch=state.start_epoch, notice=notices.append)
         log.open(run_dir)
@@ -116,7 +119,7 @@ def run(options: Options, group: Dist) -> int:
                                                                 group=group, resumed_after=resumed_after)]:
             log.info(line)
         state = fit(model=model, maskset=maskset, trainer=trainer, loaders=loaders, device=device, epochs=cfg.epochs,
-                    seed=cfg.seed, arch=cfg.arch, config=cfg.as_dict(), run_dir=run_dir, log=log, state=state,
+                    seed=cfg.seed, arch=cfg.arch, config=run_cfg, run_dir=run_dir, log=log, state=state,
                     save_dense=cfg.save_dense, num_classes=splits.num_classes, evaluate=evaluate,
                     rewind_epoch=cfg.rewind_epoch if cfg.exp_mode == "pretrain" else None, group=group, hooks=hooks)
         extra = {**trainer.summary_fields(), **{k: v for hook in hooks for k, v in hook.summary_fields().items()}}
@@ -151,12 +154,13 @@ def build_data(cfg: Config, trainer_cls: type[BaseTrainer], *, device: torch.dev
 
 
 def build_network(cfg: Config, trainer_cls: type[BaseTrainer], start: Start, *, splits: DatasetSplits,
-                  device: torch.device, group: Dist, notice: Callable[[str], None]) -> tuple[nn.Module, MaskSet | None]:
+                  device: torch.device, group: Dist, notice: Callable[[str], None],
+                  run_cfg: dict[str, Any]) -> tuple[nn.Module, MaskSet | None]:
     """The model (once it is known to fit in memory), its mask set, and the weights of the run's source
     or of the checkpoint it resumes, on the run's device."""
     build = functools.partial(build_model, cfg.arch, num_classes=splits.num_classes, in_channels=splits.in_channels,
                               image_size=splits.image_size)
-    section = trainer_cls.Options.of(cfg) if trainer_cls.Options is not None else None
+    section = section_of(trainer_cls.Options, cfg)
     check_run_fits(build=build, in_channels=splits.in_channels, image_size=splits.image_size, device=device,
                    masked_types=MASKED_TYPES.get(cfg.layer_type, ()) if cfg.exp_mode != "pretrain" else (),
                    batch_size=cfg.batch_size, needs=functools.partial(trainer_cls.memory_needs, options=section))
@@ -170,7 +174,7 @@ def build_network(cfg: Config, trainer_cls: type[BaseTrainer], start: Start, *, 
     if start.resume is not None:
         resume_into(model, maskset, start.resume, source=str(cfg.resume), notice=notice)
     elif cfg.source_net:
-        load_source(model, maskset, load_checkpoint(cfg.source_net), mode=cfg.exp_mode, run=cfg.as_dict(),
+        load_source(model, maskset, load_checkpoint(cfg.source_net), mode=cfg.exp_mode, run=run_cfg,
                     source=cfg.source_net, scores_init_type=cfg.scores_init_type,
                     scaled_score_init=cfg.scaled_score_init, notice=notice, reset_head=cfg.reset_head)
     return sync_batchnorm(model.to(device), group=group, device=device), maskset

@@ -56,7 +56,6 @@ def trainer(kind: str, base_model: torch.nn.Module, speed: SpeedOptions, device:
     to_masked(model, granularity="unstructured")
     model.to(device)
     ms = MaskSet(model, k=0.05, granularity="unstructured", scope="global")
-    ms.step(force=True)
     if kind == "WoodFisher":
         return WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=device, weight_optim=sgd,
                                  progress=False, speed=speed, options=WoodFisherOptions(prune_end=1))

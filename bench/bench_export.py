@@ -37,7 +37,6 @@ def magnitude_masked(arch: str, granularity: str, k: float, *, side: int, classe
         for layer in masked_layers(model).values():
             layer.popup_scores.copy_(layer.weight)  # rank units by their weight norm
     maskset = MaskSet(model, k=k, granularity=granularity, scope="layer")
-    maskset.step(force=True)
     maskset.freeze()
     return model.eval()
 

@@ -45,7 +45,6 @@ def trainer_for(arch, channels, size, classes, mode, robust, device):
     if mode == "prune":
         to_masked(model, granularity="unstructured")
         maskset = MaskSet(model, k=0.1, granularity="unstructured", scope="layer")
-        maskset.step(force=True)
     model.to(device).train()
     settings = OptimSettings(optimizer="sgd", lr=0.01, momentum=0.9, wd=1e-4, schedule="constant", epochs=1)
     return get_trainer("base")(model=model, maskset=maskset, mode=mode, device=device, weight_optim=settings,

@@ -1,10 +1,11 @@
 """What a trainer needs and accepts, declared once on its class and read by generic code.
 
 Each trainer class carries ``capabilities``: the modes it runs, whether it collects Fisher gradient
-rows, whether it reads a rewind point, what it cannot do (``--amp fp16``, ``--obs-update``) and why,
-and its method's name in the results report. The option checks (``configs.checks``), ``train.py``
-and the report (``study.report``) read this record instead of comparing ``--trainer`` with a name,
-so a new trainer is a new class with its record and nothing else changes.
+rows, whether it reads a rewind point, whether it runs under ``--amp fp16``, whether it accepts
+``--obs-update`` (and if not, why), and its method's name in the results report. The option checks
+(``configs.checks``), ``train.py`` and the report (``study.report``) read this record instead of
+comparing ``--trainer`` with a name, so a new trainer is a new class with its record and nothing
+else changes.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Capabilities:
     modes: tuple[str, ...] = ("prune",)  # the --exp-mode values it runs
     fisher_rows: bool = False            # collects Fisher gradient rows itself (the --fisher-* checks apply)
     rewind_point: bool = False           # reads a --rewind-epoch checkpoint of its --source-net run
-    fp16: str | None = None              # None: runs under --amp fp16; else why not (for the error line)
+    fp16: bool = True                    # runs under --amp fp16 (its GradScaler)
     obs_update: str | None = None        # None: accepts --obs-update; else why not (for the error line)
 
     def __post_init__(self) -> None:

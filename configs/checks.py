@@ -14,9 +14,11 @@ A failed check is a ``UserError`` naming the problem and the fix.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 from configs.capabilities import Capabilities, RunSpec, TrainerSpec
 from configs.errors import UserError
-from configs.options import RobustOptions, parse_nm
+from configs.options import RobustOptions, parse_nm, section_of
 from configs.schema import Config
 
 
@@ -25,16 +27,19 @@ def uses_fisher(cfg: Config, capabilities: Capabilities) -> bool:
     return capabilities.fisher_rows or cfg.obs_update
 
 
-def check_run(cfg: Config, *, trainer: type[TrainerSpec], world: int = 1, backend: str = "") -> None:
-    """The checks of a run before anything is built (see the module docstring); ``world`` processes
+Trainers = Collection[tuple[str, type[TrainerSpec]]]  # every registered trainer: (name, class)
+
+
+def check_run(cfg: Config, *, trainer: type[TrainerSpec], registry: Trainers, world: int = 1,
+              backend: str = "") -> None:
+    """The checks of a run before anything is built (see the module docstring): ``trainer`` is the run's,
+    ``registry`` every trainer (the errors name those that do what the run's cannot); ``world`` processes
     on ``backend`` (``engine.distributed``)."""
-    _check_general(cfg)
-    _check_trainer(cfg, trainer)
+    _check_options(cfg, trainer, registry)
     if world > 1:
         _check_processes(cfg, trainer.capabilities, world=world, backend=backend)
-    section = trainer.Options.of(cfg) if trainer.Options is not None else None
-    trainer.check_options(section, run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type, k=cfg.k,
-                                               scope=cfg.scope, epochs=cfg.epochs))
+    trainer.check_options(section_of(trainer.Options, cfg), run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type,
+                                                                         k=cfg.k, scope=cfg.scope, epochs=cfg.epochs))
 
 
 def check_data(cfg: Config, *, capabilities: Capabilities, train_samples: int) -> None:
@@ -44,8 +49,9 @@ def check_data(cfg: Config, *, capabilities: Capabilities, train_samples: int) -
                         f"than the {train_samples} of the training split: lower --fisher-mini-bsz")
 
 
-def _check_general(cfg: Config) -> None:
-    """Modes, masks, sources and the options that only some modes use."""
+def _check_options(cfg: Config, trainer: type[TrainerSpec], registry: Trainers) -> None:
+    """Modes, masks, sources, and what the trainer's record says it runs and accepts."""
+    caps, name = trainer.capabilities, trainer.name
     if cfg.exp_mode == "pretrain" and cfg.k != 1.0:
         raise UserError(f"pretrain trains every weight: --k must be 1.0 (got {cfg.k}); use --exp-mode prune to prune")
     if cfg.exp_mode in ("prune", "finetune") and cfg.layer_type == "dense":
@@ -56,16 +62,39 @@ def _check_general(cfg: Config) -> None:
         raise UserError(f"--exp-mode {cfg.exp_mode} needs --source-net: pass {what} (.pth.tar)")
     if cfg.reset_head and not cfg.source_net:
         raise UserError("--reset-head replaces the classifier of --source-net; pass --source-net or drop --reset-head")
-    if cfg.obs_update and (cfg.exp_mode == "pretrain" or cfg.evaluate):
-        what = "--evaluate changes no weight" if cfg.evaluate else "pretrain has no mask"
-        raise UserError(f"--obs-update applies when a learned mask becomes fixed (prune, finetune); {what}: "
-                        "drop --obs-update")
+    if cfg.exp_mode == "pretrain" and cfg.exp_mode not in caps.modes:
+        raise UserError(f"pretrain uses {_who(registry, lambda c: 'pretrain' in c.modes)}; drop --trainer {name} or "
+                        "use --exp-mode prune")
+    if cfg.obs_update:
+        if caps.obs_update is not None:
+            raise UserError(f"--obs-update compensates a learned HYDRA/BiP mask; the {name} trainer {caps.obs_update}: "
+                            "drop --obs-update")
+        if cfg.exp_mode == "pretrain" or cfg.evaluate:
+            what = "--evaluate changes no weight" if cfg.evaluate else "pretrain has no mask"
+            raise UserError(f"--obs-update applies when a learned mask becomes fixed (prune, finetune); {what}: "
+                            "drop --obs-update")
+    if cfg.exp_mode not in caps.modes:
+        hint = " (the mask comes from --source-net)" if cfg.exp_mode == "finetune" else ""
+        raise UserError(f"{cfg.exp_mode} uses {_who(registry, lambda c: cfg.exp_mode in c.modes)}; drop --trainer "
+                        f"{name}{hint}")
     if cfg.rewind_epoch is not None and cfg.exp_mode == "pretrain" and cfg.rewind_epoch >= cfg.epochs:
         raise UserError(f"--rewind-epoch {cfg.rewind_epoch} saves the weights after that many epochs, but pretrain "
                         f"runs {cfg.epochs}: pass a smaller --rewind-epoch (LTH rewinds to an early epoch, e.g. 2)")
+    if cfg.rewind_epoch is not None and not (cfg.exp_mode == "pretrain" or caps.rewind_point):
+        rewinding = " or ".join(f"--trainer {n}" for n, t in registry if t.capabilities.rewind_point)
+        raise UserError(f"--rewind-epoch is for pretrain (which saves the weights) and {rewinding} (which rewinds to "
+                        f"them); {cfg.exp_mode} with --trainer {name} does not rewind: drop --rewind-epoch")
+    if cfg.amp == "fp16" and not caps.fp16:
+        raise UserError(f"--amp fp16 needs loss scaling, which --trainer {name} does not implement: use --amp bf16 "
+                        "(same speed on recent GPUs, no scaling needed)")
     if cfg.layer_type == "nm" and cfg.exp_mode in ("prune", "finetune"):
         _check_nm(cfg)
     RobustOptions.of(cfg).check_combination(normalize=cfg.normalize)
+
+
+def _who(registry: Trainers, does: Callable[[Capabilities], bool]) -> str:
+    """'the base trainer' (or 'the a or b trainer'): the registered trainers whose record ``does``."""
+    return "the " + " or ".join(n for n, t in registry if does(t.capabilities)) + " trainer"
 
 
 def _check_nm(cfg: Config) -> None:
@@ -78,24 +107,6 @@ def _check_nm(cfg: Config) -> None:
     if cfg.layer_floor is not None:
         raise UserError(f"--layer-floor does not apply to --layer-type nm (every layer keeps {n} of every {m} "
                         "weights): drop --layer-floor")
-
-
-def _check_trainer(cfg: Config, trainer: type[TrainerSpec]) -> None:
-    """What the trainer's record says it runs and accepts."""
-    caps, name = trainer.capabilities, trainer.name
-    if cfg.exp_mode not in caps.modes:
-        hint = {"pretrain": " or use --exp-mode prune", "finetune": " (the mask comes from --source-net)"}
-        raise UserError(f"--trainer {name} runs --exp-mode {', '.join(caps.modes)}, not {cfg.exp_mode}: drop "
-                        f"--trainer {name}{hint.get(cfg.exp_mode, '')}")
-    if cfg.obs_update and caps.obs_update is not None:
-        raise UserError(f"--obs-update compensates a learned mask when it becomes fixed; the {name} trainer "
-                        f"{caps.obs_update}: drop --obs-update")
-    if cfg.rewind_epoch is not None and cfg.exp_mode != "pretrain" and not caps.rewind_point:
-        raise UserError(f"--rewind-epoch is for pretrain (which saves the weights) and for the trainers that rewind "
-                        f"to them; {cfg.exp_mode} with --trainer {name} does not rewind: drop --rewind-epoch")
-    if cfg.amp == "fp16" and caps.fp16 is not None:
-        raise UserError(f"--amp fp16 needs loss scaling, which --trainer {name} does not implement ({caps.fp16}): "
-                        "use --amp bf16 (same speed on recent GPUs, no scaling needed)")
 
 
 def _check_processes(cfg: Config, capabilities: Capabilities, *, world: int, backend: str) -> None:

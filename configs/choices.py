@@ -3,9 +3,10 @@
 The command line (``configs.schema``), its checks and the code that implements each choice read the
 same tuple: the selector its granularities and scopes, the data its ``--decode`` modes, the results
 report its modes. Choices implemented by a dict of functions elsewhere (optimizers, learning-rate
-schedules, score inits, --amp dtypes) are checked against their tuple here by tests/test_docs.py;
-the choices of one option section (BiP's, WoodFisher's, ...) are declared beside that section in
-``configs.options``.
+schedules, score inits) are checked against their tuple here by tests/test_docs.py; the choices of
+one option section (BiP's, WoodFisher's, --amp's, ...) are declared beside that section in
+``configs.options``, and tests/test_docs.py checks those implemented elsewhere (the --amp dtypes,
+the evaluations, the objectives) the same way.
 """
 
 MODES = ("pretrain", "prune", "finetune")

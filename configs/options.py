@@ -98,6 +98,11 @@ class OptionSection:
         check_fields(self)
 
 
+def section_of(section: type[S] | None, config: Any) -> S | None:
+    """A trainer's option section read off a Config (``None`` for a trainer without one)."""
+    return section.of(config) if section is not None else None
+
+
 def check_fields(obj: Any) -> None:
     """Run the declared check of every field of the dataclass instance ``obj`` that is not None."""
     from configs.errors import UserError

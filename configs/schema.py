@@ -329,7 +329,8 @@ def read_options(argv: list[str], *, names: Mapping[str, Sequence[str]] | None =
 
 
 def load_config(argv: list[str]) -> Config:
-    """Parse a command line (without the program name) into a validated Config."""
+    """Parse a command line (without the program name) into a Config whose every option has a valid value
+    of its own (the checks across options are ``configs.checks.check_run``'s)."""
     return read_options(argv).config()
 
 

@@ -154,9 +154,8 @@ class ObsUpdate:
     @classmethod
     def of(cls, options: FisherOptions, *, mode: str, label_smoothing: float) -> ObsUpdate:
         """From the run's Fisher options (the WoodFisher trainer's flags; lambda defaults to the OBS method's)."""
-        damp = options.fisher_damp if options.fisher_damp is not None else OBS_METHOD.default_damp
-        return cls(mode=mode, fisher=FisherSettings.of(options, damp=damp), joint=options.obs_solve == "joint",
-                   label_smoothing=label_smoothing)
+        fisher = FisherSettings.of(options, damp=OBS_METHOD.damp(options.fisher_damp))
+        return cls(mode=mode, fisher=fisher, joint=options.obs_solve == "joint", label_smoothing=label_smoothing)
 
     def _compensate(self, run: FitContext, test_top1_before: float | None = None) -> Compensation:
         assert run.maskset is not None  # prune and finetune runs have masked layers

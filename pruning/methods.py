@@ -27,6 +27,7 @@ from pruning.obs import (
     diagonal_fisher_update,
     group_obs_statistic,
     group_obs_update,
+    magnitude_ranking,
     magnitude_statistic,
     obs_statistic,
     obs_update,
@@ -70,6 +71,10 @@ class PruneMethod:
         the per-weight statistic); filters/channels need a group version or an additive statistic."""
         grouped = self.group_statistic is not None or self.additive
         return tuple(g for g in GRANULARITIES if grouped or g not in STRUCTURED)
+
+    def damp(self, given: float | None) -> float:
+        """lambda: --fisher-damp when given, else this method's default."""
+        return given if given is not None else self.default_damp
 
     @property
     def compensates(self) -> bool:
@@ -119,14 +124,14 @@ def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:
 def magnitude_masks(layers: Mapping[str, MaskedLayer], *, k: float, granularity: str, scope: str,
                     min_units: int = 0, nm: tuple[int, int] | None = None,
                     alive_only: bool = False) -> dict[str, torch.Tensor]:
-    """The masks of the magnitude criterion (the statistic of ``magnitude``/``globalmagnitude``) at
-    density ``k``, from the shared selector: filters/channels rank by their weights' L2 norm. Every
-    weight is a candidate (HYDRA's magnitude baseline), or with ``alive_only`` the weights the
-    current masks keep: pruned ones rank below every survivor, so the selection only removes (IMP)."""
-    statistic = PRUNE_METHODS["magnitude"].statistic
+    """The masks of the magnitude criterion (``magnitude``/``globalmagnitude``) at density ``k``, from the
+    shared selector: weights rank by |w| (``pruning.obs.magnitude_ranking``), filters/channels by their
+    weights' L2 norm. Every weight is a candidate (HYDRA's magnitude baseline), or with ``alive_only``
+    the weights the current masks keep: pruned ones rank below every survivor, so the selection only
+    removes (IMP's rounds)."""
     with torch.no_grad():
-        scores = [selector_scores(statistic(weight=layer.weight.detach(), mask=layer.mask if alive_only else None),
-                                  granularity) for layer in layers.values()]
+        scores = [magnitude_ranking(weight=layer.weight.detach(), mask=layer.mask if alive_only else None)
+                  for layer in layers.values()]
         masks = select_masks(scores, k=k, granularity=granularity, scope=scope, min_units=min_units, nm=nm)
     return dict(zip(layers, masks))
 

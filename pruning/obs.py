@@ -346,6 +346,14 @@ def group_obs_update(
 
 
 @torch.no_grad()
+def magnitude_ranking(*, weight: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """|w|, what the magnitude criterion ranks (its statistic for the solver is the square); with a
+    ``mask``, 0 on already-pruned weights and at least finfo.tiny on alive ones, so that a selection
+    only removes."""
+    return weight.abs() if mask is None else _alive_score(weight.abs(), mask.to(torch.bool))
+
+
+@torch.no_grad()
 def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None = None,
                         mask: torch.Tensor | None = None,
                         grad: torch.Tensor | None = None) -> torch.Tensor:

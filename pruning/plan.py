@@ -82,8 +82,7 @@ def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
     if not nm and run.scope == "layer" and o.woodbury_joint_sparsify and method.scope is None:
         raise UserError("--scope layer asks for per-layer selection but --woodbury-joint-sparsify (the default) "
                         "selects globally: pass --no-woodbury-joint-sparsify (or --scope global)")
-    damp = o.fisher_damp if o.fisher_damp is not None else method.default_damp
-    return Plan(target=target, damp=damp, events=tuple(events))
+    return Plan(target=target, damp=method.damp(o.fisher_damp), events=tuple(events))
 
 
 def _check_nm(o: WoodFisherOptions) -> None:

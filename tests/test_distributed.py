@@ -97,8 +97,8 @@ def _options(*args: str) -> Options:
 
 def _check_processes(cfg, backend):
     from configs.checks import check_run
-    from trainers import get_trainer
-    check_run(cfg, trainer=get_trainer(cfg.trainer), world=2, backend=backend)
+    from trainers import TRAINERS
+    check_run(cfg, trainer=TRAINERS.get(cfg.trainer), registry=TRAINERS.items(), world=2, backend=backend)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -2,8 +2,9 @@
 
 Commands come from the README's bash code blocks (continuation lines joined, comments dropped) and from its
 inline code spans that start like a command. Each is checked by what runs it:
-- ``python train.py ARGS`` (also after ``torchrun [its flags]``): ``configs.schema.read_options(ARGS).config()``,
-  which reads the --configs YAML and validates types, choices and cross-option checks without opening a
+- ``python train.py ARGS`` (also after ``torchrun [its flags]``): ``configs.schema.read_options(ARGS).config()``
+  and ``configs.checks.check_run``, which read the --configs YAML and validate types, choices and the
+  checks across options (the trainer's own included) without opening a
   checkpoint or a dataset, so placeholder paths (PRE, PRETRAINED.pth.tar, CKPT, RUN/...) are fine;
 - ``python export.py ARGS``: export.py's own parser and field checks, and the --out suffix of the format;
 - ``python -m study.report ARGS``, ``python -m data.lmdb_writer ARGS``, ``python bench/X.py ARGS``: their argparse
@@ -199,7 +200,11 @@ def check_words(words: list[str], *, inline: bool, monkeypatch: pytest.MonkeyPat
         return None  # a reference to the script
     try:
         if script == "train.py":
-            read_options(args).config()
+            from configs.checks import check_run
+            from trainers import TRAINERS
+
+            cfg = read_options(args).config()
+            check_run(cfg, trainer=TRAINERS.get(cfg.trainer), registry=TRAINERS.items())
             return None
         if script == "export.py":
             import export

@@ -40,8 +40,8 @@ class BaseTrainer:
     name = "base"
     # What it runs and accepts (configs.capabilities): every mode; HYDRA when it prunes.
     capabilities = Capabilities(label="hydra", modes=MODES)
-    # The trainer's own options (a section of configs.options), or None: train.py reads an instance
-    # of it off the run's config and passes it as ``options``.
+    # The trainer's own options (a section of configs.options), or None: trainers.build reads an
+    # instance of it off the run's config and passes it as ``options`` (configs.checks checks it).
     Options: type[OptionSection] | None = None
     # Whether a step's backward may leave a trainable parameter without a gradient (BiP's weight step
     # leaves the scores out): DDP must then look for unused parameters after each forward pass.

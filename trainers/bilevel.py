@@ -186,8 +186,7 @@ class PublicBipIteration:
 class BilevelTrainer(BaseTrainer):
     # GradScaler scales one loss per backward(); BiP takes its gradients with torch.autograd.grad and
     # combines two of them in the implicit term, which its scale/unscale/step protocol does not cover.
-    capabilities = Capabilities(label="bip", fp16="BiP takes its gradients with torch.autograd.grad, which "
-                                "GradScaler does not cover")
+    capabilities = Capabilities(label="bip", fp16=False)
     Options = BilevelOptions
     unused_parameters = True  # the weight step's forward leaves the scores out
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers

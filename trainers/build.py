@@ -9,7 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from configs.options import RobustOptions, SpeedOptions
+from configs.options import RobustOptions, SpeedOptions, section_of
 from configs.schema import Config
 from engine.distributed import Dist
 from engine.lr_schedules import MASK_MILESTONES
@@ -17,7 +17,6 @@ from engine.optim import OptimSettings
 from engine.run_log import RunLog
 from layers import MaskSet
 from trainers.base import BaseTrainer
-from trainers.registry import get_trainer
 
 
 def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
@@ -28,10 +27,9 @@ def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
     return weights, replace(weights, lr=cfg.mask_lr, schedule=cfg.mask_lr_schedule, milestones=MASK_MILESTONES)
 
 
-def build_trainer(cfg: Config, *, model: nn.Module, maskset: MaskSet | None, device: torch.device, group: Dist,
-                  log: RunLog) -> BaseTrainer:
-    """The run's trainer (``--trainer``) with its own options section read off ``cfg``."""
-    cls = get_trainer(cfg.trainer)
+def build_trainer(cfg: Config, cls: type[BaseTrainer], *, model: nn.Module, maskset: MaskSet | None,
+                  device: torch.device, group: Dist, log: RunLog) -> BaseTrainer:
+    """The run's trainer, of class ``cls`` (``--trainer``), with its own options section read off ``cfg``."""
     weight_optim, score_optim = optim_settings(cfg)
     # A bar redraws ~190 bytes per step: into a redirected stderr (a cluster log) that is noise, so
     # without a terminal the per-batch lines at --print-freq go to the console instead.
@@ -39,5 +37,5 @@ def build_trainer(cfg: Config, *, model: nn.Module, maskset: MaskSet | None, dev
     return cls(model=model, maskset=maskset, mode=cfg.exp_mode, device=device, weight_optim=weight_optim,
                score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
                progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
-               options=cls.Options.of(cfg) if cls.Options is not None else None, robust=RobustOptions.of(cfg),
+               options=section_of(cls.Options, cfg), robust=RobustOptions.of(cfg),
                source=cfg.source_net, speed=SpeedOptions.of(cfg), group=group)
