@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from configs.errors import UserError, one_line
 from data.bad_records import BadRecordError
 from data.safe_pickle import safe_loads
-from tests.fixtures_data import ShellPayload, image_bytes, write_bip_lmdb, write_cifar10
+from tests.helpers.data_files import ShellPayload, image_bytes, write_bip_lmdb, write_cifar10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-dim", "16", "--arch", "smallcnn", "--num-classes", "4", "--epochs", "1", "--batch-size", "4",

@@ -11,7 +11,7 @@ import train
 from configs.schema import load_config
 from models import build_model
 from engine.checkpoint import load_checkpoint
-from tests.run_helpers import interrupt_at
+from tests.helpers.cli import interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "2", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -188,7 +188,7 @@ def test_evaluate_writes_nothing(tmp_path, capsys, digits_pretrained):
 def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch):
     """The README's four pipeline commands, on CIFAR-10 files in the torchvision layout under ./datasets
     (the configs' data_dir and the CLI default), with --epochs 1 appended to keep the test fast."""
-    from tests.fixtures_data import write_cifar10
+    from tests.helpers.data_files import write_cifar10
 
     write_cifar10(str(tmp_path / "datasets"), per_batch=26, test=10)  # 130 images: the configs' batch of 128 fits
     monkeypatch.chdir(tmp_path)

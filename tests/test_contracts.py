@@ -28,7 +28,7 @@ from engine.optim import OptimSettings
 from layers import GRANULARITIES, MaskSet, n_keep, select_masks, to_masked
 from pruning.methods import PRUNE_METHODS
 from trainers import TRAINERS
-from tests.run_helpers import KeyedTensors
+from tests.helpers.tiny import KeyedTensors
 
 CPU = torch.device("cpu")
 SCOPES = ("global", "layer")

@@ -28,7 +28,7 @@ from data.registry import DatasetSplits
 from data.sampling import EpochSampler, RankBatches, shard
 from engine.checkpoint import load_checkpoint
 from engine.distributed import Dist, mask_checksum
-from tests.run_helpers import KeyedTensors
+from tests.helpers.tiny import KeyedTensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = ["--arch", "lenet5", "--batch-size", "64", "--no-progress", "--device", "cpu"]

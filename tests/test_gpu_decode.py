@@ -20,7 +20,7 @@ from data import build_dataset, build_loaders, device_ops, pil_ops
 from data.bad_records import BadRecordError
 from data.encoded import EncodedImages, collate_encoded
 from data.gpu_decode import DeviceLoader, DeviceTransform, decode_on_device, encoded_splits
-from tests.fixtures_data import image_bytes, write_bip_lmdb, write_image_folder, write_tiny_imagenet
+from tests.helpers.data_files import image_bytes, write_bip_lmdb, write_image_folder, write_tiny_imagenet
 
 TOL = 1.5 / 255
 CPU = torch.device("cpu")

@@ -41,7 +41,7 @@ import torch
 
 import train
 from engine.checkpoint import TMP_PREFIX, load_checkpoint
-from tests.run_helpers import interrupt_at
+from tests.helpers.cli import interrupt_at
 from trainers.base import BaseTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

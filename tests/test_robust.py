@@ -19,7 +19,7 @@ from layers import MaskSet, n_keep, to_masked
 from robust.attacks import cross_entropy_loss, pgd
 from robust.certify import ABSTAIN, certified_accuracy, certify, lower_confidence_bound
 from robust.objectives import build_objective
-from tests.run_helpers import interrupt_at
+from tests.helpers.cli import interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--epochs", "1", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]

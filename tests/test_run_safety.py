@@ -24,7 +24,7 @@ from models import build_model
 from trainers.base import BaseTrainer
 from engine.checkpoint import atomic_write, load_checkpoint
 from engine.run_folder import new_run_dir
-from tests.run_helpers import interrupt_at
+from tests.helpers.cli import interrupt_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]

@@ -21,7 +21,7 @@ from pruning.obs import obs_statistic, obs_update
 from configs.options import WoodFisherOptions
 from trainers.base import RunSpec
 from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, plan
-from tests.run_helpers import KeyedTensors
+from tests.helpers.tiny import KeyedTensors
 
 
 def check_plan(*, mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=5, **options):
