@@ -11,24 +11,10 @@ import train
 from configs.schema import load_config
 from models import build_model
 from engine.checkpoint import load_checkpoint
-from tests.helpers.cli import interrupt_at
+from tests.helpers.cli import QUICK_RUN, interrupt_at, run_error, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--epochs", "2", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
-
-
-def run_ok(tmp_path, *args):
-    assert train.main(["--result-dir", str(tmp_path / "res"), "--exp-name", "t", *FAST, *args]) == 0
-    return sorted(glob.glob(str(tmp_path / "res" / "t" / "*" / "*")), key=os.path.getmtime)[-1]
-
-
-def run_error(tmp_path, capsys, *args):
-    code = train.main(["--result-dir", str(tmp_path / "res"), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "res").exists() or not glob.glob(str(tmp_path / "res" / "*" / "*" / "*"))
-    return err
+FAST = QUICK_RUN  # run_ok's settings: the resume test repeats its run
 
 
 # -- configuration ---------------------------------------------------------------------------------

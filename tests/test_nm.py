@@ -22,6 +22,7 @@ from layers import MaskSet, NMShapeError, select_masks, select_nm, to_masked
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings, OBSSolver
 from trainers import TRAINERS
+from tests.helpers.cli import run_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--epochs", "1", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -231,15 +232,6 @@ def test_config_scope_is_moot_but_k_must_be_n_over_m():
     base = ["--exp-mode", "prune", "--layer-type", "nm", "--source-net", "pretrained.pth.tar"]
     assert load_config([*base, "--k", "0.5", "--scope", "layer"]).scope == "layer"  # accepted; logged as moot
     assert load_config([*base, "--k", "0.25", "--nm", "1:4"]).nm == "1:4"
-
-
-def run_error(tmp_path, capsys, *args):
-    code = train.main(["--result-dir", str(tmp_path / "res"), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "res").exists()
-    return err
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -24,29 +24,10 @@ from models import build_model
 from trainers.base import BaseTrainer
 from engine.checkpoint import atomic_write, load_checkpoint
 from engine.run_folder import new_run_dir
-from tests.helpers.cli import interrupt_at
+from tests.helpers.cli import interrupt_at, one_line_error, run_error, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
-
-
-def run_ok(tmp_path, *args):
-    assert train.main(["--result-dir", str(tmp_path / "res"), "--exp-name", "t", "--epochs", "2", *FAST, *args]) == 0
-    return sorted(glob.glob(str(tmp_path / "res" / "t" / "*" / "*")), key=os.path.getmtime)[-1]
-
-
-def one_line_error(capsys, code, expected_code):
-    err = capsys.readouterr().err.strip()
-    assert code == expected_code, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
-def run_error(tmp_path, capsys, *args):
-    """Exit 2, one ``error:`` line, and no run folder under tmp_path/res."""
-    err = one_line_error(capsys, train.main(["--result-dir", str(tmp_path / "res"), *args]), 2)
-    assert not glob.glob(str(tmp_path / "res" / "*" / "*" / "*"))
-    return err
 
 
 def tree(folder):
