@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -299,8 +301,23 @@ def test_the_newest_finished_run_is_found_by_reading_not_by_sorting_names(tmp_pa
 
 
 # -- the launcher ---------------------------------------------------------------------------------
+def launcher_env(tmp_path, **settings: str) -> dict[str, str]:
+    """The environment for sh/study.sh: ``settings`` and this interpreter, both as the launcher's
+    python (PYTHON) and as the .venv that sh/setup_env.sh makes (VENV: its python and the stamp of
+    requirement.txt, so that nothing is installed). Without it a checkout with no .venv (a fresh
+    clone) had the launcher create one and pip-install requirement.txt into it: 80 s before the
+    first line of the study, in the test that checks its METHODS."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    with open(os.path.join(ROOT, "requirement.txt"), "rb") as fh:
+        (venv / ".requirement.sha256").write_text(hashlib.sha256(fh.read()).hexdigest() + "\n")
+    return {**os.environ, "PYTHON": sys.executable, "VENV": str(venv), **settings}
+
+
 def test_study_launcher_refuses_an_unknown_method_before_running_anything(tmp_path):
-    env = {**os.environ, "METHODS": "bip hydar", "OUT": str(tmp_path / "out")}
+    env = launcher_env(tmp_path, METHODS="bip hydar", OUT=str(tmp_path / "out"))
     proc = subprocess.run(["bash", os.path.join(ROOT, "sh", "study.sh"), "Digits"], env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 2 and "unknown method 'hydar'" in proc.stderr
@@ -309,8 +326,8 @@ def test_study_launcher_refuses_an_unknown_method_before_running_anything(tmp_pa
 
 @pytest.mark.slow
 def test_study_launcher_runs_every_stage_then_skips_what_finished(tmp_path):
-    env = {**os.environ, "METHODS": "bip globalmagnitude lth", "KS": "0.5", "PRE_EPOCHS": "2", "FT_EPOCHS": "1",
-           "ROUND_EPOCHS": "1", "OUT": str(tmp_path / "out")}
+    env = launcher_env(tmp_path, METHODS="bip globalmagnitude lth", KS="0.5", PRE_EPOCHS="2", FT_EPOCHS="1",
+                       ROUND_EPOCHS="1", OUT=str(tmp_path / "out"))
     script = os.path.join(ROOT, "sh", "study.sh")
     first = subprocess.run(["bash", script, "Digits", "--no-progress"], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
