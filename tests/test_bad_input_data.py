@@ -180,23 +180,49 @@ def _unsafe_record(marker: str) -> bytes:
     return pickle.dumps((ShellPayload(marker), 1))
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-@pytest.mark.parametrize("bad,needles", [
+BAD_RECORDS = [
     ("unsafe-pickle", ["refusing to unpickle", "train.lmdb key b'5'", "nothing was executed"]),
     ("label-out-of-range", ["train.lmdb key b'5' has label 7, out of range for --num-classes 4",
                             "pass --num-classes 8"]),
-])
-def test_bad_record_met_during_training_is_one_error_line(tmp_path, workers, bad, needles):
+]
+
+
+def _bad_record_args(tmp_path, bad: str, workers: str) -> list[str]:
     # Record 0 is checked when the file is opened; record 5 is first read by a training batch,
     # so with --num-workers 2 in a DataLoader worker process.
-    marker = tmp_path / "pwned"
     records = _records(12)
-    records[5] = _unsafe_record(str(marker)) if bad == "unsafe-pickle" else (image_bytes(5, size=(8, 8)), 7)
-    proc = run_train(tmp_path, *_imagenet(tmp_path, records), "--num-workers", workers)
+    records[5] = _unsafe_record(str(tmp_path / "pwned")) if bad == "unsafe-pickle" else (image_bytes(5, size=(8, 8)), 7)
+    return [*_imagenet(tmp_path, records), "--num-workers", workers]
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.parametrize("bad,needles", BAD_RECORDS)
+def test_bad_record_met_during_training_in_process_is_one_error_line(tmp_path, capsys, workers, bad, needles):
+    """Every case through ``train.main`` in this process, as the in-process test above; the
+    subprocess test below runs the workers=2 cases by default (a user's process, its DataLoader worker
+    processes writing to the same stderr) and the workers=0 ones with the slow tests."""
+    import train
+
+    code = train.main(["--result-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu",
+                       *_bad_record_args(tmp_path, bad, workers)])
+    out, err = capsys.readouterr()
+    proc = subprocess.CompletedProcess([], code, out, err)
     assert_one_error_line(proc, *needles)
     assert "DataLoader worker" not in proc.stderr
     assert "run folder:" in proc.stdout  # it did get as far as training
-    assert not marker.exists()
+    assert not (tmp_path / "pwned").exists()
+
+
+# slow with 0 workers: the in-process test above makes the same checks, and the workers=2 case of the
+# same record the same checks in a user's process
+@pytest.mark.parametrize("workers", [pytest.param("0", marks=pytest.mark.slow), "2"])
+@pytest.mark.parametrize("bad,needles", BAD_RECORDS)
+def test_bad_record_met_during_training_is_one_error_line(tmp_path, workers, bad, needles):
+    proc = run_train(tmp_path, *_bad_record_args(tmp_path, bad, workers))
+    assert_one_error_line(proc, *needles)
+    assert "DataLoader worker" not in proc.stderr
+    assert "run folder:" in proc.stdout  # it did get as far as training
+    assert not (tmp_path / "pwned").exists()
 
 
 # ---------------------------------------------------------------- data.safe_pickle
