@@ -153,7 +153,9 @@ def _collectives(rank: int, world: int, init: str) -> None:
 
 
 def test_collectives_of_a_two_process_group(tmp_path):
-    mp.spawn(_collectives, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2, join=True)
+    # forked, not spawned: a spawned process imports torch and this module again (~3 s)
+    mp.start_processes(_collectives, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2, join=True,
+                       start_method="fork")
 
 
 # -- whole runs: torchrun with 2 processes against 1 process ------------------------------------
