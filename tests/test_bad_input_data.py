@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 
 import lmdb
 import numpy as np
@@ -27,9 +26,9 @@ TINY = ["--image-dim", "16", "--arch", "smallcnn", "--num-classes", "4", "--epoc
         "--test-batch-size", "4"]
 
 
-def run_train(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", "--result-dir", str(tmp_path / "res"), "--no-progress",
-                           "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_train(train_processes, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``python train.py ...`` in a process of its own (forked after the imports: tests/helpers/processes.py)."""
+    return train_processes.run("--result-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu", *args)
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -169,9 +168,9 @@ SUBPROCESS_DEFAULT = {"yaml-binary", "cifar-string-labels", "lmdb-empty-train"}
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in SUBPROCESS_DEFAULT else pytest.mark.slow)
                                   for c in CASES])
-def test_bad_input_is_one_error_line_and_no_run_folder(tmp_path, case):
+def test_bad_input_is_one_error_line_and_no_run_folder(tmp_path, train_processes, case):
     fabricate, needles = CASES[case]
-    proc = run_train(tmp_path, *fabricate(tmp_path))
+    proc = run_train(train_processes, tmp_path, *fabricate(tmp_path))
     assert_one_error_line(proc, *needles)
     assert not (tmp_path / "res").exists()
 
@@ -219,8 +218,8 @@ def test_bad_record_met_during_training_in_process_is_one_error_line(tmp_path, c
 # same record the same checks in a user's process
 @pytest.mark.parametrize("workers", [pytest.param("0", marks=pytest.mark.slow), "2"])
 @pytest.mark.parametrize("bad,needles", BAD_RECORDS)
-def test_bad_record_met_during_training_is_one_error_line(tmp_path, workers, bad, needles):
-    proc = run_train(tmp_path, *_bad_record_args(tmp_path, bad, workers))
+def test_bad_record_met_during_training_is_one_error_line(tmp_path, train_processes, workers, bad, needles):
+    proc = run_train(train_processes, tmp_path, *_bad_record_args(tmp_path, bad, workers))
     assert_one_error_line(proc, *needles)
     assert "DataLoader worker" not in proc.stderr
     assert "run folder:" in proc.stdout  # it did get as far as training

@@ -15,13 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--epochs", "1", "--batch-size", "64", "--data-fraction", "0.3", "--lr", "0.05"]
 
 
-def run_train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
 def run_here(capsys, *args) -> tuple[int, str, str]:
-    """train.main in this process (no interpreter and torch start-up: ~3 s less than run_train) with
-    the config paths read from the project folder as run_train's; (exit code, stdout, stderr)."""
+    """train.main in this process, from the project folder (the config paths are relative to it);
+    (exit code, stdout, stderr)."""
     import contextlib
     import train
     capsys.readouterr()
@@ -31,8 +27,9 @@ def run_here(capsys, *args) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_no_progress_bar_into_a_redirected_stderr(tmp_path, capsys):
-    proc = run_train("--result-dir", str(tmp_path), "--print-freq", "2", *QUICK)
+def test_no_progress_bar_into_a_redirected_stderr(tmp_path, capsys, train_processes):
+    # a user's process: python train.py (forked after its imports, see tests/helpers/processes.py)
+    proc = train_processes.run("--result-dir", str(tmp_path), "--print-freq", "2", *QUICK)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""                      # no bar redraws (a bar writes ~190 bytes per step)
     assert "epoch 0 [0/" in proc.stdout and "epoch 0 [2/" in proc.stdout   # per --print-freq lines instead

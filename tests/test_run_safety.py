@@ -454,11 +454,12 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_signal_during_checkpoint_write(tmp_path, sig):
+def test_signal_during_checkpoint_write(tmp_path, train_processes, sig):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT, sig=sig))
-    proc = subprocess.run([sys.executable, str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
-                           "--epochs", "4", *FAST], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # python driver.py ... in a process of its own, forked after the imports (tests/helpers/processes.py)
+    proc = train_processes.run_script(str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
+                                      "--epochs", "4", *FAST)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.startswith("interrupted") and proc.stderr.count("\n") == 1, proc.stderr
     run_dir = glob.glob(str(tmp_path / "res" / "t" / "pretrain" / "*"))[0]
@@ -515,11 +516,11 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
-def test_file_size_limit_in_torch_save_is_a_clean_stop(tmp_path):
+def test_file_size_limit_in_torch_save_is_a_clean_stop(tmp_path, train_processes):
     driver = tmp_path / "driver.py"
     driver.write_text(FSIZE_DRIVER.format(root=ROOT))
-    proc = subprocess.run([sys.executable, str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
-                           "--epochs", "3", *FAST], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = train_processes.run_script(str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
+                                      "--epochs", "3", *FAST)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: could not write") and proc.stderr.count("\n") == 1, proc.stderr
     assert os.strerror(errno.EFBIG) in proc.stderr
