@@ -1,4 +1,5 @@
-"""Fixtures shared by the test files: one pretrained Digits model per test session; one CPU thread."""
+"""Fixtures shared by the test files: one pretrained Digits model per test session, train.py processes
+without a start-up each; one CPU thread."""
 import glob
 import os
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import train
+from tests.helpers.processes import TrainProcesses
 
 _threads = os.environ["OMP_NUM_THREADS"]
 torch.set_num_threads(int(_threads) if _threads.isdigit() and int(_threads) > 0 else 1)
@@ -28,3 +30,12 @@ def digits_pretrained(tmp_path_factory) -> str:
     assert train.main(["--configs", os.path.join(ROOT, "configs", "Digits", "pretrain.yml"), "--epochs", "3",
                        "--result-dir", str(tmp), "--exp-name", "p", "--no-progress"]) == 0
     return glob.glob(str(tmp / "p" / "pretrain" / "*" / "checkpoint" / "model_best.pth.tar"))[0]
+
+
+@pytest.fixture(scope="session")
+def train_processes():
+    """``python train.py ...`` runs as processes of their own, forked from one Python that imported
+    train once (tests/helpers/processes.py): ~2.5 s less start-up each."""
+    processes = TrainProcesses()
+    yield processes
+    processes.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
-import sys
 
 import lmdb
 import numpy as np
@@ -20,16 +19,16 @@ from torch.utils.data import DataLoader, Dataset
 from configs.errors import UserError, one_line
 from data.bad_records import BadRecordError
 from data.safe_pickle import safe_loads
-from tests.fixtures_data import ShellPayload, image_bytes, write_bip_lmdb, write_cifar10
+from tests.helpers.data_files import ShellPayload, image_bytes, write_bip_lmdb, write_cifar10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--image-dim", "16", "--arch", "smallcnn", "--num-classes", "4", "--epochs", "1", "--batch-size", "4",
         "--test-batch-size", "4"]
 
 
-def run_train(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", "--result-dir", str(tmp_path / "res"), "--no-progress",
-                           "--device", "cpu", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_train(train_processes, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """``python train.py ...`` in a process of its own (forked after the imports: tests/helpers/processes.py)."""
+    return train_processes.run("--result-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu", *args)
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -159,17 +158,19 @@ def test_bad_input_in_process_is_one_error_line_and_no_run_folder(tmp_path, caps
     assert not (tmp_path / "res").exists()
 
 
-# A user's process, start to end, for one case of each kind (config file, CIFAR batch, LMDB file, the
-# loaders' batch check); the other cases' subprocess runs only repeat the in-process test above with
-# another ~4 s interpreter and torch start-up each, so they run with the slow tests (pytest -m slow).
-SUBPROCESS_DEFAULT = {"yaml-binary", "cifar-string-labels", "lmdb-empty-train", "batch-over-train"}
+# A user's process, start to end, for one case of each kind (config file, CIFAR batch, LMDB file); the
+# other cases' subprocess runs only repeat the in-process test above with another ~4 s interpreter and
+# torch start-up each, so they run with the slow tests (pytest -m slow). The loaders' batch check
+# (batch-over-*) is among them: the in-process test makes its checks, and the subprocess bad-record
+# cases below build the same LMDB loaders in a user's process, pass that check and end in one line.
+SUBPROCESS_DEFAULT = {"yaml-binary", "cifar-string-labels", "lmdb-empty-train"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=() if c in SUBPROCESS_DEFAULT else pytest.mark.slow)
                                   for c in CASES])
-def test_bad_input_is_one_error_line_and_no_run_folder(tmp_path, case):
+def test_bad_input_is_one_error_line_and_no_run_folder(tmp_path, train_processes, case):
     fabricate, needles = CASES[case]
-    proc = run_train(tmp_path, *fabricate(tmp_path))
+    proc = run_train(train_processes, tmp_path, *fabricate(tmp_path))
     assert_one_error_line(proc, *needles)
     assert not (tmp_path / "res").exists()
 
@@ -180,23 +181,50 @@ def _unsafe_record(marker: str) -> bytes:
     return pickle.dumps((ShellPayload(marker), 1))
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-@pytest.mark.parametrize("bad,needles", [
+BAD_RECORDS = [
     ("unsafe-pickle", ["refusing to unpickle", "train.lmdb key b'5'", "nothing was executed"]),
     ("label-out-of-range", ["train.lmdb key b'5' has label 7, out of range for --num-classes 4",
                             "pass --num-classes 8"]),
-])
-def test_bad_record_met_during_training_is_one_error_line(tmp_path, workers, bad, needles):
+]
+
+
+def _bad_record_args(tmp_path, bad: str, workers: str) -> list[str]:
     # Record 0 is checked when the file is opened; record 5 is first read by a training batch,
     # so with --num-workers 2 in a DataLoader worker process.
-    marker = tmp_path / "pwned"
     records = _records(12)
-    records[5] = _unsafe_record(str(marker)) if bad == "unsafe-pickle" else (image_bytes(5, size=(8, 8)), 7)
-    proc = run_train(tmp_path, *_imagenet(tmp_path, records), "--num-workers", workers)
+    records[5] = _unsafe_record(str(tmp_path / "pwned")) if bad == "unsafe-pickle" else (image_bytes(5, size=(8, 8)), 7)
+    return [*_imagenet(tmp_path, records), "--num-workers", workers]
+
+
+@pytest.mark.parametrize("bad,needles", BAD_RECORDS)
+def test_bad_record_met_during_training_in_process_is_one_error_line(tmp_path, capsys, bad, needles):
+    """The 0-worker cases through ``train.main`` in this process, as the in-process test above; the
+    subprocess test below runs the workers=2 cases by default (a user's process, its DataLoader worker
+    processes writing to the same stderr) and the workers=0 ones with the slow tests. (Not workers=2
+    here: the failed loader's worker processes, forked from pytest, hold up whichever later test
+    collects it for 5 s.)"""
+    import train
+
+    code = train.main(["--result-dir", str(tmp_path / "res"), "--no-progress", "--device", "cpu",
+                       *_bad_record_args(tmp_path, bad, "0")])
+    out, err = capsys.readouterr()
+    proc = subprocess.CompletedProcess([], code, out, err)
     assert_one_error_line(proc, *needles)
     assert "DataLoader worker" not in proc.stderr
     assert "run folder:" in proc.stdout  # it did get as far as training
-    assert not marker.exists()
+    assert not (tmp_path / "pwned").exists()
+
+
+# slow with 0 workers: the in-process test above makes the same checks, and the workers=2 case of the
+# same record the same checks in a user's process
+@pytest.mark.parametrize("workers", [pytest.param("0", marks=pytest.mark.slow), "2"])
+@pytest.mark.parametrize("bad,needles", BAD_RECORDS)
+def test_bad_record_met_during_training_is_one_error_line(tmp_path, train_processes, workers, bad, needles):
+    proc = run_train(train_processes, tmp_path, *_bad_record_args(tmp_path, bad, workers))
+    assert_one_error_line(proc, *needles)
+    assert "DataLoader worker" not in proc.stderr
+    assert "run folder:" in proc.stdout  # it did get as far as training
+    assert not (tmp_path / "pwned").exists()
 
 
 # ---------------------------------------------------------------- data.safe_pickle
@@ -224,7 +252,13 @@ class _BadAtTwo(Dataset):
         return index
 
 
-def test_one_line_recovers_the_message_of_a_worker_error():
+def test_one_line_recovers_the_message_of_a_worker_error(monkeypatch):
+    # The failed loader (kept by the exception's traceback) stops its worker when it is collected, and
+    # its worker does not end by itself: torch waits MP_STATUS_CHECK_INTERVAL (5 s) before terminating
+    # it, in whichever later test collects it. 0.1 s here, and collected here.
+    import gc
+    from torch.utils.data import _utils
+    monkeypatch.setattr(_utils, "MP_STATUS_CHECK_INTERVAL", 0.1)
     with pytest.raises(BadRecordError) as caught:
         list(DataLoader(_BadAtTwo(), num_workers=1))
     assert "DataLoader worker process 0" in str(caught.value) and "\n" in str(caught.value)  # what torch gives
@@ -232,6 +266,8 @@ def test_one_line_recovers_the_message_of_a_worker_error():
     with pytest.raises(BadRecordError) as caught:
         list(DataLoader(_BadAtTwo(), num_workers=0))
     assert one_line(caught.value) == "x.lmdb key b'2' is broken: re-create it"
+    del caught
+    gc.collect()
 
 
 def test_one_line_joins_line_breaks_and_keeps_other_messages():

@@ -8,6 +8,7 @@ loop with grad2vec / append_grad_to_vec. PyTorch 1.x's ``zero_grad()`` is
 ``zero_grad(set_to_none=False)``. Everything runs in float64 so that the two agree to ~1e-12.
 """
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -17,13 +18,15 @@ from torch import nn
 from torch.nn.parameter import Parameter
 
 from configs.errors import UserError
-from layers import MaskSet, n_keep, to_masked
+from layers import MaskSet, n_keep
 from engine.optim import OptimSettings
 from configs.options import BilevelOptions
 from trainers.bilevel import BilevelTrainer
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.loop import checkpoint_state
 from engine.source import resume_into
+from tests.helpers import tiny
+from tests.helpers.tiny import tiny_net
 
 CPU = torch.device("cpu")
 K = 0.3            # 228 scores: their N - int((1 - k) N) and our n_keep both keep 69
@@ -199,10 +202,8 @@ NAMES = {"0": "conv", "1": "bn", "4": "linear"}
 
 
 def our_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 3))
-    to_masked(model, granularity="unstructured").double()
+    # conv 1->4 (with bias), BatchNorm, linear 64->3, masked, in float64
+    model = tiny_net("unstructured", convs=1, bias=True, num_classes=3).double()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():  # continuous random values: no ties among |scores|
@@ -231,8 +232,7 @@ def batches(seed):
             for _ in range(2 * ITERATIONS)]
 
 
-def sgd(lr):
-    return OptimSettings(optimizer="sgd", lr=lr, momentum=MOMENTUM, wd=WD, schedule="constant", epochs=10)
+sgd = partial(tiny.sgd, momentum=MOMENTUM, wd=WD, epochs=10)
 
 
 def our_trainer(model, *, implicit_grad, accelerate):

@@ -11,24 +11,10 @@ import train
 from configs.schema import load_config
 from models import build_model
 from engine.checkpoint import load_checkpoint
-from tests.run_helpers import interrupt_at
+from tests.helpers.cli import QUICK_RUN, interrupt_at, run_error, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--epochs", "2", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
-
-
-def run_ok(tmp_path, *args):
-    assert train.main(["--result-dir", str(tmp_path / "res"), "--exp-name", "t", *FAST, *args]) == 0
-    return sorted(glob.glob(str(tmp_path / "res" / "t" / "*" / "*")), key=os.path.getmtime)[-1]
-
-
-def run_error(tmp_path, capsys, *args):
-    code = train.main(["--result-dir", str(tmp_path / "res"), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "res").exists() or not glob.glob(str(tmp_path / "res" / "*" / "*" / "*"))
-    return err
+FAST = QUICK_RUN  # run_ok's settings: the resume test repeats its run
 
 
 # -- configuration ---------------------------------------------------------------------------------
@@ -97,11 +83,15 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "does not fit this model" in err
 
 
-def test_help_lists_every_flag():
-    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+def test_help_lists_every_flag(capsys):
+    # in this process: argparse prints the help and exits 0 (test_subprocess_exit_code_and_single_line
+    # below runs train.py as a program)
+    with pytest.raises(SystemExit) as done:
+        train.main(["--help"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 0, err
     for flag in ("--exp-mode", "--mask-lr-schedule", "--implicit-grad", "--fisher-damp", "--layer-floor"):
-        assert flag in proc.stdout
+        assert flag in out
 
 
 def test_subprocess_exit_code_and_single_line():
@@ -188,7 +178,7 @@ def test_evaluate_writes_nothing(tmp_path, capsys, digits_pretrained):
 def test_design_commands_run_as_written_on_cifar10_layout(tmp_path, monkeypatch):
     """The README's four pipeline commands, on CIFAR-10 files in the torchvision layout under ./datasets
     (the configs' data_dir and the CLI default), with --epochs 1 appended to keep the test fast."""
-    from tests.fixtures_data import write_cifar10
+    from tests.helpers.data_files import write_cifar10
 
     write_cifar10(str(tmp_path / "datasets"), per_batch=26, test=10)  # 130 images: the configs' batch of 128 fits
     monkeypatch.chdir(tmp_path)

@@ -13,6 +13,8 @@ Tiny model (three layers, 4x4 inputs) and one-batch loaders: the whole file take
 """
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -20,15 +22,13 @@ from torch import nn
 from configs.errors import UserError
 from configs.options import OBJECTIVES, BilevelOptions, LthOptions, RobustOptions, WoodFisherOptions
 from configs.schema import MODES
-from data.loaders import build_loaders
-from data.registry import DatasetSplits
 from engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from engine.loop import checkpoint_state
-from engine.optim import OptimSettings
-from layers import GRANULARITIES, MaskSet, n_keep, select_masks, to_masked
+from layers import GRANULARITIES, MaskSet, n_keep, select_masks
 from pruning.methods import PRUNE_METHODS
 from trainers import TRAINERS
-from tests.run_helpers import KeyedTensors
+from tests.helpers import tiny
+from tests.helpers.tiny import tiny_loaders, tiny_net
 
 CPU = torch.device("cpu")
 SCOPES = ("global", "layer")
@@ -39,37 +39,23 @@ NM_SCOPES = ("global",)
 
 
 # -- a tiny model and one-batch loaders ----------------------------------------------------------
-def tiny_model(granularity: str | None, seed: int = 0) -> nn.Module:
-    """conv 1->4 (no bias: BatchNorm would cancel its gradient), BatchNorm, conv 4->4 stride 2, linear
-    16->6. ``granularity`` None: the dense model of a pretrain run. Filter/channel masks act on the
-    two convolutions only; unstructured masks on all three layers."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                          nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 2 * 2, 6))
-    if granularity is not None:
-        # N:M groups run along the input channels: the first conv (1 channel) cannot hold a 2:4 mask,
-        # so it stays dense, as train.py asks the user to (--exclude-layers).
-        to_masked(model, granularity=granularity, exclude=["0"] if granularity == "nm" else None)
-    return model
+# The model is tiny_net's default: conv 1->4 (no bias: BatchNorm would cancel its gradient), BatchNorm,
+# conv 4->4 stride 2, linear 16->6; granularity None: the dense model of a pretrain run. Filter/channel
+# masks act on the two convolutions only; unstructured masks on all three layers. N:M groups run along
+# the input channels: the first conv (1 channel) cannot hold a 2:4 mask, so it stays dense, as train.py
+# asks the user to (--exclude-layers).
+NM_DENSE = {"nm": ["0"]}
 
 
 def mask_set(model: nn.Module, *, k: float, granularity: str, scope: str) -> MaskSet:
     return MaskSet(model, k=k, granularity=granularity, scope=scope, nm=NM if granularity == "nm" else None)
 
 
-def one_batch_loaders(n: int = 8):
-    """Real ``Loaders`` whose training (and BiP upper-level) stream is one batch per epoch, so that one
-    epoch of ``train_epoch`` is one step; the Fisher streams cycle over the same 8 samples."""
-    g = torch.Generator().manual_seed(1)
-    data = KeyedTensors(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 6, (n,), generator=g))
-    splits = DatasetSplits(train=data, val=None, test=data, num_classes=6, in_channels=1, image_size=4)
-    return build_loaders(splits, batch_size=n, test_batch_size=n, seed=0)
-
-
-def sgd(lr: float) -> OptimSettings:
-    # momentum and weight decay: the optimizer state is not empty, so a checkpoint must carry it
-    return OptimSettings(optimizer="sgd", lr=lr, momentum=0.9, wd=1e-3, schedule="constant", epochs=3)
+# Real ``Loaders`` whose training (and BiP upper-level) stream is one batch per epoch, so that one
+# epoch of ``train_epoch`` is one step; the Fisher streams cycle over the same 8 samples.
+one_batch_loaders = partial(tiny_loaders, 8, batch_size=8)
+# momentum and weight decay: the optimizer state is not empty, so a checkpoint must carry it
+sgd = partial(tiny.sgd, momentum=0.9, wd=1e-3, epochs=3)
 
 
 # -- the trainers, their options and the modes they take ------------------------------------------
@@ -97,7 +83,7 @@ def build(name: str, variant: str, mode: str, granularity: str, scope: str, *, f
           seed: int = 0, masks: dict | None = None, robust: RobustOptions | None = None):
     """(model, mask set, trainer) as train.py sets them up for a fresh run (``masks`` None) or for a
     resumed one (``masks``: the checkpoint's, with ``frozen``)."""
-    model = tiny_model(None if mode == "pretrain" else granularity, seed=seed)
+    model = tiny_net(None if mode == "pretrain" else granularity, seed=seed, exclude=NM_DENSE.get(granularity))
     ms = None
     if mode != "pretrain":
         ms = mask_set(model, k=K[granularity], granularity=granularity, scope=scope)
@@ -354,7 +340,7 @@ def test_checkpoint_round_trip_gives_the_same_outputs_and_next_step(tmp_path, na
     assert any(opt["state"] for opt in ckpt["trainer_state"].values() if isinstance(opt, dict) and "state" in opt)
 
     # a fresh model (other initial weights), mask set and trainer, loaded from the file
-    other = tiny_model(None if mode == "pretrain" else granularity, seed=7)
+    other = tiny_net(None if mode == "pretrain" else granularity, seed=7, exclude=NM_DENSE.get(granularity))
     ms2 = None
     load_model_state(other, ckpt["state_dict"], source=path)
     if ms is not None:
@@ -398,7 +384,7 @@ def method_cases():
 @pytest.mark.parametrize("method,granularity,scope", method_cases())
 def test_a_pruning_event_keeps_exact_counts_never_revives_and_zeroes(method, granularity, scope):
     k = K[granularity]
-    model = tiny_model(granularity)
+    model = tiny_net(granularity, exclude=NM_DENSE.get(granularity))
     ms = mask_set(model, k=k, granularity=granularity, scope=scope)
     options = WoodFisherOptions(prune_method=method, prune_start=0, prune_freq=1, prune_end=1, init_sparsity=0.3,
                                 fisher_subsample_size=6, fisher_mini_bsz=2, fittable_params=16,

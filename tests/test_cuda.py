@@ -6,30 +6,27 @@ gradient matrix kept in host memory (--offload-grads)."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
 
 from configs.options import BilevelOptions
-from engine.optim import OptimSettings
 from layers import MaskSet, masked_layers, n_keep, to_masked
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings, OBSSolver
 from trainers.base import BaseTrainer
 from trainers.bilevel import BilevelTrainer
+from tests.helpers import tiny
+from tests.helpers.tiny import tiny_net
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
 
-def net():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 4 * 4, 10))
-    to_masked(model, granularity="unstructured")
-    return model
+# conv 3->8, BatchNorm, conv 8->8 stride 2, linear 128->10, all masked, on 8x8 inputs
+net = partial(tiny_net, "unstructured", in_channels=3, width=8, image_size=8, num_classes=10)
 
 
 def data(n=64):
@@ -37,8 +34,7 @@ def data(n=64):
     return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def sgd(lr):
-    return OptimSettings(optimizer="sgd", lr=lr, momentum=0.9, wd=5e-4, schedule="constant", epochs=1)
+sgd = partial(tiny.sgd, momentum=0.9, wd=5e-4, epochs=1)
 
 
 @pytest.mark.parametrize("offload", [False, True])

@@ -16,7 +16,7 @@ from data.digits import SPLIT_SEED, TEST_FRACTION, VAL_FRACTION, load_digit_arra
 from data.safe_pickle import NUMPY_GLOBALS, safe_loads
 from data.tensor_dataset import InMemoryImages
 from data.tensor_ops import Compose, RandomCropPadded, RandomHorizontalFlip, ToFloat
-from tests.fixtures_data import (EvalPayload, ShellPayload, fake_cifar_images, py2_pickle, write_cifar10,
+from tests.helpers.data_files import (EvalPayload, ShellPayload, fake_cifar_images, py2_pickle, write_cifar10,
                                  write_cifar100)
 
 

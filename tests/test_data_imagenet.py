@@ -13,7 +13,7 @@ from torchvision.datasets import ImageFolder
 from configs.errors import UserError
 from data import build_dataset, build_loaders
 from data.image_folder import scan_tiny_train
-from tests.fixtures_data import TINY_WNIDS, image_bytes, tree_digest, write_image_folder, write_tiny_imagenet
+from tests.helpers.data_files import TINY_WNIDS, image_bytes, tree_digest, write_image_folder, write_tiny_imagenet
 
 CLASSES = {"n02", "n10", "n01"}
 

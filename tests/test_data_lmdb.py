@@ -17,7 +17,7 @@ from data import build_dataset, build_loaders
 from data.image_folder import scan_image_folder
 from data.lmdb_reader import LmdbImages, close_lmdb_readers
 from data.lmdb_writer import list_split, main as writer_main, verify_lmdb, write_lmdb
-from tests.fixtures_data import (EvalPayload, ShellPayload, TINY_WNIDS, image_bytes, tree_digest, write_bip_lmdb,
+from tests.helpers.data_files import (EvalPayload, ShellPayload, TINY_WNIDS, image_bytes, tree_digest, write_bip_lmdb,
                                  write_image_folder, write_tiny_imagenet)
 
 

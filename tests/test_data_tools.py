@@ -11,7 +11,7 @@ import pytest
 from configs.errors import UserError
 from data import build_dataset
 from data.imagenet_val import main as val_main, sort_val_folder
-from tests.fixtures_data import image_bytes, tree_digest, write_image_folder
+from tests.helpers.data_files import image_bytes, tree_digest, write_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WNIDS = ["n01751748", "n09193705", "n01751748", "n02105855", "n09193705"]

@@ -15,17 +15,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--epochs", "1", "--batch-size", "64", "--data-fraction", "0.3", "--lr", "0.05"]
 
 
-def run_train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run_here(capsys, *args) -> tuple[int, str, str]:
+    """train.main in this process, from the project folder (the config paths are relative to it);
+    (exit code, stdout, stderr)."""
+    import contextlib
+    import train
+    capsys.readouterr()
+    with contextlib.chdir(ROOT):
+        code = train.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_no_progress_bar_into_a_redirected_stderr(tmp_path):
-    proc = run_train("--result-dir", str(tmp_path), "--print-freq", "2", *QUICK)
+def test_no_progress_bar_into_a_redirected_stderr(tmp_path, capsys, train_processes):
+    # a user's process: python train.py (forked after its imports, see tests/helpers/processes.py)
+    proc = train_processes.run("--result-dir", str(tmp_path), "--print-freq", "2", *QUICK)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""                      # no bar redraws (a bar writes ~190 bytes per step)
     assert "epoch 0 [0/" in proc.stdout and "epoch 0 [2/" in proc.stdout   # per --print-freq lines instead
-    forced = run_train("--result-dir", str(tmp_path), "--progress", *QUICK)
-    assert forced.returncode == 0 and "epoch 0:" in forced.stderr        # --progress still draws one
+    # --progress still draws one (in this process: pytest's capture is a redirected stderr too)
+    code, _, err = run_here(capsys, "--result-dir", str(tmp_path), "--progress", *QUICK)
+    assert code == 0 and "epoch 0:" in err
 
 
 def test_shipped_configs_read_data_from_the_cli_default_folder():
@@ -53,15 +63,16 @@ def test_pipeline_uses_the_folder_each_run_printed(tmp_path, digits_pretrained):
 
 @pytest.mark.parametrize("trainer", ["base", "bilevel", "woodfisher"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_structured_runs_keep_every_class_and_never_empty_a_layer(tmp_path, digits_pretrained, trainer, scope):
+def test_structured_runs_keep_every_class_and_never_empty_a_layer(tmp_path, capsys, digits_pretrained, trainer,
+                                                                  scope):
     config = {"base": "hydra", "bilevel": "bip", "woodfisher": "woodfisher"}[trainer]
     extra = ["--prune-end", "0", "--fisher-subsample-size", "16", "--no-woodburry-joint-sparsify"] \
         if trainer == "woodfisher" and scope == "layer" else \
         (["--prune-end", "0", "--fisher-subsample-size", "16"] if trainer == "woodfisher" else [])
     args = ["--configs", f"configs/Digits/{config}.yml", "--source-net", digits_pretrained, "--layer-type", "filter",
             "--k", "0.05", "--scope", scope, "--result-dir", str(tmp_path), "--no-progress", *QUICK, *extra]
-    proc = run_train(*args)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    code, _, err = run_here(capsys, *args)
+    assert code == 0, err[-2000:]
     ckpt = torch.load(glob.glob(str(tmp_path / "*" / "prune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0],
                       weights_only=True)
     masks = ckpt["masks"]
@@ -116,13 +127,13 @@ def test_collapse_rule():
     assert not collapsed(before=None, after=1.0, num_classes=10)
 
 
-def test_a_pruning_step_that_breaks_the_network_is_reported_loudly(tmp_path, digits_pretrained):
+def test_a_pruning_step_that_breaks_the_network_is_reported_loudly(tmp_path, capsys, digits_pretrained):
     """WoodTaylor's Newton step at a tiny damp (the collapse the old default gave) in a one-shot run."""
-    proc = run_train("--configs", "configs/Digits/woodfisher.yml", "--source-net", digits_pretrained,
-                     "--prune-method", "woodtaylor", "--fisher-damp", "1e-7", "--one-shot", "--epochs", "1",
-                     "--fisher-subsample-size", "16", "--result-dir", str(tmp_path), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "WARNING: val top-1 collapsed" in proc.stderr and "right after a pruning event" in proc.stderr
-    assert "WARNING: accuracy collapsed to about chance in epoch(s) 1" in proc.stdout
+    code, out, err = run_here(capsys, "--configs", "configs/Digits/woodfisher.yml", "--source-net", digits_pretrained,
+                              "--prune-method", "woodtaylor", "--fisher-damp", "1e-7", "--one-shot", "--epochs", "1",
+                              "--fisher-subsample-size", "16", "--result-dir", str(tmp_path), "--no-progress")
+    assert code == 0, err[-2000:]
+    assert "WARNING: val top-1 collapsed" in err and "right after a pruning event" in err
+    assert "WARNING: accuracy collapsed to about chance in epoch(s) 1" in out
     summary = json.load(open(glob.glob(str(tmp_path / "*" / "prune" / "*" / "summary.json"))[0]))
     assert summary["collapsed_epochs"] == [1]

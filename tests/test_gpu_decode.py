@@ -14,13 +14,13 @@ import os
 import pytest
 import torch
 
-import train
 from configs.errors import UserError
 from data import build_dataset, build_loaders, device_ops, pil_ops
 from data.bad_records import BadRecordError
 from data.encoded import EncodedImages, collate_encoded
 from data.gpu_decode import DeviceLoader, DeviceTransform, decode_on_device, encoded_splits
-from tests.fixtures_data import image_bytes, write_bip_lmdb, write_image_folder, write_tiny_imagenet
+from tests.helpers.cli import run_error
+from tests.helpers.data_files import image_bytes, write_bip_lmdb, write_image_folder, write_tiny_imagenet
 
 TOL = 1.5 / 255
 CPU = torch.device("cpu")
@@ -173,18 +173,9 @@ def test_decode_mode_resolution():
         decode_on_device("gpu", dataset="Digits", device=cuda)
 
 
-def run_error(tmp_path, capsys, *args):  # tests/test_cli.py's check: exit 2, one line, no run folder
-    code = train.main(["--result-dir", str(tmp_path / "res"), "--no-progress", *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "res").exists()
-    return err
-
-
 def test_cli_decode_gpu_without_cuda_or_on_another_dataset_exits_2(tmp_path, capsys, lmdb_dir):
-    err = run_error(tmp_path, capsys, "--dataset", "ImageNet", "--data-dir", lmdb_dir, "--device", "cpu",
+    err = run_error(tmp_path, capsys, "--no-progress", "--dataset", "ImageNet", "--data-dir", lmdb_dir, "--device", "cpu",
                     "--decode", "gpu", "--arch", "resnet18")
     assert "--decode gpu needs a CUDA device" in err and "pass --decode cpu" in err
-    err = run_error(tmp_path, capsys, "--dataset", "Digits", "--decode", "gpu", "--device", "cpu")
+    err = run_error(tmp_path, capsys, "--no-progress", "--dataset", "Digits", "--decode", "gpu", "--device", "cpu")
     assert "not Digits: pass --decode cpu" in err

@@ -2,7 +2,10 @@
 
 A job is run once uninterrupted (folder A), then again (folder B) as a child process that is killed
 with SIGKILL (nothing of the run can react to it: no handler, no cleanup) and restarted with the very
-same command until it finishes. The kill points come from ``random.Random(seed)`` and are positions
+same command until it finishes. B's starts are forks of the test process that run ``train.main``
+with the command's arguments: every kill point lies after start-up, and a fork has the modules
+imported already (a ``python train.py`` spends ~3 s importing torch before the first point, five
+times over); A, run alongside, is the command itself, ``python train.py``. The kill points come from ``random.Random(seed)`` and are positions
 in the run, not wall-clock delays, so every run of the test kills at the same places. The child runs in
 slices of a millisecond, stopped (SIGSTOP) between them while the test reads its output and looks at
 its folder (``Child``), so what the test sees is still true when the SIGKILL arrives, on a loaded
@@ -41,7 +44,7 @@ import torch
 
 import train
 from engine.checkpoint import TMP_PREFIX, load_checkpoint
-from tests.run_helpers import interrupt_at
+from tests.helpers.cli import interrupt_at
 from trainers.base import BaseTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,31 +99,59 @@ def temp_files(folder: str) -> list[str]:
     return glob.glob(os.path.join(folder, "**", TMP_PREFIX + "*"), recursive=True)
 
 
+def run_forked(cmd: list[str], stdout: int, stderr: int) -> None:
+    """In a forked child: ``python train.py ARGS`` as train.main(ARGS), stdout and stderr on the given
+    descriptors, unbuffered (PYTHONUNBUFFERED), from the project folder; never returns."""
+    code = 70
+    try:
+        os.dup2(stdout, 1)
+        os.dup2(stderr, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        os.chdir(ROOT)
+        assert cmd[:2] == [sys.executable, "train.py"], cmd
+        code = train.main(cmd[2:])
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:  # a child must never return into pytest
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 class Child:
     """A train.py child that runs only in slices of about ``SLICE`` seconds: between slices it is stopped
     (SIGSTOP, and waited for until it is), its output is read and its folder looked at. Whatever the
     test sees, the child is still at that point when it is killed, however loaded the machine: a
     checkpoint write (about 16 ms of the child's time here) spans many slices, so its temporary file
-    cannot be missed."""
+    cannot be missed. The child is a fork of this process running ``cmd`` (see run_forked)."""
 
     def __init__(self, cmd: list[str], log) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log)
-        assert self.proc.stdout is not None
-        self.fd = self.proc.stdout.fileno()
+        read, write = os.pipe()
+        log.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            run_forked(cmd, write, log.fileno())
+        os.close(write)
+        self.pid = pid
+        self.returncode: int | None = None
+        self.fd = read
         os.set_blocking(self.fd, False)
         self.pending = b""
         self.lines: list[str] = []
 
     def step(self) -> bool:
         """Let the child run one slice and stop it; False once it has ended (its exit code is kept)."""
-        os.kill(self.proc.pid, signal.SIGCONT)
+        os.kill(self.pid, signal.SIGCONT)
         time.sleep(SLICE)
-        os.kill(self.proc.pid, signal.SIGSTOP)  # a child that just ended is a zombie: no error
-        _, status = os.waitpid(self.proc.pid, os.WUNTRACED)
+        os.kill(self.pid, signal.SIGSTOP)  # a child that just ended is a zombie: no error
+        _, status = os.waitpid(self.pid, os.WUNTRACED)
         if os.WIFSTOPPED(status):
             return True
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.returncode = os.waitstatus_to_exitcode(status)
         return False
 
     def read(self) -> list[str]:
@@ -138,11 +169,29 @@ class Child:
         self.lines += lines
         return lines
 
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        assert self.proc.wait(timeout=LIMIT) == -signal.SIGKILL
+    def finish(self) -> int:
+        """Let the child run to its end (at most LIMIT seconds); its exit code (its lines: ``lines``)."""
+        deadline = time.monotonic() + LIMIT
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            self.read()
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"the last restart did not end within {LIMIT} s")
+            time.sleep(0.01)
         self.read()
-        self.proc.stdout.close()  # type: ignore[union-attr]
+        os.close(self.fd)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        _, status = os.waitpid(self.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        self.read()
+        os.close(self.fd)
 
 
 def checkpoint_being_written(result_dir: str) -> bool:
@@ -170,7 +219,7 @@ def kill_at(child: Child, kill: Kill, result_dir: str) -> None:
         if time.monotonic() > deadline:
             child.kill()
             raise AssertionError(f"the child did not reach the kill point ({kill}) within {LIMIT} s")
-    raise AssertionError(f"the run ended (exit {child.proc.returncode}) before the kill {kill}")
+    raise AssertionError(f"the run ended (exit {child.returncode}) before the kill {kill}")
 
 
 def check_killed_there(kill: Kill, result_dir: str) -> None:
@@ -196,9 +245,9 @@ def killed_run(cmd: list[str], result_dir: str, kills: list[Kill], log) -> list[
         kill_at(child, kill, result_dir)
         out += child.lines
         check_killed_there(kill, result_dir)
-    last = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, timeout=LIMIT)
-    assert last.returncode == 0, f"the last restart failed, see {log.name}"
-    return out + last.stdout.splitlines()
+    last = Child(cmd, log)  # never stopped: it runs to the end
+    assert last.finish() == 0, f"the last restart failed, see {log.name}"
+    return out + last.lines
 
 
 def assert_same(a, b, where: str = "checkpoint") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+from functools import partial
 
 import pytest
 import torch
@@ -22,6 +23,8 @@ from layers import MaskSet, NMShapeError, select_masks, select_nm, to_masked
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings, OBSSolver
 from trainers import TRAINERS
+from tests.helpers.cli import run_error
+from tests.helpers.tiny import tiny_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--epochs", "1", "--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -90,10 +93,9 @@ def test_nan_scores_are_refused():
 
 
 # -- the mask set (HYDRA/BiP follow the scores through it) ----------------------------------------
-def net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(8 * 2 * 2, 4))
+# dense: conv 3->8, conv 8->8 stride 2 (both with bias, no BatchNorm), linear 32->4, on 4x4 inputs;
+# layers "0", "2" and "5"
+net = partial(tiny_net, in_channels=3, width=8, num_classes=4, bias=True, batch_norm=False)
 
 
 def test_a_layer_whose_input_is_not_a_multiple_of_m_is_named():
@@ -231,15 +233,6 @@ def test_config_scope_is_moot_but_k_must_be_n_over_m():
     base = ["--exp-mode", "prune", "--layer-type", "nm", "--source-net", "pretrained.pth.tar"]
     assert load_config([*base, "--k", "0.5", "--scope", "layer"]).scope == "layer"  # accepted; logged as moot
     assert load_config([*base, "--k", "0.25", "--nm", "1:4"]).nm == "1:4"
-
-
-def run_error(tmp_path, capsys, *args):
-    code = train.main(["--result-dir", str(tmp_path / "res"), *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    assert not (tmp_path / "res").exists()
-    return err
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -8,10 +8,10 @@ import glob
 import os
 import shutil
 import sysconfig
+from functools import partial
 
 import pytest
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import pruning.gradients
@@ -20,8 +20,9 @@ from configs.options import SpeedOptions
 from engine.checkpoint import load_checkpoint
 from engine.optim import OptimSettings
 from engine.precision import SCALER_STATE, Precision
-from layers import MaskSet, masked_layers, to_masked
+from layers import MaskSet, masked_layers
 from trainers.base import BaseTrainer
+from tests.helpers.tiny import tiny_batch, tiny_net
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -95,17 +96,9 @@ def test_bf16_run_keeps_float32_weights_and_no_scaler(tmp_path, digits_pretraine
     assert SCALER_STATE not in ckpt["trainer_state"]  # bf16 needs no loss scaling
 
 
-def net():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 3))
-    to_masked(model, granularity="unstructured")
-    return model
-
-
-def batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+# conv 1->4 (with bias), BatchNorm, linear 64->3, masked; batches of 8 images 1x4x4, 3 classes
+net = partial(tiny_net, "unstructured", convs=1, bias=True, num_classes=3)
+batch = tiny_batch
 
 
 def set_scale(trainer, scale):

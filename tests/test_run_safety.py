@@ -24,29 +24,10 @@ from models import build_model
 from trainers.base import BaseTrainer
 from engine.checkpoint import atomic_write, load_checkpoint
 from engine.run_folder import new_run_dir
-from tests.run_helpers import interrupt_at
+from tests.helpers.cli import interrupt_at, one_line_error, run_error, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
-
-
-def run_ok(tmp_path, *args):
-    assert train.main(["--result-dir", str(tmp_path / "res"), "--exp-name", "t", "--epochs", "2", *FAST, *args]) == 0
-    return sorted(glob.glob(str(tmp_path / "res" / "t" / "*" / "*")), key=os.path.getmtime)[-1]
-
-
-def one_line_error(capsys, code, expected_code):
-    err = capsys.readouterr().err.strip()
-    assert code == expected_code, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
-def run_error(tmp_path, capsys, *args):
-    """Exit 2, one ``error:`` line, and no run folder under tmp_path/res."""
-    err = one_line_error(capsys, train.main(["--result-dir", str(tmp_path / "res"), *args]), 2)
-    assert not glob.glob(str(tmp_path / "res" / "*" / "*" / "*"))
-    return err
 
 
 def tree(folder):
@@ -473,11 +454,12 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_signal_during_checkpoint_write(tmp_path, sig):
+def test_signal_during_checkpoint_write(tmp_path, train_processes, sig):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT, sig=sig))
-    proc = subprocess.run([sys.executable, str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
-                           "--epochs", "4", *FAST], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # python driver.py ... in a process of its own, forked after the imports (tests/helpers/processes.py)
+    proc = train_processes.run_script(str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
+                                      "--epochs", "4", *FAST)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.startswith("interrupted") and proc.stderr.count("\n") == 1, proc.stderr
     run_dir = glob.glob(str(tmp_path / "res" / "t" / "pretrain" / "*"))[0]
@@ -534,11 +516,11 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
-def test_file_size_limit_in_torch_save_is_a_clean_stop(tmp_path):
+def test_file_size_limit_in_torch_save_is_a_clean_stop(tmp_path, train_processes):
     driver = tmp_path / "driver.py"
     driver.write_text(FSIZE_DRIVER.format(root=ROOT))
-    proc = subprocess.run([sys.executable, str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
-                           "--epochs", "3", *FAST], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = train_processes.run_script(str(driver), "--result-dir", str(tmp_path / "res"), "--exp-name", "t",
+                                      "--epochs", "3", *FAST)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: could not write") and proc.stderr.count("\n") == 1, proc.stderr
     assert os.strerror(errno.EFBIG) in proc.stderr

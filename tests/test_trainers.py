@@ -8,7 +8,6 @@ from torch import nn
 
 from configs.errors import UserError
 from layers import MaskSet, masked_layers, n_keep, to_masked
-from engine.optim import OptimSettings
 from trainers.base import BaseTrainer
 from configs.options import BilevelOptions
 from trainers.bilevel import BilevelTrainer
@@ -16,26 +15,17 @@ from engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from engine.loop import checkpoint_state
 from engine.lr_schedules import MASK_MILESTONES, lr_at
 from engine.source import load_source
+from tests.helpers.tiny import sgd, tiny_batch, tiny_net
 
 CPU = torch.device("cpu")
 
 
-def sgd(lr, wd=0.0, momentum=0.0, schedule="constant"):
-    return OptimSettings(optimizer="sgd", lr=lr, momentum=momentum, wd=wd, schedule=schedule, epochs=10)
-
-
 def small_model(masked=True, granularity="unstructured"):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 4 * 4, 3))
-    if masked:
-        to_masked(model, granularity=granularity)
-    return model
+    """conv 1->4 (with bias), BatchNorm, linear 64->3; masked (``granularity``) or dense."""
+    return tiny_net(granularity if masked else None, convs=1, bias=True, num_classes=3)
 
 
-def batch(seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+batch = tiny_batch  # 8 images 1x4x4, 3 classes
 
 
 def snapshot(model):

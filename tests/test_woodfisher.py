@@ -3,17 +3,15 @@ of pruned weights cleared, OBS update scaling, gradient collection, one-shot, CL
 import dataclasses
 import glob
 import os
+from functools import partial
 
 import pytest
 import torch
 from torch import nn
-from data.loaders import build_loaders
-from data.registry import DatasetSplits
 
 import train
 from configs.errors import UserError
 from layers import MaskSet, n_keep, to_masked
-from engine.optim import OptimSettings
 from engine.checkpoint import load_checkpoint
 from pruning.fisher_inverse import EmpiricalFisherInverse
 from pruning.flops import flops_budget, flops_per_weight, largest_prefix_within
@@ -21,7 +19,8 @@ from pruning.obs import obs_statistic, obs_update
 from configs.options import WoodFisherOptions
 from trainers.base import RunSpec
 from trainers.woodfisher import PRUNE_METHODS, WoodFisherTrainer, plan
-from tests.run_helpers import KeyedTensors
+from tests.helpers import tiny
+from tests.helpers.tiny import tiny_net
 
 
 def check_plan(*, mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=5, **options):
@@ -38,36 +37,15 @@ CPU = torch.device("cpu")
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
 
 
-def tiny_model(granularity="unstructured"):
-    """Unstructured: conv 1->4 then linear 64->6, both masked. Filter/channel masks act on convolutions
-    only, so the structured model has two: conv 1->4 (16 MACs per weight on 4x4 inputs) and conv 4->4
-    with stride 2 (4 MACs per weight), then a plain linear 16->6."""
-    torch.manual_seed(0)
-    if granularity == "unstructured":
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(4 * 4 * 4, 6))
-    else:
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                              nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
-                              nn.Linear(4 * 2 * 2, 6))
-    to_masked(model, granularity=granularity)
-    return model
-
-
-def tiny_loaders(n=48):
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 6, (n,), generator=g)
-    data = KeyedTensors(x, y)
-    splits = DatasetSplits(train=data, val=None, test=data, num_classes=6, in_channels=1, image_size=4)
-    return build_loaders(splits, batch_size=8, test_batch_size=8, seed=0)
-
-
-def sgd(lr=0.05, momentum=0.9, wd=0.0, epochs=5, optimizer="sgd"):
-    return OptimSettings(optimizer=optimizer, lr=lr, momentum=momentum, wd=wd, schedule="constant", epochs=epochs)
+tiny_loaders = partial(tiny.tiny_loaders, 48, batch_size=8)
+sgd = partial(tiny.sgd, lr=0.05, momentum=0.9, epochs=5)
 
 
 def make(granularity="unstructured", k=0.1, scope="global", weights=None, **options):
-    model = tiny_model(granularity)
+    # Unstructured: conv 1->4 then linear 64->6, both masked. Filter/channel masks act on convolutions
+    # only, so the structured model has two: conv 1->4 (16 MACs per weight on 4x4 inputs) and conv 4->4
+    # with stride 2 (4 MACs per weight), then a plain linear 16->6.
+    model = tiny_net(granularity, convs=1 if granularity == "unstructured" else 2)
     ms = MaskSet(model, k=k, granularity=granularity, scope=scope)
     defaults = dict(prune_start=0, prune_freq=1, prune_end=3, init_sparsity=0.2, fisher_subsample_size=6,
                     fisher_mini_bsz=4, fittable_params=16, fisher_damp=1e-4)
