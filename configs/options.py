@@ -198,9 +198,9 @@ class WoodFisherOptions(FisherOptions):
     flops_power: float = opt(0.0, "woodfisher: divide each weight's statistic by (FLOPs per weight of its "
                              "layer)^power, so FLOP-heavy layers are pruned more (0 = off)", group="woodfisher",
                              check=finite_non_negative)
-    flops_target: float | None = opt(None, "woodfisher: prune until the kept fraction of the dense model's FLOPs is "
-                                        "this (searched once per event, then one OBS update); replaces the "
-                                        "weight-count target", group="woodfisher")
+    flops_target: float | None = opt(None, "woodfisher: prune until the kept fraction of the masked layers' dense "
+                                        "FLOPs is this (searched once per event, then one OBS update); replaces "
+                                        "the weight-count target", group="woodfisher")
 
 
 @dataclass(frozen=True)

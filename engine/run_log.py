@@ -10,10 +10,13 @@ from typing import Any, TextIO
 
 from engine.checkpoint import write_text
 from layers import LayerSparsity
+from pruning.cost import ModelCost
 
 
-def sparsity_table(rows: Iterable[LayerSparsity]) -> str:
-    """A per-layer table (layer, type, params, kept, sparsity) with a total row."""
+def sparsity_table(rows: Iterable[LayerSparsity], *, cost: ModelCost | None = None) -> str:
+    """A per-layer table (layer, type, params, kept, sparsity) with a total row; with ``cost``, two
+    more lines: the fraction of zero effective weights among the masked layers and among all weights
+    of the model (what the masks removed, counted from the weights)."""
     rows = list(rows)
     width = max([len("layer"), len("total")] + [len(r.name) for r in rows])
     head = f"{'layer':<{width}}  {'type':<7} {'params':>11} {'kept':>11} {'sparsity':>9}"
@@ -24,6 +27,10 @@ def sparsity_table(rows: Iterable[LayerSparsity]) -> str:
     total = 1 - kept / params if params else 0.0
     lines.append("-" * len(head))
     lines.append(f"{'total':<{width}}  {'':<7} {params:>11,} {kept:>11,} {100 * total:>8.2f}%")
+    if cost is not None:
+        lines.append(f"zero weights: {100 * cost.sparsity_masked:.2f}% of the masked layers' "
+                     f"{cost.masked_params:,}, {100 * cost.sparsity_model:.2f}% of all "
+                     f"{cost.params_total:,} weights of the model")
     return "\n".join(lines)
 
 

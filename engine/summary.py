@@ -19,7 +19,7 @@ from engine.evaluate import Evaluation
 from engine.loop import RunState
 from engine.run_log import RunLog, sparsity_table
 from layers import MaskSet
-from pruning.cost import model_cost
+from pruning.cost import ModelCost, model_cost
 
 
 def header(cfg: Config, *, masked: bool, device: torch.device, group: Dist, resumed_after: int | None) -> str:
@@ -50,7 +50,8 @@ def run_summary(cfg: Config, *, run_dir: str, masked: bool, state: RunState, den
             "train_seconds": round(sum(float(row.get("seconds") or 0) for row in state.history), 3)}
 
 
-def write_summary(run_dir: str, summary: dict[str, Any], maskset: MaskSet | None) -> None:
+def write_summary(run_dir: str, summary: dict[str, Any], maskset: MaskSet | None, *,
+                  cost: ModelCost | None = None) -> None:
     """summary.json (and sparsity.txt), each written atomically: a reader never sees half a file. The
     summary gets the per-layer kept counts (``layers``) and the time it was written (``finished_at``, UTC),
     which the results report uses to pick the newest of several runs of one experiment."""
@@ -60,7 +61,7 @@ def write_summary(run_dir: str, summary: dict[str, Any], maskset: MaskSet | None
                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_text(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2) + "\n")
     if maskset is not None:
-        write_text(os.path.join(run_dir, "sparsity.txt"), sparsity_table(rows) + "\n")
+        write_text(os.path.join(run_dir, "sparsity.txt"), sparsity_table(rows, cost=cost) + "\n")
 
 
 def finish(cfg: Config, *, run_dir: str, model: nn.Module, maskset: MaskSet | None, state: RunState,
@@ -70,23 +71,24 @@ def finish(cfg: Config, *, run_dir: str, model: nn.Module, maskset: MaskSet | No
     FLOPs kept (for one ``example`` input), and, on rank 0, summary.json with the trainer's and the
     hooks' fields (``extra``)."""
     density = maskset.density() if maskset is not None else 1.0
+    cost = model_cost(model, example=example)
     if maskset is not None:
-        log.info("per-layer sparsity:\n" + sparsity_table(maskset.report()))
+        log.info("per-layer sparsity:\n" + sparsity_table(maskset.report(), cost=cost))
     final = state.test
     robust = "".join(f"  test {key} {final[key]:.2f}" for key in evaluation.shown)
     log.info(f"done: {cfg.exp_mode} k {cfg.k:g}  test top1 {final['top1']:.2f}{robust}  best val {evaluation.metric} "
-             f"{state.best_prec1:.2f}  sparsity {100 * (1 - density):.2f}%  checkpoints in "
+             f"{state.best_prec1:.2f}  sparsity {100 * cost.sparsity_masked:.2f}% masked layers, "
+             f"{100 * cost.sparsity_model:.2f}% model  checkpoints in "
              f"{os.path.join(run_dir, 'checkpoint')}")
     fallen = [row["epoch"] for row in state.history if row.get("collapsed")]
     if fallen:
         log.info(f"WARNING: accuracy collapsed to about chance in epoch(s) {', '.join(map(str, fallen))} "
                  "(see the warnings above); this run's results are not a fair measure of the method")
-    cost = model_cost(model, example=example)
     log.info(cost.line())
     if group.main:
         summary = run_summary(cfg, run_dir=run_dir, masked=maskset is not None, state=state, density=density,
                               wall_seconds=wall_seconds, evaluation=evaluation)
-        write_summary(run_dir, {**summary, **cost.as_dict(), **extra}, maskset)
+        write_summary(run_dir, {**summary, **cost.as_dict(), **extra}, maskset, cost=cost)
 
 
 def evaluation_report(*, model: nn.Module, maskset: MaskSet | None, loaders: Loaders, evaluation: Evaluation,
@@ -98,7 +100,8 @@ def evaluation_report(*, model: nn.Module, maskset: MaskSet | None, loaders: Loa
             metrics = evaluation(model, loader, device=device)
             lines.append(f"{split}: " + "  ".join(f"{key} {value:.4f}" if "loss" in key else f"{key} {value:.2f}"
                                                   for key, value in metrics.items()))
+    cost = model_cost(model, example=example)
     if maskset is not None:
-        lines.append(sparsity_table(maskset.report()))
-    lines.append(model_cost(model, example=example).line())
+        lines.append(sparsity_table(maskset.report(), cost=cost))
+    lines.append(cost.line())
     return lines

@@ -1,60 +1,107 @@
-"""FLOPs of masked layers, for FLOPs-aware pruning (``--flops-power``, ``--flops-target``).
+"""FLOPs of a model: its dense multiply-accumulates, and the MACs per weight of its masked layers, for
+the counter (``pruning.cost``) and FLOPs-aware pruning (``--flops-power``, ``--flops-target``).
 
-A FLOP here is one multiply-accumulate of a weight, per input sample: a conv weight is used once
-per output position (H_out * W_out MACs), a linear weight once per sample (or once per position
-of the leading dims when a linear layer maps a sequence). Biases, BatchNorm and activations are
-not counted: they do not shrink when weights are pruned. These counts depend on the architecture
-and the input size only, never on the masks, so they are measured once, with forward hooks on one
-input of the run's size.
-
-The dense FLOPs of a model are sum_layer numel(weight) * flops_per_weight[layer]; the kept FLOPs
-count only the weights that are still alive.
+A FLOP here is one multiply-accumulate (MAC) per input sample. ``dense_macs`` counts every matrix
+product, convolution and attention of one forward pass with PyTorch's own
+``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs per MAC), so a module of any type
+is counted as long as it computes through those operators; elementwise work (biases, BatchNorm,
+activations) is not counted. ``flops_per_weight`` gives, per masked layer, how many MACs each of its
+weights does for one sample (a conv weight once per output position, a linear weight once per row
+of its input, e.g. per token): pruning a weight removes exactly that many MACs. Both depend on the
+architecture and the input size only, never on the masks, so they are measured once, on one input
+of the run's size.
 """
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_flop_count
+
+aten = torch.ops.aten
+
+# Attention on the CPU runs through ``_scaled_dot_product_flash_attention_for_cpu``, which
+# FlopCounterMode (torch 2.14) has no formula for: without one, a ViT's attention products count 0.
+# Its arithmetic is the CUDA flash kernel's, so the same formula applies. Passed per counter
+# (``custom_mapping``), never registered globally.
+_EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {}
+if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu") and \
+        aten._scaled_dot_product_flash_attention_for_cpu not in flop_registry:
+    def _cpu_flash_flop(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
+                        out_shape: Any = None, **kwargs: Any) -> int:
+        return int(sdpa_flop_count(query_shape, key_shape, value_shape))
+
+    _EXTRA_FORMULAS[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_flop
 
 
-def _positions_per_weight(module: nn.Module, output: torch.Tensor) -> int:
-    """How many times each weight of ``module`` is used for ONE sample of this call's batch."""
+@contextmanager
+def _counting(model: nn.Module) -> Iterator[None]:
+    """Eval mode (BatchNorm statistics untouched), no autograd, and no fused attention fast path:
+    nn.MultiheadAttention's inference fast path runs one fused operator that no counter sees.
+    Everything is put back afterwards."""
+    was_training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        model.train(was_training)
+
+
+def dense_macs(model: nn.Module, *, example: torch.Tensor) -> int:
+    """The multiply-accumulates of one forward pass per sample of ``example`` (a batch; its first dim
+    is the batch), as PyTorch's FlopCounterMode counts them (FLOPs / 2). Masks do not change it: a
+    masked layer still multiplies its whole (masked) weight."""
+    with _counting(model), FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS) as counter:
+        model(example)
+    return int(counter.get_total_flops()) // (2 * example.shape[0])
+
+
+def _uses_per_weight(module: nn.Module, output: torch.Tensor, batch: int) -> int:
+    """How many times each weight of ``module`` is used for ONE sample of a batch of ``batch``: once
+    per output element of its output unit (conv: per output position; linear: per input row, which
+    covers (N, features), (N, L, features) and the (L, N, features) layout of attention alike)."""
     if isinstance(module, nn.modules.conv._ConvNd):
-        return math.prod(output.shape[2:])  # one MAC per output position (spatial dims)
-    if isinstance(module, nn.Linear):
-        return math.prod(output.shape[1:-1])  # 1 for (N, features); L for (N, L, features)
-    raise TypeError(f"no FLOPs rule for {type(module).__name__} (conv and linear layers only)")
+        units = module.out_channels
+    elif isinstance(module, nn.Linear):
+        units = module.out_features
+    else:
+        raise TypeError(f"no FLOPs rule for {type(module).__name__} (conv and linear layers only)")
+    return output.numel() // (units * batch)
 
 
-@torch.no_grad()
 def flops_per_weight(model: nn.Module, *, example: torch.Tensor, layers: Mapping[str, nn.Module]) -> dict[str, int]:
     """FLOPs (MACs) per weight and per sample of each layer in ``layers``, from one forward pass of
     ``example`` (a batch; its first dim is the batch). A layer called several times in one forward
     (shared weights) adds up its calls. The model is run in eval mode (BatchNorm statistics are
     not touched) and put back in its previous mode."""
     counts = dict.fromkeys(layers, 0)
+    batch = example.shape[0]
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-            counts[name] += _positions_per_weight(module, output)
+            counts[name] += _uses_per_weight(module, output, batch)
         return hook
 
     handles = [layer.register_forward_hook(hook_for(name)) for name, layer in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        model(example)
+        with _counting(model):
+            model(example)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     unused = [name for name, c in counts.items() if c == 0]
     if unused:
-        raise ValueError(f"masked layers {unused[:3]} took no part in the forward pass: their FLOPs are unknown")
+        raise ValueError(f"layers {unused[:3]} were not called as modules in the forward pass (their weight is "
+                         "used by another module's code, or not at all): their FLOPs per weight are unknown")
     return counts
 
 

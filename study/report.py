@@ -102,7 +102,11 @@ def round_rows(run: Run) -> list[dict[str, Any]]:
                             "delete that run folder or rerun it")
         row = row_of(run, None)
         total = row["params_total"]
-        kept = total - round(float(epoch["sparsity"]) * total) if isinstance(total, int) else None
+        # metrics.csv's sparsity is the masks'; the pruned weights are that share of the masked
+        # layers' weights (summaries older than masked_params counted masked weights only).
+        masked = run.summary.get("masked_params", total)
+        kept = (total - round(float(epoch["sparsity"]) * masked)
+                if isinstance(total, int) and isinstance(masked, int) else None)
         # Wall time up to this round: the run's, pro rata by epochs (the rounds are equally long).
         share = int(entry["end_epoch"]) / int(rounds[-1]["end_epoch"])
         row.update(wall_seconds=round(float(row["wall_seconds"]) * share, 3))

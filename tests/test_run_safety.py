@@ -419,12 +419,23 @@ def test_summary_has_what_a_results_table_needs(runs):
     assert summary["prune_method"] is None  # set for the woodfisher trainer only
     layers = {row["name"]: row for row in summary["layers"]}
     assert set(layers) == {"conv1", "conv2", "conv3", "fc1", "fc2"}
-    assert summary["params_total"] == sum(r["params"] for r in layers.values()) == 159_264
-    assert summary["params_kept"] == sum(r["kept"] for r in layers.values()) == 159_264 - int(0.8 * 159_264)
+    assert summary["masked_params"] == sum(r["params"] for r in layers.values()) == 159_264
+    assert summary["masked_kept"] == sum(r["kept"] for r in layers.values()) == 159_264 - int(0.8 * 159_264)
+    assert summary["masked_zeros"] == 159_264 - summary["masked_kept"]  # trained weights: no zero is kept
+    assert summary["sparsity_masked"] == summary["masked_zeros"] / 159_264
+    # All weights of the model: the masked ones plus 586 biases and BatchNorm affine parameters,
+    # counted nonzero from the saved weights (the scores are not weights).
+    state = torch.load(runs.pruned_ckpt, weights_only=True)["state_dict"]
+    others = [v for key, v in state.items() if key.rsplit(".", 1)[-1] in ("bias",) or key.startswith("bn")
+              and key.endswith("weight")]
+    assert sum(v.numel() for v in others) == 159_850 - 159_264 == summary["params_total"] - 159_264
+    assert summary["params_kept"] == summary["masked_kept"] + sum(int(v.count_nonzero()) for v in others)
+    assert summary["sparsity_model"] == pytest.approx(1 - summary["params_kept"] / 159_850, abs=1e-15)
     # smallcnn on 8x8 inputs: conv1/conv2 at 8x8 (64 positions), conv3 at 4x4 (16), linear once.
     per_weight = {"conv1": 64, "conv2": 64, "conv3": 16, "fc1": 1, "fc2": 1}
     assert summary["flops_total"] == sum(r["params"] * per_weight[n] for n, r in layers.items()) == 2_444_544
     assert summary["flops_kept"] == sum(r["kept"] * per_weight[n] for n, r in layers.items())
+    assert summary["flops_uncounted"] == []
     assert summary["finished_at"].endswith("Z")
 
 

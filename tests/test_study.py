@@ -66,16 +66,21 @@ def test_model_cost_counts_kept_weights_and_their_flops():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 5 * 5, 3))
     dense = model_cost(model, example=torch.zeros(4, 1, 5, 5))
     # conv: 18 weights, each used at 25 output positions; linear: 150 weights, once per sample
-    assert (dense.params_total, dense.params_kept) == (168, 168)
+    # every parameter is a weight of the model: 168 + the linear layer's 3 biases; nothing is masked
+    assert (dense.params_total, dense.params_kept, dense.masked_params, dense.sparsity_masked) == (171, 171, 0, 0.0)
     assert (dense.flops_total, dense.flops_kept) == (18 * 25 + 150, 18 * 25 + 150)
     to_masked(model, granularity="unstructured")
     ms = MaskSet(model, k=1.0, granularity="unstructured", scope="global")
-    conv, linear = ms.layers.values()
     ms.set_masks({"0": torch.arange(18).view(2, 1, 3, 3) < 5, "3": torch.arange(150).view(3, 50) % 3 == 0})
+    with torch.no_grad():
+        model[3].weight[0, 0] = 0.0  # a kept weight that is zero counts as zero; the scores never count
+        model[3].bias[1] = 0.0
     cost = model_cost(model, example=torch.zeros(1, 1, 5, 5))
-    assert (cost.params_kept, cost.params_total) == (5 + 50, 168)
+    assert (cost.masked_params, cost.masked_kept, cost.masked_zeros) == (168, 55, 168 - 54)
+    assert (cost.params_kept, cost.params_total) == (54 + 2, 171)
+    assert cost.sparsity_masked == 114 / 168 and cost.sparsity_model == 1 - 56 / 171
     assert cost.flops_kept == 5 * 25 + 50 and cost.flops_total == 18 * 25 + 150
-    assert "55 of 168" in cost.line()
+    assert "56 of 171" in cost.line() and "masked layers 54 of 168" in cost.line()
 
 
 # -- IMP -------------------------------------------------------------------------------------------
@@ -135,8 +140,8 @@ def test_imp_prunes_by_magnitude_with_exact_counts_and_rewinds(rewindable, tmp_p
                     "--imp-rate", "0.5", "--rewind-epoch", "1")
     summary = json.load(open(os.path.join(run, "summary.json")))
     assert summary["imp_rounds"] == [{"round": 1, "density": 0.5, "end_epoch": 4}]
-    total = summary["params_total"]
-    assert summary["params_kept"] == n_keep(0.5, total)
+    assert summary["masked_kept"] == n_keep(0.5, summary["masked_params"]) == n_keep(0.5, 159_264)
+    assert summary["params_total"] == 159_850  # the model's every weight, biases and BatchNorm included
     log = open(os.path.join(run, "run.log")).read()
     assert "IMP round 1/1: magnitude pruning (global), density 100.00% -> 50.00%" in log
     assert "rewound to the source's weights after epoch 1" in log
@@ -238,8 +243,8 @@ def test_report_links_prune_and_finetune_runs_and_writes_csv_table_and_plots(tmp
                      obs_update={"prune_end": {"scale": 0.25}}, source_net=ckpt(pre))
     fake_run(root, "hy", "finetune", 1, k=0.1, test_top1=93.0, sparsity=0.9, params_kept=100,
              source_net=ckpt(hydra, "model_obs.pth.tar"))
-    lth = fake_run(root, "lth", "prune", 1, trainer="lth", k=0.64, test_top1=96.0, sparsity=0.36, params_kept=640,
-                   source_net=ckpt(pre), imp_rounds=[{"round": 1, "density": 0.8, "end_epoch": 2},
+    lth = fake_run(root, "lth", "prune", 1, trainer="lth", k=0.64, test_top1=96.0, sparsity=0.36, params_kept=650,
+                   params_total=1010, masked_params=1000, source_net=ckpt(pre), imp_rounds=[{"round": 1, "density": 0.8, "end_epoch": 2},
                                                      {"round": 2, "density": 0.64, "end_epoch": 4}])
     with open(os.path.join(lth, "metrics.csv"), "w") as fh:
         fh.write("epoch,test_top1,sparsity\n1,90,0.2\n2,97.5,0.2\n3,91,0.36\n4,96,0.36\n")
@@ -255,7 +260,8 @@ def test_report_links_prune_and_finetune_runs_and_writes_csv_table_and_plots(tmp
         ("hydra+obs", "1", "0.1", "60.0", "93.0", "93.0"),
         ("lth", "1", "0.8", "97.5", "", "97.5"), ("lth", "1", "0.64", "96.0", "", "96.0")])
     lth_08 = next(r for r in rows if r["method"] == "lth" and r["k"] == "0.8")
-    assert (lth_08["params_kept"], lth_08["params_ratio"], lth_08["flops_ratio"]) == ("800", "0.8", "")
+    # round 1 pruned 20 % of the 1000 masked weights; the 10 others (biases) stay
+    assert (lth_08["params_kept"], lth_08["params_ratio"], lth_08["flops_ratio"]) == ("810", str(810 / 1010), "")
     assert lth_08["wall_seconds"] == "0.5"  # round 1 of 2: half the run's 1 s
     bip_row = next(r for r in rows if r["method"] == "bip" and r["seed"] == "1")
     assert (bip_row["params_ratio"], bip_row["flops_ratio"], bip_row["wall_seconds"]) == ("0.1", "0.14", "2.0")
