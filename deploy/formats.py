@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +24,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from configs.errors import UserError
-from engine.checkpoint import make_readable, save_checkpoint
+from engine.checkpoint import save_checkpoint
+from engine.files import atomic_write_path
 from layers import masked_layers
 from layers.convert import PLAIN_TWIN
 
@@ -34,20 +33,9 @@ SPARSE_FORMAT = "pruning-trainer-sparse-v1"
 
 
 def write_atomic(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)``, then rename to ``path``; the temporary file is removed on failure. For writers
-    that need a path (torch.export, ONNX); a writer to a file object uses ``engine.checkpoint.atomic_write``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``write(tmp_path)``, then rename to ``path`` (``engine.files.atomic_write_path``): for writers that
+    need a path (torch.export, ONNX)."""
+    atomic_write_path(path, write)
 
 
 class _ApplyMask(nn.Module):

@@ -8,9 +8,10 @@ never executes code. ``load_checkpoint`` checks the structure every caller relie
 here instead of a traceback deep in the run.
 
 Every file of a run folder that is rewritten (checkpoints, summary.json, metrics.csv) goes through
-``atomic_write``: a temporary ``.tmp-*`` file in the same folder, fsync, then a rename, with
-SIGINT/SIGTERM held until the file is complete. A crash leaves the previous file whole and at
-worst a stale temporary file, which ``remove_stale_temps`` deletes when the run is resumed.
+``engine.files.atomic_write``, the project's one writer: a temporary ``.tmp-*`` file in the same
+folder, fsync, then a rename, with SIGINT/SIGTERM held until the file is complete. A crash leaves
+the previous file whole and at worst a stale temporary file, which the next write into that folder
+(or ``remove_stale_temps``, when the run is resumed) deletes.
 
 Loading a state dict into a model is strict. The only keys allowed to be absent are the ones the
 caller names (mask buffers are a function of the scores; a dense checkpoint has no scores when it
@@ -19,148 +20,29 @@ dropped with a notice. Anything else that does not match is an error listing the
 """
 from __future__ import annotations
 
-import errno
 import numbers
 import os
 import pickle
 import random
-import signal
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import IO, Any
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from configs.errors import UserError
+from engine.files import TMP_PREFIX, atomic_write
+from engine.files import is_storage_error as is_storage_error  # re-exported: train.py asks it of a failed write
 
 DROPPED_PREFIXES = ("sub_block1.",)  # HYDRA/BiP WideResNet: built, saved, never used
-TMP_PREFIX = ".tmp-"
-TMP_SUFFIXES = (".pth.tar", ".json", ".csv", ".yml", ".txt")  # the files a run rewrites atomically
-# A full or failing disk: the run cannot go on, but nothing about its input is wrong.
-STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
 ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"  # torch.save's zip format; the legacy pickle format
 
 
-def is_storage_error(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
-
-
-# -- writing --------------------------------------------------------------------------------------
-_holding = False  # a deferred_interrupts block is active (blocks nest: the outermost one holds)
-
-
-@contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM while the block runs, then raise KeyboardInterrupt if one came.
-
-    An interrupt inside ``torch.save`` surfaces as a RuntimeError with a traceback; held, the
-    file is finished first and the run ends with its one-line "interrupted" message. Python
-    runs signal handlers in the main thread only, so elsewhere this does nothing. If the block
-    itself raises, that error is the one reported.
-    """
-    global _holding
-    if _holding or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    _holding = True
-    try:
-        yield
-    finally:
-        _holding = False
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    if received:
-        raise KeyboardInterrupt
-
-
-class _RecordingWriter:
-    """A file wrapper that keeps the OSError of a failed write: torch.save reports it as a
-    RuntimeError ("unexpected pos"), losing the errno that tells a full disk from a bug."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self.fh = fh
-        self.error: OSError | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            return self.fh.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
-def make_readable(tmp: str) -> None:
-    """Give a temporary file the mode ``open()`` would have given it (0666 less the umask):
-    mkstemp's 0600 would hide checkpoints and logs from the other users of a shared machine."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-
-
-def atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Write ``path`` with ``write(file)`` atomically: the old content stays until the new one is
-    complete on disk. An OSError carries ``path`` as its filename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix="-" + os.path.basename(path), dir=folder)
-    try:
-        with deferred_interrupts():
-            with os.fdopen(fd, "wb") as fh:
-                out = _RecordingWriter(fh)
-                try:
-                    write(out)
-                except RuntimeError:
-                    if out.error is not None:
-                        raise out.error from None
-                    raise
-                fh.flush()
-                os.fsync(fh.fileno())
-            make_readable(tmp)
-            os.replace(tmp, path)
-            dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = path
-        raise
-
-
+# -- writing: the one atomic writer (engine.files) -------------------------------------------------
 def save_checkpoint(state: dict[str, Any], path: str) -> None:
     """Write ``state`` to ``path`` atomically (see ``atomic_write``)."""
     atomic_write(path, lambda fh: torch.save(state, fh))
-
-
-def write_text(path: str, text: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-def remove_stale_temps(folder: str) -> list[str]:
-    """Delete the temporary files an interrupted ``atomic_write`` left in ``folder``; only ours
-    (the prefix and a suffix of a file we write), never anything else. Returns their names."""
-    if not os.path.isdir(folder):
-        return []
-    removed = []
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.startswith(TMP_PREFIX) and name.endswith(TMP_SUFFIXES) and os.path.isfile(path):
-            os.remove(path)
-            removed.append(name)
-    return removed
 
 
 # -- reading --------------------------------------------------------------------------------------

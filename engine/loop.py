@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.checkpoint import deferred_interrupts, rewind_checkpoint, rng_state, save_checkpoint
+from engine.checkpoint import rewind_checkpoint, rng_state, save_checkpoint
 from engine.distributed import SINGLE, Dist
 from engine.evaluate import BASE, Evaluation
+from engine.files import deferred_interrupts
 from engine.protocols import FitContext, FitHook, Trainer
 from engine.run_log import RunLog
 from layers import MaskSet, dense_state_dict

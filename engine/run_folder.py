@@ -16,8 +16,9 @@ from typing import IO, Any
 
 from configs.errors import UserError
 from configs.schema import Config, Options, resumed_config
-from engine.checkpoint import check_resumable, load_checkpoint, remove_stale_temps, write_text
+from engine.checkpoint import check_resumable, load_checkpoint
 from engine.distributed import Dist
+from engine.files import remove_stale_temps, write_text
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
-from engine.checkpoint import write_text
+from engine.files import write_text
 from layers import LayerSparsity
 from pruning.cost import ModelCost
 

@@ -13,9 +13,9 @@ from torch import nn
 
 from configs.schema import Config
 from data.loaders import Loaders
-from engine.checkpoint import write_text
 from engine.distributed import Dist
 from engine.evaluate import Evaluation
+from engine.files import write_text
 from engine.loop import RunState
 from engine.run_log import RunLog, sparsity_table
 from layers import MaskSet

@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import os
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from configs.errors import UserError, one_line
+from engine.files import check_within, safe_name, write_bytes, write_text
 from study.runs import Run, link, load_runs, newest
+
+# A per-layer chart of more bars than this is unreadable (and its width grows with them): skipped, with a notice.
+MAX_LAYER_BARS = 400
 
 COLUMNS = ("dataset", "arch", "layer_type", "scope", "method", "seed", "k", "sparsity", "params_kept",
            "params_total", "params_ratio", "flops_kept", "flops_total", "flops_ratio", "top1_prune",
@@ -131,11 +136,19 @@ def collect_rows(runs: list[Run]) -> list[dict[str, Any]]:
 
 
 def write_csv(rows: list[dict[str, Any]], path: str) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: ("" if row[key] is None else row[key]) for key in COLUMNS})
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: ("" if row[key] is None else row[key]) for key in COLUMNS})
+    write_text(path, out.getvalue())
+
+
+def save_figure(fig: Any, path: str) -> None:
+    """A matplotlib figure as a PNG, written atomically (``engine.files``): never half a file under its name."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    write_bytes(path, buffer.getvalue())
 
 
 def group_key(row: dict[str, Any]) -> tuple[str, str, str]:
@@ -243,18 +256,26 @@ def plot_accuracy(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
         ax.set_title(f"{key[0]}, {key[1]}, {key[2]} (mean over seeds, band: min-max)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-        path = os.path.join(out_dir, f"accuracy_{key[0]}_{key[1]}_{key[2]}.png")
+        # The name comes from the summaries' data: reduced to a safe character set, it stays in out_dir.
+        path = os.path.join(out_dir, "accuracy_" + "_".join(safe_name(part, max_length=60) for part in key) + ".png")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        try:
+            save_figure(fig, path)
+        finally:
+            plt.close(fig)
         written.append(path)
     return written
 
 
-def plot_layers(summary: dict[str, Any], out_dir: str, *, name: str) -> str | None:
-    """Per-layer sparsity bars of one run (its ``layers`` record)."""
+def plot_layers(summary: dict[str, Any], out_dir: str, *, name: str,
+                notice: Callable[[str], None] = lambda line: None) -> str | None:
+    """Per-layer sparsity bars of one run (its ``layers`` record); none for more than ``MAX_LAYER_BARS``."""
     layers = summary.get("layers") or []
     if not layers:
+        return None
+    if len(layers) > MAX_LAYER_BARS:
+        notice(f"no per-layer chart: the run has {len(layers):,} masked layers, more than {MAX_LAYER_BARS} bars "
+               "can show (their counts are in its summary.json and sparsity.txt)")
         return None
     plt = matplotlib_agg().pyplot
     fig, ax = plt.subplots(figsize=(max(6.4, 0.35 * len(layers)), 4.2))
@@ -263,11 +284,15 @@ def plot_layers(summary: dict[str, Any], out_dir: str, *, name: str) -> str | No
     ax.set_xticks(range(len(layers)), [r["name"] for r in layers], rotation=90, fontsize=7)
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"per-layer sparsity: {summary.get('exp_name')} (overall {100 * float(summary['sparsity']):.2f} %)")
+    overall = summary.get("sparsity")
+    ax.set_title(f"per-layer sparsity: {str(summary.get('exp_name'))[:60]}"
+                 + (f" (overall {100 * float(overall):.2f} %)" if overall is not None else ""))
     fig.tight_layout()
-    path = os.path.join(out_dir, f"layers_{name}.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = os.path.join(out_dir, f"layers_{safe_name(name, max_length=120)}.png")
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -288,35 +313,47 @@ def layers_run(rows: list[dict[str, Any]], runs: list[Run], chosen: str | None) 
 
 def report(result_dir: str, *, out: str | None = None, layers: str | None = None, ks: Sequence[float] | None = None,
            notice: Callable[[str], None] = lambda line: None) -> list[str]:
+    bad = [k for k in ks or () if not 0 < k <= 1]  # NaN fails both comparisons
+    if bad:
+        raise UserError(f"--ks {bad[0]:g} is not a density in (0, 1]; pass k values of the runs, e.g. --ks 0.1 0.05")
     runs = load_runs(result_dir, notice=notice)
     if not runs:
         raise UserError(f"no finished run of train.py (a folder with its summary.json) under {result_dir}")
     rows = collect_rows(runs)
     matplotlib_agg()  # before anything is written: without it the report stops with one line
     out_dir = out or os.path.join(result_dir, "report")
-    os.makedirs(out_dir, exist_ok=True)
+    if out is None:
+        # The default folder lies in the results folder; if it (or a link on its way) points elsewhere,
+        # the report would write there: refused before anything is written.
+        check_within(os.path.join(out_dir, "table.md"), result_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not a folder; pass another --out")
     written = [os.path.join(out_dir, "results.csv"), os.path.join(out_dir, "table.md")]
     write_csv(rows, written[0])
-    with open(written[1], "w", encoding="utf-8") as fh:
-        fh.write(markdown_table(rows, ks=ks) + "\n")
+    write_text(written[1], markdown_table(rows, ks=ks) + "\n")
     written += plot_accuracy(rows, out_dir)
     chart_run = layers_run(rows, runs, layers)
     if chart_run is not None:
-        path = plot_layers(chart_run.summary, out_dir, name="_".join(chart_run.key).replace(os.sep, "_"))
+        path = plot_layers(chart_run.summary, out_dir, name="_".join(chart_run.key), notice=notice)
         if path:
             written.append(path)
     return written
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see python -m study.report --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m study.report", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m study.report", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("result_dir", help="the --result-dir of the runs (searched recursively)")
     parser.add_argument("--out", help="where to write (default RESULT_DIR/report)")
     parser.add_argument("--layers-run", help="run folder of the per-layer sparsity chart (default: the sparsest)")
     parser.add_argument("--ks", type=float, nargs="+", help="columns of table.md: these densities only (IMP shows "
                         "its nearest round within 10 %%, named in the cell); default: every density found")
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         written = report(args.result_dir, out=args.out, layers=args.layers_run, ks=args.ks,
                          notice=lambda line: print(f"notice: {line}", file=sys.stderr))
     except UserError as exc:

@@ -8,6 +8,7 @@ results folder that was moved or copied elsewhere still links up.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -61,21 +62,80 @@ def summary_files(root: str) -> Iterator[str]:
 REQUIRED = ("exp_mode", "dataset", "arch", "layer_type", "k", "trainer", "seed", "test_top1")
 
 
+MAX_SUMMARY_BYTES = 64 * 2**20  # far above any run's (a 1,000-layer model writes ~100 kB)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The type each entry the report reads must have when present (None allowed where noted): a summary
+# with another type was not written by train.py and is skipped, never half-read into a row.
+_TEXT = ("exp_mode", "dataset", "arch", "layer_type", "trainer")
+_NUMBERS = ("k", "test_top1")
+_OPTIONAL_NUMBERS = ("sparsity", "wall_seconds")
+_OPTIONAL_COUNTS = ("params_kept", "params_total", "flops_kept", "flops_total", "masked_params")
+_OPTIONAL_TEXT = ("source_net", "finished_at", "exp_name", "scope", "method", "prune_method")
+
+
+def _malformed(summary: dict[str, Any]) -> str | None:
+    """Why ``summary``'s entries cannot be reported on, or None."""
+    for key in _TEXT:
+        if not isinstance(summary[key], str):
+            return f"{key} is not a string"
+    for key in _NUMBERS:
+        if not _number(summary[key]):
+            return f"{key} is not a number"
+    if not (isinstance(summary["seed"], int) and not isinstance(summary["seed"], bool)):
+        return "seed is not an integer"
+    for key in _OPTIONAL_NUMBERS:
+        if summary.get(key) is not None and not _number(summary[key]):
+            return f"{key} is not a number"
+    for key in _OPTIONAL_COUNTS:
+        if summary.get(key) is not None and not _count(summary[key]):
+            return f"{key} is not a count"
+    for key in _OPTIONAL_TEXT:
+        if summary.get(key) is not None and not isinstance(summary[key], str):
+            return f"{key} is not a string"
+    layers = summary.get("layers")
+    if layers is not None:
+        if not isinstance(layers, list):
+            return "layers is not a list"
+        for row in layers:
+            if not (isinstance(row, dict) and isinstance(row.get("name"), str) and _count(row.get("params"))
+                    and _count(row.get("kept")) and row["kept"] <= row["params"]):
+                return "layers holds an entry that is not {name, params, kept} with kept <= params"
+    rounds = summary.get("imp_rounds")
+    if rounds is not None and not (isinstance(rounds, list) and rounds and all(
+            isinstance(r, dict) and _count(r.get("end_epoch")) and _number(r.get("density")) for r in rounds)):
+        return "imp_rounds is not a list of {round, density, end_epoch}"
+    return None
+
+
 def read_summary(path: str) -> dict[str, Any] | str:
     """The summary at ``path``, or why it cannot be reported on."""
     try:
+        if os.path.getsize(path) > MAX_SUMMARY_BYTES:
+            return f"larger than {MAX_SUMMARY_BYTES // 2**20} MB (no run of train.py writes one so large)"
         with open(path, encoding="utf-8") as fh:
             summary = json.load(fh)
     except (OSError, ValueError) as exc:
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    except RecursionError:
+        return "unreadable (nested too deep to be a run summary)"
     if not isinstance(summary, dict):
         return "not a run summary (a JSON object)"
     missing = [key for key in REQUIRED if key not in summary]
     if missing:
         return f"not a summary of this project's train.py (no {', '.join(missing)})"
     if summary["exp_mode"] not in MODES:
-        return f"unknown exp_mode {summary['exp_mode']!r}"
-    return summary
+        return f"unknown exp_mode {str(summary['exp_mode'])[:40]!r}"
+    why = _malformed(summary)
+    return f"malformed ({why})" if why else summary
 
 
 def load_runs(root: str, *, notice: Callable[[str], None] = lambda line: None) -> list[Run]:

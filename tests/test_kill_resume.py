@@ -43,7 +43,8 @@ import pytest
 import torch
 
 import train
-from engine.checkpoint import TMP_PREFIX, load_checkpoint
+from engine.checkpoint import load_checkpoint
+from engine.files import TMP_PREFIX
 from tests.helpers.cli import interrupt_at
 from trainers.base import BaseTrainer
 

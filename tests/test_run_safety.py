@@ -22,7 +22,8 @@ from configs.schema import load_config, read_options
 from layers import MaskSet, to_masked
 from models import build_model
 from trainers.base import BaseTrainer
-from engine.checkpoint import atomic_write, load_checkpoint
+from engine.checkpoint import load_checkpoint
+from engine.files import atomic_write
 from engine.run_folder import new_run_dir
 from tests.helpers.cli import interrupt_at, one_line_error, run_error, run_ok
 
@@ -658,7 +659,7 @@ def test_resume_with_frozen_masks_that_do_not_fit_names_the_file(runs):
 
 def test_written_files_get_the_mode_open_would_give(tmp_path):
     # mkstemp makes 0600 files: checkpoints and logs would be unreadable to a shared machine's group
-    from engine.checkpoint import write_text
+    from engine.files import write_text
     write_text(str(tmp_path / "summary.json"), "{}")
     umask = os.umask(0)
     os.umask(umask)
