@@ -7,12 +7,14 @@
 Formats and suffixes: see deploy/api.py. The model is rebuilt from the checkpoint's own config
 (arch, layer type, k, excluded layers); its input size is the checkpoint's --image-dim or its
 dataset's native size, or --image-size. Bad input exits with status 2 and a one-line ``error:``;
-nothing is written then.
+nothing is written then. An existing --out is refused unless --force (then named as replaced); every
+file is written atomically (engine.files), so a full disk leaves no truncated file under its name.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "checkpoint":
             parser.add_argument(name, help=meta["help"])
             continue
+        if name == "force":
+            parser.add_argument("--force", action="store_true", help=help_text)
+            continue
         kind = int if name == "image_size" else str
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, choices=meta["choices"],
                             default=f.default, required=name == "out", help=help_text)
@@ -77,7 +82,12 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
     masks = ckpt.get("masks")
     layer_type = config.get("layer_type", "dense")
     if masks and layer_type != "dense":
-        to_masked(model, granularity=layer_type, exclude=exclusion_patterns(config.get("exclude_layers")))
+        try:
+            to_masked(model, granularity=layer_type, exclude=exclusion_patterns(config.get("exclude_layers")))
+        except ValueError as exc:  # a recorded --exclude-layers that matches no layer of the architecture
+            raise UserError(f"{source} records --exclude-layers {config.get('exclude_layers')!r}, but {exc}; "
+                            "the checkpoint does not fit its own architecture: export a checkpoint train.py wrote "
+                            "as it is") from None
     load_model_state(model, state, source=source, notice=lambda line: None)
     if masks and layer_type != "dense":
         maskset = MaskSet(model, k=config.get("k", 1.0), granularity=layer_type, scope=config.get("scope", "global"),
@@ -87,12 +97,27 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
     return model.eval(), torch.zeros(1, channels, side, side)
 
 
+def check_out(options: ExportOptions) -> bool:
+    """Whether ``--out`` exists (and may be replaced: ``--force``); a UserError for a folder, or for an
+    existing file without ``--force``. Checked before anything is loaded or written."""
+    out = options.out
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder; name the file to write, e.g. --out {os.path.join(out, 'model.pt2')}")
+    exists = os.path.lexists(out)
+    if exists and not options.force:
+        raise UserError(f"--out {out} exists; pass --force to replace it, or choose another file")
+    return exists
+
+
 def run(options: ExportOptions) -> int:
+    replaced = check_out(options)
     ckpt = load_checkpoint(options.checkpoint)
     model, example = model_from_checkpoint(ckpt, source=options.checkpoint, image_size=options.image_size)
     result = export_model(model, example=example, format=options.format, path=options.out)
     for line in result.lines():
         print(line)
+    if replaced:
+        print(f"replaced {options.out}")
     return 0
 
 
@@ -101,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(read_options(sys.argv[1:] if argv is None else argv))
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # read-only or full file system: the writer left no file under the name
+        print(f"error: cannot write {exc.filename or 'the export'} ({exc.strerror or exc}); free space or choose "
+              "a writable --out", file=sys.stderr)
         return 2
 
 

@@ -259,6 +259,8 @@ class ExportOptions(OptionSection):
                    group="export")
     image_size: int | None = opt(None, "input side of the exported program (default: the checkpoint's --image-dim, "
                                  "else its dataset's native size)", group="export", check=at_least(1))
+    force: bool = opt(False, "replace --out if it exists (it is refused otherwise; the replaced file is named)",
+                      group="export")
 
 
 OBJECTIVES = ("natural", "pgd", "trades", "smooth", "stability")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import io
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from configs.errors import UserError
 from engine.checkpoint import save_checkpoint
-from engine.files import atomic_write_path
+from engine.files import atomic_write, atomic_write_path
 from layers import masked_layers
 from layers.convert import PLAIN_TWIN
 
@@ -88,7 +89,11 @@ def save_program(model: nn.Module, example: torch.Tensor, path: str) -> None:
     model, example = _frozen(model), _batch_of_two(example)
     with torch.no_grad():
         program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
-    write_atomic(path, lambda tmp: torch.export.save(program, tmp))
+    # Serialised in memory, then written by the atomic writer: torch.export's own file writer aborts the
+    # process (SIGABRT) on a full disk, where a write of bytes is an OSError naming the file.
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
 def load_program(path: str) -> nn.Module:

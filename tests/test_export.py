@@ -15,6 +15,7 @@ import train
 from deploy import export_model, load_program, load_sparse, slim
 from deploy.formats import onnx_outputs
 from deploy.slim import SlimError
+from engine.checkpoint import load_checkpoint
 from layers import MaskSet, dense_state_dict, to_masked
 from models import build_model, model_names
 
@@ -258,3 +259,50 @@ def test_export_knows_the_input_of_every_registered_dataset():
     from export import DATASET_INPUTS
 
     assert set(DATASET_INPUTS) == set(dataset_names())
+
+
+# -- --out that exists, folders, failing disks, checkpoints that do not fit their architecture -----------
+def test_an_existing_out_is_refused_unless_forced_and_then_named(filter_checkpoint, tmp_path, capsys):
+    out = tmp_path / "slim.pt2"
+    out.write_bytes(b"my earlier export")
+    assert export.main([filter_checkpoint, "--format", "slim", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exists; pass --force" in err and out.read_bytes() == b"my earlier export"
+    assert export.main([filter_checkpoint, "--format", "slim", "--out", str(out), "--force"]) == 0
+    assert f"replaced {out}" in capsys.readouterr().out and out.read_bytes()[:4] == b"PK\x03\x04"
+    assert export.main([filter_checkpoint, "--format", "slim", "--out", str(tmp_path)]) == 2
+    assert "is a folder; name the file" in capsys.readouterr().err
+
+
+def test_a_failing_disk_is_one_line_and_leaves_no_file(filter_checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from engine import files
+
+    real = files.atomic_write
+
+    def full(path, write, **kw):
+        def half(fh):
+            fh.write(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, half, **kw)
+
+    monkeypatch.setattr(files, "atomic_write", full)
+    import deploy.formats
+    monkeypatch.setattr(deploy.formats, "atomic_write", full)
+    out = tmp_path / "slim.pt2"
+    assert export.main([filter_checkpoint, "--format", "slim", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: cannot write {out} (No space left on device); free space or choose a writable --out\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_recorded_exclusion_that_matches_no_layer_is_one_line(filter_checkpoint, tmp_path, capsys):
+    ckpt = load_checkpoint(filter_checkpoint)
+    ckpt["config"]["exclude_layers"] = "layer9.*"
+    bad = tmp_path / "bad.pth.tar"
+    torch.save(ckpt, bad)
+    assert export.main([str(bad), "--format", "slim", "--out", str(tmp_path / "x.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "records --exclude-layers 'layer9.*'" in err
+    assert sorted(os.listdir(tmp_path)) == ["bad.pth.tar"]
