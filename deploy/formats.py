@@ -17,7 +17,7 @@ import copy
 import importlib
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ def exportable_masked(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model).eval()
     twin._forward_pre_hooks.clear()  # the MaskSet's re-selection hook: masks are fixed here
     for name, layer in masked_layers(twin).items():
-        plain = PLAIN_TWIN[type(layer)](layer)
+        plain = cast(nn.Linear | nn.Conv2d, PLAIN_TWIN[type(layer)](layer))
         with torch.no_grad():
             plain.weight.copy_(layer.weight)
             bias = getattr(layer, "bias", None)  # Conv2d/Linear: a Parameter or None

@@ -4,11 +4,17 @@
 their masked twins with the same weights; ``to_dense`` and ``dense_state_dict`` go back, with the
 masks applied, giving a model / state dict that loads strictly into the plain architecture.
 
-Which layers are masked depends on the granularity (``MASKED_TYPES``): every conv and linear layer
-for unstructured and N:M masks; convolutions only for filter and channel masks, as in BiP (its
-``get_layers`` returns a plain nn.Linear for them). A filter of a classifier is an output class,
-so masking linear rows would delete classes; and BiP's structured checkpoints have no scores for
-their linear layers, so they load here only if those layers stay plain.
+Which layers are masked depends on the granularity (``MASKED_TYPES``): every conv, linear and
+attention layer for unstructured and N:M masks; convolutions only for filter and channel masks, as
+in BiP (its ``get_layers`` returns a plain nn.Linear for them). A filter of a classifier is an output
+class, so masking linear rows would delete classes; and BiP's structured checkpoints have no scores
+for their linear layers, so they load here only if those layers stay plain.
+
+Subclasses of Conv2d/Linear are masked too (by their MRO) when they keep the base forward, and get
+their class back from ``to_dense``; ``nn.MultiheadAttention`` becomes ``layers.attention``'s twin,
+whose four projections are masked linear layers. What cannot be masked faithfully (a subclass with a
+forward of its own, attention under filter/channel masks or with add_bias_kv / add_zero_attn) is
+refused with ``UnmaskableLayer`` naming the layer and the --exclude-layers fix, never skipped.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layers.attention import MaskedMultiheadAttention, UnsupportedAttention
 from layers.masked import MaskedConv2d, MaskedLayer, MaskedLinear
 
 
@@ -34,35 +41,90 @@ def _linear_args(m: nn.Linear) -> dict:
                 device=m.weight.device, dtype=m.weight.dtype)
 
 
+def _copy_weights(source: Any, target: Any, *, weight: torch.Tensor) -> None:  # Conv2d/Linear pairs
+    with torch.no_grad():
+        target.weight.copy_(weight)
+        if source.bias is not None:
+            target.bias.copy_(source.bias)
+
+
 def _masked_conv(m: nn.Conv2d, granularity: str) -> MaskedConv2d:
-    return MaskedConv2d(**_conv_args(m), granularity=granularity)
+    twin = MaskedConv2d(**_conv_args(m), granularity=granularity)
+    _copy_weights(m, twin, weight=m.weight)
+    return twin
 
 
 def _masked_linear(m: nn.Linear, granularity: str) -> MaskedLinear:
-    return MaskedLinear(**_linear_args(m), granularity=granularity)
+    twin = MaskedLinear(**_linear_args(m), granularity=granularity)
+    _copy_weights(m, twin, weight=m.weight)
+    return twin
+
+
+def _masked_attention(m: nn.MultiheadAttention, granularity: str) -> MaskedMultiheadAttention:
+    return MaskedMultiheadAttention.from_plain(m, granularity)
 
 
 def _plain_conv(m: MaskedConv2d) -> nn.Conv2d:
-    return nn.Conv2d(**_conv_args(m))
+    plain = nn.Conv2d(**_conv_args(m))
+    _copy_weights(m, plain, weight=m.weight * m.mask)
+    return plain
 
 
 def _plain_linear(m: MaskedLinear) -> nn.Linear:
-    return nn.Linear(**_linear_args(m))
+    plain = nn.Linear(**_linear_args(m))
+    _copy_weights(m, plain, weight=m.weight * m.mask)
+    return plain
 
 
-# Registries: plain type -> masked twin constructor, and back. Exact types, so that a masked
-# layer (a subclass of its plain type) is never converted twice.
-MASKED_TWIN: dict[type[nn.Module], Callable[[Any, str], MaskedConv2d | MaskedLinear]] = {
-    nn.Conv2d: _masked_conv, nn.Linear: _masked_linear}
-PLAIN_TWIN: dict[type[nn.Module], Callable[[Any], nn.Conv2d | nn.Linear]] = {
-    MaskedConv2d: _plain_conv, MaskedLinear: _plain_linear}
+def _plain_attention(m: MaskedMultiheadAttention) -> nn.MultiheadAttention:
+    return m.plain()
+
+
+# Registries: plain type -> masked twin (weights copied), and back (weight * mask). A subclass of a
+# plain type (torchvision's NonDynamicallyQuantizableLinear, a user's Conv2d with extra attributes)
+# finds its twin through its MRO, as long as it keeps the base forward: the twin computes the base
+# forward with a masked weight, so a subclass that computes something else cannot be masked by it.
+# ``to_dense`` gives such a layer its own class back.
+MASKED_TWIN: dict[type[nn.Module], Callable[[Any, str], nn.Module]] = {
+    nn.Conv2d: _masked_conv, nn.Linear: _masked_linear, nn.MultiheadAttention: _masked_attention}
+PLAIN_TWIN: dict[type[nn.Module], Callable[[Any], nn.Module]] = {
+    MaskedConv2d: _plain_conv, MaskedLinear: _plain_linear, MaskedMultiheadAttention: _plain_attention}
 # Plain types that get a mask, per granularity (see the module docstring).
 MASKED_TYPES: dict[str, tuple[type, ...]] = {
-    "unstructured": (nn.Conv2d, nn.Linear),
+    "unstructured": (nn.Conv2d, nn.Linear, nn.MultiheadAttention),
     "filter": (nn.Conv2d,),
     "channel": (nn.Conv2d,),
-    "nm": (nn.Conv2d, nn.Linear),  # N:M keeps N/M of every row, so no class is ever removed
+    "nm": (nn.Conv2d, nn.Linear, nn.MultiheadAttention),  # N:M keeps N/M of every row: no class is ever removed
 }
+# Modules whose weights a user may call prunable: what --exclude-layers patterns are matched against.
+PRUNABLE_TYPES = (nn.Conv2d, nn.Linear, nn.MultiheadAttention)
+
+
+class UnmaskableLayer(ValueError):
+    """A layer a granularity would mask that no twin can reproduce (its message names it and the fix)."""
+
+
+def plain_base(module: nn.Module) -> type[nn.Module] | None:
+    """The registered plain type ``module`` is (itself or by inheritance), or None; masked twins are
+    never plain (they are not converted twice)."""
+    if isinstance(module, (MaskedLayer, MaskedMultiheadAttention)):
+        return None
+    return next((cls for cls in type(module).__mro__ if cls in MASKED_TWIN), None)
+
+
+def _prunable_names(model: nn.Module) -> list[str]:
+    """Qualified names of the modules --exclude-layers matches: convolutions, linear layers and attention
+    modules, but not the projections inside an attention module (it is masked or kept as a whole)."""
+    names: list[str] = []
+    inside: list[str] = []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, (nn.MultiheadAttention, MaskedMultiheadAttention)):
+            inside.append(name)
+        if isinstance(m, PRUNABLE_TYPES) or isinstance(m, MaskedMultiheadAttention):
+            names.append(name)
+    return names
 
 
 def _swap(model: nn.Module, make: Callable[[nn.Module], nn.Module | None], prefix: str = "",
@@ -86,22 +148,24 @@ def exclusion_patterns(text: str | None) -> list[str]:
 
 
 def excluded_layers(model: nn.Module, patterns: list[str]) -> list[str]:
-    """Conv2d/Linear layers of ``model`` whose qualified name matches one of ``patterns``.
-    Raises ValueError naming a pattern that matches no such layer (a typo would otherwise prune it)."""
-    names = [name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    """Conv2d/Linear/attention modules of ``model`` whose qualified name matches one of ``patterns``.
+    Raises ValueError naming a pattern that matches no such module (a typo would otherwise prune it)."""
+    names = _prunable_names(model)
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.0)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"layer pattern {pattern!r} matches no Conv2d/Linear layer of the model{hint} "
+            raise ValueError(f"layer pattern {pattern!r} matches no Conv2d/Linear/attention layer of the model{hint} "
                              f"(layers: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
 def to_masked(model: nn.Module, *, granularity: str, exclude: list[str] | None = None) -> nn.Module:
-    """Replace the Conv2d/Linear layers the granularity masks (``MASKED_TYPES``) by their masked
-    twins (all-ones mask), in place; returns model. Layers whose qualified name matches a pattern
-    of ``exclude`` (fnmatch) stay plain: no mask, never pruned, by any trainer or granularity."""
+    """Replace the layers the granularity masks (``MASKED_TYPES``, subclasses included) by their masked
+    twins (all-ones mask), in place; returns model. Layers whose qualified name matches a pattern of
+    ``exclude`` (fnmatch) stay plain: no mask, never pruned, by any trainer or granularity. Raises
+    ``UnmaskableLayer`` for a layer that must be masked but cannot be (a subclass with its own forward,
+    an attention option the twin lacks, attention under filter/channel masks)."""
     if granularity not in MASKED_TYPES:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {tuple(MASKED_TYPES)}")
     masked_types = MASKED_TYPES[granularity]
@@ -109,35 +173,46 @@ def to_masked(model: nn.Module, *, granularity: str, exclude: list[str] | None =
     name_of: dict[int, str] = {}
 
     def make(child: nn.Module) -> nn.Module | None:
-        factory = MASKED_TWIN.get(type(child))
-        if factory is None or type(child) not in masked_types or name_of[id(child)] in keep_plain:
+        base = plain_base(child)
+        name = name_of[id(child)]
+        if base is None:
             return None
-        assert isinstance(child, (nn.Conv2d, nn.Linear))  # the keys of MASKED_TWIN
-        twin = factory(child, granularity)
-        with torch.no_grad():
-            twin.weight.copy_(child.weight)
-            if child.bias is not None:
-                assert twin.bias is not None  # built with bias=child.bias is not None
-                twin.bias.copy_(child.bias)
+        if name in keep_plain:
+            return child  # kept as it is, and not entered: an excluded attention keeps its out_proj plain too
+        hint = f"keep it dense with --exclude-layers {name}"
+        if base not in masked_types:
+            if base is nn.MultiheadAttention:  # heads as structured units: not built yet, so never skipped silently
+                raise UnmaskableLayer(f"{name} is an attention module, which filter/channel masks cannot prune "
+                                      f"(structured attention is not supported): use --layer-type unstructured "
+                                      f"or nm, or {hint}")
+            return None
+        if type(child) is not base and type(child).forward is not base.forward:
+            raise UnmaskableLayer(f"{name} is a {type(child).__name__}, a {base.__name__} subclass with a forward "
+                                  f"of its own, which a masked {base.__name__} would not reproduce: {hint}")
+        try:
+            twin = MASKED_TWIN[base](child, granularity)
+        except UnsupportedAttention as exc:
+            raise UnmaskableLayer(f"{name}: {exc}; {hint}") from None
+        if type(child) is not base:
+            object.__setattr__(twin, "_plain_class", type(child))  # given back by to_dense (not a submodule)
         return twin
 
     return _swap(model, make, name_of=name_of)
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every masked layer by a plain one holding ``weight * mask``, in place."""
+    """Replace every masked layer by a plain one holding ``weight * mask``, in place; a layer that was
+    a subclass of Conv2d/Linear gets its own class back."""
 
     def make(child: nn.Module) -> nn.Module | None:
         factory = PLAIN_TWIN.get(type(child))
         if factory is None:
             return None
-        assert isinstance(child, (MaskedConv2d, MaskedLinear))  # the keys of PLAIN_TWIN
         plain = factory(child)
-        with torch.no_grad():
-            plain.weight.copy_(child.weight * child.mask)
-            if child.bias is not None:
-                assert plain.bias is not None  # built with bias=child.bias is not None
-                plain.bias.copy_(child.bias)
+        original = getattr(child, "_plain_class", None)
+        if original is not None:
+            # Its forward is the base's (checked by to_masked) and its state is the base's.
+            plain.__class__ = original
         return plain
 
     return _swap(model, make)
@@ -149,14 +224,21 @@ def masked_layers(model: nn.Module) -> dict[str, MaskedLayer]:
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the plain twin: masks applied to weights, no scores and no mask buffers."""
+    """State dict of the plain twin: masks applied to weights, no scores and no mask buffers; an attention
+    twin's projections packed back into nn.MultiheadAttention's keys."""
     layers = masked_layers(model)
+    attention = {name: m for name, m in model.named_modules() if isinstance(m, MaskedMultiheadAttention)}
     out = {}
     for key, value in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
+        if owner.rpartition(".")[0] in attention and owner.rpartition(".")[2] in ("q_proj", "k_proj", "v_proj",
+                                                                                  "out_proj"):
+            continue  # written below from the attention module itself
         if owner in layers and leaf in ("popup_scores", "mask"):
             continue
         if owner in layers and leaf == "weight":
             value = value * layers[owner].mask
         out[key] = value.detach().clone()
+    for name, module in attention.items():
+        out.update({f"{name}.{key}": value for key, value in module.plain_state().items()})
     return out

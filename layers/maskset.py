@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from configs.errors import UserError
 from configs.options import parse_nm
-from layers.convert import exclusion_patterns, masked_layers, to_masked
+from layers.convert import UnmaskableLayer, exclusion_patterns, masked_layers, to_masked
 from layers.masked import MaskedLayer
 from layers.selector import (
     IncrementalTopK,
@@ -223,6 +223,8 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
     patterns = exclusion_patterns(exclude)
     try:
         to_masked(model, granularity=granularity, exclude=patterns)
+    except UnmaskableLayer as exc:
+        raise UserError(str(exc)) from None
     except ValueError as exc:
         raise UserError(f"--exclude-layers: {exc}") from None
     try:
@@ -241,6 +243,9 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         raise UserError(f"--layer-type {granularity} masks convolutions only (linear layers stay dense, as in "
                         f"BiP) and {arch} has none: use --layer-type unstructured")
     notices = []
+    dense = unmasked_weights(model)
+    if dense:
+        notices.append(dense)
     if maskset.nm is not None:
         kept, size = maskset.nm
         notices.append(f"N:M masks: every group of {size} consecutive input channels/features keeps its {kept} "
@@ -250,3 +255,32 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         notices.append(f"every masked layer keeps at least {maskset.min_units} {unit}(s) "
                        f"(--layer-floor {maskset.min_units}), so no layer is emptied")
     return maskset, notices
+
+
+# Parameters that no mask reaches by design and that pruning never removes: summarised in one group.
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+def unmasked_weights(model: nn.Module, *, listed: int = 6) -> str | None:
+    """One log line naming the weights of ``model`` that stay dense (modules with a weight that hold no
+    mask, and parameters of their own such as a ViT's class token), each with its parameter count;
+    biases of masked layers and normalisation layers summed as one group. None when all are masked."""
+    masked = {id(p) for layer in masked_layers(model).values() for p in (layer.weight, layer.popup_scores)}
+    named: list[tuple[str, str, int]] = []
+    norm = 0
+    for name, module in model.named_modules():
+        own = [p for _, p in module.named_parameters(recurse=False) if id(p) not in masked]
+        if not own:
+            continue
+        count = sum(p.numel() for p in own)
+        if isinstance(module, MaskedLayer) or isinstance(module, _NORM_TYPES):
+            norm += count  # a masked layer's bias, or a norm layer's affine parameters
+        else:
+            named.append((name or "(model)", type(module).__name__, count))
+    if not named:
+        return None
+    total = sum(c for *_, c in named)
+    shown = ", ".join(f"{n} ({kind}, {c:,})" for n, kind, c in named[:listed])
+    more = f", ... and {len(named) - listed} more" if len(named) > listed else ""
+    extra = f"; plus {norm:,} biases and normalisation parameters" if norm else ""
+    return (f"{total:,} weights in {len(named)} module(s) stay dense (no mask, never pruned): {shown}{more}{extra}")

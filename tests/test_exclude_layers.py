@@ -32,7 +32,7 @@ def test_to_masked_leaves_matching_layers_plain():
 
 
 def test_unknown_pattern_names_the_layers():
-    with pytest.raises(ValueError, match="'cnv1' matches no Conv2d/Linear layer.*did you mean 'conv1'"):
+    with pytest.raises(ValueError, match="'cnv1' matches no Conv2d/Linear/attention layer.*did you mean 'conv1'"):
         excluded_layers(build_model("smallcnn", num_classes=10), ["cnv1"])
 
 
