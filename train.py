@@ -81,7 +81,7 @@ def run(options: Options, group: Dist) -> int:
     check_speed(SpeedOptions.of(cfg), device=device)
     run_dir = resumed_folder(cfg.resume) if start.resume is not None and cfg.resume else None
     if not cfg.evaluate and group.main:  # evaluating writes nothing; rank 0 alone writes
-        check_output(result_dir=cfg.result_dir, run_dir=run_dir)
+        check_output(result_dir=cfg.result_dir, exp_name=cfg.exp_name, run_dir=run_dir)
     seed_everything(cfg.seed)
     # Everything that can fail on bad input happens before the run folder exists.
     splits, loaders, evaluate = build_data(cfg, trainer_cls, device=device, group=group)

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from configs.errors import UserError
 from data.bad_records import BadRecordError, BadRecordPolicy
-from data.decode import decode_rgb
+from data.decode import check_image_header, decode_rgb
 from data.safe_pickle import UnsafePickleError, safe_loads
 from data.sampling import SampleKey, split_key
 
@@ -175,7 +175,10 @@ class LmdbImages(Dataset):
         self.bad = BadRecordPolicy(skip=skip_bad_records, source=path)
         if self._length:
             try:
-                self.raw(0)  # fail now, in the main process, on a file in another layout
+                # Fail now, in the main process, before the run folder exists, on a file in another layout
+                # or a record 0 that is no image (a decompression bomb among them: PIL checks the size
+                # in the header).
+                check_image_header(self.raw(0)[0], source=self.record_name(0))
             except BadRecordError:
                 if not skip_bad_records:
                     raise

@@ -35,6 +35,20 @@ def check_speed(options: SpeedOptions, *, device: torch.device) -> None:
     if options.amp == "fp16" and device.type != "cuda":
         raise UserError(f"--amp fp16 needs a CUDA device (float16 with loss scaling) and this run is on {device}: "
                         "use --amp bf16, which works on the CPU")
+    if options.compile:
+        check_compiler()
+
+
+def check_compiler() -> None:
+    """--compile's inductor backend builds C++ kernels (the CPU's, and the host side of the GPU's): without a
+    C++ compiler it fails at the first step, after the run folder exists. Asked of inductor itself."""
+    from torch._inductor.cpp_builder import get_cpp_compiler  # imported only with --compile: it is heavy
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # inductor's InvalidCxxCompiler, or its probe of the compiler failing
+        raise UserError(f"--compile needs a C++ compiler (g++ or clang++ on PATH, or $CXX) and none works here "
+                        f"({type(exc).__name__}); install one or drop --compile") from None
 
 
 class Precision:

@@ -18,7 +18,7 @@ from configs.errors import UserError
 from configs.schema import Config, Options, resumed_config
 from engine.checkpoint import check_resumable, load_checkpoint
 from engine.distributed import Dist
-from engine.files import remove_stale_temps, write_text
+from engine.files import check_within, remove_stale_temps, write_text
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,47 @@ def check_writable(folder: str, flag: str) -> None:
                         "pass a writable folder")
 
 
-def check_output(*, result_dir: str, run_dir: str | None) -> None:
+# The longest names a run writes below RESULT_DIR/EXP_NAME/EXP_MODE: its folder (a number, k, trainer,
+# epochs, arch) and, in it, checkpoint/.tmp-<pid>-<random>-checkpoint.pth.tar.
+RUN_PATH_RESERVE = 200
+NAME_MAX = 255  # bytes of one path component on the file systems runs write to (ext4, xfs, ...)
+
+
+def check_names(*, result_dir: str, exp_name: str) -> None:
+    """--result-dir and --exp-name as paths a run can create and log: UTF-8 text, an experiment name
+    that is one folder inside the results folder, components and a whole path the file system takes."""
+    for flag, value in (("--result-dir", result_dir), ("--exp-name", exp_name)):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{flag} {value!r} is not valid UTF-8 text (the run log and summary.json are UTF-8); "
+                            "rename it") from None
+    if exp_name in ("", ".", "..") or "/" in exp_name or os.sep in exp_name or "\0" in exp_name:
+        raise UserError(f"--exp-name {exp_name!r} must be one folder name inside --result-dir (no '/', not '.' or "
+                        "'..'); use --result-dir to choose where runs go")
+    parts = [p for p in os.path.abspath(result_dir).split(os.sep) if p] + [exp_name]
+    long = next((p for p in parts if len(p.encode("utf-8")) > NAME_MAX), None)
+    if long is not None:
+        raise UserError(f"a folder name of {len(long.encode('utf-8'))} bytes ({long[:20]}...) is longer than the "
+                        f"{NAME_MAX} a file system takes; shorten --result-dir or --exp-name")
+    limit = os.pathconf("/", "PC_PATH_MAX") if hasattr(os, "pathconf") else 4096
+    size = len(os.path.join(os.path.abspath(result_dir), exp_name, "finetune").encode("utf-8")) + RUN_PATH_RESERVE
+    if size > limit:
+        raise UserError(f"--result-dir is too long: its run folders' files would have paths of about {size} bytes, "
+                        f"more than this system's {limit}; choose a shorter --result-dir")
+
+
+def check_output(*, result_dir: str, exp_name: str, run_dir: str | None) -> None:
     """Fail before any work when the run could not write its folder: ``run_dir`` (a resumed run's) or
-    ``result_dir`` (where a new run's folder goes)."""
+    ``result_dir`` (where a new run's folder goes, named by ``exp_name``)."""
     if run_dir is not None:
         check_writable(run_dir, "--resume: the run folder")
     else:
+        check_names(result_dir=result_dir, exp_name=exp_name)
         check_writable(result_dir, "--result-dir")
+        parent = os.path.join(result_dir, exp_name)
+        if os.path.exists(parent):
+            check_within(os.path.join(parent, "x"), result_dir)  # an experiment folder linked elsewhere
 
 
 RUN_NUMBER = re.compile(r"(\d+)--")
@@ -171,7 +205,10 @@ def _runs(cfg: Config) -> list[str]:
     """The run folders of the experiment that no live process is running."""
     parent = os.path.join(cfg.result_dir, cfg.exp_name, cfg.exp_mode)
     try:
-        runs = [os.path.join(parent, name) for name in os.listdir(parent)]
+        # A run folder train.py made is never a symlink: one is someone else's, possibly leading out of
+        # --result-dir, and --resume auto does not follow it.
+        runs = [os.path.join(parent, name) for name in os.listdir(parent)
+                if not os.path.islink(os.path.join(parent, name))]
     except (FileNotFoundError, NotADirectoryError):
         return []
     return [run for run in runs if os.path.isdir(run) and not in_use(run)]

@@ -12,11 +12,16 @@ gives the same mask here for the same k; in exact arithmetic it is ceil(k * N). 
 float64 noise of a few ulps just below an integer is rounded away (1 - 0.9 is 0.0999...98, so
 their code keeps all 10 units at k = 0.9, N = 10; this rule keeps 9). See below for where exactly.
 
-Ties at the threshold are broken deterministically, as HYDRA/BiP break them: among equal unit
-scores the one with the HIGHER flat index (module order, then row-major order) is kept. Their
-GetSubnet sorts the scores ascending and zeroes the first (1 - k) N entries of the order, and the
-sort lists equal values by increasing index, so the lower indices are the ones pruned. Keeping the
-same order makes a public checkpoint with tied scores give the same mask here.
+Ties at the threshold are broken by a fixed rule of this project: among equal unit scores the one
+with the HIGHER flat index (module order, then row-major order) is kept, i.e. the order of a stable
+ascending sort whose first (N - n_keep) entries are pruned. The public GetSubnet has no such rule:
+it prunes the first entries of ``torch.sort``, which is not stable, and whose order among equal
+values is the kernel's (by increasing index up to 16 elements; from 17 on, scattered: a zeros tensor
+of 17 sorts as [8, 16, 15, 14, ...]). No deterministic rule reproduces it, so a public checkpoint
+gives its own mask here exactly when no tie straddles its threshold, which learned real-valued
+scores practically never do; with ties, the mask here is this rule's, the same on every run,
+device and thread count. Higher index rather than lower because it is what their sort gives on
+the short tensors (<= 16) where its order is defined.
 
 Where the counts differ from theirs: only where (1 - k) * N, computed in float64, lands a few ulps
 below an integer j. Their ``int()`` then prunes j - 1 units and this rule prunes j, so they keep one
@@ -139,7 +144,7 @@ def check_finite(values: torch.Tensor) -> None:
 def top_units(values: torch.Tensor, count: int, *, check: bool = True) -> torch.Tensor:
     """Boolean vector with exactly ``count`` True entries at the largest ``values``.
 
-    Ties at the threshold keep the highest indices (HYDRA/BiP's order, see the module docstring).
+    Ties at the threshold keep the highest indices (the project's rule, see the module docstring).
     ``values`` is 1-D and free of NaN (+-inf is fine); ``check=False`` skips the NaN check, whose
     result must be read on the host: with it off the selection never synchronises with a GPU (the
     OBS step checks its statistics once for all layers instead).
@@ -282,7 +287,7 @@ class IncrementalTopK:
     of concatenating and partially sorting all N scores, this brackets the new threshold around the
     old one with a few counting passes (|s| >= t written straight into the mask buffers), takes the
     exact threshold from the few values inside the bracket, and writes ``|s| >= threshold``. The
-    result is identical to ``select_masks`` (ties fall back to it, so they keep the lowest indices).
+    result is identical to ``select_masks`` (ties fall back to it, so they keep the highest indices).
     Used by ``MaskSet`` for unstructured masks; the stateless function stays the reference.
     """
 

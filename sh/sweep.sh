@@ -8,11 +8,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/lib.sh
-DATASET="${1:?usage: sh/sweep.sh DATASET bip|hydra PRETRAINED \"K1 K2 ...\" [train.py flags...]}"
-METHOD="${2:?method: bip or hydra}"
-PRE="${3:?path of the pretrained checkpoint}"
-KS="${4:?densities to sweep, e.g. \"0.2 0.1 0.05\"}"
+USAGE='usage: sh/sweep.sh DATASET bip|hydra PRETRAINED "K1 K2 ..." [train.py flags...]'
+fail() { echo "error: $1; $USAGE" >&2; exit 2; }
+[ $# -ge 4 ] || fail "sh/sweep.sh needs 4 arguments and got $#"
+DATASET="$1" METHOD="$2" PRE="$3" KS="$4"
 shift 4
+[ "$METHOD" = bip ] || [ "$METHOD" = hydra ] || fail "method '$METHOD' is not bip or hydra (sh/study.sh runs the other methods)"
+[ -n "$DATASET" ] && [ -f "configs/$DATASET/$METHOD.yml" ] || fail "no config configs/$DATASET/$METHOD.yml (datasets: $(ls configs | grep -v '\.py$' | tr '\n' ' '))"
+[ -f "$PRE" ] || fail "the pretrained checkpoint '$PRE' is not a file"
+[ -n "${KS// /}" ] || fail "no densities given: pass them as one argument, e.g. \"0.2 0.1 0.05\""
+for K in $KS; do
+  "$PY" -c 'import sys; k = float(sys.argv[1]); sys.exit(not 0 < k <= 1)' "$K" 2>/dev/null || fail "density '$K' is not a number in (0, 1]"
+done
 OUT="${OUT:-results/sweep_${DATASET}_${METHOD}}"
 summaries=()
 for K in $KS; do

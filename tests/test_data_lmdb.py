@@ -310,3 +310,28 @@ def test_shell_wrapper_runs_the_writer(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "verified" in result.stdout
     assert sorted(os.listdir(tmp_path / "out")) == ["train.lmdb", "val.lmdb"]
+
+
+def _png_bomb(side: int = 100_000) -> bytes:
+    """A valid PNG header that declares side x side pixels (10^10): PIL refuses it from the header."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def test_a_decompression_bomb_in_record_0_is_refused_when_the_file_is_opened(tmp_path):
+    """Before the run folder exists (the dataset is built first), as any other defect of record 0."""
+    records = _records(3)
+    records[0] = (_png_bomb(), 0)
+    path = str(tmp_path / "train.lmdb")
+    write_bip_lmdb(path, records)
+    with pytest.raises(UserError, match=r"key b'0' is not a readable image \(DecompressionBombError\)"):
+        LmdbImages(path, transform=_identity, num_classes=4)
+    lenient = LmdbImages(path, transform=_identity, num_classes=4, skip_bad_records=True)
+    assert lenient[0][1] == 1 and lenient.skipped_records == 1

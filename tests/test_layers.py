@@ -43,7 +43,8 @@ def test_n_keep_rejects_density_outside_unit_interval(k):
 
 
 def public_keep(values, k):
-    """HYDRA/BiP's GetSubnet on a 1-D tensor: sort ascending, zero the first int((1 - k) N)."""
+    """HYDRA/BiP's GetSubnet on a 1-D tensor (sort ascending, zero the first int((1 - k) N)) with a STABLE
+    sort: their count, and the project's tie rule (their own torch.sort has no defined order at ties)."""
     _, idx = values.sort(stable=True)
     j = int((1 - k) * values.numel())
     keep = torch.ones(values.numel(), dtype=torch.bool)
@@ -51,7 +52,7 @@ def public_keep(values, k):
     return keep
 
 
-def test_top_units_ties_keep_highest_index_as_hydra_and_bip():
+def test_top_units_ties_keep_the_highest_index():
     v = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])
     assert top_units(v, 2).tolist() == [False, False, False, True, True]   # the issue's example, k = 0.4
     assert top_units(v, 2).tolist() == public_keep(v, 0.4).tolist()
@@ -63,8 +64,9 @@ def test_top_units_ties_keep_highest_index_as_hydra_and_bip():
 
 
 @pytest.mark.parametrize("k", [0.05, 0.1, 0.25, 0.5, 0.75])
-def test_tied_scores_give_the_public_code_mask(k):
-    """Deliberately tied scores (few distinct values): the same mask as their sort, entry by entry."""
+def test_tied_scores_give_the_stable_sort_mask(k):
+    """Deliberately tied scores (few distinct values): the documented rule, entry by entry: the public
+    count with a stable ascending sort deciding the ties."""
     g = torch.Generator().manual_seed(7)
     v = torch.randint(0, 5, (10_007,), generator=g).float()
     assert n_keep(k, v.numel()) == v.numel() - int((1 - k) * v.numel())

@@ -25,7 +25,7 @@ from trainers.base import BaseTrainer
 from engine.checkpoint import load_checkpoint
 from engine.files import atomic_write
 from engine.run_folder import new_run_dir
-from tests.helpers.cli import interrupt_at, one_line_error, run_error, run_ok
+from tests.helpers.cli import QUICK_RUN, interrupt_at, one_line_error, run_error, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "128", "--no-progress", "--data-fraction", "0.3", "--lr", "0.05"]
@@ -664,3 +664,53 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(tmp_path / "summary.json").st_mode & 0o777 == 0o666 & ~umask
+
+
+# -- names and places a run is told to write to ------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["--exp-name", "../../escape"], "must be one folder name inside --result-dir"),
+    (["--exp-name", ".."], "must be one folder name inside --result-dir"),
+    (["--exp-name", "a\udcffb"], "--exp-name 'a\\udcffb' is not valid UTF-8 text"),
+    (["--exp-name", "x" * 300], "a folder name of 300 bytes"),
+])
+def test_names_that_would_escape_or_break_the_results_folder_are_refused(tmp_path, capsys, args, needle):
+    err = run_error(tmp_path, capsys, *QUICK_RUN, *args)
+    assert needle in err, err
+    assert os.listdir(tmp_path) == []  # nothing made, not even above --result-dir
+
+
+def test_a_result_dir_too_long_or_not_utf8_is_refused_without_a_folder(tmp_path, capsys):
+    deep = os.path.join(str(tmp_path), *(["d" * 200] * 21))  # 4,200+ characters
+    err = one_line_error(capsys, train.main([*QUICK_RUN, "--result-dir", deep]), 2)
+    assert "--result-dir is too long" in err and os.listdir(tmp_path) == []
+    err = one_line_error(capsys, train.main([*QUICK_RUN, "--result-dir", str(tmp_path / "r\udcff")]), 2)
+    assert "is not valid UTF-8 text" in err and os.listdir(tmp_path) == []
+
+
+def test_an_experiment_folder_linked_outside_the_results_folder_is_refused(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "res").mkdir()
+    os.symlink(outside, tmp_path / "res" / "t")
+    err = one_line_error(capsys, train.main(["--result-dir", str(tmp_path / "res"), *QUICK_RUN, "--exp-name", "t"]), 2)
+    assert "outside" in err and os.listdir(outside) == []
+
+
+def test_resume_auto_does_not_follow_a_run_folder_that_is_a_symlink(tmp_path, capsys, runs):
+    """A linked "run folder" (someone else's, outside --result-dir) is never taken over by --resume auto."""
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(runs.pruned, outside)
+    os.remove(outside / "summary.json")  # looks unfinished: --resume auto would pick it
+    before = tree(str(outside))
+    parent = tmp_path / "res" / "t" / "pretrain"
+    parent.mkdir(parents=True)
+    os.symlink(outside, parent / "1--k-1_trainer-base_epochs-2_arch-smallcnn")
+    run_ok(tmp_path, "--resume", "auto", "--epochs", "1")
+    assert tree(str(outside)) == before
+
+
+def test_compile_without_a_cxx_compiler_is_refused_before_the_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CXX", raising=False)
+    err = run_error(tmp_path, capsys, *QUICK_RUN, "--compile")
+    assert "--compile needs a C++ compiler" in err, err

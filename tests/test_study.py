@@ -343,3 +343,29 @@ def test_study_launcher_runs_every_stage_then_skips_what_finished(tmp_path):
     again = subprocess.run(["bash", script, "Digits", "--no-progress"], env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stderr.count("finished before") == 6  # pretrain, 2 x 2 stages, lth
     assert "run folder:" not in again.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "needs 4 arguments and got 0"),
+    (["Digits", "bip", "PRE"], "needs 4 arguments and got 3"),
+    (["Digits", "bip", "PRE", ""], "no densities given"),
+    (["Digits", "bip", "PRE", "   "], "no densities given"),
+    (["Digits", "bipp", "PRE", "0.1"], "method 'bipp' is not bip or hydra"),
+    (["", "bip", "PRE", "0.1"], "no config configs//bip.yml"),
+    (["Nope", "hydra", "PRE", "0.1"], "no config configs/Nope/hydra.yml"),
+    (["Digits", "bip", "MISSING", "0.1"], "the pretrained checkpoint 'MISSING' is not a file"),
+    (["Digits", "bip", "PRE", "0.1 abc"], "density 'abc' is not a number in (0, 1]"),
+    (["Digits", "bip", "PRE", "0"], "density '0' is not a number in (0, 1]"),
+    (["Digits", "bip", "PRE", "1.5"], "density '1.5' is not a number in (0, 1]"),
+])
+def test_sweep_launcher_refuses_bad_arguments_with_one_line(tmp_path, args, needle):
+    pre = tmp_path / "pre.pth.tar"
+    pre.write_bytes(b"")
+    args = [str(pre) if a == "PRE" else a for a in args]
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "sh", "sweep.sh"), *args], env=env, capture_output=True,
+                          text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], \
+        proc.stderr
+    assert not (tmp_path / "out").exists()

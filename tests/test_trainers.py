@@ -218,8 +218,9 @@ def hydra_style_checkpoint(model, path):
 
 
 def bip_unstructured_mask(scores, k):
-    """BiP's GetSubnetUnstructured over the concatenation of all scores (read from its public code).
-    Their sort lists equal scores by increasing index (stable=True makes that explicit here)."""
+    """BiP's GetSubnetUnstructured over the concatenation of all scores (read from its public code),
+    with a stable sort: without ties their mask exactly; with ties the project's rule (their unstable
+    torch.sort has no defined order at ties beyond 16 elements, so no rule reproduces it)."""
     flat = torch.cat([s.abs().flatten() for s in scores])
     _, idx = flat.sort(stable=True)
     j = int((1 - k) * flat.numel())
@@ -259,7 +260,7 @@ def test_public_code_checkpoint_gives_their_mask(tmp_path, k, ties):
     for layer in masked_layers(theirs).values():
         with torch.no_grad():
             layer.popup_scores.normal_()
-            if ties:  # a handful of distinct values: the tie order decides most of the mask
+            if ties:  # a handful of distinct values: the tie rule decides most of the mask (theirs: the sort kernel)
                 layer.popup_scores.round_()
     path = tmp_path / "hydra.pth.tar"
     hydra_style_checkpoint(theirs, path)
