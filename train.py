@@ -32,6 +32,7 @@ from data import DatasetSplits, Loaders, build_dataset, build_loaders, dataset_n
 from engine.checkpoint import is_storage_error, load_checkpoint
 from engine.distributed import Dist, check_launch, launched, lost_peer, run_device, sharded_evaluation, sync_batchnorm
 from engine.evaluate import Evaluation, build_evaluation
+from engine.exits import interrupted_line, lost_peer_line
 from engine.loop import RunState, fit, seed_everything, start_point
 from engine.memory import check_run_fits
 from engine.obs_update import ObsUpdate
@@ -56,12 +57,6 @@ from trainers import TRAINERS, get_trainer
 from trainers.base import BaseTrainer
 from trainers.build import build_trainer
 
-INTERRUPTED = "interrupted; the last checkpoint.pth.tar is complete (writes are atomic); continue with --resume"
-# Under torchrun a process is stopped by a signal when another one failed (torchrun ends them all).
-STOPPED_BY_TORCHRUN = ("stopped: torchrun ends every process when one fails (its error is above) or the job is "
-                       "stopped; the last checkpoint.pth.tar is complete; the same command with --resume auto "
-                       "continues the run")
-
 
 def registry_names() -> dict[str, list[str]]:
     """The names --help lists for the options the registries fill."""
@@ -69,7 +64,7 @@ def registry_names() -> dict[str, list[str]]:
             "prune_method": PRUNE_METHODS.names()}
 
 
-def run(options: Options, group: Dist) -> int:
+def run(options: Options, group: Dist, *, began: threading.Event) -> int:
     started = time.monotonic()
     notices: list[str] = []
     start = settle_config(options, group=group, notice=notices.append)
@@ -111,6 +106,7 @@ def run(options: Options, group: Dist) -> int:
         run_dir = claim_run_folder(cfg, run_dir=run_dir, config_text=yaml.safe_dump(run_cfg, sort_keys=False),
                                    auto=start.auto, main=group.main, changed=start.changed,
                                    start_epoch=state.start_epoch, notice=notices.append)
+        began.set()
         log.open(run_dir)
         if start.resume is not None:
             log.rewrite_csv(state.history)  # exactly the checkpoint's epochs: none twice, none lost
@@ -205,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _interrupt)
     rank, world = launched()  # under torchrun: which process this is
     distributed = world > 1
+    began = threading.Event()  # set once the run folder is claimed: from then on there is a run to resume
 
     def error(text: str) -> None:
         # Every process says its own error (one may fail alone: its data, its GPU's memory); under
@@ -214,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = read_options(sys.argv[1:] if argv is None else argv, names=registry_names())
         group = join_group(options)
-        code = run(options, group)
+        code = run(options, group, began=began)
         group.close()
         return code
     except UserError as exc:  # also one raised in a DataLoader worker: one_line drops the worker's traceback
@@ -226,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # a collective failed: another process died or hangs
         if not (distributed and lost_peer(exc)):
             raise
-        say_line(f"error: rank {rank} lost the other processes ({one_line(exc)[:200]}); the last checkpoint.pth.tar "
-                 "is complete; the same command with --resume auto continues the run")
+        say_line(lost_peer_line(began=began.is_set(), rank=rank, cause=one_line(exc)))
         return 1
     except OSError as exc:  # a full disk while closing the log, after the last checkpoint
         if not is_storage_error(exc):
@@ -236,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               "free space and continue with --resume")
         return 1
     except KeyboardInterrupt:
-        if rank == 0:
-            say_line(STOPPED_BY_TORCHRUN if distributed else INTERRUPTED)
+        say_line(interrupted_line(began=began.is_set(), rank=rank, distributed=distributed))
         return 130
     finally:
         release()  # the run folder's lock

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
@@ -71,13 +72,7 @@ class Dist:
         if not tdist.is_initialized():
             if cuda:
                 torch.cuda.set_device(local_rank)
-            # torchrun's store outlives a restart (--max-restarts): keys of the failed attempt (its
-            # processes' addresses) must not be read by the next one, so each attempt gets a prefix.
-            store, _, _ = next(rendezvous("env://", rank=rank, world_size=world,
-                                          timeout=datetime.timedelta(seconds=timeout_s)))
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            tdist.init_process_group(backend=backend, store=PrefixStore(f"train-attempt-{attempt}", store),
-                                     rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+            _join_interruptibly(rank=rank, world=world, backend=backend, timeout_s=timeout_s)
         return Dist(rank=rank, world=world, local_rank=local_rank, backend=backend)
 
     # -- collectives (no-ops in a group of one) -------------------------------------------------
@@ -227,6 +222,41 @@ def sync_batchnorm(model: nn.Module, *, group: Dist, device: torch.device) -> nn
     if group.enabled and device.type == "cuda":
         return cast(nn.Module, nn.SyncBatchNorm.convert_sync_batchnorm(model))
     return model
+
+
+def _join(*, rank: int, world: int, backend: str, timeout_s: float) -> None:
+    # torchrun's store outlives a restart (--max-restarts): keys of the failed attempt (its
+    # processes' addresses) must not be read by the next one, so each attempt gets a prefix.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    tdist.init_process_group(backend=backend, store=PrefixStore(f"train-attempt-{attempt}", store),
+                             rank=rank, world_size=world, timeout=timeout)
+
+
+def _join_interruptibly(*, rank: int, world: int, backend: str, timeout_s: float) -> None:
+    """Join the group in a helper thread while the main thread waits for it in Python.
+
+    Joining waits in C++ for every rank to arrive. A rank that failed before joining (bad input it
+    alone sees: a missing config file on its node) never arrives; torchrun then sends SIGTERM, but a
+    signal's Python handler runs only once the main thread is back in Python, so a main thread
+    blocked in the join ignored it until torchrun's SIGKILL 30 s later, without its line. Waiting
+    here in short Python-level joins lets SIGTERM stop the process at once. The thread is a daemon:
+    a stopped process does not wait for a join that will never complete."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            _join(rank=rank, world=world, backend=backend, timeout_s=timeout_s)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="join-process-group", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if failure:
+        raise failure[0]
 
 
 PEER_FAILURE = ("gloo", "NCCL", "Connection reset", "Connection closed", "ProcessGroup")

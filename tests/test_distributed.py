@@ -247,6 +247,38 @@ def test_bad_input_under_torchrun_is_one_line_per_process(tmp_path, lenet_source
     assert not os.listdir(tmp_path)
 
 
+# Bad input that one rank alone sees (its node's copy of a file): a sitecustomize makes rank 1 fail there.
+RANK1_FAILS = {
+    "options": ("import configs.schema as where\nname = 'read_options'\n",
+                "stopped before the run began: torchrun ends every process"),
+    "data": ("import data as where\nname = 'build_dataset'\n", "error: rank 0 lost the other processes"),
+}
+
+
+@pytest.mark.parametrize("stage", list(RANK1_FAILS))
+def test_bad_input_on_one_rank_stops_every_rank_each_with_its_line(tmp_path, stage):
+    """Before joining the group (its options) or after (its data): rank 1's line, then rank 0's own line
+    (it was not left waiting for a rank that never comes until torchrun's SIGKILL, 30 s later), and no
+    run folder."""
+    where, rank0 = RANK1_FAILS[stage]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('RANK') == '1':\n"
+        "    from configs.errors import UserError\n"
+        + "".join(f"    {line}\n" for line in where.splitlines())
+        + "    def fail(*args, **kwargs):\n        raise UserError('only rank 1 sees this (test): fix it')\n"
+        "    setattr(where, name, fail)\n")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*launcher, "train.py", "--configs", "configs/Digits/pretrain.yml", *COMMON, "--epochs", "1",
+                           "--result-dir", str(tmp_path / "res")], cwd=ROOT, capture_output=True, text=True,
+                          env={**_env(), "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}"}, timeout=120)
+    ours = [line for line in done.stderr.splitlines() if line.startswith(("error", "stopped"))]
+    assert done.returncode != 0 and len(ours) == 2, done.stderr[-3000:]
+    assert "error (rank 1): only rank 1 sees this (test): fix it" in ours
+    assert any(line.startswith(rank0) and "nothing was written" in line for line in ours), ours
+    assert not (tmp_path / "res").exists()
+
+
 def _ranks(parent: int) -> dict[int, int]:
     """{rank: pid} of torchrun's workers (children of its agent process)."""
     found = {}
