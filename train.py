@@ -52,6 +52,7 @@ from engine.summary import evaluation_report, finish, header
 from layers import MaskSet, build_maskset
 from layers.convert import MASKED_TYPES
 from models import build_model, model_names
+from models import torchvision_zoo as tv
 from pruning.methods import PRUNE_METHODS
 from trainers import TRAINERS, get_trainer
 from trainers.base import BaseTrainer
@@ -60,7 +61,7 @@ from trainers.build import build_trainer
 
 def registry_names() -> dict[str, list[str]]:
     """The names --help lists for the options the registries fill."""
-    return {"arch": model_names(), "dataset": dataset_names(), "trainer": TRAINERS.names(),
+    return {"arch": [*model_names(), tv.HELP_NAME], "dataset": dataset_names(), "trainer": TRAINERS.names(),
             "prune_method": PRUNE_METHODS.names()}
 
 
@@ -164,7 +165,8 @@ def build_network(cfg: Config, trainer_cls: type[BaseTrainer], start: Start, *, 
     if cfg.exp_mode != "pretrain":
         maskset, lines = build_maskset(model, granularity=cfg.layer_type, k=cfg.k, scope=cfg.scope,
                                        layer_floor=cfg.layer_floor, nm=cfg.nm, exclude=cfg.exclude_layers,
-                                       arch=cfg.arch)
+                                       arch=cfg.arch, example=torch.zeros(1, splits.in_channels, splits.image_size,
+                                                                          splits.image_size))
         for line in lines:
             notice(line)
     if start.resume is not None:

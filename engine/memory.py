@@ -87,7 +87,7 @@ def activation_bytes_per_sample(model: nn.Module, *, in_channels: int, image_siz
     try:
         model.eval()
         model(torch.empty(1, in_channels, image_size, image_size, dtype=dtype, device="meta"))
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:  # torchvision's ViT asserts its input size
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"the architecture cannot take {image_size}x{image_size} inputs ({first[:160]}); "
                         "pass a larger --image-dim") from None

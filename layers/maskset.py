@@ -117,9 +117,13 @@ class MaskSet:
         bad = {name: nm_group_dim(layer.weight.shape) for name, layer in self.layers.items()
                if nm_group_dim(layer.weight.shape) % m}
         if bad:
-            listed = ", ".join(f"{name} ({dim})" for name, dim in bad.items())
+            depthwise = {name for name in bad if _is_depthwise(self.layers[name])}
+            listed = ", ".join(f"{name} ({dim}{', depthwise' if name in depthwise else ''})"
+                               for name, dim in bad.items())
+            why = ("; a depthwise conv has one input channel per filter, so N:M along input channels does not exist "
+                   "there" if depthwise else "")
             raise NMShapeError(f"N:M {n}:{m} groups {m} consecutive input channels/features, but these layers have "
-                               f"an input dimension that is not a multiple of {m}: {listed}", list(bad))
+                               f"an input dimension that is not a multiple of {m}: {listed}{why}", list(bad))
 
     # Eager under torch.compile (--compile): the selection is host-side, data-dependent control flow
     # (thresholds, counts) that dynamo would specialise on and recompile at every score step.
@@ -216,10 +220,12 @@ class MaskSet:
 
 
 def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, layer_floor: int | None = None,
-                  nm: str = "2:4", exclude: str | None = None, arch: str = "the model") -> tuple[MaskSet, list[str]]:
+                  nm: str = "2:4", exclude: str | None = None, arch: str = "the model",
+                  example: torch.Tensor | None = None) -> tuple[MaskSet, list[str]]:
     """Mask ``model``'s layers (``to_masked``, keeping the ``exclude`` patterns dense) and build the run's
     mask set. A refusal is a UserError naming the flag that fixes it (--exclude-layers, --layer-type,
-    --layer-floor); returns the mask set and the notices for the run log."""
+    --layer-floor); returns the mask set and the notices for the run log. ``example``: one input batch;
+    given, a forward pass checks that every masked layer is called as a module (``check_called``)."""
     patterns = exclusion_patterns(exclude)
     try:
         to_masked(model, granularity=granularity, exclude=patterns)
@@ -227,6 +233,8 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         raise UserError(str(exc)) from None
     except ValueError as exc:
         raise UserError(f"--exclude-layers: {exc}") from None
+    if granularity == "channel":
+        check_channel_units(model, patterns)
     try:
         maskset = MaskSet(model, k=k, granularity=granularity, scope=scope, min_units=layer_floor,
                           nm=parse_nm(nm) if granularity == "nm" else None)
@@ -236,6 +244,8 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         raise UserError(f"--layer-type nm: {exc}; keep them dense with --exclude-layers {keep}") from None
     except SelectionError as exc:
         raise UserError(str(exc)) from None
+    if example is not None:
+        check_called(model, maskset, example=example, patterns=patterns)
     if not maskset.layers and exclude:
         raise UserError(f"--exclude-layers {exclude} excludes every layer --layer-type {granularity} would mask: "
                         "nothing is left to prune; exclude fewer layers")
@@ -255,6 +265,58 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         notices.append(f"every masked layer keeps at least {maskset.min_units} {unit}(s) "
                        f"(--layer-floor {maskset.min_units}), so no layer is emptied")
     return maskset, notices
+
+
+def _is_depthwise(layer: nn.Module) -> bool:
+    groups = getattr(layer, "groups", 1)
+    return groups > 1 and getattr(layer, "in_channels", 0) == groups
+
+
+def check_channel_units(model: nn.Module, patterns: list[str]) -> None:
+    """Refuse channel masks on grouped convolutions. A channel unit is an input channel: dim 1 of the
+    weight, shared by every filter. In a grouped conv dim 1 indexes the channels WITHIN a group, so
+    unit j would be the j-th input channel of every group at once (several real channels), and a
+    depthwise conv (groups = channels) would be a single unit, kept or removed whole. For a depthwise
+    conv a filter is also its channel: --layer-type filter masks it by channel."""
+    grouped = [(name, layer.groups) for name, layer in masked_layers(model).items()
+               if getattr(layer, "groups", 1) > 1]
+    if grouped:
+        depthwise = sum(1 for name, _ in grouped if _is_depthwise(model.get_submodule(name)))
+        shown = ", ".join(f"{name} (groups {g})" for name, g in grouped[:4])
+        more = f" and {len(grouped) - 4} more" if len(grouped) > 4 else ""
+        keep = ",".join(patterns + [name for name, _ in grouped])
+        raise UserError(f"--layer-type channel: {shown}{more} are grouped convolutions ({depthwise} depthwise), whose "
+                        "input channels are not units shared by all their filters; use --layer-type filter (for a "
+                        f"depthwise conv a filter is its channel) or keep them dense with --exclude-layers {keep}")
+
+
+def check_called(model: nn.Module, maskset: MaskSet, *, example: torch.Tensor, patterns: list[str]) -> None:
+    """Refuse masked layers that the forward pass never calls as modules: their parent reads their weight
+    in its own code (torchvision's Swin attention calls ``F.linear(x, self.qkv.weight)``), so their mask
+    would change nothing while the report counted it. One forward pass of ``example`` in eval mode,
+    without gradients (nothing is trained or updated), then the model's mode is put back."""
+    called: set[str] = set()
+    handles = [layer.register_forward_pre_hook(lambda module, args, name=name: called.add(name))
+               for name, layer in maskset.layers.items()]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(training)
+        for handle in handles:
+            handle.remove()
+    missed = [name for name in maskset.layers if name not in called]
+    if missed:
+        parent = missed[0].rpartition(".")[0]
+        owner = type(model.get_submodule(parent)).__name__ if parent else type(model).__name__
+        shown = ", ".join(missed[:4]) + (f" and {len(missed) - 4} more" if len(missed) > 4 else "")
+        # one pattern per kind of layer (its last two name parts: Swin's 24 "features.i.j.attn.qkv" are "*.attn.qkv")
+        keep = ",".join(patterns + sorted({"*." + ".".join(n.split(".")[-2:]) if n.count(".") > 1 else n
+                                           for n in missed}))
+        raise UserError(f"{shown}: the forward pass never calls them (their parent, e.g. {owner}, reads their weights "
+                        f"in its own code), so a mask there would change nothing; keep them dense with "
+                        f"--exclude-layers {keep}")
 
 
 # Parameters that no mask reaches by design and that pruning never removes: summarised in one group.
