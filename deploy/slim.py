@@ -184,6 +184,17 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
             rewritten = isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d))
             if first is None or (rewritten and calls[node.target] > 1):  # one module, two channel sets
                 unknown(node)
+            elif type(mod) is nn.Conv2d and is_depthwise(mod) and len(first) == mod.in_channels:
+                # Output channel j is computed from input channel j alone: the two are one channel, tied.
+                mask = masks.get(node.target)
+                rows = mask.flatten(1).any(1) if mask is not None else None
+                read(first, rows)  # input j is read through filter j
+                outs = [el.new(alive=rows is None or bool(rows[j]), producer=(node.target, j))
+                        for j in range(mod.out_channels)]
+                for a, b in zip(first, outs):
+                    el.union(a, b)
+                chans[node] = outs
+                analysis.convs[node.target] = node
             elif type(mod) is nn.Conv2d and mod.groups == 1:
                 mask = masks.get(node.target)
                 rows = mask.flatten(1).any(1) if mask is not None else None
@@ -244,11 +255,27 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
     return analysis
 
 
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """One filter per input channel (groups = in = out channels): MobileNet's and EfficientNet's 3x3 convs."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def _same_channels(shape: tuple[int, ...] | None, out: tuple[int, ...]) -> bool:
+    """Whether an operand of shape ``shape`` lines up channel by channel with the output ``out``: the same
+    batch and channels, each spatial size equal or 1 (broadcast: squeeze-excitation's per-channel scale)."""
+    if shape is None or len(shape) != len(out) or shape[:2] != out[:2]:
+        return False
+    return all(a in (b, 1) for a, b in zip(shape[2:], out[2:]))
+
+
 def _elementwise(node: fx.Node, chans: dict[fx.Node, list[int]], el: _Elements, unknown: Any) -> None:
-    """An elementwise op of activations ties the channels at the same index (a residual add)."""
+    """An elementwise op of activations ties the channels at the same index: a residual add, or the
+    per-channel scale of squeeze-excitation (channel j of the input times the j-th scale). The scale of a
+    removed channel varies with the input: the constancy check of removed channels then keeps it."""
     tensors = [a for a in node.args if isinstance(a, fx.Node) and a in chans]
     shape = _shape(node)
-    if not tensors or shape is None or any(len(chans[a]) != shape[1] or _shape(a) != shape for a in tensors):
+    if not tensors or shape is None or any(len(chans[a]) != shape[1] or not _same_channels(_shape(a), shape)
+                                           for a in tensors):
         unknown(node)  # broadcasting over channels, or an operand we know nothing of
         return
     if any(isinstance(a, fx.Node) and a not in chans for a in node.args):
@@ -438,6 +465,8 @@ def _nonconstant_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int], probe: t
     consumers = {**a.convs, **a.linears}
     inputs = _captured_inputs(gm, consumers, probe)
     for name, node in consumers.items():
+        if name in a.convs and is_depthwise(cast(nn.Conv2d, gm.get_submodule(name))):
+            continue  # a removed input channel of a depthwise conv feeds only its own, removed, output
         elements = a.channels[cast(fx.Node, node.args[0])]
         x = inputs[name]
         weight = gm.get_submodule(name).weight
@@ -471,6 +500,9 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
         src = node.args[0]
         assert isinstance(src, fx.Node)
         cin, cout = idx(src), idx(node)
+        if is_depthwise(conv):
+            _rewrite_depthwise(out, name, conv, cout, masks.get(name), report)
+            continue
         kept_in = set(cin)
         removed = [i for i in range(conv.in_channels) if i not in kept_in]
         weight = conv.weight.detach()
@@ -557,6 +589,26 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
             target.kwargs = {**target.kwargs, "pad": tuple(pad)}
     out.recompile()
     return out.eval(), report
+
+
+def _rewrite_depthwise(out: fx.GraphModule, name: str, conv: nn.Conv2d, keep: list[int], mask: torch.Tensor | None,
+                       report: SlimReport) -> None:
+    """A depthwise conv keeps the filters of its kept channels (its input and output channels are tied, so
+    nothing removed is read: no constant to fold)."""
+    weight = conv.weight.detach()
+    new = nn.Conv2d(len(keep), len(keep), conv.kernel_size, stride=conv.stride, padding=conv.padding,  # type: ignore[arg-type]
+                    dilation=conv.dilation, groups=len(keep), bias=conv.bias is not None,  # type: ignore[arg-type]
+                    padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight[keep])
+        if conv.bias is not None:
+            assert new.bias is not None
+            new.bias.copy_(conv.bias.detach()[keep])
+    _set_module(out, name, new)
+    if mask is not None:
+        dead = ~mask.flatten(1).any(1)[keep]
+        if bool(dead.any()):
+            report.forced.append(ForcedKeep(name, int(dead.sum()), 0, int((~mask[keep]).sum())))
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
