@@ -185,6 +185,24 @@ def test_weight_shape_is_preserved():
 # ---- group OBS ----
 
 
+@pytest.mark.parametrize("block", [None, 864])  # dual: 256 x 256 Woodbury systems; primal: 288 x 288 blocks
+def test_group_obs_of_large_groups_at_two_threads(block):
+    """The sizes where batched float64 LU (torch.linalg.solve) failed on the pinned stack at 2 threads
+    (oneMKL DLASWP errors, then minutes of spinning): 256 rows, groups of 288 (a 32x3x3 filter); the
+    Cholesky solves give the float64 reference."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        G, w, inv, F = setup(m=256, d=4 * 288, block=block)
+        stat = group_obs_statistic(weight=w, fisher_inverse=inv, group_size=288)
+    finally:
+        torch.set_num_threads(before)
+    Finv = torch.linalg.inv(F)
+    expect = torch.stack([w[q:q + 288] @ torch.linalg.solve(Finv[q:q + 288, q:q + 288], w[q:q + 288])
+                          for q in range(0, 4 * 288, 288)])
+    torch.testing.assert_close(stat, expect, rtol=1e-7, atol=0)
+
+
 @pytest.mark.parametrize("block,g", [(20, 10), (None, 10), (12, 4)])  # dual g > m, whole layer, primal
 def test_group_obs_single_group(block, g):
     G, w, inv, F = setup(m=6, d=60, block=block)
