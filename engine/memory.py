@@ -66,9 +66,15 @@ def available_bytes(device: torch.device, *, on_host: bool = False) -> int | Non
 
 
 def meta_model(build: Callable[[], nn.Module]) -> nn.Module:
-    """The architecture built on the meta device: shapes only, no memory."""
-    with torch.device("meta"):
-        return build()
+    """The architecture built on the meta device: shapes only, no memory. A constructor that computes
+    with tensor values (torchvision's RegNet derives its widths with ``torch.arange(...).tolist()``)
+    cannot run there; it is built on the CPU and moved to the meta device, the same shapes at the cost of
+    one model's weights, which the run allocates next anyway."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except NotImplementedError:  # "Cannot copy out of meta tensor; no data!"
+        return build().to("meta")
 
 
 def activation_bytes_per_sample(model: nn.Module, *, in_channels: int, image_size: int,

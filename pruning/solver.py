@@ -331,7 +331,8 @@ class OBSSolver:
             raise ValueError(f"new masks lack layers {sorted(missing)[:3]}")
         limit_ok = self._joint_fits()
         use_joint = joint and limit_ok and self.method.compensates
-        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)  # a mask reviving a pruned weight
+        singular = torch.zeros((), dtype=torch.bool, device=self.device)  # a Cholesky factorisation failed
         counts = []
         with torch.no_grad():
             for i, group in enumerate(self.groups):
@@ -346,20 +347,25 @@ class OBSSolver:
                 for name, part in self._split(group, p.perm, w_new.reshape(-1)).items():
                     self.layers[name].weight.copy_(part)
                 if p.inverse is not None:
-                    bad = bad | p.inverse.failed()
+                    singular = singular | p.inverse.failed()
                 self._prepared.pop(i, None)  # the weights moved: this group's cache is stale
             self._kept_bytes = 0
             for name, layer in self.layers.items():
                 layer.mask.copy_(new_masks[name].to(layer.mask.device, torch.bool))
                 layer.weight.mul_(layer.mask)
             # The one host synchronisation of the step: failure flags and the counts for the log.
-            flags = torch.stack([bad, self._nan]).tolist()
+            flags = torch.stack([bad, singular, self._nan]).tolist()
             totals = torch.stack(counts).sum(0).tolist()
-            failed_revive, failed_nan = flags
+            failed_revive, failed_cholesky, failed_nan = flags
         self._nan = torch.zeros((), dtype=torch.bool, device=self.device)
-        if failed_revive:
-            raise RuntimeError("the new masks revive pruned weights, or a Cholesky factorisation of the damped "
-                               "Fisher failed (increase --fisher-damp, or check the gradients for inf/nan)")
+        if failed_revive:  # the caller's masks, not the data: a defect, not a run condition
+            raise ValueError("the new masks revive pruned weights")
+        if failed_cholesky:  # the data: one line and exit 1 from train.py, the last checkpoint kept
+            raise FloatingPointError(
+                f"the damped Fisher (lambda {self.fisher.damp:g}) is not positive definite in float64: the gradient "
+                "rows are (nearly) collinear and so large that lambda is lost next to them, as when a model's "
+                "eval-mode gradients explode (BatchNorm statistics of a barely trained source network); start from "
+                "a better-trained --source-net, or raise --fisher-damp towards the rows' squared norms")
         if failed_nan:
             raise FloatingPointError("the pruning statistic is NaN (gradients with inf/nan?); increase --fisher-damp")
         alive, pruned = int(totals[0]), int(totals[1])

@@ -115,6 +115,28 @@ def test_compensate_is_the_joint_obs_optimum_per_block(block):
         assert torch.equal(layer.mask, new[name])
 
 
+def test_a_fisher_that_float64_cannot_factor_is_a_floating_point_error_and_a_revival_a_value_error():
+    """Collinear gradient rows of norm ~1e12 (an eval-mode model whose gradients exploded): lambda is lost
+    next to them and the factorisation fails; that is the data's doing (one line, exit 1 from train.py),
+    unlike masks that revive pruned weights (the caller's)."""
+    model, layers, G = quadratic_setup()
+    direction = G[:1] / G[:1].norm()
+    solver = OBSSolver(layers, granularity="unstructured", method=PRUNE_METHODS["woodfisher"],
+                       fisher=FisherSettings(m=6, damp=1e-5, block_size=8))
+    solver.add_gradients(1e12 * direction.expand(6, -1) * torch.arange(1.0, 7.0, dtype=G.dtype)[:, None])
+    new = {"0": torch.ones(4, 5, dtype=torch.bool), "1": torch.ones(3, 4, dtype=torch.bool)}
+    new["0"][0, :3] = False
+    with pytest.raises(FloatingPointError, match="not positive definite in float64"):
+        solver.compensate(new)
+    model, layers, G = quadratic_setup()
+    solver = OBSSolver(layers, granularity="unstructured", method=PRUNE_METHODS["woodfisher"],
+                       fisher=FisherSettings(m=6, damp=1e-3, block_size=8))
+    solver.add_gradients(G)
+    layers["0"].mask[0, 0] = False
+    with pytest.raises(ValueError, match="revive pruned weights"):
+        solver.compensate({"0": torch.ones(4, 5, dtype=torch.bool), "1": torch.ones(3, 4, dtype=torch.bool)})
+
+
 def test_sum_update_and_the_joint_limit_fallback_say_which():
     model, layers, G = quadratic_setup()
     new = {"0": torch.ones(4, 5, dtype=torch.bool), "1": torch.ones(3, 4, dtype=torch.bool)}
