@@ -35,3 +35,17 @@ def test_bench_amp_times_every_trainer_in_every_setting(monkeypatch, capsys):
     rows = [line for line in stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [t for t in ("dense", "HYDRA", "BiP", "WoodFisher")
                                                                   for _ in range(4)]
+
+
+def test_bench_models_counts_coverage_and_slims_without_torch_pruning():
+    """bench_models' own parts (Torch-Pruning is a benchmark-only dependency, not installed by CI)."""
+    from bench import bench_models
+    from pruning.cost import model_cost
+
+    c = bench_models.coverage("mobilenet_cifar", side=8, classes=10)
+    assert c["layers"] == 28 and 0.99 < c["covered"] < 1 and c["sparsity_masked"] == 0.5
+    dense = bench_models.build_model("mobilenet_cifar", num_classes=10, image_size=8).eval()
+    example = torch.randn(1, 3, 8, 8)
+    ours = bench_models.ours_slimmed(dense, example=example)
+    assert model_cost(ours, example=example).flops_total < 0.6 * model_cost(dense, example=example).flops_total
+    assert bench_models.classifier(dense) is dense.fc
