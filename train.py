@@ -29,6 +29,7 @@ from configs.errors import RunStopped, UserError, one_line
 from configs.options import FisherOptions, RobustOptions, SpeedOptions, section_of
 from configs.schema import Config, Options, read_options
 from data import DatasetSplits, Loaders, build_dataset, build_loaders, dataset_names
+from deploy.slim import coupled_groups
 from engine.checkpoint import is_storage_error, load_checkpoint
 from engine.distributed import Dist, check_launch, launched, lost_peer, run_device, sharded_evaluation, sync_batchnorm
 from engine.evaluate import Evaluation, build_evaluation
@@ -162,11 +163,12 @@ def build_network(cfg: Config, trainer_cls: type[BaseTrainer], start: Start, *, 
                    masked_types=MASKED_TYPES.get(cfg.layer_type, ()) if cfg.exp_mode != "pretrain" else (),
                    batch_size=cfg.batch_size, needs=functools.partial(trainer_cls.memory_needs, options=section))
     model, maskset = build(), None
+    example = torch.zeros(1, splits.in_channels, splits.image_size, splits.image_size)
     if cfg.exp_mode != "pretrain":
         maskset, lines = build_maskset(model, granularity=cfg.layer_type, k=cfg.k, scope=cfg.scope,
                                        layer_floor=cfg.layer_floor, nm=cfg.nm, exclude=cfg.exclude_layers,
-                                       arch=cfg.arch, example=torch.zeros(1, splits.in_channels, splits.image_size,
-                                                                          splits.image_size))
+                                       arch=cfg.arch, example=example,
+                                       coupled=coupled_groups(model, example=example) if cfg.coupled else None)
         for line in lines:
             notice(line)
     if start.resume is not None:

@@ -26,6 +26,7 @@ class Capabilities:
     rewind_point: bool = False           # reads a --rewind-epoch checkpoint of its --source-net run
     fp16: bool = True                    # runs under --amp fp16 (its GradScaler)
     obs_update: str | None = None        # None: accepts --obs-update; else why not (for the error line)
+    coupled: str | None = None           # None: its masks come from the mask set's selector, so --coupled applies
 
     def __post_init__(self) -> None:
         unknown = set(self.modes) - set(MODES)

@@ -89,12 +89,26 @@ def _check_options(cfg: Config, trainer: type[TrainerSpec], registry: Trainers) 
                         "(same speed on recent GPUs, no scaling needed)")
     if cfg.layer_type == "nm" and cfg.exp_mode in ("prune", "finetune"):
         _check_nm(cfg)
+    if cfg.coupled:
+        _check_coupled(cfg, caps, name)
     RobustOptions.of(cfg).check_combination(normalize=cfg.normalize)
 
 
 def _who(registry: Trainers, does: Callable[[Capabilities], bool]) -> str:
     """'the base trainer' (or 'the a or b trainer'): the registered trainers whose record ``does``."""
     return "the " + " or ".join(n for n, t in registry if does(t.capabilities)) + " trainer"
+
+
+def _check_coupled(cfg: Config, caps: Capabilities, name: str) -> None:
+    if cfg.layer_type != "filter":
+        raise UserError(f"--coupled ties filters across layers: it needs --layer-type filter (got {cfg.layer_type}); "
+                        "drop --coupled or pass --layer-type filter")
+    if caps.coupled is not None:
+        raise UserError(f"--coupled applies to masks the selector learns (HYDRA, BiP); the {name} trainer "
+                        f"{caps.coupled}: drop --coupled")
+    if cfg.layer_floor is not None:
+        raise UserError("--layer-floor does not apply with --coupled (units are dependency groups, not a layer's "
+                        "filters): drop --layer-floor")
 
 
 def _check_nm(cfg: Config) -> None:

@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torchvision.ops import StochasticDepth, stochastic_depth
 
+from configs.errors import UserError
 from layers import masked_layers, to_dense
 from pruning.cost import model_cost
 
@@ -76,10 +78,12 @@ class FoldedConv2d(nn.Conv2d):
 PER_CHANNEL_MODULES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
     nn.Hardswish, nn.Hardsigmoid, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    StochasticDepth)  # torchvision's residual-branch drop: a per-sample factor, identity in eval
 PER_CHANNEL_FUNCTIONS: set[Any] = {
     F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.dropout, F.max_pool2d, F.avg_pool2d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
+    stochastic_depth}  # (fx traces StochasticDepth's forward into this wrapped function: EfficientNet, ConvNeXt)
 PER_CHANNEL_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach"}
 ELEMENTWISE_FUNCTIONS: set[Any] = {operator.add, operator.iadd, operator.sub, operator.mul, torch.add, torch.sub,
                                    torch.mul}
@@ -620,3 +624,33 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     """Multiply-accumulates of the conv and linear layers for one input batch, per sample (the project's
     one counter, ``pruning.cost``)."""
     return model_cost(model, example=x[:1]).flops_total
+
+
+def coupled_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[tuple[str, int]]]:
+    """``dependency_groups`` for ``--coupled``: a model fx cannot trace is one line naming the flag."""
+    try:
+        return dependency_groups(model, example=example)
+    except SlimError as exc:
+        raise UserError(f"--coupled needs the channel dependencies of the model, but {exc}; drop --coupled") from None
+
+
+def dependency_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[tuple[str, int]]]:
+    """The filters of ``model``'s convolutions that slimming can only remove together: one list of
+    (conv name, filter index) per group of tied channels (a residual stream's channel, a depthwise conv's
+    channel with its producer's filter, a squeeze-excitation scale with its channel), from the same
+    channel analysis as ``slim``. Every filter of an analysed conv is in exactly one group (most alone);
+    convs the analysis does not see (called twice, grouped but not depthwise) are left out.
+    Raises SlimError when torch.fx cannot trace the model."""
+    plain = to_dense(copy.deepcopy(model)).eval()
+    try:
+        gm = fx.symbolic_trace(plain)
+    except Exception as exc:  # fx raises many types for data-dependent control flow
+        raise SlimError(f"torch.fx cannot trace the model ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    ShapeProp(gm).propagate(_probe_inputs(example, 1)[:1])
+    el = _analyse(gm, {}).elements
+    groups: dict[int, list[tuple[str, int]]] = {}
+    for e, producer in enumerate(el.producer):
+        if producer is not None:
+            groups.setdefault(el.find(e), []).append(producer)
+    return list(groups.values())

@@ -32,7 +32,7 @@ from layers import MaskSet, init_scores
 from layers.selector import STRUCTURED
 from pruning.methods import magnitude_masks
 
-FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope when the masks must be re-derived
+FINETUNE_MUST_MATCH = ("arch", "layer_type", "k")  # + scope and coupled when the masks must be re-derived
 HEAD_KEYS = ("weight", "bias", "popup_scores", "mask")  # what a (masked) classifier stores
 
 
@@ -104,7 +104,7 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
             raise UserError(f"{source} has no scores or masks: finetune needs the output of --exp-mode prune, or "
                             "pass --scaled-score-init for HYDRA's magnitude baseline (the mask is the top-k of |w|)")
         if not dense:
-            keys: tuple[str, ...] = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope",)
+            keys: tuple[str, ...] = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope", "coupled")
             if run.get("layer_type") == "nm":  # 2:4 and 4:8 share k = 0.5: the pattern itself must match
                 keys += ("nm",)
             check_matches(ckpt, run=run, keys=keys, source=source)

@@ -14,7 +14,7 @@ Two regimes:
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 from configs.errors import UserError
 from configs.options import parse_nm
 from layers.convert import UnmaskableLayer, exclusion_patterns, masked_layers, to_masked
+from layers.coupling import Coupling
 from layers.masked import MaskedLayer
 from layers.selector import (
     IncrementalTopK,
@@ -71,11 +72,16 @@ class LayerSparsity:
 
 class MaskSet:
     def __init__(self, model: nn.Module, *, k: float, granularity: str, scope: str,
-                 min_units: int | None = None, nm: tuple[int, int] | None = None) -> None:
+                 min_units: int | None = None, nm: tuple[int, int] | None = None,
+                 coupling: Coupling | None = None) -> None:
         """min_units: per-layer floor (None: ``DEFAULT_MIN_UNITS`` of the granularity). Raises
         ``SelectionError`` when the floors of a global selection do not fit in its budget.
         nm: (N, M) for granularity ``nm`` (k, scope and min_units then do not choose the masks);
-        ``NMShapeError`` names the layers whose input dimension is not a multiple of M."""
+        ``NMShapeError`` names the layers whose input dimension is not a multiple of M.
+        coupling: filter masks chosen per dependency group (``layers.coupling``; min_units does not apply)."""
+        if coupling is not None and granularity != "filter":
+            raise ValueError(f"coupled masks are filter masks, not {granularity!r}")
+        self.coupling = coupling
         self.layers: dict[str, MaskedLayer] = masked_layers(model)
         self.k = k
         self.granularity = granularity
@@ -84,6 +90,8 @@ class MaskSet:
         if granularity == "nm":
             self._check_nm(nm)
         self.min_units = DEFAULT_MIN_UNITS[granularity] if min_units is None else min_units
+        if coupling is not None:
+            self.min_units = 0  # a family keeps at least one unit (--scope layer); a global budget decides alone
         if scope == "global" and self.min_units and self.layers:
             check_floor(self.unit_counts(), k=k, min_units=self.min_units)
         self.frozen = False
@@ -146,6 +154,11 @@ class MaskSet:
                     count = n_keep(self.k, sum(layer.weight.numel() for layer in group))
                     selector.select_into([layer.popup_scores for layer in group], [layer.mask for layer in group],
                                          count)
+            elif self.coupling is not None:
+                chosen = self.coupling.select({n: layer.popup_scores for n, layer in self.layers.items()}, k=self.k,
+                                              scope=self.scope)
+                for name, layer in self.layers.items():
+                    layer.mask.copy_(chosen[name])
             else:
                 masks = select_masks([layer.popup_scores for layer in self.layers.values()], k=self.k,
                                      granularity=self.granularity, scope=self.scope, min_units=self.min_units,
@@ -208,12 +221,16 @@ class MaskSet:
 
     def state_dict(self) -> dict:
         return {"k": self.k, "granularity": self.granularity, "scope": self.scope, "nm": self.nm,
-                "min_units": self.min_units, "frozen": self.frozen, "masks": self.masks()}
+                "coupled": self.coupling is not None, "min_units": self.min_units, "frozen": self.frozen,
+                "masks": self.masks()}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("k", "granularity", "scope", "nm"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"mask set {key} is {state[key]!r} in the state, {getattr(self, key)!r} here")
+        if state.get("coupled", False) != (self.coupling is not None):
+            raise ValueError(f"mask set coupled is {state.get('coupled', False)!r} in the state, "
+                             f"{self.coupling is not None!r} here")
         self.set_masks(state["masks"])
         self.frozen = bool(state["frozen"])
         self._seen = self._score_versions()  # the loaded masks belong to the loaded scores
@@ -221,11 +238,14 @@ class MaskSet:
 
 def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, layer_floor: int | None = None,
                   nm: str = "2:4", exclude: str | None = None, arch: str = "the model",
-                  example: torch.Tensor | None = None) -> tuple[MaskSet, list[str]]:
+                  example: torch.Tensor | None = None,
+                  coupled: Sequence[Sequence[tuple[str, int]]] | None = None) -> tuple[MaskSet, list[str]]:
     """Mask ``model``'s layers (``to_masked``, keeping the ``exclude`` patterns dense) and build the run's
     mask set. A refusal is a UserError naming the flag that fixes it (--exclude-layers, --layer-type,
     --layer-floor); returns the mask set and the notices for the run log. ``example``: one input batch;
-    given, a forward pass checks that every masked layer is called as a module (``check_called``)."""
+    given, a forward pass checks that every masked layer is called as a module (``check_called``).
+    ``coupled``: the model's dependency groups of filters (``deploy.slim.dependency_groups``): filter
+    masks chosen per group (``layers.coupling``)."""
     patterns = exclusion_patterns(exclude)
     try:
         to_masked(model, granularity=granularity, exclude=patterns)
@@ -235,9 +255,11 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         raise UserError(f"--exclude-layers: {exc}") from None
     if granularity == "channel":
         check_channel_units(model, patterns)
+    coupling = None if coupled is None else Coupling.of(
+        coupled, {name: layer.weight.shape[0] for name, layer in masked_layers(model).items()})
     try:
         maskset = MaskSet(model, k=k, granularity=granularity, scope=scope, min_units=layer_floor,
-                          nm=parse_nm(nm) if granularity == "nm" else None)
+                          nm=parse_nm(nm) if granularity == "nm" else None, coupling=coupling)
     except NMShapeError as exc:
         # The fix is one flag: the user's own exclusions plus these layers.
         keep = ",".join(patterns + exc.names)
@@ -253,6 +275,10 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         raise UserError(f"--layer-type {granularity} masks convolutions only (linear layers stay dense, as in "
                         f"BiP) and {arch} has none: use --layer-type unstructured")
     notices = []
+    if coupling is not None:
+        notices.append(f"coupled filter masks: {coupling.units:,} units, {coupling.tied():,} of them filters tied "
+                       "across layers (residual additions, depthwise convs, squeeze-excitation), kept or pruned "
+                       "together")
     dense = unmasked_weights(model)
     if dense:
         notices.append(dense)

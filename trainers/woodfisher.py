@@ -68,7 +68,9 @@ class WoodFisherTrainer(FixedMaskTrainer):
     """Gradual OBS pruning (see the module docstring)."""
 
     capabilities = Capabilities(label="woodfisher", fisher_rows=True,
-                                obs_update="applies the OBS update at every pruning event already")
+                                obs_update="applies the OBS update at every pruning event already",
+                                coupled="ranks filters by its statistic layer by layer (a dependency group's OBS "
+                                        "statistic over all its weights is not implemented)")
     Options = WoodFisherOptions
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 

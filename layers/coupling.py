@@ -1,0 +1,85 @@
+"""Coupled filter masks: one keep/drop decision per dependency group of tied filters (``--coupled``).
+
+Per-layer filter masks let a residual stream keep the union of what the convs adding into it keep,
+and a depthwise conv keep the union of its own and its producer's filters, so slimming removes less
+than k says. With coupling, the filters that share a channel (``deploy.slim.dependency_groups``:
+residual additions, depthwise convs and their producers, squeeze-excitation) form one unit:
+
+- its score is the L2 norm of all its members' scores (each member filter's score tensor), the
+  per-group analogue of HYDRA/BiP's filter score (the L2 norm of a filter's scores);
+- the one selector keeps n_keep(k, units) units: over all units (``--scope global``), or within each
+  *family* (``--scope layer``): the units whose members come from the same set of layers, e.g. the
+  channels of one residual stream, or the filters of one plain conv, so that every layer keeps k of
+  its own filters, as without coupling;
+- every member filter of a kept unit is kept, of a dropped one dropped: a pruned channel disappears
+  everywhere it flows, and the slimmed model drops it whole.
+Filters the analysis does not couple are units of their own, so a network without ties gets exactly
+its per-layer masks.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from layers.selector import expand_units, n_keep, top_units
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """For each masked layer, the unit (dependency group) of each of its filters; and each unit's family."""
+    unit_of: dict[str, torch.Tensor]  # layer name -> LongTensor (filters,): the unit of each filter
+    family_of: torch.Tensor           # LongTensor (units,): the family of each unit
+    units: int
+
+    @staticmethod
+    def of(groups: Sequence[Sequence[tuple[str, int]]], filters: dict[str, int]) -> Coupling:
+        """From ``deploy.slim.dependency_groups`` and the masked layers' filter counts; filters of masked
+        layers in no group become units of their own."""
+        unit_of = {name: torch.full((count,), -1, dtype=torch.long) for name, count in filters.items()}
+        members: list[list[tuple[str, int]]] = []
+        for group in groups:
+            own = [(name, j) for name, j in group if name in unit_of]
+            if own:
+                for name, j in own:
+                    unit_of[name][j] = len(members)
+                members.append(own)
+        for name, units in unit_of.items():
+            for j in (units < 0).nonzero().flatten().tolist():
+                units[j] = len(members)
+                members.append([(name, j)])
+        families: dict[tuple[str, ...], int] = {}
+        family_of = torch.tensor([families.setdefault(tuple(sorted({n for n, _ in m})), len(families))
+                                  for m in members], dtype=torch.long)
+        return Coupling(unit_of=unit_of, family_of=family_of, units=len(members))
+
+    def tied(self) -> int:
+        """How many units couple more than one filter."""
+        counts = torch.zeros(self.units, dtype=torch.long)
+        for units in self.unit_of.values():
+            counts.index_add_(0, units, torch.ones_like(units))
+        return int((counts > 1).sum())
+
+    def unit_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each unit's score: the L2 norm of all its members' scores (float64 sums: exact ranking)."""
+        squares = torch.zeros(self.units, dtype=torch.float64, device=next(iter(scores.values())).device)
+        for name, s in scores.items():
+            per_filter = s.detach().flatten(1).to(torch.float64).square().sum(1)
+            squares.index_add_(0, self.unit_of[name].to(squares.device), per_filter)
+        return squares.sqrt()
+
+    def select(self, scores: dict[str, torch.Tensor], *, k: float, scope: str) -> dict[str, torch.Tensor]:
+        """Weight-shaped boolean masks: n_keep(k, units) units kept over all units (global) or within each
+        family (layer), at least one per family; ties keep the higher unit index, as everywhere."""
+        values = self.unit_scores(scores)
+        family = self.family_of.to(values.device)
+        if scope == "global":
+            keep = top_units(values, n_keep(k, self.units))
+        else:
+            keep = torch.zeros(self.units, dtype=torch.bool, device=values.device)
+            for f in range(int(family.max()) + 1):
+                idx = (family == f).nonzero().flatten()
+                keep[idx[top_units(values[idx], max(1, n_keep(k, idx.numel())))]] = True
+        return {name: expand_units(keep[self.unit_of[name].to(keep.device)], s.shape, "filter")
+                for name, s in scores.items()}
