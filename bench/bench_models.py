@@ -9,11 +9,13 @@ For each architecture, in one process:
   at k = 0.5 (one global threshold): zero effective weights among the masked layers and among all
   weights, counted from the weights (``pruning.cost``);
 - slimming at 50 % of the units, ranked by the L2 norm of their weights, the criterion of Torch-Pruning's
-  ``MagnitudeImportance(p=2)`` at ``pruning_ratio=0.5``: ours (per-layer filter masks, k = 0.5 per layer,
-  then ``deploy.slim``) and Torch-Pruning's ``MagnitudePruner`` (DepGraph: one mask per dependency group),
-  the classifier kept whole in both; parameters and MACs per sample (the same counter for all three);
+  ``MagnitudeImportance(p=2)`` at ``pruning_ratio=0.5``: ours with per-layer filter masks (k = 0.5 per
+  layer, BiP/HYDRA's semantics), ours with coupled masks (``--coupled``: one decision per dependency
+  group, k = 0.5 of each family), then ``deploy.slim``; and Torch-Pruning's ``MagnitudePruner`` (DepGraph:
+  one mask per dependency group); the classifier kept whole in all; parameters and MACs per sample (the
+  same counter for all);
 - CPU latency (``--threads`` threads, batch ``--batch``): the median of ``--rounds`` rounds that call
-  dense, ours and Torch-Pruning's in turn, so load from other processes hits all alike.
+  dense, ours (both) and Torch-Pruning's in turn, so load from other processes hits all alike.
 Attention models (no filter slimming here: structured attention masks are refused) report coverage only.
 Prints a Markdown table; the figures go into the README with the command and the machine.
 """
@@ -31,8 +33,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from deploy.slim import slim  # noqa: E402
-from layers import MaskSet, build_maskset, masked_layers, to_masked  # noqa: E402
+from deploy.slim import dependency_groups, slim  # noqa: E402
+from layers import build_maskset, masked_layers  # noqa: E402
 from models import build_model  # noqa: E402
 from pruning.cost import model_cost  # noqa: E402
 
@@ -51,13 +53,13 @@ def coverage(arch: str, *, side: int, classes: int) -> dict[str, float]:
             "sparsity_masked": cost.sparsity_masked, "sparsity_model": cost.sparsity_model}
 
 
-def ours_slimmed(dense: nn.Module, *, example: torch.Tensor) -> nn.Module:
+def ours_slimmed(dense: nn.Module, *, example: torch.Tensor, coupled: bool = False) -> nn.Module:
     model = copy.deepcopy(dense)
-    to_masked(model, granularity="filter")
+    groups = dependency_groups(model, example=example) if coupled else None
+    maskset, _ = build_maskset(model, granularity="filter", k=0.5, scope="layer", coupled=groups)
     with torch.no_grad():
         for layer in masked_layers(model).values():
             layer.popup_scores.copy_(layer.weight)  # rank filters by their weights' L2 norm
-    maskset = MaskSet(model, k=0.5, granularity="filter", scope="layer")
     maskset.step(force=True)
     maskset.freeze()
     net, _ = slim(model.eval(), example=example)
@@ -103,26 +105,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.side}x{args.side}, batch {args.batch}, "
           f"median of {args.rounds} interleaved rounds")
-    print("| model | masked layers | weights covered | sparsity masked / model at k = 0.5 | params ours / DepGraph "
-          "| MACs ours / DepGraph | dense ms | ours ms | DepGraph ms | speed-up ours / DepGraph |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | masked layers | weights covered | sparsity masked / model at k = 0.5 | params per-layer / coupled "
+          "/ DepGraph | MACs per-layer / coupled / DepGraph | dense ms | speed-up per-layer / coupled / DepGraph |")
+    print("|---|---|---|---|---|---|---|---|")
     for arch in args.archs:
         c = coverage(arch, side=args.side, classes=args.classes)
         head = (f"| {arch} | {c['layers']} | {c['covered']:.1%} | {c['sparsity_masked']:.1%} / "
                 f"{c['sparsity_model']:.1%}")
         if arch.startswith(ATTENTION):
-            print(head + " | - | - | - | - | - | - |")
+            print(head + " | - | - | - | - |")
             continue
         torch.manual_seed(0)
         dense = build_model(arch, num_classes=args.classes, image_size=args.side).eval()
         example = torch.randn(1, 3, args.side, args.side)
-        ours, theirs = ours_slimmed(dense, example=example), depgraph_slimmed(dense, example=example)
-        costs = [model_cost(m, example=example) for m in (dense, ours, theirs)]
-        params = [cost.params_total / costs[0].params_total for cost in costs[1:]]
-        macs = [cost.flops_total / costs[0].flops_total for cost in costs[1:]]
-        ms = median_ms([dense, ours, theirs], torch.randn(args.batch, 3, args.side, args.side), args.rounds)
-        print(head + f" | {params[0]:.3f} / {params[1]:.3f} | {macs[0]:.3f} / {macs[1]:.3f} | {ms[0]:.1f} | "
-              f"{ms[1]:.1f} | {ms[2]:.1f} | {ms[0] / ms[1]:.2f}x / {ms[0] / ms[2]:.2f}x |", flush=True)
+        models = [dense, ours_slimmed(dense, example=example), ours_slimmed(dense, example=example, coupled=True),
+                  depgraph_slimmed(dense, example=example)]
+        costs = [model_cost(m, example=example) for m in models]
+        params = " / ".join(f"{cost.params_total / costs[0].params_total:.3f}" for cost in costs[1:])
+        macs = " / ".join(f"{cost.flops_total / costs[0].flops_total:.3f}" for cost in costs[1:])
+        ms = median_ms(models, torch.randn(args.batch, 3, args.side, args.side), args.rounds)
+        speed = " / ".join(f"{ms[0] / t:.2f}x" for t in ms[1:])
+        print(head + f" | {params} | {macs} | {ms[0]:.1f} | {speed} |", flush=True)
 
 
 if __name__ == "__main__":

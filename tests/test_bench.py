@@ -48,4 +48,6 @@ def test_bench_models_counts_coverage_and_slims_without_torch_pruning():
     example = torch.randn(1, 3, 8, 8)
     ours = bench_models.ours_slimmed(dense, example=example)
     assert model_cost(ours, example=example).flops_total < 0.6 * model_cost(dense, example=example).flops_total
+    coupled = bench_models.ours_slimmed(dense, example=example, coupled=True)
+    assert model_cost(coupled, example=example).flops_total < 0.3 * model_cost(dense, example=example).flops_total
     assert bench_models.classifier(dense) is dense.fc

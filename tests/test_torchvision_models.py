@@ -224,8 +224,12 @@ def sources(tmp_path_factory):
 def test_every_method_prunes_these_models_to_exact_counts_and_its_checkpoint_finetunes(tmp_path, sources, arch,
                                                                                       method):
     import json
+    # The two-epoch EfficientNet source is broken in eval mode (its BatchNorm statistics): gradient rows of norm
+    # ~1e12, beside which lambda = 1e-5 is lost in float64 (train.py stops with that line); the damping the
+    # line asks for makes the Fisher factorable.
+    damp = ["--fisher-damp", "1e20"] if (arch, method) == ("tv.efficientnet_b0", "woodfisher") else []
     pruned = run_ok(tmp_path, *METHODS[method], "--arch", arch, "--source-net", sources(arch), *SMALL_FISHER,
-                    *image_dim(arch))
+                    *image_dim(arch), *damp)
     summary = json.load(open(f"{pruned}/summary.json"))
     k = float(METHODS[method][METHODS[method].index("--k") + 1])
     if summary["scope"] == "layer" or method == "magnitude":  # exact in every layer (magnitude: by definition)
