@@ -26,6 +26,8 @@ from engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from engine.loop import checkpoint_state
 from layers import GRANULARITIES, MaskSet, n_keep, select_masks
 from pruning.methods import PRUNE_METHODS
+from layers import to_masked
+from models import build_model
 from trainers import TRAINERS
 from tests.helpers import tiny
 from tests.helpers.tiny import tiny_loaders, tiny_net
@@ -80,10 +82,17 @@ KNOWN_MODES = {"base": set(MODES), "bilevel": {"prune"}, "woodfisher": {"prune"}
 
 
 def build(name: str, variant: str, mode: str, granularity: str, scope: str, *, freeze_bn: bool = False,
-          seed: int = 0, masks: dict | None = None, robust: RobustOptions | None = None):
+          seed: int = 0, masks: dict | None = None, robust: RobustOptions | None = None, arch: str | None = None):
     """(model, mask set, trainer) as train.py sets them up for a fresh run (``masks`` None) or for a
-    resumed one (``masks``: the checkpoint's, with ``frozen``)."""
-    model = tiny_net(None if mode == "pretrain" else granularity, seed=seed, exclude=NM_DENSE.get(granularity))
+    resumed one (``masks``: the checkpoint's, with ``frozen``). ``arch``: a registered architecture for the
+    tiny data (1x4x4 images, 6 classes) instead of the tiny net."""
+    if arch is None:
+        model = tiny_net(None if mode == "pretrain" else granularity, seed=seed, exclude=NM_DENSE.get(granularity))
+    else:
+        torch.manual_seed(seed)
+        model = build_model(arch, num_classes=6, in_channels=1, image_size=4)
+        if mode != "pretrain":
+            to_masked(model, granularity=granularity)
     ms = None
     if mode != "pretrain":
         ms = mask_set(model, k=K[granularity], granularity=granularity, scope=scope)
@@ -225,7 +234,24 @@ def owned_names(model: nn.Module, trainer) -> set[str]:
 
 @pytest.mark.parametrize("name,variant,mode,granularity,scope,freeze_bn", STEP_CASES)
 def test_a_step_changes_exactly_what_the_trainer_owns(name, variant, mode, granularity, scope, freeze_bn):
-    model, ms, trainer = build(name, variant, mode, granularity, scope, freeze_bn=freeze_bn)
+    check_step(*build(name, variant, mode, granularity, scope, freeze_bn=freeze_bn), name=name, mode=mode,
+               granularity=granularity, freeze_bn=freeze_bn)
+
+
+# The models users bring (depthwise convs, squeeze-excitation, grouped convs), every trainer on one step.
+ARCH_CASES = [("base", "default", "pretrain"), ("base", "default", "prune"), ("base", "default", "finetune"),
+              ("bilevel", "paper", "prune"), ("woodfisher", "default", "prune"), ("lth", "default", "prune")]
+
+
+@pytest.mark.parametrize("name,variant,mode", ARCH_CASES)
+@pytest.mark.parametrize("arch", ["mobilenet_cifar"] + [pytest.param(a, marks=pytest.mark.slow) for a in
+                                                        ("tv.mobilenet_v2", "tv.efficientnet_b0", "tv.regnet_y_400mf")])
+def test_a_step_on_the_models_users_bring_changes_exactly_what_the_trainer_owns(arch, name, variant, mode):
+    check_step(*build(name, variant, mode, "unstructured", "global", arch=arch), name=name, mode=mode,
+               granularity="unstructured", freeze_bn=False, every_owned_moves=arch == "mobilenet_cifar")
+
+
+def check_step(model, ms, trainer, *, name, mode, granularity, freeze_bn, every_owned_moves=True):
     loaders = one_batch_loaders()
     kind = kinds(model)
     params = {n for n, _ in model.named_parameters()}
@@ -236,9 +262,13 @@ def test_a_step_changes_exactly_what_the_trainer_owns(name, variant, mode, granu
     if ms is not None:
         ms.masks()  # learned masks follow the scores lazily (at the next forward): select them now
     diff = changed(before, model)
-    # the parameters that moved are exactly those the trainer's optimizers own
+    # the parameters that moved are exactly those the trainer's optimizers own (on a big model: among them; a
+    # BatchNorm behind a ReLU6 saturated on 1x1 maps gets an exactly zero gradient and does not move)
     owned = owned_names(model, trainer)
-    assert diff & params == owned, (sorted(diff & params), sorted(owned))
+    if every_owned_moves:
+        assert diff & params == owned, (sorted(diff & params), sorted(owned))
+    else:
+        assert diff & params <= owned and len(diff & params) > len(owned) // 2, (sorted(diff & params - owned))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == owned  # autograd skips the rest
     if (name, mode) in EXPECTED:
         must, must_not = EXPECTED[name, mode]
