@@ -405,11 +405,7 @@ def slim(model: nn.Module, *, example: torch.Tensor, check_inputs: int = 2) -> t
         raise SlimError("the model has no masked layers: there is nothing to slim")
     masks = structured_masks(model)
     plain = to_dense(copy.deepcopy(model)).eval()
-    try:
-        gm = fx.symbolic_trace(plain)
-    except Exception as exc:  # fx raises many types for data-dependent control flow
-        raise SlimError(f"torch.fx cannot trace the model ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    gm = _trace(plain)
     probe = _probe_inputs(example, check_inputs)
     ShapeProp(gm).propagate(probe[:1])
     analysis = _analyse(gm, masks)
@@ -428,6 +424,14 @@ def slim(model: nn.Module, *, example: torch.Tensor, check_inputs: int = 2) -> t
     report.dense_macs = count_macs(plain, probe[:1])
     report.slim_macs = count_macs(slim_gm, probe[:1])
     return slim_gm, report
+
+
+def _trace(plain: nn.Module) -> fx.GraphModule:
+    try:
+        return fx.symbolic_trace(plain)
+    except Exception as exc:  # fx raises many types for data-dependent control flow
+        raise SlimError(f"torch.fx cannot trace the model ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
 
 
 def _probe_inputs(example: torch.Tensor, n: int) -> torch.Tensor:
@@ -642,11 +646,7 @@ def dependency_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[t
     convs the analysis does not see (called twice, grouped but not depthwise) are left out.
     Raises SlimError when torch.fx cannot trace the model."""
     plain = to_dense(copy.deepcopy(model)).eval()
-    try:
-        gm = fx.symbolic_trace(plain)
-    except Exception as exc:  # fx raises many types for data-dependent control flow
-        raise SlimError(f"torch.fx cannot trace the model ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    gm = _trace(plain)
     ShapeProp(gm).propagate(_probe_inputs(example, 1)[:1])
     el = _analyse(gm, {}).elements
     groups: dict[int, list[tuple[str, int]]] = {}

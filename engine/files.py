@@ -162,18 +162,26 @@ def atomic_write(path: str, write: Callable[[Any], None], *, within: str | None 
         check_within(path, within)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _temp_in(folder, path)
+    with _renamed_into_place(tmp, path, folder):
+        with os.fdopen(fd, "wb") as fh:
+            out = _RecordingWriter(fh)
+            try:
+                write(out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+@contextmanager
+def _renamed_into_place(tmp: str, path: str, folder: str) -> Iterator[None]:
+    """Around the writing of ``tmp``: with SIGINT/SIGTERM held, then give it open()'s mode and rename it
+    over ``path``; on any failure remove it, and name ``path`` in an OSError that names no file."""
     try:
         with deferred_interrupts():
-            with os.fdopen(fd, "wb") as fh:
-                out = _RecordingWriter(fh)
-                try:
-                    write(out)
-                except RuntimeError:
-                    if out.error is not None:
-                        raise out.error from None
-                    raise
-                fh.flush()
-                os.fsync(fh.fileno())
+            yield
             make_readable(tmp)
             os.replace(tmp, path)
             _sync_folder(folder)
@@ -211,18 +219,8 @@ def atomic_write_path(path: str, write: Callable[[str], None], *, within: str | 
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _temp_in(folder, path)
     os.close(fd)
-    try:
-        with deferred_interrupts():
-            write(tmp)
-            make_readable(tmp)
-            os.replace(tmp, path)
-            _sync_folder(folder)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = path
-        raise
+    with _renamed_into_place(tmp, path, folder):
+        write(tmp)
 
 
 def write_text(path: str, text: str, *, within: str | None = None) -> None:

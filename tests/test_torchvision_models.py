@@ -21,14 +21,6 @@ USER_MODELS = ["tv.mobilenet_v2", "tv.efficientnet_b0", "tv.resnext50_32x4d", "t
                pytest.param("tv.vit_b_16", marks=pytest.mark.slow), pytest.param("tv.vit_b_32", marks=pytest.mark.slow)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- the tv. namespace ----------------------------------------------------------------------------
 def test_every_torchvision_classifier_is_a_tv_name():
     names = torchvision_names()
