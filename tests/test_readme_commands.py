@@ -12,7 +12,8 @@ inline code spans that start like a command. Each is checked by what runs it:
 - ``bash X.sh ARGS`` / ``sh/X.sh ARGS`` / ``bash .ci/run``: the script exists and ``bash -n`` passes (a launcher's
   arguments go to train.py at run time);
 - ``prune-train``, ``prune-export``, ``prune-report`` (the console scripts): as train.py, export.py, study.report;
-- ``pip install .[EXTRAS]`` / ``pip install -e .``: the extras named exist in pyproject.toml;
+- ``pip install .[EXTRAS]`` / ``pip install -e .``: the extras named exist in pyproject.toml; ``pip install -r
+  FILE``: the requirements file exists in the project;
 - ``python -c CODE``: the code compiles; ``python -m pytest|ruff|mypy ...``: the tool is installed.
 Leading ``NAME=VALUE`` settings (``SEEDS="1 2 3" bash sh/study.sh``) belong to the command; ``&&`` splits a
 line into commands. Written alternatives are expanded: ``configs/Digits/{hydra,bip}.yml`` and
@@ -139,6 +140,8 @@ def _pip(args: list[str]) -> str | None:
     """``pip install`` of this project: the folder, editable or not, with extras that pyproject.toml declares."""
     if args[:1] != ["install"]:
         return f"pip {' '.join(args)}: only pip install of this project is shown"
+    if args[1:2] == ["-r"] and len(args) == 3:  # a requirements file of the project (bench/requirements-bench.txt)
+        return None if os.path.isfile(os.path.join(ROOT, args[2])) else f"pip install -r {args[2]}: no such file"
     targets = [a for a in args[1:] if not a.startswith("-")]
     for target in targets:
         m = re.fullmatch(r"(\.|pruning-trainer)(?:\[([\w,-]+)\])?", target)
