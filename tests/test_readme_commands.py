@@ -268,6 +268,7 @@ def test_the_readme_shows_the_commands_this_test_expects():
     "python -m study.report RESULTS --no-such-flag",
     "SEEDS=1 bash sh/no_such.sh Digits",
     "pip install '.[plots]'",
+    "pip install -r bench/no-such-requirements.txt",
     "prune-train --configs configs/Digits/hydra.yml --no-such-flag 1",
     "python bench/bench_step.py --no-such-flag",
     "curl https://example.com",
