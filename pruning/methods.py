@@ -7,6 +7,7 @@
 | diagfisher      | diagonal  | w^2 F_qq (group: summed)                    | none (pruned weights zeroed) |
 | magnitude       | none      | |w| per layer (group: L2 norm)              | none                         |
 | globalmagnitude | none      | |w| over all layers                         | none                         |
+| l1              | none      | filter/channel L1 norm sum |w|, per layer   | none                         |
 
 A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of the signatures in
 ``pruning.obs``; the OBS solver and every trainer then offer it.
@@ -27,6 +28,7 @@ from pruning.obs import (
     diagonal_fisher_update,
     group_obs_statistic,
     group_obs_update,
+    l1_statistic,
     magnitude_ranking,
     magnitude_statistic,
     obs_statistic,
@@ -63,6 +65,7 @@ class PruneMethod:
     scope: str | None = None
     needs_grad_mean: bool = False
     default_damp: float = 1e-5
+    structured_only: bool = False  # defined for filters/channels only (a unit criterion)
     help: str = ""
 
     @property
@@ -70,6 +73,8 @@ class PruneMethod:
         """Every method ranks single weights, hence unstructured and N:M masks (a per-group top-N of
         the per-weight statistic); filters/channels need a group version or an additive statistic."""
         grouped = self.group_statistic is not None or self.additive
+        if self.structured_only:
+            return tuple(g for g in GRANULARITIES if g in STRUCTURED)
         return tuple(g for g in GRANULARITIES if grouped or g not in STRUCTURED)
 
     def damp(self, given: float | None) -> float:
@@ -112,6 +117,13 @@ register_prune_method(PruneMethod(
 register_prune_method(PruneMethod(
     "globalmagnitude", None, magnitude_statistic, zero_update, additive=True, scope="global",
     help="|w| over all layers at once"))
+# Li, Kadav, Durdanovic, Samet & Graf, "Pruning Filters for Efficient ConvNets" (ICLR 2017): a filter ranks by
+# the sum of its absolute weights, the same fraction pruned in every layer (Distiller's
+# L1RankedStructureParameterPruner; NNI's L1NormPruner). Distiller ranks by the mean |w|, the same order
+# within a layer. Single weights by |w| are the magnitude criterion: refused here rather than duplicated.
+register_prune_method(PruneMethod(
+    "l1", None, l1_statistic, zero_update, additive=True, scope="layer", structured_only=True,
+    help="filters/channels by their L1 norm, per layer (Li et al. 2017)"))
 
 
 def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:

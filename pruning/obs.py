@@ -363,6 +363,15 @@ def magnitude_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse |
 
 
 @torch.no_grad()
+def l1_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None = None,
+                 mask: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """|w_q|, 0 on already-pruned weights: summed over a filter/channel (the selector ranks the square root
+    of the sum, see ``pruning.methods.selector_scores``), a unit ranks by its L1 norm. Needs no Fisher."""
+    w = weight.reshape(-1)
+    return _alive_score(w.abs(), _alive(mask, w)).reshape(weight.shape)
+
+
+@torch.no_grad()
 def zero_update(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None, prune: torch.Tensor,
                 mask: torch.Tensor | None = None,
                 scale_prune_update: float = 1.0, grad: torch.Tensor | None = None, joint: bool = False) -> torch.Tensor:

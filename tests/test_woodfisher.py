@@ -506,3 +506,27 @@ def test_each_method_has_its_own_default_damp():
     # WoodTaylor's Newton step collapses the network at 1e-5 (Digits: chance accuracy); 1 works
     assert check_plan(**common, prune_method="woodtaylor").damp == 1.0
     assert check_plan(**common, prune_method="woodtaylor", fisher_damp=1e-3).damp == 1e-3
+
+
+@pytest.mark.parametrize("method,kept", [("l1", [1, 0, 1, 0]), ("magnitude", [0, 1, 0, 1])])
+def test_l1_ranks_filters_by_the_sum_of_their_absolute_weights(method, kept):
+    """Li et al. 2017: even filters (all weights 0.4: L1 3.6 / 14.4, L2 1.2 / 2.4 in the 1- and 4-channel convs)
+    beat odd ones (one weight of 3: L1 3, L2 3) by L1 and lose by the L2 norm that magnitude ranks units by."""
+    model = tiny_net("filter", width=4, convs=2)
+    with torch.no_grad():
+        for conv in (model[0], model[3]):
+            conv.weight.zero_()
+            conv.weight[0::2] = 0.4
+            conv.weight[1::2, 0, 0, 0] = 3.0
+    ms = MaskSet(model, k=0.5, granularity="filter", scope="layer")
+    trainer = wf_trainer(model, ms, sgd(epochs=2), prune_method=method, prune_start=0, prune_freq=1, prune_end=1,
+                         init_sparsity=0.5)
+    trainer.prune_to(0.5, epoch=0, loaders=tiny_loaders())
+    assert [[int(v) for v in layer.mask.flatten(1).any(1)] for layer in ms.layers.values()] == [kept, kept]
+
+
+def test_l1_is_a_unit_criterion_and_refuses_single_weights():
+    from pruning.methods import PRUNE_METHODS
+    assert PRUNE_METHODS["l1"].granularities == ("filter", "channel")
+    with pytest.raises(UserError, match="--prune-method l1 does not support --layer-type unstructured"):
+        make("unstructured", prune_method="l1")
