@@ -175,7 +175,8 @@ class WoodFisherOptions(FisherOptions):
 
     prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion: woodfisher (unstructured/filter/"
                             "channel), woodtaylor (unstructured), diagfisher, magnitude (per layer), globalmagnitude "
-                            "(all three granularities), l1 (filter/channel L1 norm per layer, Li et al. 2017)",
+                            "(all three granularities), l1 (filter/channel L1 norm per layer, Li et al. 2017), random "
+                            "(per layer, the baseline)",
                             group="woodfisher")
     target_sparsity: float | None = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
                                            group="woodfisher")

@@ -8,6 +8,7 @@
 | magnitude       | none      | |w| per layer (group: L2 norm)              | none                         |
 | globalmagnitude | none      | |w| over all layers                         | none                         |
 | l1              | none      | filter/channel L1 norm sum |w|, per layer   | none                         |
+| random          | none      | uniform random, per layer                   | none                         |
 
 A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of the signatures in
 ``pruning.obs``; the OBS solver and every trainer then offer it.
@@ -33,6 +34,7 @@ from pruning.obs import (
     magnitude_statistic,
     obs_statistic,
     obs_update,
+    random_statistic,
     woodtaylor_statistic,
     woodtaylor_update,
     zero_update,
@@ -124,6 +126,11 @@ register_prune_method(PruneMethod(
 register_prune_method(PruneMethod(
     "l1", None, l1_statistic, zero_update, additive=True, scope="layer", structured_only=True,
     help="filters/channels by their L1 norm, per layer (Li et al. 2017)"))
+# The random baseline of every pruning paper (NNI's RandomPruner): the same fraction in every layer, so units
+# of one size compete (a sum of uniforms over equal-size units is a uniformly random order).
+register_prune_method(PruneMethod(
+    "random", None, random_statistic, zero_update, additive=True, scope="layer",
+    help="uniformly random weights/filters/channels, per layer (the baseline)"))
 
 
 def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:

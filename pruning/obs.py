@@ -372,6 +372,18 @@ def l1_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None =
 
 
 @torch.no_grad()
+def random_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None = None,
+                     mask: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform random scores in (0, 1), 0 on already-pruned weights: the random baseline. Drawn from a
+    generator seeded by the weights' own bits (their float64 sum and count), so the same weights give the
+    same scores on every rank, on resume and on rerun, without touching the training's random streams."""
+    w = weight.reshape(-1)
+    seed = hash((float(w.detach().double().sum()), w.numel())) & 0x7FFF_FFFF_FFFF_FFFF
+    r = torch.rand(w.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return _alive_score(r.to(device=w.device, dtype=w.dtype), _alive(mask, w)).reshape(weight.shape)
+
+
+@torch.no_grad()
 def zero_update(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None, prune: torch.Tensor,
                 mask: torch.Tensor | None = None,
                 scale_prune_update: float = 1.0, grad: torch.Tensor | None = None, joint: bool = False) -> torch.Tensor:

@@ -530,3 +530,25 @@ def test_l1_is_a_unit_criterion_and_refuses_single_weights():
     assert PRUNE_METHODS["l1"].granularities == ("filter", "channel")
     with pytest.raises(UserError, match="--prune-method l1 does not support --layer-type unstructured"):
         make("unstructured", prune_method="l1")
+
+
+def test_random_prunes_the_same_weights_for_the_same_weights_and_not_by_magnitude():
+    def masks(seed_of_weights):
+        model, ms, trainer = make("unstructured", k=0.5, prune_method="random", prune_end=1)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed_of_weights)
+            for layer in ms.layers.values():
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+        before = {n: l.weight.detach().clone() for n, l in ms.layers.items()}
+        trainer.prune_to(0.5, epoch=0, loaders=tiny_loaders())
+        return {n: l.mask.clone() for n, l in ms.layers.items()}, before
+
+    a, weights = masks(0)
+    b, _ = masks(0)
+    c, _ = masks(1)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # a function of the weights: ranks, resume, reruns agree
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+    for name, w in weights.items():  # per layer, exact; and not the magnitude order
+        assert int(a[name].sum()) == n_keep(0.5, a[name].numel())
+        by_size = w.abs() >= w.abs().flatten().kthvalue(w.numel() - n_keep(0.5, w.numel()) + 1).values
+        assert int(by_size.sum()) == int(a[name].sum()) and not torch.equal(a[name], by_size)
