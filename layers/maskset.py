@@ -255,6 +255,8 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         raise UserError(f"--exclude-layers: {exc}") from None
     if granularity == "channel":
         check_channel_units(model, patterns)
+    if example is not None:  # before the mask set exists: its forward hook would run a selection for nothing
+        check_called(model, masked_layers(model), example=example, patterns=patterns)
     coupling = None if coupled is None else Coupling.of(
         coupled, {name: layer.weight.shape[0] for name, layer in masked_layers(model).items()})
     try:
@@ -266,8 +268,6 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         raise UserError(f"--layer-type nm: {exc}; keep them dense with --exclude-layers {keep}") from None
     except SelectionError as exc:
         raise UserError(str(exc)) from None
-    if example is not None:
-        check_called(model, maskset, example=example, patterns=patterns)
     if not maskset.layers and exclude:
         raise UserError(f"--exclude-layers {exclude} excludes every layer --layer-type {granularity} would mask: "
                         "nothing is left to prune; exclude fewer layers")
@@ -316,14 +316,15 @@ def check_channel_units(model: nn.Module, patterns: list[str]) -> None:
                         f"depthwise conv a filter is its channel) or keep them dense with --exclude-layers {keep}")
 
 
-def check_called(model: nn.Module, maskset: MaskSet, *, example: torch.Tensor, patterns: list[str]) -> None:
+def check_called(model: nn.Module, layers: dict[str, MaskedLayer], *, example: torch.Tensor,
+                 patterns: list[str]) -> None:
     """Refuse masked layers that the forward pass never calls as modules: their parent reads their weight
     in its own code (torchvision's Swin attention calls ``F.linear(x, self.qkv.weight)``), so their mask
     would change nothing while the report counted it. One forward pass of ``example`` in eval mode,
     without gradients (nothing is trained or updated), then the model's mode is put back."""
     called: set[str] = set()
     handles = [layer.register_forward_pre_hook(lambda module, args, name=name: called.add(name))
-               for name, layer in maskset.layers.items()]
+               for name, layer in layers.items()]
     training = model.training
     try:
         with torch.no_grad():
@@ -332,7 +333,7 @@ def check_called(model: nn.Module, maskset: MaskSet, *, example: torch.Tensor, p
         model.train(training)
         for handle in handles:
             handle.remove()
-    missed = [name for name in maskset.layers if name not in called]
+    missed = [name for name in layers if name not in called]
     if missed:
         parent = missed[0].rpartition(".")[0]
         owner = type(model.get_submodule(parent)).__name__ if parent else type(model).__name__
