@@ -44,6 +44,7 @@ from torchvision.ops import StochasticDepth, stochastic_depth
 
 from configs.errors import UserError
 from layers import masked_layers, to_dense
+from layers.maskset import is_depthwise
 from pruning.cost import model_cost
 
 
@@ -188,7 +189,7 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
             rewritten = isinstance(mod, (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d))
             if first is None or (rewritten and calls[node.target] > 1):  # one module, two channel sets
                 unknown(node)
-            elif type(mod) is nn.Conv2d and is_depthwise(mod) and len(first) == mod.in_channels:
+            elif type(mod) is nn.Conv2d and one_to_one(mod) and len(first) == mod.in_channels:
                 # Output channel j is computed from input channel j alone: the two are one channel, tied.
                 mask = masks.get(node.target)
                 rows = mask.flatten(1).any(1) if mask is not None else None
@@ -259,9 +260,9 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
     return analysis
 
 
-def is_depthwise(conv: nn.Conv2d) -> bool:
-    """One filter per input channel (groups = in = out channels): MobileNet's and EfficientNet's 3x3 convs."""
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+def one_to_one(conv: nn.Conv2d) -> bool:
+    """A depthwise conv with one filter per input channel (out = in channels): output j reads input j alone."""
+    return is_depthwise(conv) and conv.out_channels == conv.in_channels
 
 
 def _same_channels(shape: tuple[int, ...] | None, out: tuple[int, ...]) -> bool:
@@ -473,7 +474,7 @@ def _nonconstant_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int], probe: t
     consumers = {**a.convs, **a.linears}
     inputs = _captured_inputs(gm, consumers, probe)
     for name, node in consumers.items():
-        if name in a.convs and is_depthwise(cast(nn.Conv2d, gm.get_submodule(name))):
+        if name in a.convs and one_to_one(cast(nn.Conv2d, gm.get_submodule(name))):
             continue  # a removed input channel of a depthwise conv feeds only its own, removed, output
         elements = a.channels[cast(fx.Node, node.args[0])]
         x = inputs[name]
@@ -508,7 +509,7 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
         src = node.args[0]
         assert isinstance(src, fx.Node)
         cin, cout = idx(src), idx(node)
-        if is_depthwise(conv):
+        if one_to_one(conv):
             _rewrite_depthwise(out, name, conv, cout, masks.get(name), report)
             continue
         kept_in = set(cin)

@@ -125,7 +125,7 @@ class MaskSet:
         bad = {name: nm_group_dim(layer.weight.shape) for name, layer in self.layers.items()
                if nm_group_dim(layer.weight.shape) % m}
         if bad:
-            depthwise = {name for name in bad if _is_depthwise(self.layers[name])}
+            depthwise = {name for name in bad if is_depthwise(self.layers[name])}
             listed = ", ".join(f"{name} ({dim}{', depthwise' if name in depthwise else ''})"
                                for name, dim in bad.items())
             why = ("; a depthwise conv has one input channel per filter, so N:M along input channels does not exist "
@@ -293,7 +293,8 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
     return maskset, notices
 
 
-def _is_depthwise(layer: nn.Module) -> bool:
+def is_depthwise(layer: nn.Module) -> bool:
+    """A conv with one group per input channel (MobileNet's and EfficientNet's 3x3 convs)."""
     groups = getattr(layer, "groups", 1)
     return groups > 1 and getattr(layer, "in_channels", 0) == groups
 
@@ -307,7 +308,7 @@ def check_channel_units(model: nn.Module, patterns: list[str]) -> None:
     grouped = [(name, layer.groups) for name, layer in masked_layers(model).items()
                if getattr(layer, "groups", 1) > 1]
     if grouped:
-        depthwise = sum(1 for name, _ in grouped if _is_depthwise(model.get_submodule(name)))
+        depthwise = sum(1 for name, _ in grouped if is_depthwise(model.get_submodule(name)))
         shown = ", ".join(f"{name} (groups {g})" for name, g in grouped[:4])
         more = f" and {len(grouped) - 4} more" if len(grouped) > 4 else ""
         keep = ",".join(patterns + [name for name, _ in grouped])

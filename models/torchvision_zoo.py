@@ -18,6 +18,7 @@ nothing) is refused with one line naming --image-dim, when the run measures the 
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Any, cast
 
 import torchvision.models as tvm
@@ -29,6 +30,7 @@ PREFIX = "tv."
 HELP_NAME = "tv.<name> (any torchvision classification model)"
 
 
+@functools.cache
 def torchvision_names() -> list[str]:
     """torchvision's classification models (``list_models(module=torchvision.models)``: no detection,
     segmentation, video or quantised ones)."""
