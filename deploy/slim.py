@@ -9,7 +9,9 @@ ties them is made consistent, for any model ``torch.fx`` can trace (no per-archi
    that a padding op adds (option-A shortcuts). Ops that act per channel (BatchNorm, ReLU,
    pooling, spatial slicing) pass their input's elements on; an elementwise op of two activations
    (a residual ``add``) *ties* the elements at the same channel index (union-find); ``flatten``
-   maps a channel to its features; ``cat`` concatenates.
+   maps a channel to its features; ``cat`` concatenates. A grouped conv's filter reads the input
+   channels of its group only; a depthwise conv with one filter per channel ties its input and
+   output channel.
 2. **Decision per tied group.** A group is kept when it is *alive* (some conv in it keeps the
    filter) and *read* (some conv reads it through a kept channel-mask column, or a layer without
    a mask reads it), or when it is *pinned*: the network's input and output, and whatever an op
@@ -23,7 +25,10 @@ ties them is made consistent, for any model ``torch.fx`` can trace (no per-archi
    the conv does not zero-pad, and otherwise into a one-channel "border" kernel
    (``FoldedConv2d``), because a zero-padded conv of a constant is not constant at the border.
 4. **Rewrite.** Convs, BatchNorms and linears get their kept rows/columns, channel padding its
-   kept counts; the result is checked against the masked model on random inputs.
+   kept counts; a grouped conv stays grouped, so every group must keep as many input and as many
+   output channels as the others: a group that keeps fewer keeps its first removed channels too
+   (reported like the residual unions). The result is checked against the masked model on random
+   inputs.
 
 The slimmed model is an ``fx.GraphModule`` (plain PyTorch modules plus ``FoldedConv2d``); write it
 with ``deploy.formats`` as a ``torch.export`` program or ONNX, which load without this project.
@@ -148,7 +153,10 @@ def _flatten_list(chans: list[int], in_shape: tuple[int, ...]) -> list[int]:
     return [e for e in chans for _ in range(per)]
 
 
-def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
+def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: bool = False) -> _Analysis:
+    """The channel elements of every activation of ``gm`` and their ties. ``balance`` also ties the j-th
+    channel of every group of a grouped conv (inputs and outputs): the units of ``dependency_groups``,
+    under which each group keeps the same channels, as a grouped conv's slimmed twin needs."""
     el = _Elements()
     chans: dict[fx.Node, list[int]] = {}
     modules = dict(gm.named_modules())
@@ -200,14 +208,22 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
                     el.union(a, b)
                 chans[node] = outs
                 analysis.convs[node.target] = node
-            elif type(mod) is nn.Conv2d and mod.groups == 1:
+            elif type(mod) is nn.Conv2d and len(first) == mod.in_channels:
+                # A plain or grouped conv: filter j reads the input channels of its group. (Grouped: each
+                # group must keep as many inputs and outputs as every other, see _balance_pins.)
                 mask = masks.get(node.target)
-                rows = mask.flatten(1).any(1) if mask is not None else None
-                cols = mask.transpose(0, 1).flatten(1).any(1) if mask is not None else None
-                assert first is not None
+                dense = None if mask is None else _dense_mask(mask, mod.groups)
+                rows = dense.flatten(1).any(1) if dense is not None else None
+                cols = dense.transpose(0, 1).flatten(1).any(1) if dense is not None else None
                 read(first, cols)
-                chans[node] = [el.new(alive=rows is None or bool(rows[j]), producer=(node.target, j))
-                               for j in range(mod.out_channels)]
+                outs = [el.new(alive=rows is None or bool(rows[j]), producer=(node.target, j))
+                        for j in range(mod.out_channels)]
+                if balance and mod.groups > 1:  # --coupled: position p of every group is one unit
+                    for side in (first, outs):
+                        size = len(side) // mod.groups
+                        for i in range(size, len(side)):
+                            el.union(side[i % size], side[i])
+                chans[node] = outs
                 analysis.convs[node.target] = node
             elif type(mod) is nn.Linear and first is not None and len(first) == mod.in_features:
                 mask = masks.get(node.target)
@@ -258,6 +274,19 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor]) -> _Analysis:
         elif node.op == "get_attr":
             fresh(node, pinned=True)
     return analysis
+
+
+def _dense_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's (out, in / groups, kh, kw) mask or weight as the (out, in, kh, kw) block-diagonal
+    tensor of the same map (zero outside each filter's group); the tensor itself when groups == 1."""
+    if groups == 1:
+        return mask
+    out, per_in = mask.shape[:2]
+    per_out = out // groups
+    dense = mask.new_zeros((out, per_in * groups, *mask.shape[2:]))
+    for g in range(groups):
+        dense[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] = mask[g * per_out:(g + 1) * per_out]
+    return dense
 
 
 def one_to_one(conv: nn.Conv2d) -> bool:
@@ -415,7 +444,8 @@ def slim(model: nn.Module, *, example: torch.Tensor, check_inputs: int = 2) -> t
     kept = _decide(el, pins)
     for _ in range(len(el.parent) + 1):  # each round pins at least one more group
         kept = _decide(el, pins)
-        more = _empty_layer_pins(gm, analysis, kept) or _nonconstant_pins(gm, analysis, kept, probe)
+        more = (_empty_layer_pins(gm, analysis, kept) or _balance_pins(gm, analysis, kept)
+                or _nonconstant_pins(gm, analysis, kept, probe))
         if not more:
             break
         pins |= more
@@ -454,6 +484,25 @@ def _empty_layer_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int]) -> set[i
     return pins
 
 
+def _balance_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int]) -> set[int]:
+    """A grouped conv's slimmed twin has as many channels in every group (inputs and outputs): in a group
+    that keeps fewer than the most any group keeps, keep its first removed channels too."""
+    el, pins = a.elements, set[int]()
+    for name, node in a.convs.items():
+        conv = gm.get_submodule(name)
+        assert isinstance(conv, nn.Conv2d)
+        if conv.groups == 1 or one_to_one(conv):
+            continue
+        for elements in (a.channels[cast(fx.Node, node.args[0])], a.channels[node]):
+            size = len(elements) // conv.groups
+            blocks = [elements[g * size:(g + 1) * size] for g in range(conv.groups)]
+            most = max(len(_kept_index(el, block, kept)) for block in blocks)
+            for block in blocks:
+                removed = [e for e in block if el.find(e) not in kept]
+                pins.update(el.find(e) for e in removed[:most - (size - len(removed))])
+    return pins
+
+
 def _captured_inputs(gm: fx.GraphModule, names: Iterable[str], probe: torch.Tensor) -> dict[str, torch.Tensor]:
     seen: dict[str, torch.Tensor] = {}
     hooks = [gm.get_submodule(n).register_forward_pre_hook(
@@ -478,9 +527,11 @@ def _nonconstant_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int], probe: t
             continue  # a removed input channel of a depthwise conv feeds only its own, removed, output
         elements = a.channels[cast(fx.Node, node.args[0])]
         x = inputs[name]
-        weight = gm.get_submodule(name).weight
+        layer = gm.get_submodule(name)
+        weight = layer.weight
         assert isinstance(weight, torch.Tensor)
-        reads = weight.detach().transpose(0, 1).flatten(1).ne(0).any(1)  # a zero column adds nothing
+        dense = _dense_mask(weight.detach(), getattr(layer, "groups", 1))
+        reads = dense.transpose(0, 1).flatten(1).ne(0).any(1)  # a zero column adds nothing
         for i, e in enumerate(elements):
             if el.find(e) in kept or not bool(reads[i]):
                 continue
@@ -514,14 +565,15 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
             continue
         kept_in = set(cin)
         removed = [i for i in range(conv.in_channels) if i not in kept_in]
-        weight = conv.weight.detach()
-        w = weight[cout][:, cin].clone()
+        weight = _dense_mask(conv.weight.detach(), conv.groups)
+        w = _group_blocks(weight[cout][:, cin], conv.groups)
         bias = conv.bias.detach()[cout].clone() if conv.bias is not None else None
         x = inputs[name]
         const = x[0, removed].flatten(1)[:, 0] if removed else x.new_zeros(0)
         fold = torch.einsum("ocij,c->oij", weight[cout][:, removed], const) if removed else None
         args: dict[str, Any] = dict(in_channels=len(cin), out_channels=len(cout), kernel_size=conv.kernel_size,
-                                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=1,
+                                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                                    groups=conv.groups,
                                     padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
         new: nn.Conv2d
         if fold is not None and bool(fold.any()):
@@ -542,10 +594,11 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
         _set_module(out, name, new)
         mask = masks.get(name)
         if mask is not None:
-            rows, cols = mask.flatten(1).any(1), mask.transpose(0, 1).flatten(1).any(1)
+            dense = _dense_mask(mask, conv.groups)
+            rows, cols = dense.flatten(1).any(1), dense.transpose(0, 1).flatten(1).any(1)
             dead_rows = int((~rows[cout]).sum())
-            dead_cols = int((~cols[cin]).sum()) if name in masks else 0
-            held = int((~mask[cout][:, cin]).sum())
+            dead_cols = int((~cols[cin]).sum())
+            held = int((~_group_blocks(dense[cout][:, cin], conv.groups)).sum())
             if dead_rows or dead_cols:
                 report.forced.append(ForcedKeep(name, dead_rows, dead_cols, held))
     for name, node in a.norms.items():
@@ -600,6 +653,17 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
     return out.eval(), report
 
 
+def _group_blocks(dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of ``_dense_mask`` on a slimmed block-diagonal (out, in, kh, kw) tensor whose groups keep
+    equal counts (``_balance_pins``): the (out, in / groups, kh, kw) weight of the grouped conv."""
+    if groups == 1:
+        return dense.clone()
+    out, cin = dense.shape[:2]
+    per_out, per_in = out // groups, cin // groups
+    assert per_out * groups == out and per_in * groups == cin, "unbalanced groups survived _balance_pins"
+    return torch.cat([dense[g * per_out:(g + 1) * per_out, g * per_in:(g + 1) * per_in] for g in range(groups)])
+
+
 def _rewrite_depthwise(out: fx.GraphModule, name: str, conv: nn.Conv2d, keep: list[int], mask: torch.Tensor | None,
                        report: SlimReport) -> None:
     """A depthwise conv keeps the filters of its kept channels (its input and output channels are tied, so
@@ -642,14 +706,15 @@ def coupled_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[tupl
 def dependency_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[tuple[str, int]]]:
     """The filters of ``model``'s convolutions that slimming can only remove together: one list of
     (conv name, filter index) per group of tied channels (a residual stream's channel, a depthwise conv's
-    channel with its producer's filter, a squeeze-excitation scale with its channel), from the same
-    channel analysis as ``slim``. Every filter of an analysed conv is in exactly one group (most alone);
-    convs the analysis does not see (called twice, grouped but not depthwise) are left out.
+    channel with its producer's filter, a squeeze-excitation scale with its channel, the j-th channel of
+    every group of a grouped conv, as Torch-Pruning ties them), from the same channel analysis as
+    ``slim``. Every filter of an analysed conv is in exactly one group (most alone); convs the analysis
+    does not see (called twice) are left out.
     Raises SlimError when torch.fx cannot trace the model."""
     plain = to_dense(copy.deepcopy(model)).eval()
     gm = _trace(plain)
     ShapeProp(gm).propagate(_probe_inputs(example, 1)[:1])
-    el = _analyse(gm, {}).elements
+    el = _analyse(gm, {}, balance=True).elements
     groups: dict[int, list[tuple[str, int]]] = {}
     for e, producer in enumerate(el.producer):
         if producer is not None:
