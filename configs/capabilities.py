@@ -43,6 +43,7 @@ class RunSpec:
     k: float
     scope: str
     epochs: int
+    coupled: bool = False  # --coupled: filter masks per dependency group
 
 
 class TrainerSpec(Protocol):

@@ -39,7 +39,8 @@ def check_run(cfg: Config, *, trainer: type[TrainerSpec], registry: Trainers, wo
     if world > 1:
         _check_processes(cfg, trainer.capabilities, world=world, backend=backend)
     trainer.check_options(section_of(trainer.Options, cfg), run=RunSpec(mode=cfg.exp_mode, layer_type=cfg.layer_type,
-                                                                         k=cfg.k, scope=cfg.scope, epochs=cfg.epochs))
+                                                                         k=cfg.k, scope=cfg.scope, epochs=cfg.epochs,
+                                                                         coupled=cfg.coupled))
 
 
 def check_data(cfg: Config, *, capabilities: Capabilities, train_samples: int) -> None:
@@ -104,7 +105,7 @@ def _check_coupled(cfg: Config, caps: Capabilities, name: str) -> None:
         raise UserError(f"--coupled ties filters across layers: it needs --layer-type filter (got {cfg.layer_type}); "
                         "drop --coupled or pass --layer-type filter")
     if caps.coupled is not None:
-        raise UserError(f"--coupled applies to masks the selector learns (HYDRA, BiP); the {name} trainer "
+        raise UserError(f"--coupled applies to filters ranked per unit (HYDRA, BiP, WoodFisher); the {name} trainer "
                         f"{caps.coupled}: drop --coupled")
     if cfg.layer_floor is not None:
         raise UserError("--layer-floor does not apply with --coupled (units are dependency groups, not a layer's "

@@ -79,8 +79,9 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
                                   "layer with --scope layer, over all layers with --scope global), no score training",
                                   group="model")
     coupled: bool = opt(False, "with --layer-type filter: one keep/drop decision per dependency group of tied filters "
-                        "(residual additions, depthwise convs and their producers, squeeze-excitation), scored by the "
-                        "L2 norm of its members' scores, so a pruned channel disappears everywhere it flows and "
+                        "(residual additions, depthwise convs and their producers, grouped convs, squeeze-excitation), "
+                        "scored by the L2 norm of its members' scores (HYDRA, BiP) or their summed statistic "
+                        "(WoodFisher), so a pruned channel disappears everywhere it flows and "
                         "slimming removes it whole; --scope layer keeps k of each group family (a residual stream, a "
                         "plain conv)", group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")

@@ -61,6 +61,25 @@ class Coupling:
             counts.index_add_(0, units, torch.ones_like(units))
         return int((counts > 1).sum())
 
+    def filters_per_unit(self, name: str) -> int | None:
+        """How many of layer ``name``'s filters each of its units holds: 1 but for grouped convs, whose
+        j-th channels of every group are one unit; None when its units hold unequal numbers."""
+        counts = torch.bincount(self.unit_of[name])
+        counts = counts[counts > 0]
+        return int(counts[0]) if bool((counts == counts[0]).all()) else None
+
+    def unit_order(self, name: str) -> torch.Tensor:
+        """Layer ``name``'s filters sorted by unit (stable): each unit's filters of the layer contiguous."""
+        return torch.argsort(self.unit_of[name], stable=True)
+
+    def alive_units(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many units keep any member filter under ``masks`` (a 0-dim tensor, on the masks' device)."""
+        first = next(iter(masks.values()))
+        counts = torch.zeros(self.units, dtype=torch.long, device=first.device)
+        for name, mask in masks.items():
+            counts.index_add_(0, self.unit_of[name].to(first.device), mask.flatten(1).any(1).long())
+        return (counts > 0).sum()
+
     def unit_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each unit's score: the L2 norm of all its members' scores (float64 sums: exact ranking)."""
         squares = torch.zeros(self.units, dtype=torch.float64, device=next(iter(scores.values())).device)

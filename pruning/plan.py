@@ -47,6 +47,9 @@ def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
         raise UserError(f"--prune-method {method.name} does not support --layer-type {run.layer_type}; "
                         f"supported: {granularity_note()}")
     nm = run.layer_type == "nm"
+    if run.coupled and (o.flops_target is not None or o.flops_power):
+        raise UserError("--flops-target/--flops-power rank single filters by their layer's FLOPs, not coupled units "
+                        "spanning layers: drop --coupled or the FLOPs option")
     if nm:
         _check_nm(o)
     if run.layer_type in STRUCTURED and o.fisher_blocks == "all" and method.group_statistic is not None:

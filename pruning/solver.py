@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from configs.options import FISHER_BLOCKS, FisherOptions
+from layers.coupling import Coupling
 from layers.masked import MaskedLayer
-from layers.selector import STRUCTURED, expand_units, select_masks
+from layers.selector import STRUCTURED, select_masks
 from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from pruning.gradients import collect_gradients
 from pruning.methods import PruneMethod, selector_scores
@@ -143,14 +144,20 @@ class OBSSolver:
 
     def __init__(self, layers: dict[str, MaskedLayer], *, granularity: str, method: PruneMethod,
                  fisher: FisherSettings | None = None, device: torch.device | str | None = None,
-                 nm: tuple[int, int] | None = None) -> None:
+                 nm: tuple[int, int] | None = None, coupling: Coupling | None = None) -> None:
         """nm: (N, M) for granularity ``nm``: the per-weight statistic, a per-group top-N selection,
-        and the unstructured update for the removed set (see ``prune_to``)."""
+        and the unstructured update for the removed set (see ``prune_to``). coupling: filter masks
+        chosen per dependency group (``layers.coupling``): a unit ranks by the sum of its members'
+        statistics over the layers (exact: the Fisher is block-diagonal over layers), and a group
+        statistic covers all of a unit's filters in one layer at once (a grouped conv's tied channels)."""
         if granularity not in method.granularities:
             raise ValueError(f"prune method {method.name} does not support {granularity} masks")
         if granularity == "nm" and nm is None:
             raise ValueError("granularity 'nm' needs its pattern: pass nm=(N, M)")
         self.nm = nm if granularity == "nm" else None
+        if coupling is not None and granularity != "filter":
+            raise ValueError(f"coupled masks are filter masks, not {granularity!r}")
+        self.coupling = coupling
         if not layers:
             raise ValueError("the solver needs at least one masked layer")
         self.layers = layers
@@ -216,6 +223,8 @@ class OBSSolver:
         if self.granularity in STRUCTURED:
             perm, gsize = group_permutation(shape=layers[0].weight.shape, granularity=self.granularity,
                                             device=self.device)
+            if self.coupling is not None and self._grouped():
+                perm, gsize = self._unit_permutation(group.names[0], filter_size=gsize, perm=perm)
         cols = None
         staged = 0
         if self.method.fisher is not None:
@@ -238,6 +247,20 @@ class OBSSolver:
             self._prepared[i] = prepared
             self._kept_bytes += kept
         return prepared
+
+    def _unit_permutation(self, name: str, *, filter_size: int,
+                          perm: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
+        """The order that makes each unit's filters of layer ``name`` one contiguous group, and its size."""
+        assert self.coupling is not None
+        per_unit = self.coupling.filters_per_unit(name)
+        if per_unit is None:
+            raise ValueError(f"layer {name}'s coupled units hold unequal numbers of its filters: a group OBS "
+                             "statistic per unit needs equal groups")
+        if per_unit == 1:
+            return perm, filter_size
+        order = self.coupling.unit_order(name).to(self.device)
+        unit_perm = (order[:, None] * filter_size + torch.arange(filter_size, device=self.device)).reshape(-1)
+        return unit_perm, per_unit * filter_size
 
     def _keep_budget(self) -> int:
         """Bytes of inverses kept between scoring and updating (the rest are rebuilt): as much as G
@@ -285,15 +308,16 @@ class OBSSolver:
     def scores(self) -> dict[str, torch.Tensor]:
         """Weight-shaped scores by layer for the shared selector: the statistic per weight; for
         filter/channel masks sqrt(statistic / g) in every weight of a group, so that the group's L2
-        norm (what the selector ranks) is sqrt(statistic). Already-pruned units score 0."""
+        norm (what the selector ranks) is sqrt(statistic), and a coupled unit's (the norm over all its
+        members) the square root of its statistics' sum. Already-pruned units score 0."""
         out: dict[str, torch.Tensor] = {}
         for i, group in enumerate(self.groups):
             stat, p = self._statistic(i)
             if self._grouped():
-                layer = self.layers[group.names[0]]
-                out[group.names[0]] = expand_units((stat / p.group_size).sqrt(), layer.weight.shape, self.granularity)
-                continue
-            out.update(self._split(group, p.perm, selector_scores(stat, self.granularity).reshape(-1)))
+                flat = (stat / p.group_size).sqrt().repeat_interleave(p.group_size)
+            else:
+                flat = selector_scores(stat, self.granularity).reshape(-1)
+            out.update(self._split(group, p.perm, flat))
         return out
 
     def _split(self, group: BlockGroup, perm: torch.Tensor | None, flat: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -315,9 +339,12 @@ class OBSSolver:
         per-weight one (joint or sum over each Fisher block's removed set), as for unstructured masks."""
         scores = self.scores() if scores is None else scores
         names = list(self.layers)
-        masks = select_masks([scores[n] for n in names], k=density, granularity=self.granularity, scope=scope,
-                             min_units=min_units, check=False, nm=self.nm)
-        new = dict(zip(names, masks))
+        if self.coupling is not None:  # n_keep(density) units over all, or within each family (scope layer)
+            new = self.coupling.select(scores, k=density, scope=scope)
+        else:
+            masks = select_masks([scores[n] for n in names], k=density, granularity=self.granularity, scope=scope,
+                                 min_units=min_units, check=False, nm=self.nm)
+            new = dict(zip(names, masks))
         self.compensate(new, scale=scale, joint=joint)
         return new
 

@@ -128,8 +128,10 @@ def test_the_mask_set_state_records_the_coupling():
 
 @pytest.mark.parametrize("args,needle", [
     (["--layer-type", "unstructured", "--k", "0.5"], "--coupled ties filters across layers: it needs --layer-type"),
-    (["--configs", "configs/Digits/woodfisher.yml", "--layer-type", "filter", "--k", "0.5"],
-     "the woodfisher trainer ranks filters by its statistic layer by layer"),
+    (["--configs", "configs/Digits/lth.yml", "--layer-type", "filter", "--k", "0.5"],
+     "the lth trainer prunes weights by magnitude"),
+    (["--configs", "configs/Digits/woodfisher.yml", "--layer-type", "filter", "--k", "0.5", "--flops-power", "1"],
+     "--flops-target/--flops-power rank single filters"),
     (["--layer-type", "filter", "--k", "0.5", "--layer-floor", "2"], "--layer-floor does not apply with --coupled"),
 ])
 def test_what_coupling_cannot_do_is_one_line(tmp_path, capsys, args, needle):
@@ -171,3 +173,120 @@ def test_a_coupled_run_resumes_bit_exact_and_fine_tunes_with_its_masks(tmp_path,
     best = load_checkpoint(os.path.join(full, "checkpoint", "model_best.pth.tar"))
     after = load_checkpoint(os.path.join(tuned, "checkpoint", "checkpoint.pth.tar"))
     assert all(torch.equal(after["masks"][n], m) for n, m in best["masks"].items())
+
+
+# -- WoodFisher over coupled units ---------------------------------------------------------------------
+class TiedGrouped(nn.Module):
+    """conv1 -> grouped conv2 (2 groups) added back onto conv1's output -> conv3: conv1's filter p, p + 4 and
+    conv2's p, p + 4 are one unit (the residual tie, and the grouped conv's tie of position p in each group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv3 = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        y = torch.relu(self.conv2(y) + y)
+        return self.conv3(y).mean((2, 3))
+
+
+def coupled_solver(*, m=12, damp=1e-2):
+    from layers import to_masked
+    from layers.maskset import dense_masks
+    from pruning.methods import PRUNE_METHODS
+    from pruning.solver import FisherSettings, OBSSolver
+
+    torch.manual_seed(0)
+    model = TiedGrouped().double()
+    example = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
+    groups = dependency_groups(model, example=example)
+    to_masked(model, granularity="filter")
+    ms, _ = build_maskset(model, granularity="filter", k=0.5, scope="global", coupled=groups)
+    ms.set_masks(dense_masks(ms.layers))  # WoodFisher starts from the dense model
+    solver = OBSSolver(ms.layers, granularity="filter", method=PRUNE_METHODS["woodfisher"], coupling=ms.coupling,
+                       fisher=FisherSettings(m=m, damp=damp, blocks="layer"))
+    G = torch.randn(m, solver.num_weights, dtype=torch.float64)
+    solver.add_gradients(G)
+    return ms, solver, G
+
+
+def layer_inverses(ms, G, damp):
+    out, start = {}, 0
+    for name, layer in ms.layers.items():
+        d = layer.weight.numel()
+        Gl = G[:, start:start + d]
+        out[name] = torch.linalg.inv(damp * torch.eye(d, dtype=torch.float64) + Gl.T @ Gl / G.shape[0])
+        start += d
+    return out
+
+
+def test_woodfisher_ranks_a_coupled_unit_by_its_group_obs_statistic_over_every_layer():
+    """rho_U = sum over layers of w_Q^T ([F^-1]_QQ)^-1 w_Q, Q = all of U's weights in the layer (two filters of
+    conv1 and two of conv2 here): exact, because the Fisher is block-diagonal over layers. Against the explicit
+    float64 inverses of the per-layer Fishers."""
+    ms, solver, G = coupled_solver()
+    coupling, inverses = ms.coupling, layer_inverses(ms, G, 1e-2)
+    assert coupling.filters_per_unit("conv1") == coupling.filters_per_unit("conv2") == 2
+    got = coupling.unit_scores(solver.scores()).square()
+    want = torch.zeros(coupling.units, dtype=torch.float64)
+    for name, layer in ms.layers.items():
+        w = layer.weight.detach().reshape(-1)
+        per = w.numel() // layer.weight.shape[0]
+        for u in coupling.unit_of[name].unique().tolist():
+            filters = (coupling.unit_of[name] == u).nonzero().flatten()
+            q = (filters[:, None] * per + torch.arange(per)).reshape(-1)
+            want[u] += w[q] @ torch.linalg.solve(inverses[name][q][:, q], w[q])
+    assert coupling.tied() == 4 and torch.allclose(got, want, rtol=1e-9, atol=0)
+
+
+def test_woodfisher_keeps_exact_coupled_units_and_applies_the_joint_obs_update_per_layer():
+    ms, solver, G = coupled_solver()
+    inverses = layer_inverses(ms, G, 1e-2)
+    before = {n: layer.weight.detach().clone().reshape(-1) for n, layer in ms.layers.items()}
+    masks = solver.prune_to(0.5, scope="global")
+    coupling = ms.coupling
+    assert int(coupling.alive_units(masks)) == n_keep(0.5, coupling.units)
+    for name, mask in masks.items():  # every unit whole: its filters all kept or all pruned
+        alive = mask.flatten(1).any(1)
+        for u in coupling.unit_of[name].unique():
+            members = alive[coupling.unit_of[name] == u]
+            assert bool(members.all()) or not bool(members.any())
+        w, q = before[name], ~mask.reshape(-1)
+        want = (w - inverses[name][:, q] @ torch.linalg.solve(inverses[name][q][:, q], w[q])) * mask.reshape(-1)
+        assert torch.allclose(ms.layers[name].weight.detach().reshape(-1), want, rtol=1e-9, atol=1e-12)
+
+
+def test_a_coupled_woodfisher_run_prunes_whole_units_to_exact_counts(tmp_path):
+    """train.py --trainer woodfisher --coupled on resnet20s (option-A residual streams): every dependency group
+    kept or pruned whole, and k of each family's units at the end."""
+    import os
+
+    from engine.checkpoint import load_checkpoint
+    from layers.coupling import Coupling
+    from tests.helpers.cli import run_ok
+
+    source = tmp_path / "dense.pth"
+    torch.manual_seed(0)
+    model = build_model("resnet20s", num_classes=10, in_channels=1)
+    torch.save(model.state_dict(), source)
+    run = run_ok(tmp_path, "--configs", "configs/Digits/woodfisher.yml", "--arch", "resnet20s", "--source-net",
+                 str(source), "--layer-type", "filter", "--k", "0.5", "--coupled", "--scope", "layer",
+                 "--no-woodbury-joint-sparsify", "--epochs", "2", "--prune-end", "1", "--prune-freq", "1",
+                 "--fisher-subsample-size", "16", "--fisher-mini-bsz", "2")
+    masks = load_checkpoint(os.path.join(run, "checkpoint", "checkpoint.pth.tar"))["masks"]
+    groups = dependency_groups(model, example=torch.zeros(1, 1, 28, 28))
+    coupling = Coupling.of(groups, {name: mask.shape[0] for name, mask in masks.items()})
+    assert coupling.tied() > 0
+    alive = torch.zeros(coupling.units, dtype=torch.long)
+    members = torch.zeros(coupling.units, dtype=torch.long)
+    for name, mask in masks.items():
+        alive.index_add_(0, coupling.unit_of[name], mask.flatten(1).any(1).long())
+        members.index_add_(0, coupling.unit_of[name], torch.ones(mask.shape[0], dtype=torch.long))
+    assert bool(((alive == 0) | (alive == members)).all())  # whole units
+    kept = alive > 0
+    for f in coupling.family_of.unique():
+        family = coupling.family_of == f
+        assert int(kept[family].sum()) == max(1, n_keep(0.5, int(family.sum())))
+    assert "coupled unit sparsity" in open(os.path.join(run, "run.log")).read()

@@ -26,7 +26,9 @@ per gradient row (m of them per event), and the OBS statistic only ranks weights
 around the current ones; the robust fine-tuning between events then adapts the survivors.
 
 Supported granularities per method: see ``pruning.methods`` (filter/channel: group OBS on
-whole-layer blocks).
+whole-layer blocks). With ``--coupled`` a unit is a dependency group of filters across layers
+(``layers.coupling``): it ranks by its group OBS statistic summed over its layers, the selector keeps
+whole units, and the schedule counts units.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from configs.capabilities import Capabilities, RunSpec
+from configs.errors import UserError
 from configs.options import OptionSection, WoodFisherOptions
 from data.sampling import derive_seed, shard
 from engine.memory import MemoryNeed, fisher_memory_needs
@@ -68,9 +71,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
     """Gradual OBS pruning (see the module docstring)."""
 
     capabilities = Capabilities(label="woodfisher", fisher_rows=True,
-                                obs_update="applies the OBS update at every pruning event already",
-                                coupled="ranks filters by its statistic layer by layer (a dependency group's OBS "
-                                        "statistic over all its weights is not implemented)")
+                                obs_update="applies the OBS update at every pruning event already")
     Options = WoodFisherOptions
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
@@ -96,11 +97,17 @@ class WoodFisherTrainer(FixedMaskTrainer):
         ms = self.maskset
         self.opts = cast(WoodFisherOptions, self.options)  # this trainer's Options (train.py, or the defaults)
         self.plan = plan(self.opts, run=RunSpec(mode=self.mode, layer_type=ms.granularity, k=ms.k, scope=ms.scope,
-                                                epochs=weight_optim.epochs))
+                                                epochs=weight_optim.epochs, coupled=ms.coupling is not None))
         self.method: PruneMethod = PRUNE_METHODS.get(self.opts.prune_method)
         self.k = ms.k
         self.granularity = ms.granularity
         self.scope = self.method.scope or ("global" if self.opts.woodbury_joint_sparsify else "layer")
+        if ms.coupling is not None and self.method.group_statistic is not None:
+            unequal = [n for n in ms.layers if ms.coupling.filters_per_unit(n) is None]
+            if unequal:
+                raise UserError(f"--coupled with --prune-method {self.method.name}: the coupled units of {unequal[0]} "
+                                "hold unequal numbers of its filters, so no one group OBS statistic ranks them; "
+                                f"keep it dense with --exclude-layers {unequal[0]} or drop --coupled")
         self.events = list(self.plan.events)
         self.history: list[dict] = []  # one record per pruning sub-step
         self._notes: list[str] = []
@@ -147,13 +154,19 @@ class WoodFisherTrainer(FixedMaskTrainer):
 
     # -- masks ----------------------------------------------------------------------------------
     def alive_units(self) -> int:
-        """Units (weights, filters or channels) alive now, over all masked layers."""
+        """Units (weights, filters, channels, or coupled dependency groups) alive now, over all masked layers."""
+        coupling = self.maskset.coupling
+        if coupling is not None:
+            return int(coupling.alive_units({n: layer.mask for n, layer in self.maskset.layers.items()}))
         layers = self.maskset.layers.values()
         return int(sum(alive_units(layer.mask, self.granularity).sum() for layer in layers))
 
     def current_sparsity(self) -> float:
-        """Fraction of units (weights, filters or channels) pruned now, over all masked layers."""
-        total = sum(unit_counts([layer.mask.shape for layer in self.maskset.layers.values()], self.granularity))
+        """Fraction of units (weights, filters, channels, or coupled groups) pruned now, over all masked layers."""
+        if self.maskset.coupling is not None:
+            total = self.maskset.coupling.units
+        else:
+            total = sum(unit_counts([layer.mask.shape for layer in self.maskset.layers.values()], self.granularity))
         return 1.0 - self.alive_units() / total
 
     # -- FLOPs -----------------------------------------------------------------------------------
@@ -221,7 +234,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
 
     def solver(self) -> OBSSolver:
         return OBSSolver(self.maskset.layers, granularity=self.granularity, method=self.method, nm=self.maskset.nm,
-                         fisher=self.fisher, device=self.device)
+                         fisher=self.fisher, device=self.device, coupling=self.maskset.coupling)
 
     def prune_step(self, sparsity: float, *, epoch: int, substep: int = 0, substeps: int = 1,
                    loaders: Loaders | None = None) -> dict:
@@ -303,6 +316,8 @@ class WoodFisherTrainer(FixedMaskTrainer):
         with --flops-target."""
         # Unit sparsity: of weights, or of whole filters/channels (the run's summary reports weights).
         kind = self.granularity if self.granularity in STRUCTURED else "weight"
+        if self.maskset.coupling is not None:
+            kind = "coupled unit"
         units = f"{kind} sparsity {100 * record['before']:.2f}% -> {100 * record['sparsity']:.2f}%"
         if record["flops_kept"] is None:
             return f"{units} (target {100 * sparsity:.2f}%)"
