@@ -24,9 +24,10 @@ from torch import nn
 from configs.errors import UserError, one_line
 from configs.options import ExportOptions, check_fields, parse_nm
 from deploy.api import export_model
+from deploy.slim import coupled_groups
 from engine.checkpoint import classifier_name, load_checkpoint, load_model_state
 from engine.source import set_stored_masks
-from layers import MaskSet, to_masked
+from layers import MaskSet, build_maskset, to_masked
 from layers.convert import exclusion_patterns
 from models import build_model
 
@@ -81,6 +82,15 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
     model = build_model(config["arch"], num_classes=num_classes, in_channels=channels, image_size=side)
     masks = ckpt.get("masks")
     layer_type = config.get("layer_type", "dense")
+    example = torch.zeros(1, channels, side, side)
+    if masks and layer_type != "dense" and config.get("coupled"):
+        # coupled masks also mask the pointwise linears and channel LayerNorms the dependency groups name
+        maskset, _ = build_maskset(model, granularity=layer_type, k=config.get("k", 1.0),
+                                   scope=config.get("scope", "global"),
+                                   exclude=config.get("exclude_layers"), coupled=coupled_groups(model, example=example))
+        load_model_state(model, state, source=source, notice=lambda line: None)
+        set_stored_masks(maskset, masks, source)
+        return model.eval(), example
     if masks and layer_type != "dense":
         try:
             to_masked(model, granularity=layer_type, exclude=exclusion_patterns(config.get("exclude_layers")))
@@ -94,7 +104,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
                           min_units=config.get("layer_floor"),
                           nm=parse_nm(config.get("nm", "2:4")) if layer_type == "nm" else None)
         set_stored_masks(maskset, masks, source)
-    return model.eval(), torch.zeros(1, channels, side, side)
+    return model.eval(), example
 
 
 def check_out(options: ExportOptions) -> bool:

@@ -50,6 +50,7 @@ from torchvision.ops import StochasticDepth, stochastic_depth
 from configs.errors import UserError
 from layers import masked_layers, to_dense
 from layers.maskset import is_depthwise
+from layers.norm import MaskedLayerNorm, norm_channel_dim
 from pruning.cost import model_cost
 
 
@@ -106,6 +107,7 @@ class _Elements:
         self.pinned: list[bool] = []
         self.read: list[bool] = []
         self.producer: list[tuple[str, int] | None] = []  # (conv name, filter index)
+        self.norm_members: dict[int, list[tuple[str, int]]] = {}  # element -> (channel LayerNorm, channel)
 
     def new(self, *, alive: bool, pinned: bool = False, producer: tuple[str, int] | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -135,6 +137,9 @@ class _Analysis:
     linears: dict[str, fx.Node]
     norms: dict[str, fx.Node]
     pads: list[fx.Node]
+    pointwise: dict[str, fx.Node] = field(default_factory=dict)       # channels-last linears (1x1 convs)
+    channel_norms: dict[str, fx.Node] = field(default_factory=dict)   # MaskedLayerNorm calls
+    scales: dict[str, tuple[fx.Node, int]] = field(default_factory=dict)  # per-channel parameter -> (op, its dim)
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
@@ -153,12 +158,14 @@ def _flatten_list(chans: list[int], in_shape: tuple[int, ...]) -> list[int]:
     return [e for e in chans for _ in range(per)]
 
 
-def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: bool = False) -> _Analysis:
-    """The channel elements of every activation of ``gm`` and their ties. ``balance`` also ties the j-th
-    channel of every group of a grouped conv (inputs and outputs): the units of ``dependency_groups``,
-    under which each group keeps the same channels, as a grouped conv's slimmed twin needs."""
+def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, coupling: bool = False) -> _Analysis:
+    """The channel elements of every activation of ``gm`` and their ties. ``coupling``: the units of
+    ``dependency_groups``: also ties the j-th channel of every group of a grouped conv (inputs and outputs),
+    under which each group keeps the same channels, as a grouped conv's slimmed twin needs; and passes
+    a plain channel LayerNorm's channels through, as its masked twin (``layers.norm``) will."""
     el = _Elements()
     chans: dict[fx.Node, list[int]] = {}
+    last: set[fx.Node] = set()  # activations whose channels are the last dim (ConvNeXt's permuted blocks)
     modules = dict(gm.named_modules())
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -188,6 +195,13 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: boo
     for node in gm.graph.nodes:
         args = [a for a in node.args if isinstance(a, fx.Node)]
         first = chans.get(args[0]) if args else None
+        if any(a in last for a in node.all_input_nodes):
+            _channels_last(node, first, modules, masks, analysis, last, unknown, read, coupling=coupling)
+            continue
+        if _permutation(node) == (0, 2, 3, 1) and first is not None and len(_shape(args[0]) or ()) == 4:
+            chans[node] = first
+            last.add(node)
+            continue
         if node.op == "placeholder":
             fresh(node, pinned=True)
         elif node.op == "output":
@@ -218,7 +232,7 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: boo
                 read(first, cols)
                 outs = [el.new(alive=rows is None or bool(rows[j]), producer=(node.target, j))
                         for j in range(mod.out_channels)]
-                if balance and mod.groups > 1:  # --coupled: position p of every group is one unit
+                if coupling and mod.groups > 1:  # --coupled: position p of every group is one unit
                     for side in (first, outs):
                         size = len(side) // mod.groups
                         for i in range(size, len(side)):
@@ -236,6 +250,8 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: boo
                     analysis.norms[node.target] = node
             elif isinstance(mod, nn.Flatten) and mod.start_dim == 1 and first is not None:
                 chans[node] = _flatten_list(first, _shape(args[0]) or ())
+            elif norm_channel_dim(mod) == 1 and calls[node.target] == 1 and first is not None:
+                _channel_norm(node, mod, first, masks, analysis, read, unknown, coupling=coupling)
             else:
                 unknown(node)
         elif node.op == "call_function":
@@ -244,7 +260,7 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: boo
             if fn in PER_CHANNEL_FUNCTIONS and first is not None:
                 chans[node] = first
             elif fn in ELEMENTWISE_FUNCTIONS:
-                _elementwise(node, chans, el, unknown)
+                _elementwise(node, chans, el, unknown, analysis)
             elif fn is torch.flatten and first is not None and _flatten_dim(node) == 1:
                 chans[node] = _flatten_list(first, _shape(args[0]) or ())
             elif fn is F.pad and first is not None and _channel_pad(node) is not None:
@@ -266,7 +282,7 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: boo
             if node.target in PER_CHANNEL_METHODS and first is not None:
                 chans[node] = first
             elif node.target in ELEMENTWISE_METHODS:
-                _elementwise(node, chans, el, unknown)
+                _elementwise(node, chans, el, unknown, analysis)
             elif node.target in ("view", "reshape", "flatten") and first is not None and _is_flatten(node, args[0]):
                 chans[node] = _flatten_list(first, _shape(args[0]) or ())
             else:
@@ -274,6 +290,90 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, balance: boo
         elif node.op == "get_attr":
             fresh(node, pinned=True)
     return analysis
+
+
+def _permutation(node: fx.Node) -> tuple[int, ...] | None:
+    """The dims of a ``permute`` (method or function), else None."""
+    if node.op == "call_method" and node.target == "permute":
+        dims = node.args[1:]
+    elif node.op == "call_function" and node.target is torch.permute:
+        dims = node.args[1:]
+    else:
+        return None
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    return tuple(int(cast(int, d)) for d in dims) if all(isinstance(d, int) for d in dims) else None
+
+
+# Ops that act on each value alone: they keep a channels-last activation's channels (no pooling here: it
+# would act over the channels).
+CHANNELS_LAST_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.Dropout, nn.Identity)
+CHANNELS_LAST_FUNCTIONS: set[Any] = {F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.dropout,
+                                     torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh}
+
+
+def _channels_last(node: fx.Node, first: list[int] | None, modules: dict[str, nn.Module],
+                   masks: dict[str, torch.Tensor], a: _Analysis, last: set[fx.Node], unknown: Any, read: Any, *,
+                   coupling: bool) -> None:
+    """An op reading a channels-last activation (channels in the last dim, after ``permute(0, 2, 3, 1)``):
+    the permutation back, values-wise ops, a LayerNorm over the channels, and a linear layer over them (a
+    1x1 conv: its rows are channels); anything else keeps every channel it touches."""
+    el, chans = a.elements, a.channels
+    src = node.args[0] if node.args else None
+    if first is None or not isinstance(src, fx.Node) or src not in last or len(node.all_input_nodes) != 1:
+        unknown(node)  # e.g. an elementwise op of two activations: not met in a channels-last layout yet
+        return
+    if _permutation(node) == (0, 3, 1, 2):
+        chans[node] = first
+        return
+    if node.op == "call_module":
+        target = cast(str, node.target)
+        mod = modules[target]
+        if isinstance(mod, CHANNELS_LAST_MODULES):
+            chans[node] = first
+            last.add(node)
+            return
+        if type(mod) is nn.Linear and len(first) == mod.in_features and target not in a.pointwise:
+            mask = masks.get(target)
+            read(first, mask.any(0) if mask is not None else None)
+            rows = mask.any(1) if mask is not None else None
+            chans[node] = [el.new(alive=rows is None or bool(rows[j]), producer=(target, j))
+                           for j in range(mod.out_features)]
+            last.add(node)
+            a.pointwise[target] = node
+            return
+        if norm_channel_dim(mod) == -1:
+            _channel_norm(node, mod, first, masks, a, read, unknown, coupling=coupling)
+            if node in chans:
+                last.add(node)
+            return
+    if node.op == "call_function" and node.target in CHANNELS_LAST_FUNCTIONS:
+        chans[node] = first
+        last.add(node)
+        return
+    unknown(node)
+
+
+def _channel_norm(node: fx.Node, mod: nn.Module, first: list[int], masks: dict[str, torch.Tensor], a: _Analysis,
+                  read: Any, unknown: Any, *, coupling: bool) -> None:
+    """A LayerNorm over the channels: its masked twin (statistics over the kept channels, pruned ones 0) passes
+    each channel on and reads the kept ones; a plain one mixes every channel into every other (a removed
+    channel would change the statistics), except for ``dependency_groups``, where it becomes the twin."""
+    assert isinstance(mod, nn.LayerNorm)
+    if mod.normalized_shape != (len(first),):
+        unknown(node)
+    elif isinstance(mod, MaskedLayerNorm):
+        read(first, mod.channel_mask)
+        a.channels[node] = first
+        a.channel_norms[cast(str, node.target)] = node
+    elif coupling:
+        for j, e in enumerate(first):
+            a.elements.norm_members.setdefault(e, []).append((cast(str, node.target), j))
+        a.channels[node] = first
+    else:
+        unknown(node)
 
 
 def _dense_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
@@ -302,12 +402,23 @@ def _same_channels(shape: tuple[int, ...] | None, out: tuple[int, ...]) -> bool:
     return all(a in (b, 1) for a, b in zip(shape[2:], out[2:]))
 
 
-def _elementwise(node: fx.Node, chans: dict[fx.Node, list[int]], el: _Elements, unknown: Any) -> None:
+def _elementwise(node: fx.Node, chans: dict[fx.Node, list[int]], el: _Elements, unknown: Any,
+                 analysis: _Analysis) -> None:
     """An elementwise op of activations ties the channels at the same index: a residual add, or the
     per-channel scale of squeeze-excitation (channel j of the input times the j-th scale). The scale of a
-    removed channel varies with the input: the constancy check of removed channels then keeps it."""
-    tensors = [a for a in node.args if isinstance(a, fx.Node) and a in chans]
+    removed channel varies with the input: the constancy check of removed channels then keeps it. A
+    parameter with one value per channel (ConvNeXt's layer scale) is sliced with the channels."""
     shape = _shape(node)
+    params = [a for a in node.args if isinstance(a, fx.Node) and _channel_parameter(a, shape)]
+    if len(params) == 1 and len(node.args) == 2 and params[0].target not in analysis.scales:
+        other = next(a for a in node.args if a is not params[0])
+        if isinstance(other, fx.Node) and other in chans and shape is not None and len(chans[other]) == shape[1] \
+                and _shape(other) == shape:
+            p_shape = _shape(params[0]) or ()
+            analysis.scales[cast(str, params[0].target)] = (node, len(p_shape) - (len(shape) - 1))
+            chans[node] = chans[other]
+            return
+    tensors = [a for a in node.args if isinstance(a, fx.Node) and a in chans]
     if not tensors or shape is None or any(len(chans[a]) != shape[1] or not _same_channels(_shape(a), shape)
                                            for a in tensors):
         unknown(node)  # broadcasting over channels, or an operand we know nothing of
@@ -320,6 +431,15 @@ def _elementwise(node: fx.Node, chans: dict[fx.Node, list[int]], el: _Elements, 
         for a, b in zip(base, chans[other]):
             el.union(a, b)
     chans[node] = base
+
+
+def _channel_parameter(node: fx.Node, out: tuple[int, ...] | None) -> bool:
+    """A parameter (get_attr) that broadcasts one value per channel over an (N, C, ...) output: (C, 1, 1)."""
+    shape = _shape(node)
+    if node.op != "get_attr" or shape is None or out is None or len(out) < 2 or len(shape) > len(out) - 1:
+        return False
+    padded = (1,) * (len(out) - len(shape)) + shape
+    return padded[1] == out[1] and all(s == 1 for i, s in enumerate(padded) if i != 1)
 
 
 def _flatten_dim(node: fx.Node) -> int:
@@ -457,9 +577,16 @@ def slim(model: nn.Module, *, example: torch.Tensor, check_inputs: int = 2) -> t
     return slim_gm, report
 
 
+class _Tracer(fx.Tracer):
+    """Channel LayerNorms (ConvNeXt's LayerNorm2d, the masked twin) are single calls, not traced through."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return norm_channel_dim(m) is not None or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(plain: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(plain)
+        return fx.GraphModule(plain, _Tracer().trace(plain), plain.__class__.__name__)
     except Exception as exc:  # fx raises many types for data-dependent control flow
         raise SlimError(f"torch.fx cannot trace the model ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
@@ -520,13 +647,13 @@ def _nonconstant_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int], probe: t
     """Removed channels must be input-independent and, before a conv, the same at every position;
     any that is not (an op this analysis took for per-channel is not) is kept instead."""
     el, pins = a.elements, set()
-    consumers = {**a.convs, **a.linears}
+    consumers = {**a.convs, **a.linears, **a.pointwise}
     inputs = _captured_inputs(gm, consumers, probe)
     for name, node in consumers.items():
         if name in a.convs and one_to_one(cast(nn.Conv2d, gm.get_submodule(name))):
             continue  # a removed input channel of a depthwise conv feeds only its own, removed, output
         elements = a.channels[cast(fx.Node, node.args[0])]
-        x = inputs[name]
+        x = inputs[name].movedim(-1, 1) if name in a.pointwise else inputs[name]  # channels-last: dim -1
         layer = gm.get_submodule(name)
         weight = layer.weight
         assert isinstance(weight, torch.Tensor)
@@ -536,7 +663,7 @@ def _nonconstant_pins(gm: fx.GraphModule, a: _Analysis, kept: set[int], probe: t
             if el.find(e) in kept or not bool(reads[i]):
                 continue
             ch = x[:, i]
-            ref = ch[:1].flatten()[:1] if name in a.convs else ch[:1]
+            ref = ch[:1].flatten()[:1] if name in a.convs or name in a.pointwise else ch[:1]
             if not torch.allclose(ch, ref.expand_as(ch), rtol=1e-6, atol=1e-6 * (1 + float(ch.abs().max()))):
                 pins.add(el.find(e))
     return pins
@@ -549,7 +676,7 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
     # deepcopy keeps node order; map analysis nodes to the copy's by name
     by_name = {n.name: n for n in out.graph.nodes}
     report = SlimReport(0, 0, 0, 0)
-    inputs = _captured_inputs(gm, list(a.convs) + list(a.linears), probe)
+    inputs = _captured_inputs(gm, list(a.convs) + list(a.linears) + list(a.pointwise), probe)
 
     def idx(node: fx.Node) -> list[int]:
         return _kept_index(el, a.channels[node], kept)
@@ -610,6 +737,22 @@ def _rewrite(gm: fx.GraphModule, a: _Analysis, kept: set[int], masks: dict[str, 
         state = {k: (v[keep] if v.dim() == 1 else v) for k, v in bn.state_dict().items()}
         new_bn.load_state_dict(state)
         _set_module(out, name, new_bn.eval())
+    for name, node in a.pointwise.items():
+        _rewrite_pointwise(out, name, cast(nn.Linear, gm.get_submodule(name)), rows=idx(node),
+                           cols=idx(cast(fx.Node, node.args[0])), x=inputs[name], mask=masks.get(name), report=report)
+    for name, node in a.channel_norms.items():
+        norm = gm.get_submodule(name)
+        assert isinstance(norm, MaskedLayerNorm)
+        keep = idx(node)
+        sub = norm.channel_mask[keep]
+        _set_module(out, name, norm.plain(keep) if bool(sub.all()) else norm.sliced(keep))
+    for target, (node, axis) in a.scales.items():
+        owner, _, attr = target.rpartition(".")
+        holder = out.get_submodule(owner) if owner else out
+        value = getattr(holder, attr)
+        sliced = value.detach().index_select(axis, torch.tensor(idx(node), dtype=torch.long, device=value.device))
+        setattr(holder, attr, nn.Parameter(sliced.clone(), requires_grad=value.requires_grad)
+                if isinstance(value, nn.Parameter) else sliced.clone())
     for name, node in a.linears.items():
         lin = gm.get_submodule(name)
         assert isinstance(lin, nn.Linear)
@@ -684,6 +827,33 @@ def _rewrite_depthwise(out: fx.GraphModule, name: str, conv: nn.Conv2d, keep: li
             report.forced.append(ForcedKeep(name, int(dead.sum()), 0, int((~mask[keep]).sum())))
 
 
+def _rewrite_pointwise(out: fx.GraphModule, name: str, lin: nn.Linear, *, rows: list[int], cols: list[int],
+                       x: torch.Tensor, mask: torch.Tensor | None, report: SlimReport) -> None:
+    """A linear layer over the channels of a channels-last map keeps its kept rows and columns; a removed
+    column that is read holds a constant (checked by ``_nonconstant_pins``), folded into the bias."""
+    weight = lin.weight.detach()
+    kept_in = set(cols)
+    removed = [i for i in range(lin.in_features) if i not in kept_in]
+    bias = lin.bias.detach()[rows].clone() if lin.bias is not None else None
+    if removed:
+        const = x.reshape(-1, x.shape[-1])[0, removed]
+        contribution = weight[rows][:, removed] @ const
+        if bool(contribution.any()):
+            report.folded.append(name)
+            bias = (bias if bias is not None else weight.new_zeros(len(rows))) + contribution
+    new = nn.Linear(len(cols), len(rows), bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight[rows][:, cols])
+        if bias is not None:
+            assert new.bias is not None
+            new.bias.copy_(bias)
+    _set_module(out, name, new)
+    if mask is not None:
+        dead_rows, dead_cols = int((~mask.any(1)[rows]).sum()), int((~mask.any(0)[cols]).sum())
+        if dead_rows or dead_cols:
+            report.forced.append(ForcedKeep(name, dead_rows, dead_cols, int((~mask[rows][:, cols]).sum())))
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
@@ -714,9 +884,12 @@ def dependency_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[t
     plain = to_dense(copy.deepcopy(model)).eval()
     gm = _trace(plain)
     ShapeProp(gm).propagate(_probe_inputs(example, 1)[:1])
-    el = _analyse(gm, {}, balance=True).elements
+    el = _analyse(gm, {}, coupling=True).elements
     groups: dict[int, list[tuple[str, int]]] = {}
     for e, producer in enumerate(el.producer):
         if producer is not None:
             groups.setdefault(el.find(e), []).append(producer)
+    for e, members in el.norm_members.items():  # channel LayerNorms follow their channel's group
+        if el.find(e) in groups:
+            groups[el.find(e)].extend(members)
     return list(groups.values())

@@ -44,7 +44,10 @@ def check_matches(ckpt: dict[str, Any], *, run: dict[str, Any], keys: tuple[str,
     for key in keys:
         if key in saved and saved[key] != run.get(key):
             flag = "--" + key.replace("_", "-")
-            fix = f"drop {flag}" if saved[key] is None else f"pass {flag} {saved[key]}"
+            if saved[key] is None or saved[key] is False:  # an option left out, or a switch left off
+                fix = f"drop {flag}"
+            else:
+                fix = f"pass {flag}" if saved[key] is True else f"pass {flag} {saved[key]}"
             raise UserError(f"{source} was written with {key}={saved[key]!r} but this run has {key}={run.get(key)!r}; "
                             f"{fix} (or use a matching checkpoint)")
 
@@ -107,6 +110,8 @@ def load_source(model: nn.Module, maskset: MaskSet | None, ckpt: dict[str, Any],
             keys: tuple[str, ...] = FINETUNE_MUST_MATCH if masks else FINETUNE_MUST_MATCH + ("scope", "coupled")
             if run.get("layer_type") == "nm":  # 2:4 and 4:8 share k = 0.5: the pattern itself must match
                 keys += ("nm",)
+            if masks and set(masks) - set(maskset.layers):  # coupling masked layers a plain run does not (ConvNeXt)
+                keys += ("coupled",)
             check_matches(ckpt, run=run, keys=keys, source=source)
     lacks = load_model_state(model, state, source=source, notice=notice,
                              may_lack=lambda k: k.endswith(".mask") or is_head(k)

@@ -160,12 +160,15 @@ def excluded_layers(model: nn.Module, patterns: list[str]) -> list[str]:
     return [name for name in names if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
-def to_masked(model: nn.Module, *, granularity: str, exclude: list[str] | None = None) -> nn.Module:
+def to_masked(model: nn.Module, *, granularity: str, exclude: list[str] | None = None,
+              also: set[str] | None = None) -> nn.Module:
     """Replace the layers the granularity masks (``MASKED_TYPES``, subclasses included) by their masked
     twins (all-ones mask), in place; returns model. Layers whose qualified name matches a pattern of
     ``exclude`` (fnmatch) stay plain: no mask, never pruned, by any trainer or granularity. Raises
     ``UnmaskableLayer`` for a layer that must be masked but cannot be (a subclass with its own forward,
-    an attention option the twin lacks, attention under filter/channel masks)."""
+    an attention option the twin lacks, attention under filter/channel masks). ``also``: names of layers
+    to mask although the granularity does not mask their type (``--coupled``: a linear layer that acts on
+    the channels of a feature map, whose rows are channels, not classes)."""
     if granularity not in MASKED_TYPES:
         raise ValueError(f"unknown granularity {granularity!r}; expected one of {tuple(MASKED_TYPES)}")
     masked_types = MASKED_TYPES[granularity]
@@ -180,7 +183,7 @@ def to_masked(model: nn.Module, *, granularity: str, exclude: list[str] | None =
         if name in keep_plain:
             return child  # kept as it is, and not entered: an excluded attention keeps its out_proj plain too
         hint = f"keep it dense with --exclude-layers {name}"
-        if base not in masked_types:
+        if base not in masked_types and name not in (also or set()):
             if base is nn.MultiheadAttention:  # heads as structured units: not built yet, so never skipped silently
                 raise UnmaskableLayer(f"{name} is an attention module, which filter/channel masks cannot prune "
                                       f"(structured attention is not supported): use --layer-type unstructured "

@@ -19,7 +19,7 @@ its per-layer masks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,12 +32,16 @@ class Coupling:
     unit_of: dict[str, torch.Tensor]  # layer name -> LongTensor (filters,): the unit of each filter
     family_of: torch.Tensor           # LongTensor (units,): the family of each unit
     units: int
+    norm_unit_of: dict[str, torch.Tensor] = field(default_factory=dict)  # channel LayerNorm -> unit per channel
 
     @staticmethod
-    def of(groups: Sequence[Sequence[tuple[str, int]]], filters: dict[str, int]) -> Coupling:
+    def of(groups: Sequence[Sequence[tuple[str, int]]], filters: dict[str, int],
+           norms: dict[str, int] | None = None) -> Coupling:
         """From ``deploy.slim.dependency_groups`` and the masked layers' filter counts; filters of masked
-        layers in no group become units of their own."""
+        layers in no group become units of their own. ``norms``: the channel LayerNorms in the groups and
+        their channel counts (``layers.norm``): each channel follows its group's unit."""
         unit_of = {name: torch.full((count,), -1, dtype=torch.long) for name, count in filters.items()}
+        norm_unit_of = {name: torch.full((count,), -1, dtype=torch.long) for name, count in (norms or {}).items()}
         members: list[list[tuple[str, int]]] = []
         for group in groups:
             own = [(name, j) for name, j in group if name in unit_of]
@@ -45,6 +49,11 @@ class Coupling:
                 for name, j in own:
                     unit_of[name][j] = len(members)
                 members.append(own)
+                # A norm channel follows the unit, unless a plain (unmasked) layer also produces it
+                plain = any(name not in unit_of and name not in norm_unit_of for name, _ in group)
+                for name, j in group:
+                    if name in norm_unit_of and not plain:
+                        norm_unit_of[name][j] = len(members) - 1
         for name, units in unit_of.items():
             for j in (units < 0).nonzero().flatten().tolist():
                 units[j] = len(members)
@@ -52,7 +61,7 @@ class Coupling:
         families: dict[tuple[str, ...], int] = {}
         family_of = torch.tensor([families.setdefault(tuple(sorted({n for n, _ in m})), len(families))
                                   for m in members], dtype=torch.long)
-        return Coupling(unit_of=unit_of, family_of=family_of, units=len(members))
+        return Coupling(unit_of=unit_of, family_of=family_of, units=len(members), norm_unit_of=norm_unit_of)
 
     def tied(self) -> int:
         """How many units couple more than one filter."""
@@ -79,6 +88,18 @@ class Coupling:
         for name, mask in masks.items():
             counts.index_add_(0, self.unit_of[name].to(first.device), mask.flatten(1).any(1).long())
         return (counts > 0).sum()
+
+    def norm_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each channel LayerNorm's channel mask under the layers' ``masks``: a channel is kept while its
+        unit keeps any member filter (a channel in no unit always)."""
+        if not self.norm_unit_of:
+            return {}
+        first = next(iter(masks.values()))
+        counts = torch.zeros(self.units + 1, dtype=torch.long, device=first.device)
+        counts[-1] = 1  # index -1: channels in no unit
+        for name, mask in masks.items():
+            counts.index_add_(0, self.unit_of[name].to(first.device), mask.flatten(1).any(1).long())
+        return {name: counts[units.to(first.device)] > 0 for name, units in self.norm_unit_of.items()}
 
     def unit_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each unit's score: the L2 norm of all its members' scores (float64 sums: exact ranking)."""

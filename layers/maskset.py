@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ from configs.options import parse_nm
 from layers.convert import UnmaskableLayer, exclusion_patterns, masked_layers, to_masked
 from layers.coupling import Coupling
 from layers.masked import MaskedLayer
+from layers.norm import MaskedLayerNorm, mask_channel_norms, norm_channel_dim
 from layers.selector import (
     IncrementalTopK,
     SelectionError,
@@ -83,6 +84,9 @@ class MaskSet:
             raise ValueError(f"coupled masks are filter masks, not {granularity!r}")
         self.coupling = coupling
         self.layers: dict[str, MaskedLayer] = masked_layers(model)
+        # Channel LayerNorms whose statistics follow the coupled masks (layers.norm)
+        self.norms: dict[str, MaskedLayerNorm] = {} if coupling is None else {
+            name: cast(MaskedLayerNorm, model.get_submodule(name)) for name in coupling.norm_unit_of}
         self.k = k
         self.granularity = granularity
         self.scope = scope
@@ -165,9 +169,18 @@ class MaskSet:
                                      nm=self.nm)
                 for layer, mask in zip(self.layers.values(), masks):
                     layer.mask.copy_(mask)
+        self._sync_norms()
         self._seen = self._score_versions()
         self.selections += 1
         return True
+
+    def _sync_norms(self) -> None:
+        """The channel masks of the coupled LayerNorms from the layers' current masks."""
+        if self.coupling is None or not self.norms:
+            return
+        chosen = self.coupling.norm_masks({name: layer.mask for name, layer in self.layers.items()})
+        for name, norm in self.norms.items():
+            norm.channel_mask.copy_(chosen[name])
 
     @contextmanager
     def scores_fixed(self) -> Iterator[None]:
@@ -202,6 +215,7 @@ class MaskSet:
                     raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, "
                                      f"layer has {tuple(layer.mask.shape)}")
                 layer.mask.copy_(mask.to(torch.bool))
+            self._sync_norms()
         self.frozen = True
 
     def report(self) -> list[LayerSparsity]:
@@ -247,8 +261,14 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
     ``coupled``: the model's dependency groups of filters (``deploy.slim.dependency_groups``): filter
     masks chosen per group (``layers.coupling``)."""
     patterns = exclusion_patterns(exclude)
+    members = {name for group in coupled or [] for name, _ in group}
+    modules = dict(model.named_modules())
+    # Under coupling, linear layers that produce channels of a feature map (ConvNeXt's pointwise MLPs) are
+    # masked by rows like convs, and channel LayerNorms normalise over the kept channels (layers.norm).
+    pointwise = {name for name in members if isinstance(modules.get(name), nn.Linear)}
+    norms = {name for name in members if norm_channel_dim(modules[name]) is not None} if members else set()
     try:
-        to_masked(model, granularity=granularity, exclude=patterns)
+        to_masked(model, granularity=granularity, exclude=patterns, also=pointwise)
     except UnmaskableLayer as exc:
         raise UserError(str(exc)) from None
     except ValueError as exc:
@@ -257,8 +277,10 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         check_channel_units(model, patterns)
     if example is not None:  # before the mask set exists: its forward hook would run a selection for nothing
         check_called(model, masked_layers(model), example=example, patterns=patterns)
+    twins = mask_channel_norms(model, norms)
     coupling = None if coupled is None else Coupling.of(
-        coupled, {name: layer.weight.shape[0] for name, layer in masked_layers(model).items()})
+        coupled, {name: layer.weight.shape[0] for name, layer in masked_layers(model).items()},
+        {name: norm.normalized_shape[0] for name, norm in twins.items()})
     try:
         maskset = MaskSet(model, k=k, granularity=granularity, scope=scope, min_units=layer_floor,
                           nm=parse_nm(nm) if granularity == "nm" else None, coupling=coupling)
@@ -279,6 +301,9 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         notices.append(f"coupled filter masks: {coupling.units:,} units, {coupling.tied():,} of them filters tied "
                        "across layers (residual additions, depthwise convs, squeeze-excitation), kept or pruned "
                        "together")
+        if twins:
+            notices.append(f"coupled channel LayerNorms: {len(twins)} normalise over the kept channels only, so that "
+                           f"a pruned channel leaves them (pointwise linear layers masked by rows: {len(pointwise)})")
     dense = unmasked_weights(model)
     if dense:
         notices.append(dense)

@@ -95,11 +95,13 @@ def test_a_network_without_ties_gets_exactly_its_per_layer_masks():
 @pytest.mark.parametrize("arch,side,most", [("mobilenet_cifar", 8, 0.27), ("tv.mobilenet_v2", 32, 0.3),
                                             ("resnet18", 32, 0.27), ("tv.regnet_y_400mf", 32, 0.27),
                                             pytest.param("tv.resnext50_32x4d", 32, 0.27, marks=pytest.mark.slow),
+                                            pytest.param("tv.convnext_tiny", 32, 0.27, marks=pytest.mark.slow),
                                             pytest.param("tv.efficientnet_b0", 32, 0.3, marks=pytest.mark.slow)])
 def test_coupled_masks_slim_to_about_k_squared_and_equal_the_masked_model(arch, side, most):
     """Each removed channel goes from its producer and its reader alike: about k^2 of the MACs at k = 0.5
     (per-layer masks keep the unions: 0.52, 0.58, 0.44, 0.69 of the MACs). Grouped convs (RegNet, ResNeXt) tie
-    the j-th channel of every group, as Torch-Pruning does: 0.264 and 0.260 (DepGraph: 0.257)."""
+    the j-th channel of every group, as Torch-Pruning does: 0.264 and 0.260 (DepGraph: 0.257); ConvNeXt's channel
+    LayerNorms normalise over the kept channels (layers.norm): 0.257."""
     model, ms, _ = coupled(arch, side=side)
     with torch.no_grad():
         for m in model.modules():
