@@ -176,7 +176,9 @@ class WoodFisherOptions(FisherOptions):
     prune_method: str = opt("woodfisher", "woodfisher trainer: pruning criterion: woodfisher (unstructured/filter/"
                             "channel), woodtaylor (unstructured), diagfisher, magnitude (per layer), globalmagnitude "
                             "(all three granularities), l1 (filter/channel L1 norm per layer, Li et al. 2017), random "
-                            "(per layer, the baseline)",
+                            "(per layer, the baseline), fpgm (filter/channel nearest the layer's geometric median, per "
+                            "layer, He et al. 2019), taylorfo (filter/channel first-order Taylor importance from the "
+                            "gradient rows, per layer, Molchanov et al. 2019)",
                             group="woodfisher")
     target_sparsity: float | None = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
                                            group="woodfisher")

@@ -9,9 +9,14 @@
 | globalmagnitude | none      | |w| over all layers                         | none                         |
 | l1              | none      | filter/channel L1 norm sum |w|, per layer   | none                         |
 | random          | none      | uniform random, per layer                   | none                         |
+| fpgm            | none      | filter/channel: sum of L2 distances to the  | none                         |
+|                 |           | layer's other alive units, per layer        |                              |
+| taylorfo        | rows      | filter/channel: mean_r (g_r,U . w_U)^2,     | none                         |
+|                 |           | per layer                                   |                              |
 
 A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of the signatures in
-``pruning.obs``; the OBS solver and every trainer then offer it.
+``pruning.obs``; the OBS solver and every trainer then offer it. A criterion that scores whole units and is
+not a sum over their weights (fpgm, taylorfo) gives a ``unit_statistic`` and no per-weight ``statistic``.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from layers.selector import STRUCTURED, select_masks
 from pruning.obs import (
     diagonal_fisher_statistic,
     diagonal_fisher_update,
+    fpgm_statistic,
     group_obs_statistic,
     group_obs_update,
     l1_statistic,
@@ -35,6 +41,7 @@ from pruning.obs import (
     obs_statistic,
     obs_update,
     random_statistic,
+    taylorfo_statistic,
     woodtaylor_statistic,
     woodtaylor_update,
     zero_update,
@@ -46,10 +53,15 @@ class PruneMethod:
     """One pruning criterion.
 
     fisher: which curvature it needs: ``empirical`` (the block inverse of the damped empirical
-        Fisher), ``diagonal`` (its diagonal) or ``None`` (no gradients are collected).
+        Fisher), ``diagonal`` (its diagonal), ``rows`` (the m gradient rows themselves, G's columns per
+        layer, and no inverse is built) or ``None`` (no gradients are collected).
     statistic / update: per-weight functions with the signature of ``pruning.obs`` (weight,
-        fisher_inverse, mask, grad / prune, scale_prune_update, joint).
+        fisher_inverse, mask, grad / prune, scale_prune_update, joint); ``statistic`` is ``None`` for a
+        criterion that only scores units (``structured_only`` with a ``unit_statistic``).
     group_statistic / group_update: per-group versions for filter/channel masks (group OBS).
+    unit_statistic: one score per filter/channel from the unit's weights (weight, group_size, mask, rows;
+        ``pruning.obs.fpgm_statistic``) with no Fisher inverse, for criteria that do not add up over a
+        unit's weights; the update is the per-weight ``update`` on the unit's weights (it only zeroes).
     additive: the per-weight statistic adds up over a group (a group is scored by the sum), so
         filter/channel masks work without a group version and the update only zeroes.
     scope: a fixed selection scope, or ``None``: global or per layer as the run asks.
@@ -59,10 +71,11 @@ class PruneMethod:
 
     name: str
     fisher: str | None
-    statistic: Callable[..., torch.Tensor]
+    statistic: Callable[..., torch.Tensor] | None
     update: Callable[..., torch.Tensor]
     group_statistic: Callable[..., torch.Tensor] | None = None
     group_update: Callable[..., torch.Tensor] | None = None
+    unit_statistic: Callable[..., torch.Tensor] | None = None
     additive: bool = False
     scope: str | None = None
     needs_grad_mean: bool = False
@@ -73,8 +86,9 @@ class PruneMethod:
     @property
     def granularities(self) -> tuple[str, ...]:
         """Every method ranks single weights, hence unstructured and N:M masks (a per-group top-N of
-        the per-weight statistic); filters/channels need a group version or an additive statistic."""
-        grouped = self.group_statistic is not None or self.additive
+        the per-weight statistic); filters/channels need a group version, a unit statistic or an additive
+        statistic; a ``structured_only`` criterion scores filters/channels and nothing else."""
+        grouped = self.group_statistic is not None or self.unit_statistic is not None or self.additive
         if self.structured_only:
             return tuple(g for g in GRANULARITIES if g in STRUCTURED)
         return tuple(g for g in GRANULARITIES if grouped or g not in STRUCTURED)
@@ -82,6 +96,11 @@ class PruneMethod:
     def damp(self, given: float | None) -> float:
         """lambda: --fisher-damp when given, else this method's default."""
         return given if given is not None else self.default_damp
+
+    @property
+    def builds_inverse(self) -> bool:
+        """Whether the solver builds a Fisher inverse (``rows`` only hands the statistic G's columns)."""
+        return self.fisher in ("empirical", "diagonal")
 
     @property
     def compensates(self) -> bool:
@@ -131,6 +150,23 @@ register_prune_method(PruneMethod(
 register_prune_method(PruneMethod(
     "random", None, random_statistic, zero_update, additive=True, scope="layer",
     help="uniformly random weights/filters/channels, per layer (the baseline)"))
+# He, Liu, Wang, Hu & Yang, "Filter Pruning via Geometric Median for Deep Convolutional Neural Networks
+# Acceleration" (CVPR 2019; NNI's FPGMPruner): a filter near the geometric median of its layer's filters (the
+# smallest sum of distances to the others) is the one the others can best replace, whatever its norm, so it goes
+# first; the same fraction in every layer, as the paper prunes. A distance sum does not add up over weights:
+# a unit statistic, which needs no gradients.
+register_prune_method(PruneMethod(
+    "fpgm", None, None, zero_update, unit_statistic=fpgm_statistic, scope="layer", structured_only=True,
+    help="filters/channels nearest their layer's geometric median, per layer (He et al. 2019)"))
+# Molchanov, Mallya, Tyree, Frosio & Kautz, "Importance Estimation for Neural Network Pruning" (CVPR 2019), the
+# "FO on weights" criterion: a unit's first-order loss change per mini-batch squared, (sum_q g_q w_q)^2, averaged
+# over mini-batches. It reads the Fisher's m gradient rows (one per --fisher-mini-bsz samples) but builds no
+# inverse, and moves no surviving weight. Per layer, like l1 and fpgm (the paper ranks all units of the network
+# at once): the squared first-order terms are not on one scale across layers of different widths.
+register_prune_method(PruneMethod(
+    "taylorfo", "rows", None, zero_update, unit_statistic=taylorfo_statistic, scope="layer", structured_only=True,
+    help="filters/channels by first-order Taylor importance mean (g.w)^2 over the gradient rows, per layer "
+         "(Molchanov et al. 2019)"))
 
 
 def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:

@@ -36,6 +36,11 @@ Group OBS (filters/channels): removing a whole group Q (w_Q -> 0) at least cost 
     dw = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q,       loss change = 1/2 w_Q^T ([F^-1]_QQ)^-1 w_Q,
 computed through ``fisher_inverse.group_solve`` (blocks must be aligned to whole groups).
 
+Unit criteria without curvature (filters/channels only): FPGM scores a unit by the sum of the L2
+distances from its weights to every other alive unit's of the layer (its distance from the geometric
+median); TaylorFO by the mean over the m gradient rows of (g_r restricted to the unit . w_unit)^2. Neither
+adds up over weights, so each is one score per unit; neither moves the surviving weights.
+
 Scores for the selector. The project's selector keeps the top-scoring units and ranks unstructured
 weights by |score| (``layers.selector``), so the lowest score any unit can have is 0, not -inf
 (|-inf| = +inf would be kept first). Already-pruned weights therefore get exactly 0 and every
@@ -381,6 +386,54 @@ def random_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse | No
     seed = hash((float(w.detach().double().sum()), w.numel())) & 0x7FFF_FFFF_FFFF_FFFF
     r = torch.rand(w.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return _alive_score(r.to(device=w.device, dtype=w.dtype), _alive(mask, w)).reshape(weight.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# unit criteria (filters / channels) without curvature: one score per unit, from the weights and, for
+# TaylorFO, the gradient rows; ``weight`` in unit order (contiguous groups of ``group_size``, see
+# ``group_permutation``), ``mask`` one bool per unit (True = alive), ``rows`` G's columns in the same order.
+
+
+def _alive_units(mask: torch.Tensor | None, n_units: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n_units, dtype=torch.bool, device=device) if mask is None else mask.reshape(-1).to(torch.bool)
+
+
+@torch.no_grad()
+def fpgm_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """FPGM (He, Liu, Wang, Hu & Yang, "Filter Pruning via Geometric Median", CVPR 2019; NNI's FPGMPruner):
+    sum_j ||w_u - w_j||_2 over the other alive units j of the layer. The unit nearest the geometric median
+    (smallest sum) is the most replaceable by the others, so it is pruned first. Already-pruned units score 0
+    and are left out of the others' sums: their zeroed weights would otherwise count as a point at the
+    origin. Shape (n_units,). ``rows`` is accepted for a common signature and ignored."""
+    w = weight.reshape(-1)
+    n_units = w.numel() // group_size
+    alive = _alive_units(mask, n_units, w.device)
+    # float64: a distance sum of near neighbours loses digits to cdist's |a|^2 + |b|^2 - 2 a.b in float32
+    units = w.view(n_units, group_size).double()
+    dist = torch.cdist(units, units)
+    stat = (dist * alive.to(dist.dtype)[None, :]).sum(1)
+    return _alive_score(stat.to(w.dtype), alive)
+
+
+@torch.no_grad()
+def taylorfo_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor | None = None,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+    """First-order Taylor importance of a unit (Molchanov, Mallya, Tyree, Frosio & Kautz, "Importance
+    Estimation for Neural Network Pruning", CVPR 2019, the "FO on weights" criterion): removing unit u
+    changes the loss of mini-batch r by about -sum_{q in u} g_{r,q} w_q, so u scores by the mean over the m
+    gradient rows r of (sum_{q in u} g_{r,q} w_q)^2 (``rows``: G's columns of this layer, required). The
+    square is taken per mini-batch, before averaging, as the paper does: a mean gradient would cancel the
+    batches' disagreement. 0 on already-pruned units. Shape (n_units,)."""
+    if rows is None:
+        raise ValueError("TaylorFO needs rows= (the m gradient rows of this layer's weights, m x numel)")
+    w = weight.reshape(-1)
+    n_units = w.numel() // group_size
+    if rows.dim() != 2 or rows.shape[1] != w.numel():
+        raise ValueError(f"rows must be (m, {w.numel()}), got {tuple(rows.shape)}")
+    g = rows.to(device=w.device, dtype=w.dtype).view(-1, n_units, group_size)
+    per_row = torch.einsum("rug,ug->ru", g, w.view(n_units, group_size))  # sum_{q in u} g_{r,q} w_q, no m x D temporary
+    return _alive_score(per_row.square().mean(0), _alive_units(mask, n_units, w.device))
 
 
 @torch.no_grad()

@@ -18,6 +18,12 @@ sum of single-weight updates (WoodFisher's approximation) with ``joint=False`` o
 system would exceed ``joint_limit`` (it never costs more than one block's inverse: at most
 min(c, m)^2 numbers per block; see ``EmpiricalFisherInverse.solve_pruned``). The record says which.
 
+Unit criteria (``PruneMethod.unit_statistic``: fpgm, taylorfo) score each filter/channel of a layer at
+once from its weights, and for ``fisher="rows"`` (taylorfo) from the layer's columns of G, handed over as
+they are: no inverse is built, nothing is compensated, and the update only zeroes. With a ``coupling`` a
+unit criterion scores each filter in its layer, and a coupled unit ranks by the sum of its filters' scores
+(what the selector makes of the weight-shaped scores).
+
 Blocks (weights that share one Fisher inverse): chunks of ``block_size`` contiguous weights of one
 layer, a whole layer, or all layers at once. Filter/channel masks always use whole-layer blocks: a
 pruned group's update must be able to move the other groups of its layer (a group at least as wide
@@ -120,6 +126,7 @@ class _Prepared:
     group_size: int
     inverse: EmpiricalFisherInverse | DiagonalFisher | None
     grad_mean: torch.Tensor | None
+    rows: torch.Tensor | None  # G's columns of the group, in its order: a statistic that reads them (fisher "rows")
     solved: torch.Tensor | None  # per-group ([F^-1]_QQ)^-1 w_Q, kept from the statistic for the update
     kept_bytes: int
 
@@ -184,7 +191,12 @@ class OBSSolver:
 
     # -- gradients ------------------------------------------------------------------------------
     def _grouped(self) -> bool:
+        """Group OBS: a group statistic on whole-layer blocks of the Fisher inverse."""
         return self.granularity in STRUCTURED and self.method.group_statistic is not None
+
+    def _unit_criterion(self) -> bool:
+        """A statistic per filter/channel with no inverse (``PruneMethod.unit_statistic``)."""
+        return self.granularity in STRUCTURED and self.method.unit_statistic is not None
 
     def _offloaded(self) -> bool:
         return self.fisher.offloaded(self.device)
@@ -238,11 +250,15 @@ class OBSSolver:
             w, alive = w[perm], alive[perm]
         inverse = self._inverse(cols, gsize)
         grad_mean = cols.mean(0).to(self.device) if (cols is not None and self.method.needs_grad_mean) else None
+        rows = cols if self.method.fisher == "rows" else None
         kept = staged + (inverse.kept_memory_bytes() if inverse is not None else 0)
         if inverse is not None:
             self._peak_bytes = max(self._peak_bytes, self._kept_bytes + staged + inverse.peak_memory_bytes())
+        if rows is not None:  # columns of G in host memory are staged to the device for the statistic
+            staging = rows.numel() * rows.element_size() if rows.device != self.device else 0
+            self._peak_bytes = max(self._peak_bytes, self._kept_bytes + staged + staging)
         prepared = _Prepared(w=w, alive=alive, perm=perm, group_size=gsize, inverse=inverse, grad_mean=grad_mean,
-                             solved=None, kept_bytes=kept)
+                             rows=rows, solved=None, kept_bytes=kept)
         if self._kept_bytes + kept <= self._keep_budget():
             self._prepared[i] = prepared
             self._kept_bytes += kept
@@ -273,7 +289,7 @@ class OBSSolver:
 
     def _inverse(self, cols: torch.Tensor | None, group_size: int) -> EmpiricalFisherInverse | DiagonalFisher | None:
         kind = self.method.fisher
-        if kind is None or cols is None:
+        if kind is None or cols is None or not self.method.builds_inverse:
             return None
         if kind == "diagonal":
             return DiagonalFisher(cols, damp=self.fisher.damp, device=self.device)
@@ -291,7 +307,12 @@ class OBSSolver:
         """The method's statistic of group ``i`` in its permuted order (per weight, or per
         filter/channel), and the group's prepared data."""
         p = self._prepare(i)
-        if self._grouped():
+        if self._unit_criterion():
+            n_units = p.w.numel() // p.group_size
+            assert self.method.unit_statistic is not None  # ``_unit_criterion``
+            stat = self.method.unit_statistic(weight=p.w, group_size=p.group_size,
+                                              mask=p.alive.view(n_units, p.group_size).any(1), rows=p.rows)
+        elif self._grouped():
             n_groups = p.w.numel() // p.group_size
             alive_groups = p.alive.view(n_groups, p.group_size).any(1)
             # grouped: a method with a group version, which uses the empirical Fisher (``_grouped``)
@@ -301,6 +322,8 @@ class OBSSolver:
             stat = self.method.group_statistic(weight=p.w, fisher_inverse=p.inverse, group_size=p.group_size,
                                                mask=alive_groups, solved=p.solved)
         else:
+            # a method without a per-weight statistic supports filters/channels only (``granularities``)
+            assert self.method.statistic is not None
             stat = self.method.statistic(weight=p.w, fisher_inverse=p.inverse, mask=p.alive, grad=p.grad_mean)
         self._nan = self._nan | stat.isnan().any()
         return stat, p
@@ -313,7 +336,7 @@ class OBSSolver:
         out: dict[str, torch.Tensor] = {}
         for i, group in enumerate(self.groups):
             stat, p = self._statistic(i)
-            if self._grouped():
+            if self._grouped() or self._unit_criterion():
                 flat = (stat / p.group_size).sqrt().repeat_interleave(p.group_size)
             else:
                 flat = selector_scores(stat, self.granularity).reshape(-1)

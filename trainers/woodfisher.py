@@ -26,9 +26,11 @@ per gradient row (m of them per event), and the OBS statistic only ranks weights
 around the current ones; the robust fine-tuning between events then adapts the survivors.
 
 Supported granularities per method: see ``pruning.methods`` (filter/channel: group OBS on
-whole-layer blocks). With ``--coupled`` a unit is a dependency group of filters across layers
-(``layers.coupling``): it ranks by its group OBS statistic summed over its layers, the selector keeps
-whole units, and the schedule counts units.
+whole-layer blocks; the unit criteria fpgm and taylorfo score each filter/channel with no inverse, and
+taylorfo reads the same m gradient rows as the Fisher). With ``--coupled`` a unit is a dependency group
+of filters across layers (``layers.coupling``): it ranks by its group OBS statistic summed over its
+layers (a unit criterion: its filters' scores summed), the selector keeps whole units, and the schedule
+counts units.
 """
 from __future__ import annotations
 
@@ -300,15 +302,22 @@ class WoodFisherTrainer(FixedMaskTrainer):
         o = self.opts
         blocks = ("whole layer" if self.granularity in STRUCTURED and self.method.group_statistic is not None
                   else o.fisher_blocks + (f" {o.fittable_params}" if o.fisher_blocks == "chunk" else ""))
-        fisher = (f", m {o.fisher_subsample_size} x {o.fisher_mini_bsz} samples, blocks {blocks}, damp "
-                  f"{self.plan.damp:g}, update {record.solve}" if self.method.fisher else "")
+        rows = f", m {o.fisher_subsample_size} x {o.fisher_mini_bsz} samples"
+        if self.method.fisher is None:
+            fisher = ""
+        elif self.method.builds_inverse:
+            fisher = f"{rows}, blocks {blocks}, damp {self.plan.damp:g}, update {record.solve}"
+        else:  # the gradient rows only (taylorfo): no blocks, no lambda
+            fisher = f"{rows}, no inverse, update {record.solve}"
+        # without an inverse, what the step holds beyond G is copies of its columns (channel order, host staging)
+        work = "column copies" if self.method.fisher is not None and not self.method.builds_inverse else "inverse"
         cuda_text = f", CUDA peak {_mib(out['cuda_peak_bytes']):.1f} MiB" if "cuda_peak_bytes" in out else ""
         notes = "".join(f"; {n}" for n in record.notes)
         return (f"prune epoch {epoch} step {substep + 1}/{substeps}: {self.method.name} ({self.scope}{fisher}"
                 + (f", flops power {o.flops_power:g}" if o.flops_power else "") + ") "
                 + self._progress_text(out, sparsity=sparsity, flops_fraction=flops_fraction)
                 + f" in {out['seconds']:.2f}s (gradients {out['grad_seconds']:.2f}s); peak memory "
-                f"{_mib(out['peak_bytes']):.1f} MiB (gradients {_mib(out['grads_bytes']):.1f} + inverse "
+                f"{_mib(out['peak_bytes']):.1f} MiB (gradients {_mib(out['grads_bytes']):.1f} + {work} "
                 f"{_mib(out['inverse_peak_bytes']):.1f}){cuda_text}{notes}")
 
     def _progress_text(self, record: dict, *, sparsity: float, flops_fraction: float | None) -> str:
