@@ -87,7 +87,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], *, source: str,
         # coupled masks also mask the pointwise linears and channel LayerNorms the dependency groups name
         maskset, _ = build_maskset(model, granularity=layer_type, k=config.get("k", 1.0),
                                    scope=config.get("scope", "global"),
-                                   exclude=config.get("exclude_layers"), coupled=coupled_groups(model, example=example))
+                                   exclude=config.get("exclude_layers"), coupled=coupled_groups(model, example=example,
+                                                                         granularity=layer_type))
         load_model_state(model, state, source=source, notice=lambda line: None)
         set_stored_masks(maskset, masks, source)
         return model.eval(), example

@@ -168,7 +168,8 @@ def build_network(cfg: Config, trainer_cls: type[BaseTrainer], start: Start, *, 
         maskset, lines = build_maskset(model, granularity=cfg.layer_type, k=cfg.k, scope=cfg.scope,
                                        layer_floor=cfg.layer_floor, nm=cfg.nm, exclude=cfg.exclude_layers,
                                        arch=cfg.arch, example=example,
-                                       coupled=coupled_groups(model, example=example) if cfg.coupled else None)
+                                       coupled=coupled_groups(model, example=example, granularity=cfg.layer_type)
+                                       if cfg.coupled else None)
         for line in lines:
             notice(line)
     if start.resume is not None:

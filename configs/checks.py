@@ -101,9 +101,9 @@ def _who(registry: Trainers, does: Callable[[Capabilities], bool]) -> str:
 
 
 def _check_coupled(cfg: Config, caps: Capabilities, name: str) -> None:
-    if cfg.layer_type != "filter":
-        raise UserError(f"--coupled ties filters across layers: it needs --layer-type filter (got {cfg.layer_type}); "
-                        "drop --coupled or pass --layer-type filter")
+    if cfg.layer_type not in ("filter", "channel"):
+        raise UserError(f"--coupled ties filters or channels across layers: it needs --layer-type filter or channel "
+                        f"(got {cfg.layer_type}); drop --coupled or pass --layer-type filter")
     if caps.coupled is not None:
         raise UserError(f"--coupled applies to filters ranked per unit (HYDRA, BiP, WoodFisher); the {name} trainer "
                         f"{caps.coupled}: drop --coupled")

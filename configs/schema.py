@@ -78,8 +78,9 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
                                   "dense checkpoint: HYDRA's magnitude baseline, the mask is the top-k of |w| (per "
                                   "layer with --scope layer, over all layers with --scope global), no score training",
                                   group="model")
-    coupled: bool = opt(False, "with --layer-type filter: one keep/drop decision per dependency group of tied filters "
-                        "(residual additions, depthwise convs and their producers, grouped convs, squeeze-excitation), "
+    coupled: bool = opt(False, "with --layer-type filter (or channel): one keep/drop decision per dependency group of "
+                        "tied filters (or of the input channels that read one channel) (residual additions, depthwise "
+                        "convs and their producers, grouped convs, squeeze-excitation, ConvNeXt's LayerNorms), "
                         "scored by the L2 norm of its members' scores (HYDRA, BiP) or their summed statistic "
                         "(WoodFisher), so a pruned channel disappears everywhere it flows and "
                         "slimming removes it whole; --scope layer keeps k of each group family (a residual stream, a "

@@ -108,6 +108,7 @@ class _Elements:
         self.read: list[bool] = []
         self.producer: list[tuple[str, int] | None] = []  # (conv name, filter index)
         self.norm_members: dict[int, list[tuple[str, int]]] = {}  # element -> (channel LayerNorm, channel)
+        self.readers: dict[int, list[tuple[str, int]]] = {}  # element -> (layer, input channel) that reads it
 
     def new(self, *, alive: bool, pinned: bool = False, producer: tuple[str, int] | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -187,10 +188,12 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, coupling: bo
         pin_inputs(node)
         fresh(node, pinned=True)
 
-    def read(elements: list[int], columns: torch.Tensor | None) -> None:
+    def read(elements: list[int], columns: torch.Tensor | None, reader: str | None = None) -> None:
         for i, e in enumerate(elements):
             if columns is None or bool(columns[i]):
                 el.read[e] = True
+            if reader is not None:
+                el.readers.setdefault(e, []).append((reader, i))
 
     for node in gm.graph.nodes:
         args = [a for a in node.args if isinstance(a, fx.Node)]
@@ -229,7 +232,7 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, coupling: bo
                 dense = None if mask is None else _dense_mask(mask, mod.groups)
                 rows = dense.flatten(1).any(1) if dense is not None else None
                 cols = dense.transpose(0, 1).flatten(1).any(1) if dense is not None else None
-                read(first, cols)
+                read(first, cols, reader=node.target if mod.groups == 1 else None)
                 outs = [el.new(alive=rows is None or bool(rows[j]), producer=(node.target, j))
                         for j in range(mod.out_channels)]
                 if coupling and mod.groups > 1:  # --coupled: position p of every group is one unit
@@ -241,7 +244,7 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, coupling: bo
                 analysis.convs[node.target] = node
             elif type(mod) is nn.Linear and first is not None and len(first) == mod.in_features:
                 mask = masks.get(node.target)
-                read(first, mask.any(0) if mask is not None else None)
+                read(first, mask.any(0) if mask is not None else None, reader=node.target)
                 fresh(node, pinned=True)  # classes (and hidden units) are never removed
                 analysis.linears[node.target] = node
             elif isinstance(mod, PER_CHANNEL_MODULES) and first is not None:
@@ -337,7 +340,7 @@ def _channels_last(node: fx.Node, first: list[int] | None, modules: dict[str, nn
             return
         if type(mod) is nn.Linear and len(first) == mod.in_features and target not in a.pointwise:
             mask = masks.get(target)
-            read(first, mask.any(0) if mask is not None else None)
+            read(first, mask.any(0) if mask is not None else None, reader=target)
             rows = mask.any(1) if mask is not None else None
             chans[node] = [el.new(alive=rows is None or bool(rows[j]), producer=(target, j))
                            for j in range(mod.out_features)]
@@ -865,30 +868,40 @@ def count_macs(model: nn.Module, x: torch.Tensor) -> int:
     return model_cost(model, example=x[:1]).flops_total
 
 
-def coupled_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[tuple[str, int]]]:
+def coupled_groups(model: nn.Module, *, example: torch.Tensor, granularity: str = "filter"
+                   ) -> list[list[tuple[str, int]]]:
     """``dependency_groups`` for ``--coupled``: a model fx cannot trace is one line naming the flag."""
     try:
-        return dependency_groups(model, example=example)
+        return dependency_groups(model, example=example, granularity=granularity)
     except SlimError as exc:
         raise UserError(f"--coupled needs the channel dependencies of the model, but {exc}; drop --coupled") from None
 
 
-def dependency_groups(model: nn.Module, *, example: torch.Tensor) -> list[list[tuple[str, int]]]:
+def dependency_groups(model: nn.Module, *, example: torch.Tensor,
+                      granularity: str = "filter") -> list[list[tuple[str, int]]]:
     """The filters of ``model``'s convolutions that slimming can only remove together: one list of
     (conv name, filter index) per group of tied channels (a residual stream's channel, a depthwise conv's
     channel with its producer's filter, a squeeze-excitation scale with its channel, the j-th channel of
     every group of a grouped conv, as Torch-Pruning ties them), from the same channel analysis as
     ``slim``. Every filter of an analysed conv is in exactly one group (most alone); convs the analysis
-    does not see (called twice) are left out.
+    does not see (called twice) are left out. ``granularity="channel"``: the (layer name, input channel)
+    that read each group's channel instead (a channel is removed once no layer reads it). Channel
+    LayerNorms of a group are in it as (norm name, channel).
     Raises SlimError when torch.fx cannot trace the model."""
+    if granularity not in ("filter", "channel"):
+        raise ValueError(f"dependency groups are of filters or channels, not {granularity!r}")
     plain = to_dense(copy.deepcopy(model)).eval()
     gm = _trace(plain)
     ShapeProp(gm).propagate(_probe_inputs(example, 1)[:1])
     el = _analyse(gm, {}, coupling=True).elements
     groups: dict[int, list[tuple[str, int]]] = {}
-    for e, producer in enumerate(el.producer):
-        if producer is not None:
-            groups.setdefault(el.find(e), []).append(producer)
+    if granularity == "filter":
+        for e, producer in enumerate(el.producer):
+            if producer is not None:
+                groups.setdefault(el.find(e), []).append(producer)
+    else:
+        for e, readers in el.readers.items():
+            groups.setdefault(el.find(e), []).extend(readers)
     for e, members in el.norm_members.items():  # channel LayerNorms follow their channel's group
         if el.find(e) in groups:
             groups[el.find(e)].extend(members)

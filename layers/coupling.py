@@ -15,6 +15,10 @@ residual additions, depthwise convs and their producers, squeeze-excitation) for
   everywhere it flows, and the slimmed model drops it whole.
 Filters the analysis does not couple are units of their own, so a network without ties gets exactly
 its per-layer masks.
+
+Coupled channel masks (``--layer-type channel --coupled``) are the same with the readers of a channel
+as members: the input channel of every conv that reads it (``dependency_groups(granularity="channel")``),
+so a pruned channel is read by no layer and slimming removes it with its producers' filters.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layers.selector import expand_units, n_keep, top_units
+from layers.selector import alive_units, expand_units, n_keep, top_units
 
 
 @dataclass(frozen=True)
@@ -33,10 +37,11 @@ class Coupling:
     family_of: torch.Tensor           # LongTensor (units,): the family of each unit
     units: int
     norm_unit_of: dict[str, torch.Tensor] = field(default_factory=dict)  # channel LayerNorm -> unit per channel
+    granularity: str = "filter"  # the members: filters (dim 0 of a weight) or input channels (dim 1)
 
     @staticmethod
     def of(groups: Sequence[Sequence[tuple[str, int]]], filters: dict[str, int],
-           norms: dict[str, int] | None = None) -> Coupling:
+           norms: dict[str, int] | None = None, granularity: str = "filter") -> Coupling:
         """From ``deploy.slim.dependency_groups`` and the masked layers' filter counts; filters of masked
         layers in no group become units of their own. ``norms``: the channel LayerNorms in the groups and
         their channel counts (``layers.norm``): each channel follows its group's unit."""
@@ -61,7 +66,8 @@ class Coupling:
         families: dict[tuple[str, ...], int] = {}
         family_of = torch.tensor([families.setdefault(tuple(sorted({n for n, _ in m})), len(families))
                                   for m in members], dtype=torch.long)
-        return Coupling(unit_of=unit_of, family_of=family_of, units=len(members), norm_unit_of=norm_unit_of)
+        return Coupling(unit_of=unit_of, family_of=family_of, units=len(members), norm_unit_of=norm_unit_of,
+                        granularity=granularity)
 
     def tied(self) -> int:
         """How many units couple more than one filter."""
@@ -86,7 +92,7 @@ class Coupling:
         first = next(iter(masks.values()))
         counts = torch.zeros(self.units, dtype=torch.long, device=first.device)
         for name, mask in masks.items():
-            counts.index_add_(0, self.unit_of[name].to(first.device), mask.flatten(1).any(1).long())
+            counts.index_add_(0, self.unit_of[name].to(first.device), alive_units(mask, self.granularity).long())
         return (counts > 0).sum()
 
     def norm_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,14 +104,15 @@ class Coupling:
         counts = torch.zeros(self.units + 1, dtype=torch.long, device=first.device)
         counts[-1] = 1  # index -1: channels in no unit
         for name, mask in masks.items():
-            counts.index_add_(0, self.unit_of[name].to(first.device), mask.flatten(1).any(1).long())
+            counts.index_add_(0, self.unit_of[name].to(first.device), alive_units(mask, self.granularity).long())
         return {name: counts[units.to(first.device)] > 0 for name, units in self.norm_unit_of.items()}
 
     def unit_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each unit's score: the L2 norm of all its members' scores (float64 sums: exact ranking)."""
         squares = torch.zeros(self.units, dtype=torch.float64, device=next(iter(scores.values())).device)
         for name, s in scores.items():
-            per_filter = s.detach().flatten(1).to(torch.float64).square().sum(1)
+            s = s.detach() if self.granularity == "filter" else s.detach().transpose(0, 1)
+            per_filter = s.flatten(1).to(torch.float64).square().sum(1)
             squares.index_add_(0, self.unit_of[name].to(squares.device), per_filter)
         return squares.sqrt()
 
@@ -121,5 +128,5 @@ class Coupling:
             for f in range(int(family.max()) + 1):
                 idx = (family == f).nonzero().flatten()
                 keep[idx[top_units(values[idx], max(1, n_keep(k, idx.numel())))]] = True
-        return {name: expand_units(keep[self.unit_of[name].to(keep.device)], s.shape, "filter")
+        return {name: expand_units(keep[self.unit_of[name].to(keep.device)], s.shape, self.granularity)
                 for name, s in scores.items()}

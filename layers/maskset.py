@@ -80,8 +80,8 @@ class MaskSet:
         nm: (N, M) for granularity ``nm`` (k, scope and min_units then do not choose the masks);
         ``NMShapeError`` names the layers whose input dimension is not a multiple of M.
         coupling: filter masks chosen per dependency group (``layers.coupling``; min_units does not apply)."""
-        if coupling is not None and granularity != "filter":
-            raise ValueError(f"coupled masks are filter masks, not {granularity!r}")
+        if coupling is not None and granularity != coupling.granularity:
+            raise ValueError(f"coupled {coupling.granularity} masks, not {granularity!r}")
         self.coupling = coupling
         self.layers: dict[str, MaskedLayer] = masked_layers(model)
         # Channel LayerNorms whose statistics follow the coupled masks (layers.norm)
@@ -278,9 +278,10 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
     if example is not None:  # before the mask set exists: its forward hook would run a selection for nothing
         check_called(model, masked_layers(model), example=example, patterns=patterns)
     twins = mask_channel_norms(model, norms)
+    dim = 1 if granularity == "channel" else 0  # a unit member: a filter, or an input channel
     coupling = None if coupled is None else Coupling.of(
-        coupled, {name: layer.weight.shape[0] for name, layer in masked_layers(model).items()},
-        {name: norm.normalized_shape[0] for name, norm in twins.items()})
+        coupled, {name: layer.weight.shape[dim] for name, layer in masked_layers(model).items()},
+        {name: norm.normalized_shape[0] for name, norm in twins.items()}, granularity=granularity)
     try:
         maskset = MaskSet(model, k=k, granularity=granularity, scope=scope, min_units=layer_floor,
                           nm=parse_nm(nm) if granularity == "nm" else None, coupling=coupling)
@@ -298,8 +299,9 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
                         f"BiP) and {arch} has none: use --layer-type unstructured")
     notices = []
     if coupling is not None:
-        notices.append(f"coupled filter masks: {coupling.units:,} units, {coupling.tied():,} of them filters tied "
-                       "across layers (residual additions, depthwise convs, squeeze-excitation), kept or pruned "
+        what = "filters" if granularity == "filter" else "input channels"
+        notices.append(f"coupled {granularity} masks: {coupling.units:,} units, {coupling.tied():,} of them {what} "
+                       "tied across layers (residual additions, depthwise convs, squeeze-excitation), kept or pruned "
                        "together")
         if twins:
             notices.append(f"coupled channel LayerNorms: {len(twins)} normalise over the kept channels only, so that "

@@ -162,8 +162,8 @@ class OBSSolver:
         if granularity == "nm" and nm is None:
             raise ValueError("granularity 'nm' needs its pattern: pass nm=(N, M)")
         self.nm = nm if granularity == "nm" else None
-        if coupling is not None and granularity != "filter":
-            raise ValueError(f"coupled masks are filter masks, not {granularity!r}")
+        if coupling is not None and granularity != coupling.granularity:
+            raise ValueError(f"coupled {coupling.granularity} masks, not {granularity!r}")
         self.coupling = coupling
         if not layers:
             raise ValueError("the solver needs at least one masked layer")
@@ -274,6 +274,9 @@ class OBSSolver:
                              "statistic per unit needs equal groups")
         if per_unit == 1:
             return perm, filter_size
+        if self.granularity != "filter":
+            raise ValueError(f"layer {name} reads one coupled channel through several inputs: a group OBS "
+                             "statistic per unit needs one input channel per unit")
         order = self.coupling.unit_order(name).to(self.device)
         unit_perm = (order[:, None] * filter_size + torch.arange(filter_size, device=self.device)).reshape(-1)
         return unit_perm, per_unit * filter_size

@@ -11,12 +11,12 @@ from models import build_model
 from tests.helpers.cli import QUICK_RUN, run_error
 
 
-def coupled(arch, *, k=0.5, scope="layer", side=32, seed=0):
+def coupled(arch, *, k=0.5, scope="layer", side=32, seed=0, granularity="filter"):
     torch.manual_seed(seed)
     model = build_model(arch, num_classes=10, image_size=side)
     example = torch.zeros(1, 3, side, side)
-    maskset, notices = build_maskset(model, granularity="filter", k=k, scope=scope, example=example,
-                                     coupled=dependency_groups(model, example=example))
+    maskset, notices = build_maskset(model, granularity=granularity, k=k, scope=scope, example=example,
+                                     coupled=dependency_groups(model, example=example, granularity=granularity))
     with torch.no_grad():
         for layer in maskset.layers.values():
             layer.popup_scores.normal_()
@@ -129,7 +129,7 @@ def test_the_mask_set_state_records_the_coupling():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--layer-type", "unstructured", "--k", "0.5"], "--coupled ties filters across layers: it needs --layer-type"),
+    (["--layer-type", "unstructured", "--k", "0.5"], "--coupled ties filters or channels across layers: it needs --layer-type"),
     (["--configs", "configs/Digits/lth.yml", "--layer-type", "filter", "--k", "0.5"],
      "the lth trainer prunes weights by magnitude"),
     (["--configs", "configs/Digits/woodfisher.yml", "--layer-type", "filter", "--k", "0.5", "--flops-power", "1"],
@@ -194,20 +194,34 @@ class TiedGrouped(nn.Module):
         return self.conv3(y).mean((2, 3))
 
 
-def coupled_solver(*, m=12, damp=1e-2):
-    from layers import to_masked
+class TwoReaders(nn.Module):
+    """conv1's output read by conv2a and conv2b, whose sum conv3 reads: input channel j of conv2a and of conv2b
+    is one coupled channel unit (and conv2a's and conv2b's outputs, added, one filter unit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.conv2a = nn.Conv2d(6, 4, 3, padding=1)
+        self.conv2b = nn.Conv2d(6, 4, 1)
+        self.conv3 = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x))
+        return self.conv3(torch.relu(self.conv2a(y) + self.conv2b(y))).mean((2, 3))
+
+
+def coupled_solver(*, m=12, damp=1e-2, net=TiedGrouped, granularity="filter"):
     from layers.maskset import dense_masks
     from pruning.methods import PRUNE_METHODS
     from pruning.solver import FisherSettings, OBSSolver
 
     torch.manual_seed(0)
-    model = TiedGrouped().double()
+    model = net().double()
     example = torch.zeros(1, 2, 6, 6, dtype=torch.float64)
-    groups = dependency_groups(model, example=example)
-    to_masked(model, granularity="filter")
-    ms, _ = build_maskset(model, granularity="filter", k=0.5, scope="global", coupled=groups)
+    groups = dependency_groups(model, example=example, granularity=granularity)
+    ms, _ = build_maskset(model, granularity=granularity, k=0.5, scope="global", coupled=groups)
     ms.set_masks(dense_masks(ms.layers))  # WoodFisher starts from the dense model
-    solver = OBSSolver(ms.layers, granularity="filter", method=PRUNE_METHODS["woodfisher"], coupling=ms.coupling,
+    solver = OBSSolver(ms.layers, granularity=granularity, method=PRUNE_METHODS["woodfisher"], coupling=ms.coupling,
                        fisher=FisherSettings(m=m, damp=damp, blocks="layer"))
     G = torch.randn(m, solver.num_weights, dtype=torch.float64)
     solver.add_gradients(G)
@@ -292,3 +306,49 @@ def test_a_coupled_woodfisher_run_prunes_whole_units_to_exact_counts(tmp_path):
         family = coupling.family_of == f
         assert int(kept[family].sum()) == max(1, n_keep(0.5, int(family.sum())))
     assert "coupled unit sparsity" in open(os.path.join(run, "run.log")).read()
+
+
+def test_coupled_channel_units_are_the_input_channels_that_read_one_channel():
+    groups = dependency_groups(TwoReaders(), example=torch.zeros(1, 2, 6, 6), granularity="channel")
+    assert sorted(sorted(g) for g in groups if ("conv2a", 0) in g) == [[("conv2a", 0), ("conv2b", 0)]]
+    model, ms, notices = coupled("resnet18", k=0.5, granularity="channel")
+    blocks = ["layer1.0.conv1", "layer1.1.conv1", "layer2.0.conv1", "layer2.0.shortcut.0"]
+    columns = [ms.layers[name].mask.transpose(0, 1).flatten(1).any(1) for name in blocks]
+    assert all(torch.equal(c, columns[0]) for c in columns) and int(columns[0].sum()) == 32  # the stem stream
+    assert "coupled channel masks" in " ".join(notices)
+
+
+def test_woodfisher_ranks_a_coupled_channel_by_the_group_obs_statistic_of_all_its_readers():
+    ms, solver, G = coupled_solver(net=TwoReaders, granularity="channel")
+    coupling, inverses = ms.coupling, layer_inverses(ms, G, 1e-2)
+    got = coupling.unit_scores(solver.scores()).square()
+    want = torch.zeros(coupling.units, dtype=torch.float64)
+    for name, layer in ms.layers.items():
+        w = layer.weight.detach()
+        index = torch.arange(w.numel()).view_as(w)
+        for c, u in enumerate(coupling.unit_of[name].tolist()):
+            q = index[:, c].reshape(-1)
+            want[u] += w.reshape(-1)[q] @ torch.linalg.solve(inverses[name][q][:, q], w.reshape(-1)[q])
+    assert coupling.tied() == 6 and torch.allclose(got, want, rtol=1e-9, atol=0)
+    masks = solver.prune_to(0.5, scope="global")
+    assert int(coupling.alive_units(masks)) == n_keep(0.5, coupling.units)
+    a, b = (masks[n].transpose(0, 1).flatten(1).any(1) for n in ("conv2a", "conv2b"))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch,side", [("resnet18", 32), ("tv.densenet121", 32)])
+def test_coupled_channel_masks_slim_and_equal_the_masked_model(arch, side):
+    """A channel no masked layer reads goes with its producers' filters: about k^2 of the MACs at k = 0.5."""
+    model, _, _ = coupled(arch, side=side, granularity="channel")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.bias.uniform_(-1, 1)
+    model.eval()
+    net, report = slim(model, example=torch.randn(1, 3, side, side))
+    x = torch.randn(4, 3, side, side)
+    with torch.no_grad():
+        ref, got = model(x), net(x)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-6
+    assert report.slim_macs <= 0.3 * report.dense_macs
