@@ -92,6 +92,8 @@ def _check_options(cfg: Config, trainer: type[TrainerSpec], registry: Trainers) 
         _check_nm(cfg)
     if cfg.coupled:
         _check_coupled(cfg, caps, name)
+    if cfg.k_schedule != "none":
+        _check_k_schedule(cfg, caps, name)
     RobustOptions.of(cfg).check_combination(normalize=cfg.normalize)
 
 
@@ -110,6 +112,24 @@ def _check_coupled(cfg: Config, caps: Capabilities, name: str) -> None:
     if cfg.layer_floor is not None:
         raise UserError("--layer-floor does not apply with --coupled (units are dependency groups, not a layer's "
                         "filters): drop --layer-floor")
+
+
+def _check_k_schedule(cfg: Config, caps: Capabilities, name: str) -> None:
+    """--k-schedule anneals the density of learned masks (its name is checked where the schedule is built)."""
+    if cfg.exp_mode != "prune":
+        raise UserError(f"--k-schedule anneals the density while a mask is learned (--exp-mode prune); {cfg.exp_mode} "
+                        "keeps its masks: drop --k-schedule")
+    if caps.k_schedule is not None:
+        raise UserError(f"--k-schedule anneals the k of learned masks (HYDRA, BiP); the {name} trainer "
+                        f"{caps.k_schedule}: drop --k-schedule")
+    if cfg.layer_type == "nm":
+        raise UserError("--k-schedule anneals the density, which N:M masks fix at N/M: drop --k-schedule")
+    if not cfg.k <= cfg.init_density <= 1.0:
+        raise UserError(f"--init-density {cfg.init_density:g} must lie in [--k {cfg.k:g}, 1]: the schedule goes from "
+                        "it down to --k")
+    if cfg.schedule_epochs is not None and cfg.schedule_epochs > cfg.epochs:
+        raise UserError(f"--schedule-epochs {cfg.schedule_epochs} exceeds --epochs {cfg.epochs}: the run would end "
+                        f"before reaching --k; pass --schedule-epochs {cfg.epochs} or fewer")
 
 
 def _check_nm(cfg: Config) -> None:

@@ -189,6 +189,9 @@ class WoodFisherOptions(FisherOptions):
     prune_end: int = opt(0, "woodfisher: epoch of the last pruning event (target reached there)", group="woodfisher")
     agp_power: int = opt(3, "woodfisher: exponent of the AGP schedule (3 = cubic)", group="woodfisher",
                          check=at_least(1))
+    prune_schedule: str = opt("agp", "woodfisher: shape of the sparsity schedule from --init-sparsity at --prune-start "
+                              "to the target at --prune-end: agp (with --agp-power), linear, cosine, exponential, "
+                              "onecycle, iterative[:STEPS], oneshot (the shapes of --k-schedule)", group="woodfisher")
     one_shot: bool = opt(False, "woodfisher: prune once to the target, no training, then evaluate", group="woodfisher")
     woodbury_joint_sparsify: bool = opt(True, "woodfisher: one global selection over all layers (else per layer)",
                                         group="woodfisher", aliases=("woodburry_joint_sparsify",))

@@ -85,6 +85,14 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
                         "(WoodFisher), so a pruned channel disappears everywhere it flows and "
                         "slimming removes it whole; --scope layer keeps k of each group family (a residual stream, a "
                         "plain conv)", group="model")
+    k_schedule: str = opt("none", "prune with HYDRA/BiP: anneal the density from --init-density to --k over "
+                          "--schedule-epochs epochs (one value per epoch, every selection exactly n_keep(k, N)): "
+                          "none (k from the start), linear, cosine, exponential, onecycle, agp[:POWER] (3), "
+                          "iterative[:STEPS] (3), oneshot; only epochs at the final k compete for model_best",
+                          group="model")
+    init_density: float = opt(1.0, "with --k-schedule: the density at epoch 0, in [k, 1]", group="model")
+    schedule_epochs: int | None = opt(None, "with --k-schedule: --k is reached at epoch N - 1 (default: the run's last "
+                                      "epoch)", group="model", check=at_least(1))
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
     source_net: str | None = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")

@@ -83,6 +83,7 @@ class MaskSet:
         if coupling is not None and granularity != coupling.granularity:
             raise ValueError(f"coupled {coupling.granularity} masks, not {granularity!r}")
         self.coupling = coupling
+        self.final_k = k  # the run's k; ``k`` moves towards it under a density schedule (``set_k``)
         self.layers: dict[str, MaskedLayer] = masked_layers(model)
         # Channel LayerNorms whose statistics follow the coupled masks (layers.norm)
         self.norms: dict[str, MaskedLayerNorm] = {} if coupling is None else {
@@ -182,6 +183,16 @@ class MaskSet:
         for name, norm in self.norms.items():
             norm.channel_mask.copy_(chosen[name])
 
+    def set_k(self, k: float) -> None:
+        """Move the density (a schedule's value for this epoch) and re-select: exactly n_keep(k, N) again."""
+        if not 0.0 < k <= 1.0:
+            raise ValueError(f"a density schedule must stay in (0, 1], got {k}")
+        if k != self.k:
+            self.k = k
+            self._incremental = None if self._incremental is None else [
+                (group, IncrementalTopK()) for group, _ in self._incremental]  # a fresh count: start over
+            self.step(force=True)
+
     @contextmanager
     def scores_fixed(self) -> Iterator[None]:
         """Within this block forward passes compute no score gradient (a weight-only step)."""
@@ -234,11 +245,16 @@ class MaskSet:
         return unit_counts([layer.weight.shape for layer in self.layers.values()], self.granularity)
 
     def state_dict(self) -> dict:
-        return {"k": self.k, "granularity": self.granularity, "scope": self.scope, "nm": self.nm,
+        return {"k": self.k, "final_k": self.final_k, "granularity": self.granularity, "scope": self.scope,
+                "nm": self.nm,
                 "coupled": self.coupling is not None, "min_units": self.min_units, "frozen": self.frozen,
                 "masks": self.masks()}
 
     def load_state_dict(self, state: dict) -> None:
+        # Under a density schedule the state's k is that of its epoch, its final_k the run's (= this one's k).
+        scheduled = state.get("final_k", state.get("k")) != state.get("k")
+        if scheduled and state.get("final_k") == self.final_k:
+            self.k = state["k"]
         for key in ("k", "granularity", "scope", "nm"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"mask set {key} is {state[key]!r} in the state, {getattr(self, key)!r} here")

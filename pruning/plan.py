@@ -22,7 +22,7 @@ from configs.errors import UserError
 from configs.options import WoodFisherOptions
 from layers.selector import STRUCTURED
 from pruning.methods import PRUNE_METHODS, PruneMethod, granularity_note
-from pruning.schedule import PruneEvent, agp_schedule, one_shot_schedule
+from pruning.schedule import DensitySchedule, PruneEvent, agp_schedule, gradual_events, one_shot_schedule
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,27 @@ def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
         if run.epochs <= o.prune_end:
             raise UserError(f"the last pruning event runs at the start of epoch {o.prune_end} (0-based, --prune-end), "
                             f"but --epochs {run.epochs} stops before it: pass --epochs {o.prune_end + 1} or more")
-        events = agp_schedule(start=o.prune_start, freq=o.prune_freq, end=o.prune_end, initial=o.init_sparsity,
-                              target=target, power=o.agp_power)
+        events = _gradual_events(o, target=target)
     if not nm and run.scope == "layer" and o.woodbury_joint_sparsify and method.scope is None:
         raise UserError("--scope layer asks for per-layer selection but --woodbury-joint-sparsify (the default) "
                         "selects globally: pass --no-woodbury-joint-sparsify (or --scope global)")
     return Plan(target=target, damp=method.damp(o.fisher_damp), events=tuple(events))
+
+
+def _gradual_events(o: WoodFisherOptions, *, target: float) -> list[PruneEvent]:
+    """The events from --prune-start to --prune-end under --prune-schedule (AGP with --agp-power by default)."""
+    if o.prune_schedule == "agp":  # the public code's formula, float for float
+        return agp_schedule(start=o.prune_start, freq=o.prune_freq, end=o.prune_end, initial=o.init_sparsity,
+                            target=target, power=o.agp_power)
+    try:
+        shape = DensitySchedule.parse(o.prune_schedule)
+    except ValueError as exc:
+        raise UserError(f"--prune-schedule {o.prune_schedule}: {exc}") from None
+    if shape.name == "agp":
+        raise UserError("--prune-schedule agp takes its exponent from --agp-power: pass --prune-schedule agp "
+                        f"--agp-power {int(shape.param or 3)}")
+    return gradual_events(start=o.prune_start, freq=o.prune_freq, end=o.prune_end, initial=o.init_sparsity,
+                          target=target, schedule=shape)
 
 
 def _check_nm(o: WoodFisherOptions) -> None:

@@ -24,6 +24,9 @@ code starts them from 0, which re-prunes nothing for the first sub-steps and the
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 
@@ -154,3 +157,129 @@ def recompute_steps(*, current: float, target: float, num: int, kind: str = "lin
         else:
             out.append(target - (target - current) * (1.0 - i / num) ** power)
     return out
+
+
+# -- schedules as functions of progress ------------------------------------------------------------
+# A density schedule maps training progress p in [0, 1] to the density in force, from ``initial`` at
+# p = 0 to ``final`` at p = 1 (exactly: the last value is the run's k, never a recomputed float). The
+# shapes are fasterai's (``fasterai.sparse.schedule``: one-shot, iterative, AGP, one-cycle) plus linear,
+# cosine and exponential (geometric in density: the same fraction of the survivors goes per unit of
+# progress). AGP here is Zhu & Gupta's cubic in sparsity, the same curve as ``polynomial_sparsity``.
+Shape = Callable[[float, float, float], float]  # (progress in [0, 1), initial, final) -> density
+
+
+def _oneshot(p: float, initial: float, final: float) -> float:
+    return final
+
+
+def _linear(p: float, initial: float, final: float) -> float:
+    return initial + (final - initial) * p
+
+
+def _cosine(p: float, initial: float, final: float) -> float:
+    return initial + (final - initial) * (1.0 - math.cos(math.pi * p)) / 2.0
+
+
+def _exponential(p: float, initial: float, final: float) -> float:
+    return initial * (final / initial) ** p
+
+
+def _onecycle(p: float, initial: float, final: float, alpha: float = 14.0, beta: float = 6.0) -> float:
+    """fasterai's ``sched_onecycle``: a logistic ramp, slow at both ends (alpha 14, beta 6)."""
+    ramp = (1.0 + math.exp(-alpha + beta)) / (1.0 + math.exp(-alpha * p + beta))
+    return initial + (final - initial) * ramp
+
+
+def _agp(power: float) -> Shape:
+    def shape(p: float, initial: float, final: float) -> float:
+        return final + (initial - final) * (1.0 - p) ** power
+    return shape
+
+
+def _iterative(steps: int) -> Shape:
+    """fasterai's ``sched_iterative``: ``steps`` equal jumps, the first as soon as progress starts."""
+    def shape(p: float, initial: float, final: float) -> float:
+        return initial + (final - initial) * math.ceil(p * steps) / steps
+    return shape
+
+
+# name -> (factory of the shape from its parameter, the parameter's default, its meaning)
+SHAPES: dict[str, tuple[Callable[[float], Shape], float | None, str]] = {
+    "oneshot": (lambda _: _oneshot, None, ""),
+    "linear": (lambda _: _linear, None, ""),
+    "cosine": (lambda _: _cosine, None, ""),
+    "exponential": (lambda _: _exponential, None, ""),
+    "onecycle": (lambda _: _onecycle, None, ""),
+    "agp": (lambda power: _agp(power), 3.0, "the exponent"),
+    "iterative": (lambda steps: _iterative(int(steps)), 3.0, "the number of steps"),
+}
+
+
+@dataclass(frozen=True)
+class DensitySchedule:
+    """``NAME`` or ``NAME:PARAM`` of ``SHAPES`` (``agp:3``, ``iterative:4``), as a callable of progress."""
+
+    name: str
+    param: float | None
+    shape: Shape
+
+    @staticmethod
+    def parse(text: str) -> DensitySchedule:
+        name, _, raw = text.partition(":")
+        if name not in SHAPES:
+            raise ValueError(f"unknown schedule {name!r}; choose from {', '.join(SHAPES)} (agp:POWER, iterative:STEPS)")
+        factory, default, meaning = SHAPES[name]
+        if raw and default is None:
+            raise ValueError(f"schedule {name} takes no parameter (got {text!r})")
+        try:
+            param = float(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"schedule {name}'s parameter is {meaning}, a number (got {raw!r})") from None
+        whole = name != "iterative" or param == int(param or 0)
+        if param is not None and (not math.isfinite(param) or param < 1 or not whole):
+            raise ValueError(f"schedule {name}'s parameter is {meaning}: {'an integer ' if name == 'iterative' else ''}"
+                             f">= 1 (got {raw!r})")
+        return DensitySchedule(name, param, factory(param if param is not None else 0.0))
+
+    def __call__(self, progress: float, *, initial: float, final: float) -> float:
+        if not 0.0 < final <= initial <= 1.0:
+            raise ValueError(f"a schedule runs from a density initial >= final > 0, got {initial} -> {final}")
+        p = min(1.0, max(0.0, progress))
+        if p >= 1.0:
+            return final
+        return min(initial, max(final, self.shape(p, initial, final)))  # no float overshoot past either end
+
+
+@dataclass(frozen=True)
+class EpochDensity:
+    """HYDRA/BiP's density by epoch (``--k-schedule``): ``schedule`` from ``initial`` at epoch 0 to ``final``
+    (the run's k) at epoch ``epochs - 1`` and after; epoch -> density, the form a library user may give
+    directly as any callable."""
+
+    schedule: DensitySchedule
+    initial: float
+    final: float
+    epochs: int
+
+    def __call__(self, epoch: int) -> float:
+        if epoch >= self.epochs - 1:
+            return self.final
+        return self.schedule(epoch / (self.epochs - 1), initial=self.initial, final=self.final)
+
+
+def gradual_events(*, start: int, freq: int, end: int, initial: float, target: float,
+                   schedule: DensitySchedule) -> list[PruneEvent]:
+    """The gradual pruner's events under any shape: (epoch, sparsity) at every pruning epoch, progress
+    (epoch - start) / (end - start); the last one is (end, target) exactly."""
+    _check_sparsity("initial", initial)
+    _check_sparsity("target", target)
+    if initial > target:
+        raise ValueError(f"initial sparsity {initial} exceeds the target {target}")
+    events = []
+    for e in pruning_epochs(start=start, freq=freq, end=end):
+        if e == end:
+            events.append(PruneEvent(e, target))
+            continue
+        progress = (e - start) / (end - start)
+        events.append(PruneEvent(e, 1.0 - schedule(progress, initial=1.0 - initial, final=1.0 - target)))
+    return events

@@ -352,3 +352,30 @@ def test_coupled_channel_masks_slim_and_equal_the_masked_model(arch, side):
         ref, got = model(x), net(x)
     assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-6
     assert report.slim_macs <= 0.3 * report.dense_macs
+
+
+ISSUE_CNNS = ["tv.mobilenet_v2", "tv.efficientnet_b0", "tv.resnext50_32x4d", "tv.densenet121", "tv.convnext_tiny",
+              "tv.regnet_y_400mf", "mobilenet"]
+
+
+@pytest.mark.slow  # seven ImageNet CNNs twice: about a minute (the default suite has a fast member of each kind)
+@pytest.mark.parametrize("masks", ["per-layer", "coupled"])
+@pytest.mark.parametrize("arch", ISSUE_CNNS)
+def test_every_listed_cnn_slims_to_its_masked_model_with_per_layer_and_coupled_masks(arch, masks):
+    from tests.test_export import tv_masked_model
+    if masks == "coupled":
+        model, _, _ = coupled(arch)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                    m.bias.uniform_(-1, 1)
+        model.eval()
+    else:
+        model, _ = tv_masked_model(arch)
+    net, report = slim(model, example=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, got = model(x), net(x)
+    assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()) + 1e-6
+    if masks == "coupled":
+        assert report.slim_macs <= 0.3 * report.dense_macs and not report.forced

@@ -98,3 +98,126 @@ def test_recompute_steps_start_from_the_current_sparsity():
 def test_invalid_arguments(call):
     with pytest.raises(ValueError):
         call()
+
+
+# -- schedules as functions (--k-schedule for HYDRA/BiP, --prune-schedule for the gradual pruner) ---------
+SHAPE_NAMES = ["oneshot", "linear", "cosine", "exponential", "onecycle", "agp", "agp:2", "iterative", "iterative:4"]
+
+
+@pytest.mark.parametrize("name", SHAPE_NAMES)
+def test_every_shape_runs_from_initial_to_exactly_final_and_never_rises(name):
+    from pruning.schedule import DensitySchedule
+    schedule = DensitySchedule.parse(name)
+    values = [schedule(i / 100, initial=0.9, final=0.1) for i in range(101)]
+    assert values[-1] == 0.1 and all(a >= b for a, b in zip(values, values[1:]))
+    start = {"oneshot": 0.1, "onecycle": pytest.approx(0.9 - 0.8 * (1 + 2.718281828 ** -8) / (1 + 2.718281828 ** 6))}
+    assert values[0] == start.get(name, 0.9)
+
+
+def test_the_shapes_are_their_formulas():
+    import math
+
+    from pruning.schedule import DensitySchedule
+    at = {name: DensitySchedule.parse(name)(0.25, initial=0.8, final=0.2) for name in SHAPE_NAMES}
+    assert at["linear"] == pytest.approx(0.8 - 0.6 * 0.25)
+    assert at["cosine"] == pytest.approx(0.8 - 0.6 * (1 - math.cos(math.pi / 4)) / 2)
+    assert at["exponential"] == pytest.approx(0.8 * 0.25 ** 0.25)
+    assert at["agp"] == pytest.approx(0.2 + 0.6 * 0.75 ** 3)  # Zhu & Gupta's cubic, in density
+    assert 1 - at["agp"] == pytest.approx(polynomial_sparsity(0.25, start=0, end=1, initial=0.2, target=0.8))
+    assert at["iterative:4"] == pytest.approx(0.8 - 0.6 * 0.25) and at["iterative"] == pytest.approx(0.8 - 0.6 / 3)
+
+
+@pytest.mark.parametrize("text,needle", [("cubic", "unknown schedule 'cubic'"), ("linear:2", "takes no parameter"),
+                                         ("agp:x", "a number"), ("iterative:2.5", "an integer >= 1"),
+                                         ("agp:0", ">= 1")])
+def test_a_bad_schedule_is_one_line(text, needle):
+    from pruning.schedule import DensitySchedule
+    with pytest.raises(ValueError, match=needle):
+        DensitySchedule.parse(text)
+
+
+def test_the_gradual_pruner_takes_any_shape_and_ends_at_its_target():
+    from configs.options import WoodFisherOptions
+    from trainers.base import RunSpec
+    from trainers.woodfisher import plan
+    run = RunSpec(mode="prune", layer_type="unstructured", k=0.1, scope="global", epochs=8)
+    agp = plan(WoodFisherOptions(prune_end=6, prune_freq=2), run=run).events
+    assert agp == tuple(agp_schedule(start=0, freq=2, end=6, initial=0.05, target=0.9))  # the default, unchanged
+    linear = plan(WoodFisherOptions(prune_end=6, prune_freq=2, prune_schedule="linear"), run=run).events
+    assert [e.sparsity for e in linear] == pytest.approx([0.05, 0.05 + 0.85 / 3, 0.05 + 0.85 * 2 / 3, 0.9])
+    assert linear[-1].sparsity == 0.9
+
+
+def test_hydra_under_a_density_schedule_keeps_exact_counts_at_every_reselection():
+    import torch
+
+    from layers import MaskSet
+    from layers.selector import n_keep
+    from pruning.schedule import DensitySchedule, EpochDensity
+    from tests.helpers import tiny
+    from trainers.base import BaseTrainer
+    for scope in ("global", "layer"):
+        model = tiny.tiny_net("unstructured", convs=1)
+        ms = MaskSet(model, k=0.1, granularity="unstructured", scope=scope)
+        schedule = EpochDensity(DensitySchedule.parse("cosine"), initial=1.0, final=0.1, epochs=5)
+        trainer = BaseTrainer(model=model, maskset=ms, mode="prune", device=torch.device("cpu"),
+                              weight_optim=tiny.sgd(lr=0.1, epochs=5), score_optim=tiny.sgd(lr=0.1, epochs=5),
+                              progress=False, density_schedule=schedule)
+        sizes = [layer.mask.numel() for layer in ms.layers.values()]
+        for epoch in range(6):
+            trainer.set_epoch(epoch)
+            k = schedule(epoch)
+            kept = [int(layer.mask.sum()) for layer in ms.layers.values()]
+            want = [n_keep(k, n) for n in sizes] if scope == "layer" else [n_keep(k, sum(sizes))]
+            assert (kept if scope == "layer" else [sum(kept)]) == want, (scope, epoch)
+            assert trainer.final_masks(epoch) == (epoch >= 4)
+        assert ms.k == 0.1
+
+
+def test_a_scheduled_hydra_run_resumes_bit_exact_and_its_best_model_has_the_final_k(tmp_path, monkeypatch):
+    import glob
+    import json
+    import os
+
+    import torch
+
+    import train
+    from engine.checkpoint import load_checkpoint
+    from layers.selector import n_keep
+    from tests.helpers.cli import QUICK_RUN, interrupt_at, run_ok
+    from trainers.base import BaseTrainer
+
+    pre = run_ok(tmp_path / "pre", "--configs", "configs/Digits/pretrain.yml", "--epochs", "1")
+    args = ["--configs", "configs/Digits/hydra.yml", "--source-net", f"{pre}/checkpoint/model_best.pth.tar",
+            "--k", "0.1", "--k-schedule", "agp", "--epochs", "3"]
+    full = run_ok(tmp_path / "a", *args)
+    restore = interrupt_at(monkeypatch, BaseTrainer, 1)
+    assert train.main(["--result-dir", str(tmp_path / "b"), "--exp-name", "t", *QUICK_RUN, *args]) == 130
+    restore()
+    ckpt = glob.glob(str(tmp_path / "b" / "t" / "prune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0]
+    assert train.main(["--resume", ckpt]) == 0
+    a, b = load_checkpoint(os.path.join(full, "checkpoint", "checkpoint.pth.tar")), load_checkpoint(ckpt)
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    summary = json.load(open(os.path.join(full, "summary.json")))  # hydra.yml: --scope layer, exact per layer
+    assert [row["kept"] for row in summary["layers"]] == [n_keep(0.1, row["params"]) for row in summary["layers"]]
+    best = load_checkpoint(os.path.join(full, "checkpoint", "model_best.pth.tar"))
+    assert best["epoch"] == 3  # only the last epoch has the final k
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--trainer", "woodfisher"], "the woodfisher trainer prunes on its own schedule"),
+    (["--k-schedule", "cubic"], "--k-schedule cubic: unknown schedule"),
+    (["--init-density", "0.05"], "--init-density 0.05 must lie in [--k 0.1, 1]"),
+    (["--schedule-epochs", "9"], "--schedule-epochs 9 exceeds --epochs 2"),
+])
+def test_what_a_density_schedule_cannot_do_is_one_line(tmp_path, capsys, args, needle):
+    import torch
+
+    from models import build_model
+    from tests.helpers.cli import QUICK_RUN, run_error
+    source = tmp_path / "dense.pth"
+    torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), source)
+    base = ["--exp-mode", "prune", "--source-net", str(source), "--k", "0.1", "--k-schedule", "linear"]
+    err = run_error(tmp_path, capsys, *QUICK_RUN, *base, *args)
+    assert needle in err, err

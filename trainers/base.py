@@ -52,8 +52,13 @@ class BaseTrainer:
                  label_smoothing: float = 0.0, progress: bool = True, log: Callable[[str], None] = print,
                  print_freq: int = 100, seed: int = 0, options: OptionSection | None = None,
                  robust: RobustOptions | None = None, source: str | None = None,
-                 speed: SpeedOptions | None = None, group: Dist = SINGLE) -> None:
+                 speed: SpeedOptions | None = None, group: Dist = SINGLE,
+                 density_schedule: Callable[[int], float] | None = None) -> None:
+        """density_schedule: epoch -> the density in force (--k-schedule, ``pruning.schedule.EpochDensity``, or
+        any callable of a library user): the mask set's k is set to it at the start of every epoch and the masks
+        re-selected (exact counts, the same selector); its value at the last epoch must be the run's k."""
         self.model = model
+        self.density_schedule = density_schedule
         self.group = group  # a distributed run's process group (engine.distributed); SINGLE otherwise
         self.source = source  # the --source-net checkpoint the run started from (lth finds its rewind point there)
         self.maskset = maskset
@@ -101,8 +106,11 @@ class BaseTrainer:
 
     def final_masks(self, epoch: int) -> bool:
         """Whether the model after ``epoch`` has the run's final masks (only those epochs compete for
-        model_best). Always, for trainers whose masks keep density k throughout."""
-        return True
+        model_best). Always, for trainers whose masks keep density k throughout; under a density schedule,
+        from the epoch that reaches the final density on."""
+        if self.density_schedule is None or self.maskset is None:
+            return True
+        return self.density_schedule(epoch) == self.maskset.final_k
 
     def pop_notes(self) -> list[str]:
         """Lines for the run log that the epoch loop prints after ``train_epoch`` (e.g. pruning events)."""
@@ -131,7 +139,10 @@ class BaseTrainer:
         self.optimizers[key] = make_optimizer(params, settings)
 
     def set_epoch(self, epoch: int) -> dict[str, float]:
-        """Set every optimizer's learning rate for ``epoch``; returns them by optimizer key."""
+        """Set every optimizer's learning rate for ``epoch`` (and the density, under a schedule); returns the
+        learning rates by optimizer key."""
+        if self.density_schedule is not None and self.maskset is not None and self.mode == "prune":
+            self.maskset.set_k(self.density_schedule(epoch))
         lrs = {}
         for key, opt in self.optimizers.items():
             lrs[key] = self.settings[key].lr_at(epoch)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from configs.errors import UserError
 from configs.options import RobustOptions, SpeedOptions, section_of
 from configs.schema import Config
 from engine.distributed import Dist
@@ -16,6 +17,7 @@ from engine.lr_schedules import MASK_MILESTONES
 from engine.optim import OptimSettings
 from engine.run_log import RunLog
 from layers import MaskSet
+from pruning.schedule import DensitySchedule, EpochDensity
 from trainers.base import BaseTrainer
 
 
@@ -25,6 +27,17 @@ def optim_settings(cfg: Config) -> tuple[OptimSettings, OptimSettings]:
                             schedule=cfg.lr_schedule, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
                             warmup_lr=cfg.warmup_lr)
     return weights, replace(weights, lr=cfg.mask_lr, schedule=cfg.mask_lr_schedule, milestones=MASK_MILESTONES)
+
+
+def density_schedule(cfg: Config) -> EpochDensity | None:
+    """--k-schedule as epoch -> density (None without one); a bad name is one line naming the choices."""
+    if cfg.k_schedule == "none":
+        return None
+    try:
+        schedule = DensitySchedule.parse(cfg.k_schedule)
+    except ValueError as exc:
+        raise UserError(f"--k-schedule {cfg.k_schedule}: {exc}") from None
+    return EpochDensity(schedule, initial=cfg.init_density, final=cfg.k, epochs=cfg.schedule_epochs or cfg.epochs)
 
 
 def build_trainer(cfg: Config, cls: type[BaseTrainer], *, model: nn.Module, maskset: MaskSet | None,
@@ -38,4 +51,4 @@ def build_trainer(cfg: Config, cls: type[BaseTrainer], *, model: nn.Module, mask
                score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
                progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
                options=section_of(cls.Options, cfg), robust=RobustOptions.of(cfg),
-               source=cfg.source_net, speed=SpeedOptions.of(cfg), group=group)
+               source=cfg.source_net, speed=SpeedOptions.of(cfg), group=group, density_schedule=density_schedule(cfg))

@@ -77,7 +77,8 @@ def rewind_path(source: str, epoch: int) -> str:
 class LotteryTicketTrainer(FixedMaskTrainer):
     """IMP: prune by magnitude, rewind, retrain; one round per ``--epochs / rounds`` epochs."""
 
-    capabilities = Capabilities(label="lth", rewind_point=True, coupled="prunes weights by magnitude, not filters")
+    capabilities = Capabilities(label="lth", rewind_point=True, coupled="prunes weights by magnitude, not filters",
+                                k_schedule="prunes in rounds of --imp-rate")
     Options = LthOptions
 
     @classmethod

@@ -73,7 +73,8 @@ class WoodFisherTrainer(FixedMaskTrainer):
     """Gradual OBS pruning (see the module docstring)."""
 
     capabilities = Capabilities(label="woodfisher", fisher_rows=True,
-                                obs_update="applies the OBS update at every pruning event already")
+                                obs_update="applies the OBS update at every pruning event already",
+                                k_schedule="prunes on its own schedule (--prune-start, --prune-end, --prune-schedule)")
     Options = WoodFisherOptions
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
