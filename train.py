@@ -50,7 +50,7 @@ from engine.run_folder import (
 from engine.run_log import RunLog, SilentLog
 from engine.source import load_source, resume_into, resumed_state
 from engine.summary import evaluation_report, finish, header
-from layers import MaskSet, build_maskset
+from layers import MaskSet, build_maskset, read_layer_k
 from layers.convert import MASKED_TYPES
 from models import build_model, model_names
 from models import torchvision_zoo as tv
@@ -169,7 +169,7 @@ def build_network(cfg: Config, trainer_cls: type[BaseTrainer], start: Start, *, 
                                        layer_floor=cfg.layer_floor, nm=cfg.nm, exclude=cfg.exclude_layers,
                                        arch=cfg.arch, example=example,
                                        coupled=coupled_groups(model, example=example, granularity=cfg.layer_type)
-                                       if cfg.coupled else None)
+                                       if cfg.coupled else None, layer_k=read_layer_k(cfg.layer_k))
         for line in lines:
             notice(line)
     if start.resume is not None:

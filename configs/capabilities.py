@@ -28,6 +28,7 @@ class Capabilities:
     obs_update: str | None = None        # None: accepts --obs-update; else why not (for the error line)
     coupled: str | None = None           # None: its masks come from the mask set's selector, so --coupled applies
     k_schedule: str | None = None        # None: its masks follow the mask set's k, so --k-schedule applies
+    layer_k: str | None = None           # None: its masks come from the mask set's selector, so --layer-k applies
 
     def __post_init__(self) -> None:
         unknown = set(self.modes) - set(MODES)

@@ -94,6 +94,8 @@ def _check_options(cfg: Config, trainer: type[TrainerSpec], registry: Trainers) 
         _check_coupled(cfg, caps, name)
     if cfg.k_schedule != "none":
         _check_k_schedule(cfg, caps, name)
+    if cfg.layer_k is not None:
+        _check_layer_k(cfg, caps, name)
     RobustOptions.of(cfg).check_combination(normalize=cfg.normalize)
 
 
@@ -130,6 +132,20 @@ def _check_k_schedule(cfg: Config, caps: Capabilities, name: str) -> None:
     if cfg.schedule_epochs is not None and cfg.schedule_epochs > cfg.epochs:
         raise UserError(f"--schedule-epochs {cfg.schedule_epochs} exceeds --epochs {cfg.epochs}: the run would end "
                         f"before reaching --k; pass --schedule-epochs {cfg.epochs} or fewer")
+
+
+def _check_layer_k(cfg: Config, caps: Capabilities, name: str) -> None:
+    """--layer-k sets each layer's density of learned masks (the file itself is read when the masks are built)."""
+    if cfg.exp_mode != "prune":
+        raise UserError(f"--layer-k chooses the density of each layer while a mask is learned (--exp-mode prune); "
+                        f"{cfg.exp_mode} keeps its masks: drop --layer-k")
+    if caps.layer_k is not None:
+        raise UserError(f"--layer-k applies to masks the selector learns (HYDRA, BiP); the {name} trainer "
+                        f"{caps.layer_k}: drop --layer-k")
+    for flag, used in (("--coupled", cfg.coupled), ("--layer-type nm", cfg.layer_type == "nm"),
+                       ("--k-schedule", cfg.k_schedule != "none")):
+        if used:
+            raise UserError(f"--layer-k sets one density per layer, which {flag} does not take: drop one of them")
 
 
 def _check_nm(cfg: Config) -> None:

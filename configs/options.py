@@ -178,7 +178,10 @@ class WoodFisherOptions(FisherOptions):
                             "(all three granularities), l1 (filter/channel L1 norm per layer, Li et al. 2017), random "
                             "(per layer, the baseline), fpgm (filter/channel nearest the layer's geometric median, per "
                             "layer, He et al. 2019), taylorfo (filter/channel first-order Taylor importance from the "
-                            "gradient rows, per layer, Molchanov et al. 2019)",
+                            "gradient rows, per layer, Molchanov et al. 2019), apoz / meanact (filters with the most "
+                            "zero / the smallest mean post-ReLU outputs on the Fisher's calibration samples, per "
+                            "layer, Hu et al. 2016 / Molchanov et al. 2017), slimming (filters by abs(gamma) of their "
+                            "BatchNorm, over all layers, Liu et al. 2017; train with --bn-l1)",
                             group="woodfisher")
     target_sparsity: float | None = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
                                            group="woodfisher")

@@ -93,6 +93,9 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
     init_density: float = opt(1.0, "with --k-schedule: the density at epoch 0, in [k, 1]", group="model")
     schedule_epochs: int | None = opt(None, "with --k-schedule: --k is reached at epoch N - 1 (default: the run's last "
                                       "epoch)", group="model", check=at_least(1))
+    layer_k: str | None = opt(None, "prune with HYDRA/BiP: a JSON file of per-layer densities ({layer: k}, or "
+                              "python -m study.sensitivity's layer_k.json): each layer keeps exactly n_keep(k, its "
+                              "units); --k must be the overall density they make", group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
     source_net: str | None = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")
@@ -134,6 +137,11 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
     warmup_lr: float = opt(0.1, "learning rate during warmup", group="train", check=finite_non_negative)
     label_smoothing: float = opt(0.0, "label smoothing of the cross-entropy loss", group="train",
                                  check=fraction(low_open=False, high_open=True))
+    bn_l1: float = opt(0.0, "Network Slimming's sparsity penalty (Liu et al. 2017): add LAMBDA * sign(gamma) to the "
+                       "gradient of every BatchNorm weight before each step of the weight optimizer (pretrain, "
+                       "finetune, and the weight steps of every trainer; HYDRA's prune step, which trains BatchNorm "
+                       "with the scores, too); 0 = off; pair with --prune-method slimming", group="train",
+                       check=finite_non_negative)
     # bilevel (BiP)
     mask_lr: float = opt(0.1, "bilevel: learning rate of the scores (upper level)", group="bilevel",
                          check=finite_non_negative)

@@ -14,6 +14,7 @@ Two regimes:
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from configs.errors import UserError
+from configs.errors import UserError, one_line
 from configs.options import parse_nm
 from layers.convert import UnmaskableLayer, exclusion_patterns, masked_layers, to_masked
 from layers.coupling import Coupling
@@ -74,17 +75,21 @@ class LayerSparsity:
 class MaskSet:
     def __init__(self, model: nn.Module, *, k: float, granularity: str, scope: str,
                  min_units: int | None = None, nm: tuple[int, int] | None = None,
-                 coupling: Coupling | None = None) -> None:
+                 coupling: Coupling | None = None, layer_k: dict[str, float] | None = None) -> None:
         """min_units: per-layer floor (None: ``DEFAULT_MIN_UNITS`` of the granularity). Raises
         ``SelectionError`` when the floors of a global selection do not fit in its budget.
         nm: (N, M) for granularity ``nm`` (k, scope and min_units then do not choose the masks);
         ``NMShapeError`` names the layers whose input dimension is not a multiple of M.
-        coupling: filter masks chosen per dependency group (``layers.coupling``; min_units does not apply)."""
+        coupling: filter masks chosen per dependency group (``layers.coupling``; min_units does not apply).
+        layer_k: a density per layer (``--layer-k``, e.g. from ``study.sensitivity``): layer ``name`` keeps exactly
+        n_keep(layer_k[name], its units), whatever ``k`` and ``scope`` say."""
         if coupling is not None and granularity != coupling.granularity:
             raise ValueError(f"coupled {coupling.granularity} masks, not {granularity!r}")
         self.coupling = coupling
+        self.layer_k = layer_k
         self.final_k = k  # the run's k; ``k`` moves towards it under a density schedule (``set_k``)
         self.layers: dict[str, MaskedLayer] = masked_layers(model)
+        self._names = {id(layer): name for name, layer in self.layers.items()}
         # Channel LayerNorms whose statistics follow the coupled masks (layers.norm)
         self.norms: dict[str, MaskedLayerNorm] = {} if coupling is None else {
             name: cast(MaskedLayerNorm, model.get_submodule(name)) for name in coupling.norm_unit_of}
@@ -94,6 +99,14 @@ class MaskSet:
         self.nm = nm if granularity == "nm" else None
         if granularity == "nm":
             self._check_nm(nm)
+        if layer_k is not None:
+            missing, extra = sorted(set(self.layers) - set(layer_k)), sorted(set(layer_k) - set(self.layers))
+            if missing or extra or coupling is not None or granularity == "nm":
+                raise ValueError(f"per-layer densities must name every masked layer and no other (missing "
+                                 f"{missing[:3]}, unknown {extra[:3]}), with per-layer masks (not N:M, not coupled)")
+            bad = {name: v for name, v in layer_k.items() if not 0.0 < v <= 1.0}
+            if bad:
+                raise ValueError(f"per-layer densities must lie in (0, 1]: {bad}")
         self.min_units = DEFAULT_MIN_UNITS[granularity] if min_units is None else min_units
         if coupling is not None:
             self.min_units = 0  # a family keeps at least one unit (--scope layer); a global budget decides alone
@@ -107,7 +120,7 @@ class MaskSet:
         self._incremental: list[tuple[list[MaskedLayer], IncrementalTopK]] | None = None
         if granularity == "unstructured" and self.min_units == 0:
             layers = list(self.layers.values())
-            groups = [layers] if scope == "global" else [[layer] for layer in layers]
+            groups = [layers] if scope == "global" and layer_k is None else [[layer] for layer in layers]
             self._incremental = [(group, IncrementalTopK()) for group in groups]
         self._hook: RemovableHandle | None = model.register_forward_pre_hook(self._before_forward)
         self.step(force=True)  # masks that match the scores from the start, not all ones until a forward
@@ -156,7 +169,8 @@ class MaskSet:
         with torch.no_grad():
             if self._incremental is not None:
                 for group, selector in self._incremental:
-                    count = n_keep(self.k, sum(layer.weight.numel() for layer in group))
+                    k = self.k if self.layer_k is None else self.layer_k[self._name_of(group[0])]
+                    count = n_keep(k, sum(layer.weight.numel() for layer in group))
                     selector.select_into([layer.popup_scores for layer in group], [layer.mask for layer in group],
                                          count)
             elif self.coupling is not None:
@@ -164,6 +178,10 @@ class MaskSet:
                                               scope=self.scope)
                 for name, layer in self.layers.items():
                     layer.mask.copy_(chosen[name])
+            elif self.layer_k is not None:
+                for name, layer in self.layers.items():
+                    layer.mask.copy_(select_masks([layer.popup_scores], k=self.layer_k[name],
+                                                  granularity=self.granularity, scope="layer")[0])
             else:
                 masks = select_masks([layer.popup_scores for layer in self.layers.values()], k=self.k,
                                      granularity=self.granularity, scope=self.scope, min_units=self.min_units,
@@ -174,6 +192,9 @@ class MaskSet:
         self._seen = self._score_versions()
         self.selections += 1
         return True
+
+    def _name_of(self, layer: MaskedLayer) -> str:
+        return self._names[id(layer)]
 
     def _sync_norms(self) -> None:
         """The channel masks of the coupled LayerNorms from the layers' current masks."""
@@ -266,10 +287,29 @@ class MaskSet:
         self._seen = self._score_versions()  # the loaded masks belong to the loaded scores
 
 
+def read_layer_k(path: str | None) -> dict[str, float] | None:
+    """--layer-k's file: {layer: k}, or study.sensitivity's {"layer_k": {layer: k}, ...} (JSON: data, never code);
+    None without one."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--layer-k {path} cannot be read as JSON ({one_line(exc)}): pass the layer_k.json of "
+                        "python -m study.sensitivity") from None
+    table = data.get("layer_k", data) if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              for v in table.values()):
+        raise UserError(f"--layer-k {path} must map layer names to densities, e.g. {{\"conv1\": 0.5}}")
+    return {str(name): float(v) for name, v in table.items()}
+
+
 def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, layer_floor: int | None = None,
                   nm: str = "2:4", exclude: str | None = None, arch: str = "the model",
                   example: torch.Tensor | None = None,
-                  coupled: Sequence[Sequence[tuple[str, int]]] | None = None) -> tuple[MaskSet, list[str]]:
+                  coupled: Sequence[Sequence[tuple[str, int]]] | None = None,
+                  layer_k: dict[str, float] | None = None) -> tuple[MaskSet, list[str]]:
     """Mask ``model``'s layers (``to_masked``, keeping the ``exclude`` patterns dense) and build the run's
     mask set. A refusal is a UserError naming the flag that fixes it (--exclude-layers, --layer-type,
     --layer-floor); returns the mask set and the notices for the run log. ``example``: one input batch;
@@ -300,13 +340,23 @@ def build_maskset(model: nn.Module, *, granularity: str, k: float, scope: str, l
         {name: norm.normalized_shape[0] for name, norm in twins.items()}, granularity=granularity)
     try:
         maskset = MaskSet(model, k=k, granularity=granularity, scope=scope, min_units=layer_floor,
-                          nm=parse_nm(nm) if granularity == "nm" else None, coupling=coupling)
+                          nm=parse_nm(nm) if granularity == "nm" else None, coupling=coupling, layer_k=layer_k)
     except NMShapeError as exc:
         # The fix is one flag: the user's own exclusions plus these layers.
         keep = ",".join(patterns + exc.names)
         raise UserError(f"--layer-type nm: {exc}; keep them dense with --exclude-layers {keep}") from None
     except SelectionError as exc:
         raise UserError(str(exc)) from None
+    except ValueError as exc:  # the per-layer densities do not fit the model
+        if layer_k is None:
+            raise
+        raise UserError(f"--layer-k: {exc}") from None
+    if layer_k is not None:
+        counts = maskset.unit_counts()
+        kept = sum(n_keep(layer_k[name], n) for name, n in zip(maskset.layers, counts))
+        if kept != n_keep(k, sum(counts)):
+            raise UserError(f"--layer-k keeps {kept:,} of {sum(counts):,} units ({kept / sum(counts):.6g}), not what "
+                            f"--k {k:g} keeps ({n_keep(k, sum(counts)):,}): pass the --k the file was made for")
     if not maskset.layers and exclude:
         raise UserError(f"--exclude-layers {exclude} excludes every layer --layer-type {granularity} would mask: "
                         "nothing is left to prune; exclude fewer layers")

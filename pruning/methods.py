@@ -13,10 +13,19 @@
 |                 |           | layer's other alive units, per layer        |                              |
 | taylorfo        | rows      | filter/channel: mean_r (g_r,U . w_U)^2,     | none                         |
 |                 |           | per layer                                   |                              |
+| apoz            | none      | filter: 1 - APoZ, the fraction of non-zero  | none                         |
+|                 |           | post-ReLU outputs on calibration samples,   |                              |
+|                 |           | per layer                                   |                              |
+| meanact         | none      | filter: mean post-ReLU output on            | none                         |
+|                 |           | calibration samples, per layer              |                              |
+| slimming        | none      | filter: |gamma| of the following BatchNorm, | none                         |
+|                 |           | over all layers                             |                              |
 
 A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of the signatures in
 ``pruning.obs``; the OBS solver and every trainer then offer it. A criterion that scores whole units and is
-not a sum over their weights (fpgm, taylorfo) gives a ``unit_statistic`` and no per-weight ``statistic``.
+not a sum over their weights (fpgm, taylorfo) gives a ``unit_statistic`` and no per-weight ``statistic``;
+one that reads the model itself (apoz, meanact, slimming) names what it reads in ``probe``
+(``pruning.activations``), which the solver hands its unit statistic per layer.
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from configs.registry import Registry
 from layers.masked import MaskedLayer
 from layers.selector import STRUCTURED, select_masks
 from pruning.obs import (
+    apoz_statistic,
     diagonal_fisher_statistic,
     diagonal_fisher_update,
     fpgm_statistic,
@@ -38,9 +48,11 @@ from pruning.obs import (
     l1_statistic,
     magnitude_ranking,
     magnitude_statistic,
+    meanact_statistic,
     obs_statistic,
     obs_update,
     random_statistic,
+    slimming_statistic,
     taylorfo_statistic,
     woodtaylor_statistic,
     woodtaylor_update,
@@ -67,6 +79,11 @@ class PruneMethod:
     scope: a fixed selection scope, or ``None``: global or per layer as the run asks.
     needs_grad_mean: the statistic and update take the mean gradient (WoodTaylor).
     default_damp: lambda when --fisher-damp is not given.
+    probe: what a unit statistic reads off the model (``pruning.activations``), or ``None``: ``activations``
+        (per-filter counts of its post-ReLU outputs on the Fisher's calibration samples) or ``batchnorm``
+        (the gamma of the BatchNorm after each layer); handed over as ``probe=``.
+    only: the granularities the criterion defines, when fewer than its statistic allows (filters only, for
+        the criteria that read a filter's output).
     """
 
     name: str
@@ -81,6 +98,8 @@ class PruneMethod:
     needs_grad_mean: bool = False
     default_damp: float = 1e-5
     structured_only: bool = False  # defined for filters/channels only (a unit criterion)
+    probe: str | None = None
+    only: tuple[str, ...] | None = None
     help: str = ""
 
     @property
@@ -89,6 +108,8 @@ class PruneMethod:
         the per-weight statistic); filters/channels need a group version, a unit statistic or an additive
         statistic; a ``structured_only`` criterion scores filters/channels and nothing else."""
         grouped = self.group_statistic is not None or self.unit_statistic is not None or self.additive
+        if self.only is not None:
+            return tuple(g for g in GRANULARITIES if g in self.only)
         if self.structured_only:
             return tuple(g for g in GRANULARITIES if g in STRUCTURED)
         return tuple(g for g in GRANULARITIES if grouped or g not in STRUCTURED)
@@ -167,6 +188,34 @@ register_prune_method(PruneMethod(
     "taylorfo", "rows", None, zero_update, unit_statistic=taylorfo_statistic, scope="layer", structured_only=True,
     help="filters/channels by first-order Taylor importance mean (g.w)^2 over the gradient rows, per layer "
          "(Molchanov et al. 2019)"))
+
+# Hu, Peng, Tai & Tang, "Network Trimming: A Data-Driven Neuron Pruning Approach towards Efficient Deep
+# Architectures" (2016; NNI's ActivationAPoZRankFilterPruner): a filter whose ReLU outputs are mostly zero
+# passes little on, so the highest Average Percentage of Zeros goes first. Its activations are measured on the
+# Fisher's calibration samples (--fisher-subsample-size x --fisher-mini-bsz, the same stream), with no
+# gradients. Filters only: a channel's "output" is not an activation of its own. Per layer, as the paper
+# trims layer by layer (and NNI prunes).
+register_prune_method(PruneMethod(
+    "apoz", None, None, zero_update, unit_statistic=apoz_statistic, scope="layer", structured_only=True,
+    probe="activations", only=("filter",),
+    help="filters with the most zero post-ReLU outputs (APoZ) on calibration samples, per layer (Hu et al. 2016)"))
+# The mean-activation baseline of Molchanov, Tyree, Karras, Aila & Kautz, "Pruning Convolutional Neural Networks
+# for Resource Efficient Inference" (ICLR 2017; NNI's ActivationMeanRankFilterPruner): the same activations,
+# ranked by their mean; per layer, as NNI prunes (mean activations are not on one scale across layers).
+register_prune_method(PruneMethod(
+    "meanact", None, None, zero_update, unit_statistic=meanact_statistic, scope="layer", structured_only=True,
+    probe="activations", only=("filter",),
+    help="filters with the smallest mean post-ReLU output on calibration samples, per layer (Molchanov et al. "
+         "2017)"))
+# Liu, Li, Shen, Huang, Yan & Zhang, "Learning Efficient Convolutional Networks through Network Slimming" (ICCV
+# 2017): the BatchNorm after a conv scales each normalised filter by gamma, which training with an L1 penalty on
+# gamma (--bn-l1) drives towards 0 for the filters the network can do without. The paper sets one threshold over
+# the whole network (gammas are on one scale: every BatchNorm's input is normalised), hence global.
+register_prune_method(PruneMethod(
+    "slimming", None, None, zero_update, unit_statistic=slimming_statistic, scope="global", structured_only=True,
+    probe="batchnorm", only=("filter",),
+    help="filters by |gamma| of the BatchNorm that follows them, over all layers (Liu et al. 2017; train with "
+         "--bn-l1)"))
 
 
 def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:

@@ -39,7 +39,10 @@ computed through ``fisher_inverse.group_solve`` (blocks must be aligned to whole
 Unit criteria without curvature (filters/channels only): FPGM scores a unit by the sum of the L2
 distances from its weights to every other alive unit's of the layer (its distance from the geometric
 median); TaylorFO by the mean over the m gradient rows of (g_r restricted to the unit . w_unit)^2. Neither
-adds up over weights, so each is one score per unit; neither moves the surviving weights.
+adds up over weights, so each is one score per unit; neither moves the surviving weights. Three more
+read the model itself (filters only, ``probe``: ``pruning.activations``): APoZ scores a filter by the
+fraction of its post-ReLU outputs that are non-zero, meanact by their mean, slimming by |gamma| of its
+BatchNorm.
 
 Scores for the selector. The project's selector keeps the top-scoring units and ranks unstructured
 weights by |score| (``layers.selector``), so the lowest score any unit can have is 0, not -inf
@@ -53,9 +56,12 @@ tensors (weights passed as Parameters are read, never modified in place).
 """
 from __future__ import annotations
 
-from typing import Protocol, overload
+from typing import TYPE_CHECKING, Protocol, overload
 
 import torch
+
+if TYPE_CHECKING:  # annotations only: this module stays model-agnostic
+    from pruning.activations import UnitProbe
 
 
 class FisherInverse(Protocol):
@@ -400,12 +406,12 @@ def _alive_units(mask: torch.Tensor | None, n_units: int, device: torch.device) 
 
 @torch.no_grad()
 def fpgm_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor | None = None,
-                   rows: torch.Tensor | None = None) -> torch.Tensor:
+                   rows: torch.Tensor | None = None, probe: UnitProbe | None = None) -> torch.Tensor:
     """FPGM (He, Liu, Wang, Hu & Yang, "Filter Pruning via Geometric Median", CVPR 2019; NNI's FPGMPruner):
     sum_j ||w_u - w_j||_2 over the other alive units j of the layer. The unit nearest the geometric median
     (smallest sum) is the most replaceable by the others, so it is pruned first. Already-pruned units score 0
     and are left out of the others' sums: their zeroed weights would otherwise count as a point at the
-    origin. Shape (n_units,). ``rows`` is accepted for a common signature and ignored."""
+    origin. Shape (n_units,). ``rows`` and ``probe`` are accepted for a common signature and ignored."""
     w = weight.reshape(-1)
     n_units = w.numel() // group_size
     alive = _alive_units(mask, n_units, w.device)
@@ -418,13 +424,13 @@ def fpgm_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor 
 
 @torch.no_grad()
 def taylorfo_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor | None = None,
-                       rows: torch.Tensor | None = None) -> torch.Tensor:
+                       rows: torch.Tensor | None = None, probe: UnitProbe | None = None) -> torch.Tensor:
     """First-order Taylor importance of a unit (Molchanov, Mallya, Tyree, Frosio & Kautz, "Importance
     Estimation for Neural Network Pruning", CVPR 2019, the "FO on weights" criterion): removing unit u
     changes the loss of mini-batch r by about -sum_{q in u} g_{r,q} w_q, so u scores by the mean over the m
     gradient rows r of (sum_{q in u} g_{r,q} w_q)^2 (``rows``: G's columns of this layer, required). The
     square is taken per mini-batch, before averaging, as the paper does: a mean gradient would cancel the
-    batches' disagreement. 0 on already-pruned units. Shape (n_units,)."""
+    batches' disagreement. 0 on already-pruned units. Shape (n_units,). ``probe`` is ignored."""
     if rows is None:
         raise ValueError("TaylorFO needs rows= (the m gradient rows of this layer's weights, m x numel)")
     w = weight.reshape(-1)
@@ -434,6 +440,70 @@ def taylorfo_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Ten
     g = rows.to(device=w.device, dtype=w.dtype).view(-1, n_units, group_size)
     per_row = torch.einsum("rug,ug->ru", g, w.view(n_units, group_size))  # sum_{q in u} g_{r,q} w_q, no m x D temporary
     return _alive_score(per_row.square().mean(0), _alive_units(mask, n_units, w.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# unit criteria that read the model (filters only): ``probe`` is what ``pruning.activations`` measured of
+# the layer's filters (activation counts on calibration samples, or the following BatchNorm's gamma).
+
+
+def _probe(probe: UnitProbe | None, field: str, criterion: str, n_units: int) -> torch.Tensor:
+    value = None if probe is None else getattr(probe, field)
+    if value is None:
+        raise ValueError(f"{criterion} needs probe= with {field} per filter (pruning.activations)")
+    if value.numel() != n_units:
+        raise ValueError(f"{criterion}: probe.{field} has {value.numel()} entries, expected {n_units} filters")
+    return value.reshape(-1)
+
+
+@torch.no_grad()
+def apoz_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor | None = None,
+                   rows: torch.Tensor | None = None, probe: UnitProbe | None = None) -> torch.Tensor:
+    """1 - APoZ, the fraction of a filter's activation outputs that are not zero (Hu, Peng, Tai & Tang,
+    "Network Trimming: A Data-Driven Neuron Pruning Approach towards Efficient Deep Architectures", 2016;
+    NNI's ActivationAPoZRankFilterPruner). APoZ is the Average Percentage of Zeros of the ReLU after the
+    filter over the calibration samples and positions (``probe.zeros / probe.count``); the more zeros, the
+    less the filter passes on, so the lowest 1 - APoZ is pruned first (a filter that is always 0 scores
+    finfo.tiny, still above a pruned one). 0 on already-pruned filters. Shape (n_units,)."""
+    w = weight.reshape(-1)
+    n_units = w.numel() // group_size
+    zeros = _probe(probe, "zeros", "apoz", n_units)
+    assert probe is not None  # ``_probe``
+    if probe.count < 1:
+        raise ValueError("apoz: no activation was measured (probe.count is 0)")
+    stat = 1.0 - zeros.to(device=w.device, dtype=torch.float64) / probe.count
+    return _alive_score(stat.to(w.dtype), _alive_units(mask, n_units, w.device))
+
+
+@torch.no_grad()
+def meanact_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor | None = None,
+                      rows: torch.Tensor | None = None, probe: UnitProbe | None = None) -> torch.Tensor:
+    """The mean of a filter's activation outputs over the calibration samples and positions
+    (``probe.total / probe.count``; the "mean activation" baseline of Molchanov, Tyree, Karras, Aila & Kautz,
+    "Pruning Convolutional Neural Networks for Resource Efficient Inference", ICLR 2017; NNI's
+    ActivationMeanRankFilterPruner): after a ReLU every output is >= 0, and the smallest mean is pruned
+    first. 0 on already-pruned filters. Shape (n_units,)."""
+    w = weight.reshape(-1)
+    n_units = w.numel() // group_size
+    total = _probe(probe, "total", "meanact", n_units)
+    assert probe is not None  # ``_probe``
+    if probe.count < 1:
+        raise ValueError("meanact: no activation was measured (probe.count is 0)")
+    stat = total.to(device=w.device, dtype=torch.float64) / probe.count
+    return _alive_score(stat.to(w.dtype), _alive_units(mask, n_units, w.device))
+
+
+@torch.no_grad()
+def slimming_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor | None = None,
+                       rows: torch.Tensor | None = None, probe: UnitProbe | None = None) -> torch.Tensor:
+    """|gamma| of the BatchNorm after the filter (Liu, Li, Shen, Huang, Yan & Zhang, "Learning Efficient
+    Convolutional Networks through Network Slimming", ICCV 2017): the BatchNorm scales the filter's
+    normalised output by gamma, so a small |gamma| (driven there by the L1 penalty, ``--bn-l1``) means a
+    filter the next layer barely sees. 0 on already-pruned filters. Shape (n_units,)."""
+    w = weight.reshape(-1)
+    n_units = w.numel() // group_size
+    gamma = _probe(probe, "gamma", "slimming", n_units)
+    return _alive_score(gamma.to(device=w.device, dtype=w.dtype).abs(), _alive_units(mask, n_units, w.device))
 
 
 @torch.no_grad()

@@ -24,6 +24,10 @@ they are: no inverse is built, nothing is compensated, and the update only zeroe
 unit criterion scores each filter in its layer, and a coupled unit ranks by the sum of its filters' scores
 (what the selector makes of the weight-shaped scores).
 
+Criteria that read the model (``PruneMethod.probe``: apoz and meanact their filters' activations, slimming
+the BatchNorm gamma after each layer) get it from ``probe(model, batches)`` (``pruning.activations``) before
+scoring; each layer's ``UnitProbe`` is handed to the unit statistic as ``probe=``.
+
 Blocks (weights that share one Fisher inverse): chunks of ``block_size`` contiguous weights of one
 layer, a whole layer, or all layers at once. Filter/channel masks always use whole-layer blocks: a
 pruned group's update must be able to move the other groups of its layer (a group at least as wide
@@ -46,6 +50,7 @@ from configs.options import FISHER_BLOCKS, FisherOptions
 from layers.coupling import Coupling
 from layers.masked import MaskedLayer
 from layers.selector import STRUCTURED, select_masks
+from pruning.activations import UnitProbe, activation_stats, batchnorm_gammas
 from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from pruning.gradients import collect_gradients
 from pruning.methods import PruneMethod, selector_scores
@@ -174,6 +179,7 @@ class OBSSolver:
         first = next(iter(layers.values()))
         self.device = torch.device(device) if device is not None else first.weight.device
         self.G: torch.Tensor | None = None
+        self.probes: dict[str, UnitProbe] | None = None  # what ``probe`` read off the model, by layer
         self.record = StepRecord()
         self._prepared: dict[int, _Prepared] = {}
         self._kept_bytes = 0
@@ -222,6 +228,29 @@ class OBSSolver:
                          label_smoothing=label_smoothing, label_generator=label_generator,
                          masked_columns=masked_columns)
         self.add_gradients(G, seconds=time.perf_counter() - t0)
+
+    def probe(self, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None, *,
+              samples: int = 0) -> None:
+        """Read what the method's unit statistic needs off ``model`` (``PruneMethod.probe``): the per-filter
+        activation counts over the first ``samples`` samples of ``batches``, or the BatchNorm gammas (no
+        batches); nothing for other methods. A layer the criterion cannot measure is a UserError naming
+        --exclude-layers."""
+        kind, name = self.method.probe, self.method.name
+        if kind == "activations":
+            if batches is None or samples < 1:
+                raise ValueError(f"prune method {name} needs calibration batches and samples >= 1")
+            self.probes = activation_stats(model, self.layers, batches, samples=samples, device=self.device,
+                                           criterion=name)
+        elif kind == "batchnorm":
+            self.probes = batchnorm_gammas(model, self.layers, criterion=name)
+
+    def _layer_probe(self, group: BlockGroup) -> UnitProbe | None:
+        if self.method.probe is None:
+            return None
+        if self.probes is None:
+            raise ValueError(f"prune method {self.method.name} reads the model: call probe(model, batches) first")
+        (name,) = group.names  # a unit criterion's blocks are single layers (``__init__``)
+        return self.probes[name]
 
     # -- per block group: weights, inverse, statistic --------------------------------------------
     def _prepare(self, i: int) -> _Prepared:
@@ -314,7 +343,8 @@ class OBSSolver:
             n_units = p.w.numel() // p.group_size
             assert self.method.unit_statistic is not None  # ``_unit_criterion``
             stat = self.method.unit_statistic(weight=p.w, group_size=p.group_size,
-                                              mask=p.alive.view(n_units, p.group_size).any(1), rows=p.rows)
+                                              mask=p.alive.view(n_units, p.group_size).any(1), rows=p.rows,
+                                              probe=self._layer_probe(self.groups[i]))
         elif self._grouped():
             n_groups = p.w.numel() // p.group_size
             alive_groups = p.alive.view(n_groups, p.group_size).any(1)
@@ -458,6 +488,7 @@ class OBSSolver:
     def release(self) -> None:
         """Drop G and every cached inverse."""
         self.G = None
+        self.probes = None
         self.free_inverses()
 
 

@@ -10,16 +10,26 @@ top-1. The method is the one the run's trainer wrote into summary.json (``method
 ``hydra``, ``bip``, ``lth``, or the WoodFisher trainer's ``--prune-method``, woodfisher, globalmagnitude,
 magnitude, ...), with ``+obs`` when ``--obs-update`` compensated the mask.
 
-Writes ``results.csv``, ``table.md`` (top-1 mean +- std over seeds per method and density), one plot per
-(dataset, arch, layer type): top-1 against the remaining weight ratio on a log axis, one line per
-method with the min-max band over seeds and the dense accuracy as a reference line, and a per-layer
-sparsity bar chart of one run; then prints the paths.
+Only seeds are pooled: a row's ``setting`` names everything that shaped it except the seeds (its runs'
+settings, ``study.runs.settings``: config.yml without bookkeeping options, for the source run in the folder,
+the prune run and the finetune run). Runs of one method with different settings are separate lines of the
+table and the plots, named by what differs (``woodfisher (prune_freq=2)``); a second row of the same setting
+and the same seeds is not another seed: the newest one counts, the other is marked ``duplicate_of`` in
+results.csv and named in a notice. A ``--flops-target`` run is reported at the density it reached (1 -
+its sparsity), not at its ``--k``.
+
+Writes ``results.csv``, ``table.md`` (top-1 mean +- std over seeds per method, setting and density), one plot
+per (dataset, arch, layer type): top-1 against the remaining weight ratio on a log axis, one line per
+method and setting with the min-max band over seeds and the dense accuracy as a reference line, and a
+per-layer sparsity bar chart of one run; then prints the paths.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
+import json
 import os
 import statistics
 import sys
@@ -30,14 +40,16 @@ from typing import Any, NoReturn
 
 from configs.errors import UserError, one_line
 from engine.files import check_within, safe_name, write_bytes, write_text
-from study.runs import Run, link, load_runs, newest
+from study.runs import SEED, Run, link, load_runs, newest, settings
 
 # A per-layer chart of more bars than this is unreadable (and its width grows with them): skipped, with a notice.
 MAX_LAYER_BARS = 400
 
-COLUMNS = ("dataset", "arch", "layer_type", "scope", "method", "seed", "k", "sparsity", "params_kept",
-           "params_total", "params_ratio", "flops_kept", "flops_total", "flops_ratio", "top1_prune",
-           "top1_finetune", "top1", "wall_seconds", "prune_run", "finetune_run")
+COLUMNS = ("dataset", "arch", "layer_type", "scope", "method", "setting", "seed", "k", "flops_target", "sparsity",
+           "params_kept", "params_total", "params_ratio", "flops_kept", "flops_total", "flops_ratio", "top1_prune",
+           "top1_finetune", "top1", "wall_seconds", "prune_run", "finetune_run", "duplicate_of")
+# Stages of a row's chain, as prefixes of its setting keys: the prune (or pretrain) run's own keys have none.
+SOURCE, FINETUNE = "source:", "finetune:"
 
 def method_of(prune: dict[str, Any], finetune: dict[str, Any] | None) -> str:
     """The method of a row: ``dense`` (pretrain), ``finetune`` (a finetune run of an outside source), or the
@@ -68,13 +80,51 @@ def ratio(kept: Any, total: Any) -> float | None:
     return kept / total if isinstance(kept, int) and isinstance(total, int) and total else None
 
 
+def chain_settings(first: Run, last: Run | None) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """What shaped a row besides its seeds, and those seeds: the settings of ``first`` (no prefix), of the
+    runs it started from under the results folder (``source:``, ``source:source:``, ...) and of the finetune
+    run ``last`` (``finetune:``, without its ``k`` where it is ``first``'s); the seeds in that chain's order."""
+    own, seeds = dict(settings(first)), [first.summary.get(SEED)]
+    prefix, parent, seen = SOURCE, first.parent, {id(first)}
+    while parent is not None and id(parent) not in seen:  # a chain of copied folders may loop: stop there
+        seen.add(id(parent))
+        own.update({prefix + key: value for key, value in settings(parent).items()})
+        seeds.insert(0, parent.summary.get(SEED))
+        prefix, parent = SOURCE + prefix, parent.parent
+    if last is not None:
+        tail = settings(last)
+        if tail.get("k") == own.get("k"):
+            tail.pop("k", None)
+        own.update({FINETUNE + key: value for key, value in tail.items()})
+        seeds.append(last.summary.get(SEED))
+    return own, tuple(seeds)
+
+
+def setting_id(row_settings: dict[str, Any]) -> str:
+    """A short name of a setting (without its ``k``, the table's column): equal settings, equal names."""
+    text = json.dumps({key: value for key, value in row_settings.items() if key != "k"}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
 def row_of(first: Run, last: Run | None) -> dict[str, Any]:
-    """A table row for a run (``first``) and the newest finetune run started from it (``last``)."""
+    """A table row for a run (``first``) and the newest finetune run started from it (``last``). Its
+    ``setting`` is ``setting_id`` of ``chain_settings``; keys starting with ``_`` are the report's own and
+    not written to results.csv. A ``--flops-target`` run's ``k`` is the density it reached."""
     s, f = first.summary, (last.summary if last is not None else None)
     end = f or s
     wall = sum(float(x.get("wall_seconds") or 0) for x in (s, f) if x is not None)
+    chain, seeds = chain_settings(first, last)
+    flops_target = chain.get("flops_target")
+    k = s.get("k")
+    if flops_target is not None and isinstance(end.get("sparsity"), (int, float)):
+        k = round(1 - float(end["sparsity"]), 6)  # the kept fraction: its --k (default 1) is not its density
+    final = last or first
     return {"dataset": s.get("dataset"), "arch": s.get("arch"), "layer_type": s.get("layer_type"),
-            "scope": s.get("scope"), "method": method_of(s, f), "seed": s.get("seed"), "k": s.get("k"),
+            "scope": s.get("scope"), "method": method_of(s, f), "setting": setting_id(chain), "seed": s.get("seed"),
+            "k": k, "flops_target": flops_target, "duplicate_of": None,
+            "_settings": {key: value for key, value in chain.items() if key != "k"}, "_seeds": seeds,
+            "_cell": ("flops", flops_target) if flops_target is not None else k,
+            "_folder": final.folder, "_newest": (str(final.summary.get("finished_at", "")), final.folder),
             "sparsity": end.get("sparsity"), "params_kept": end.get("params_kept"),
             "params_total": end.get("params_total"),
             "params_ratio": ratio(end.get("params_kept"), end.get("params_total")),
@@ -115,14 +165,16 @@ def round_rows(run: Run) -> list[dict[str, Any]]:
         # Wall time up to this round: the run's, pro rata by epochs (the rounds are equally long).
         share = int(entry["end_epoch"]) / int(rounds[-1]["end_epoch"])
         row.update(wall_seconds=round(float(row["wall_seconds"]) * share, 3))
-        row.update(k=entry["density"], sparsity=float(epoch["sparsity"]), top1_prune=float(epoch["test_top1"]),
+        row.update(k=entry["density"], _cell=entry["density"], sparsity=float(epoch["sparsity"]),
+                   top1_prune=float(epoch["test_top1"]),
                    top1=float(epoch["test_top1"]), params_kept=kept, params_ratio=ratio(kept, total),
                    flops_kept=None, flops_ratio=None)
         rows.append(row)
     return rows + [row_of(run, None)]
 
 
-def collect_rows(runs: list[Run]) -> list[dict[str, Any]]:
+def collect_rows(runs: list[Run], *, notice: Callable[[str], None] = lambda line: None) -> list[dict[str, Any]]:
+    """Every row of the report (``row_of``, ``round_rows``), duplicates marked (``mark_duplicates``)."""
     link(runs)
     rows = []
     for run in runs:
@@ -132,7 +184,30 @@ def collect_rows(runs: list[Run]) -> list[dict[str, Any]]:
             rows.append(row_of(run, newest([c for c in run.children if c.mode == "finetune"])))
         elif run.mode == "finetune" and (run.parent is None or run.parent.mode == "finetune"):
             rows.append(row_of(run, None))
+    mark_duplicates(rows, notice=notice)
     return rows
+
+
+def mark_duplicates(rows: list[dict[str, Any]], *, notice: Callable[[str], None] = lambda line: None) -> None:
+    """Rows of one setting, density and seeds are one result, not several seeds: the newest (its last run's
+    ``finished_at``, then folder) counts; each other gets ``duplicate_of`` (the counted row's run folder),
+    and a notice names both runs once."""
+    same: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        same[(row["setting"], row["_cell"], json.dumps(row["_seeds"], default=str))].append(row)
+    said = set()
+    for group in same.values():
+        if len(group) < 2:
+            continue
+        kept = max(group, key=lambda r: r["_newest"])
+        for row in group:
+            if row is not kept:
+                row["duplicate_of"] = kept["_folder"]
+                if (row["_folder"], kept["_folder"]) not in said:
+                    said.add((row["_folder"], kept["_folder"]))
+                    notice(f"{row['_folder']} repeats the setting and seed {row['seed']} of {kept['_folder']}: the "
+                           "newer one is reported, this one is not counted as another seed (duplicate_of in "
+                           "results.csv)")
 
 
 def write_csv(rows: list[dict[str, Any]], path: str) -> None:
@@ -161,45 +236,152 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def counted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows a mean over seeds counts: results with a top-1, not a duplicate of another row."""
+    return [r for r in rows if r["top1"] is not None and r["duplicate_of"] is None]
+
+
+# At most this many differing settings name a line (then "+N more"); the setting id tells lines apart anyway.
+MAX_NAMED_SETTINGS = 4
+
+
+def _value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _stage(key: str) -> str:
+    return key.rsplit(":", 1)[0] if ":" in key else ""
+
+
+def _differences(variants: list[dict[str, Any]]) -> list[list[str]]:
+    """Per setting of ``variants`` (dicts of setting keys): the ``key=value`` parts that tell it from the
+    others. A stage (``finetune``, ``source``) that some settings lack is one part (``no finetune run``)
+    rather than a part per key; a key a setting lacks in a stage it has reads ``?`` (a run without config.yml)."""
+    parts: list[list[str]] = [[] for _ in variants]
+    keys = sorted({key for v in variants for key in v}, key=lambda key: (key.count(":"), _stage(key), key))
+    stages = {_stage(key) for key in keys} - {""}
+    has = {stage: [any(_stage(key) == stage for key in v) for v in variants] for stage in stages}
+    for stage in sorted(stages):
+        if not all(has[stage]):
+            for i, present in enumerate(has[stage]):
+                parts[i].append(f"with {stage} run" if present else f"no {stage} run")
+    missing = object()
+    for key in keys:
+        stage = _stage(key)
+        among = [i for i, v in enumerate(variants) if not stage or has[stage][i]]
+        values = [variants[i].get(key, missing) for i in among]
+        if all(value == values[0] for value in values[1:]):  # the same for all that have the stage
+            continue
+        for i, value in zip(among, values, strict=True):
+            parts[i].append(f"{key}={'?' if value is missing else _value(value)}")
+    return parts
+
+
+def variant_names(rows: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
+    """A name per (method, setting) of ``rows`` (one table, one plot): the method where it has one setting,
+    else the method and what tells its setting from the method's others, e.g. ``woodfisher (prune_freq=2)``.
+    A FLOPs-target setting always names its target."""
+    by_method: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in rows:
+        by_method[str(row["method"])][str(row["setting"])] = row["_settings"]
+    names: dict[tuple[str, str], str] = {}
+    for method, variants in by_method.items():
+        ids = sorted(variants)
+        parts = _differences([variants[i] for i in ids]) if len(ids) > 1 else [[]]
+        for sid, own in zip(ids, parts, strict=True):
+            target = variants[sid].get("flops_target")
+            if target is not None and not any(p.startswith("flops_target=") for p in own):
+                own = [f"flops_target={_value(target)}", *own]
+            if len(own) > MAX_NAMED_SETTINGS:
+                own = [*own[:MAX_NAMED_SETTINGS], f"+{len(own) - MAX_NAMED_SETTINGS} more"]
+            names[(method, sid)] = f"{method} ({', '.join(own)})" if own else method
+        taken = defaultdict(list)
+        for sid in ids:
+            taken[names[(method, sid)]].append(sid)
+        for name, sids in taken.items():
+            if len(sids) > 1:  # told apart only past MAX_NAMED_SETTINGS: the setting id as well
+                for sid in sids:
+                    names[(method, sid)] = f"{name} [{sid}]"
+    return names
+
+
+def lines_of(members: list[dict[str, Any]]) -> dict[str, dict[float, list[dict[str, Any]]]]:
+    """``members`` (one table's counted rows) by line (``variant_names``), then by density: a line's rows at
+    one density are seeds of one setting. A FLOPs-target setting's rows sit at their mean reached density."""
+    names = variant_names(members)
+    cells: dict[str, dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for row in members:
+        cells[names[(str(row["method"]), str(row["setting"]))]][row["_cell"]].append(row)
+    lines: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    for name, by_cell in cells.items():
+        lines[name] = {}
+        for cell, group in by_cell.items():
+            density = float(cell) if not isinstance(cell, tuple) else \
+                round(statistics.mean(float(r["k"]) for r in group), 4)
+            lines[name].setdefault(density, []).extend(group)
+    return lines
+
+
 def markdown_table(rows: list[dict[str, Any]], *, ks: Sequence[float] | None = None) -> str:
-    """Per (dataset, arch, layer type): final top-1 as mean ± std over seeds (n seeds) per method and k.
-    ``ks``: only these columns; a method with no run at a column's k (IMP, whose rounds sit at 0.8^r)
-    shows its nearest density within 10 %, named in the cell."""
+    """Per (dataset, arch, layer type): final top-1 as mean ± std over seeds (n seeds) per method, setting
+    (``variant_names``) and k. ``ks``: only these columns; a line with no run at a column's k (IMP, whose
+    rounds sit at 0.8^r; a FLOPs target's reached density) shows its nearest density within 10 %, named in
+    the cell."""
     out = []
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["method"] != "dense" and row["top1"] is not None:
+    for row in counted(rows):
+        if row["method"] != "dense":
             groups[group_key(row)].append(row)
     dense = dense_top1(rows)
     for key in sorted(groups):
-        members = groups[key]
-        columns = sorted(ks or {float(r["k"]) for r in members}, reverse=True)
-        methods = sorted({str(r["method"]) for r in members})
-        ref = dense.get(key[:2])
-        out.append(f"**{key[0]}, {key[1]}, {key[2]}**"
-                   + (f" (dense: {mean_std(ref)} %)" if ref else "") + "\n")
+        lines = lines_of(groups[key])
+        columns = sorted(ks or {k for cells in lines.values() for k in cells}, reverse=True)
+        out.append(f"**{key[0]}, {key[1]}, {key[2]}**" + dense_note(dense.get(key[:2], {})) + "\n")
         out.append("| method | " + " | ".join(f"k = {k:g}" for k in columns) + " |")
         out.append("|---|" + "---|" * len(columns))
-        for method in methods:
+        for name in sorted(lines):
             cells = []
-            own = sorted({float(r["k"]) for r in members if r["method"] == method})
+            own = sorted(lines[name])
             for k in columns:
                 near = min(own, key=lambda d: abs(d - k))
                 if near != k and (ks is None or abs(near - k) > 0.1 * k):
                     cells.append("")
                     continue
-                vals = [float(r["top1"]) for r in members if r["method"] == method and float(r["k"]) == near]
+                vals = [float(r["top1"]) for r in lines[name][near]]
                 cells.append(f"{mean_std(vals)} ({len(vals)})" + (f" at k = {near:.4g}" if near != k else ""))
-            out.append(f"| {method} | " + " | ".join(cells) + " |")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
 
 
-def dense_top1(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[float]]:
-    dense: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for row in rows:
-        if row["method"] == "dense" and row["top1"] is not None:
-            dense[(str(row["dataset"]), str(row["arch"]))].append(float(row["top1"]))
+def dense_note(ref: dict[str, list[float]]) -> str:
+    """The dense reference of a table's heading: ``(dense: 98.00 %)``, or one entry per dense setting."""
+    if not ref:
+        return ""
+    if len(ref) == 1:
+        return f" (dense: {mean_std(next(iter(ref.values())))} %)"
+    return " (" + "; ".join(f"{name}: {mean_std(v)} ({len(v)}) %" for name, v in sorted(ref.items())) + ")"
+
+
+def dense_top1(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """The dense top-1s per (dataset, arch), by dense setting (``variant_names``: ``dense`` where one)."""
+    by_model: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in counted(rows):
+        if row["method"] == "dense":
+            by_model[(str(row["dataset"]), str(row["arch"]))].append(row)
+    dense: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for model, members in by_model.items():
+        names = variant_names(members)
+        dense[model] = defaultdict(list)
+        for row in members:
+            dense[model][names[(str(row["method"]), str(row["setting"]))]].append(float(row["top1"]))
     return dense
 
 
@@ -217,33 +399,30 @@ def matplotlib_agg() -> ModuleType:
 
 
 def plot_accuracy(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
-    """One PNG per (dataset, arch, layer type): top-1 against the remaining weight ratio."""
+    """One PNG per (dataset, arch, layer type): top-1 against the remaining weight ratio, a line per method
+    and setting (``lines_of``: the band is over seeds of that one setting)."""
     matplotlib = matplotlib_agg()
     plt = matplotlib.pyplot
 
     dense = dense_top1(rows)
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row["method"] != "dense" and row["top1"] is not None and row["params_ratio"] is not None:
+    for row in counted(rows):
+        if row["method"] != "dense" and row["params_ratio"] is not None:
             groups[group_key(row)].append(row)
     written = []
     for key in sorted(groups):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for method in sorted({str(r["method"]) for r in groups[key]}):
-            by_k: dict[float, list[dict[str, Any]]] = defaultdict(list)
-            for r in groups[key]:
-                if r["method"] == method:
-                    by_k[float(r["k"])].append(r)
-            ks = sorted(by_k, reverse=True)
-            x = [statistics.mean(float(r["params_ratio"]) for r in by_k[k]) for k in ks]
-            acc = [[float(r["top1"]) for r in by_k[k]] for k in ks]
-            line, = ax.plot(x, [statistics.mean(a) for a in acc], marker="o", markersize=3, label=method)
+        lines = lines_of(groups[key])
+        for name in sorted(lines):
+            ks = sorted(lines[name], reverse=True)
+            x = [statistics.mean(float(r["params_ratio"]) for r in lines[name][k]) for k in ks]
+            acc = [[float(r["top1"]) for r in lines[name][k]] for k in ks]
+            line, = ax.plot(x, [statistics.mean(a) for a in acc], marker="o", markersize=3, label=name)
             if any(len(a) > 1 for a in acc):
                 ax.fill_between(x, [min(a) for a in acc], [max(a) for a in acc], color=line.get_color(), alpha=0.2)
-        ref = dense.get(key[:2])
-        if ref:
-            ax.axhline(statistics.mean(ref), color="black", linestyle="--", linewidth=1,
-                       label=f"dense ({statistics.mean(ref):.2f} %)")
+        for i, (name, ref) in enumerate(sorted(dense.get(key[:2], {}).items())):
+            ax.axhline(statistics.mean(ref), color="black", linestyle=("--", ":", "-.")[i % 3], linewidth=1,
+                       label=f"{name} ({statistics.mean(ref):.2f} %)")
         ax.set_xscale("log")
         ax.invert_xaxis()  # sparser to the right, as in the BiP/HYDRA papers' figures
         # Ticks at 1-2-5 steps (100 %, 50 %, 20 %, 10 %, ...): log-axis minor labels would overlap.
@@ -304,7 +483,7 @@ def layers_run(rows: list[dict[str, Any]], runs: list[Run], chosen: str | None) 
         if run is None:
             raise UserError(f"--layers-run {chosen} is not a finished run under the results folder")
         return run
-    finals = [r for r in rows if r["method"] != "dense" and (r["finetune_run"] or r["prune_run"])]
+    finals = [r for r in counted(rows) if r["method"] != "dense" and (r["finetune_run"] or r["prune_run"])]
     if not finals:
         return None
     best = max(finals, key=lambda r: (float(r["sparsity"] or 0), str(r["finetune_run"] or r["prune_run"])))
@@ -319,7 +498,7 @@ def report(result_dir: str, *, out: str | None = None, layers: str | None = None
     runs = load_runs(result_dir, notice=notice)
     if not runs:
         raise UserError(f"no finished run of train.py (a folder with its summary.json) under {result_dir}")
-    rows = collect_rows(runs)
+    rows = collect_rows(runs, notice=notice)
     matplotlib_agg()  # before anything is written: without it the report stops with one line
     out_dir = out or os.path.join(result_dir, "report")
     if out is None:

@@ -1,9 +1,14 @@
-"""Finished runs under a results folder, and the prune -> finetune chains they form.
+"""Finished runs under a results folder, the prune -> finetune chains they form, and their settings.
 
 A run is finished when its folder holds ``summary.json`` (written last, atomically). A finetune run
 belongs to the prune run whose checkpoint it started from: its ``source_net`` lies in that run's
 ``checkpoint/`` folder. Paths are matched by their last three folders (exp name, mode, run), so a
 results folder that was moved or copied elsewhere still links up.
+
+A run's *settings* (``settings``) are everything that shapes what it computes except its seed: its
+``config.yml`` (every option, as train.py wrote it when the run started) without the ``BOOKKEEPING``
+options, and the setting entries of its summary. Two runs are seeds of one experiment only when their
+settings are equal; the results report never pools runs with different settings.
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from configs.choices import MODES
 from configs.errors import UserError
@@ -24,6 +31,7 @@ class Run:
     summary: dict[str, Any]
     children: list[Run] = field(default_factory=list)  # finetune runs started from this run
     parent: Run | None = None  # the run whose checkpoint this one started from (set by ``link``)
+    config: dict[str, Any] | None = None  # its config.yml; None where the folder has none (``read_config``)
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -138,9 +146,27 @@ def read_summary(path: str) -> dict[str, Any] | str:
     return f"malformed ({why})" if why else summary
 
 
+def read_config(folder: str) -> dict[str, Any] | str | None:
+    """The options of the run in ``folder`` (its config.yml), None without that file, or why it cannot be read."""
+    path = os.path.join(folder, "config.yml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        if os.path.getsize(path) > MAX_SUMMARY_BYTES:
+            return "too large to be a run's config"
+        with open(path, encoding="utf-8") as fh:
+            config = yaml.safe_load(fh)
+    except (OSError, ValueError, yaml.YAMLError, RecursionError) as exc:
+        return f"unreadable ({type(exc).__name__})"
+    if not isinstance(config, dict) or not all(isinstance(key, str) for key in config):
+        return "not a mapping of options"
+    return config
+
+
 def load_runs(root: str, *, notice: Callable[[str], None] = lambda line: None) -> list[Run]:
-    """Every finished run under ``root``, sorted by folder. A summary that cannot be read, or that this
-    project did not write, is skipped with a ``notice`` naming it."""
+    """Every finished run under ``root``, sorted by folder, with its config.yml. A summary that cannot be
+    read, or that this project did not write, is skipped with a ``notice`` naming it; a config.yml that
+    cannot be read is a notice, and the run's settings are then its summary's only."""
     if not os.path.isdir(root):
         raise UserError(f"{root} is not a folder: pass the --result-dir of the runs to report on")
     runs = []
@@ -149,8 +175,71 @@ def load_runs(root: str, *, notice: Callable[[str], None] = lambda line: None) -
         if isinstance(summary, str):
             notice(f"skipped {path}: {summary}")
             continue
-        runs.append(Run(folder=os.path.dirname(path), summary=summary))
+        folder = os.path.dirname(path)
+        config = read_config(folder)
+        if isinstance(config, str):
+            notice(f"{os.path.join(folder, 'config.yml')}: {config}; the run's settings are read from its "
+                   "summary.json only, so it is reported apart from runs whose config.yml was read")
+            config = None
+        runs.append(Run(folder=folder, summary=summary, config=config))
     return sorted(runs, key=lambda r: r.folder)
+
+
+# -- settings: what makes two runs the same experiment ---------------------------------------------
+# Options of config.yml that do not change what a run computes, and so never tell two runs apart in the
+# report: where its files are, how it is executed and logged. Every other option splits (the learning
+# rates, schedules, epochs, objective, exclusions, coupling, every trainer option, ...), and so does an
+# option this list does not know (a newer train.py's, another project's): a missing entry here can only
+# show one experiment as two rows, never pool two experiments as seeds of one.
+BOOKKEEPING = (
+    # names and paths
+    "configs",      # the YAML file the options came from: its values are the options in config.yml
+    "result_dir",   # where the run folder was written
+    "exp_name",     # the run folder's name (sh/study.sh names each seed's runs apart: ..._s1, ..._s2)
+    "resume",       # the checkpoint a resumed run continued from: the same run, continued
+    "source_net",   # the path of the checkpoint the run started from (differs for every seed's finetune); when
+                    # that checkpoint is a run under the results folder, its settings count ("source:" keys)
+    "data_dir",     # where the dataset's files lie (the dataset itself is ``dataset``)
+    # execution and logging
+    "device",       # cpu, cuda or cuda:N: the same computation on another device
+    "num_workers",  # DataLoader processes: the batches are the same
+    "test_batch_size",  # evaluation in eval mode: every example's prediction is independent of the batch
+    "print_freq", "progress",  # what the run log and terminal show
+    "dist_timeout",  # how long torchrun processes wait for each other
+    "evaluate",     # evaluation-only runs write no summary.json; listed for completeness
+    "save_dense",   # an extra checkpoint file
+    "decode",       # GPU or CPU decoding of the same crops and flips (pixels within resampling differences)
+    "channels_last", "compile",  # memory format and compilation change float rounding at most
+)
+# The one option that is not a setting: runs that differ in it alone are seeds of one experiment.
+SEED = "seed"
+# Summary entries that are settings (the rest are results: accuracies, counts, times, folders). They take
+# precedence over config.yml's (the summary's ``layer_type`` of a pretrain run is ``dense``), and are a run's
+# only settings where its folder has no readable config.yml.
+SUMMARY_SETTINGS = ("exp_mode", "dataset", "arch", "layer_type", "scope", "k", "trainer", "prune_method", "method",
+                    "epochs", "objective", "val_method", "flops_target")
+
+
+def _normal_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with old option names under their current ones and the options it predates at their
+    defaults (as a resume reads it), so that a run of an older train.py matches a newer one's defaults."""
+    from configs.schema import ALIASES, FIELDS  # no torch: configs imports none
+
+    values = {ALIASES.get(name, name): value for name, value in config.items()}
+    for name, f in FIELDS.items():
+        values.setdefault(name, f.default)
+    return values
+
+
+def settings(run: Run) -> dict[str, Any]:
+    """What shapes ``run`` besides its seed: its config.yml without ``BOOKKEEPING`` (and ``SEED``), and
+    its summary's ``SUMMARY_SETTINGS``. Values are JSON data (YAML and JSON scalars, lists, mappings)."""
+    own: dict[str, Any] = {}
+    if run.config is not None:
+        own = {key: value for key, value in _normal_config(run.config).items()
+               if key not in BOOKKEEPING and key != SEED}
+    own.update({key: run.summary[key] for key in SUMMARY_SETTINGS if key in run.summary})
+    return own
 
 
 def link(runs: list[Run]) -> list[Run]:

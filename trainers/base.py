@@ -8,6 +8,11 @@
 
 Parameters no optimizer owns get ``requires_grad=False`` so autograd skips their gradients (a
 speed matter only: correctness comes from each optimizer owning exactly its parameters).
+
+``bn_l1`` (--bn-l1, Network Slimming's penalty): before every step of the optimizer keyed ``optimizer``
+(every trainer's weight optimizer; HYDRA's prune optimizer, which trains BatchNorm with the scores), the
+BatchNorm weights it owns get lambda * sign(gamma) added to their gradient, the subgradient of
+lambda * sum |gamma| (Liu et al. 2017, and their code's ``updateBN``).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from tqdm import tqdm
 
 from configs.capabilities import Capabilities, RunSpec
 from configs.choices import MODES
+from configs.errors import UserError
 from configs.options import OptionSection, RobustOptions, SpeedOptions
 from engine.distributed import SINGLE, Dist, wrap
 from engine.memory import MemoryNeed, size
@@ -53,11 +59,13 @@ class BaseTrainer:
                  print_freq: int = 100, seed: int = 0, options: OptionSection | None = None,
                  robust: RobustOptions | None = None, source: str | None = None,
                  speed: SpeedOptions | None = None, group: Dist = SINGLE,
-                 density_schedule: Callable[[int], float] | None = None) -> None:
+                 density_schedule: Callable[[int], float] | None = None, bn_l1: float = 0.0) -> None:
         """density_schedule: epoch -> the density in force (--k-schedule, ``pruning.schedule.EpochDensity``, or
         any callable of a library user): the mask set's k is set to it at the start of every epoch and the masks
-        re-selected (exact counts, the same selector); its value at the last epoch must be the run's k."""
+        re-selected (exact counts, the same selector); its value at the last epoch must be the run's k.
+        bn_l1: lambda of the L1 penalty on BatchNorm weights (--bn-l1; see the module docstring)."""
         self.model = model
+        self.bn_l1 = bn_l1
         self.density_schedule = density_schedule
         self.group = group  # a distributed run's process group (engine.distributed); SINGLE otherwise
         self.source = source  # the --source-net checkpoint the run started from (lth finds its rewind point there)
@@ -137,6 +145,32 @@ class BaseTrainer:
     def add_optimizer(self, key: str, params: list[nn.Parameter], settings: OptimSettings) -> None:
         self.settings[key] = settings
         self.optimizers[key] = make_optimizer(params, settings)
+        if key == "optimizer" and self.bn_l1:
+            self._add_bn_l1(self.optimizers[key], params)
+
+    def _add_bn_l1(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+        """--bn-l1: lambda * sign(gamma) onto the gradient of every BatchNorm weight ``optimizer`` owns, in a
+        step pre-hook: after backward and after DDP's all-reduce (the same gamma on every rank, so the term is
+        added once), after --amp fp16's GradScaler has unscaled the gradients (``scaler.step`` unscales, then
+        calls ``step``; a step it skips adds nothing), and for a trainer's own steps as much as the base one's."""
+        owned = {id(p) for p in params}
+        gammas = [m.weight for m in self.model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(m.weight, nn.Parameter)
+                  and id(m.weight) in owned]
+        if not gammas:
+            why = "--freeze-bn keeps them fixed" if any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()) else "the model has none"
+            raise UserError(f"--bn-l1 penalises the BatchNorm weights the weight optimizer trains, but {why}: drop "
+                            "--bn-l1")
+        lam = self.bn_l1
+
+        def penalty(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            with torch.no_grad():
+                for gamma in gammas:
+                    if gamma.grad is not None:  # a step that computed no gradient for it leaves it alone
+                        gamma.grad.add_(torch.sign(gamma), alpha=lam)
+
+        optimizer.register_step_pre_hook(penalty)
 
     def set_epoch(self, epoch: int) -> dict[str, float]:
         """Set every optimizer's learning rate for ``epoch`` (and the density, under a schedule); returns the

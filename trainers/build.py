@@ -51,4 +51,5 @@ def build_trainer(cfg: Config, cls: type[BaseTrainer], *, model: nn.Module, mask
                score_optim=score_optim, freeze_bn=cfg.freeze_bn, label_smoothing=cfg.label_smoothing,
                progress=bar, log=log.debug if bar else log.info, print_freq=cfg.print_freq, seed=cfg.seed,
                options=section_of(cls.Options, cfg), robust=RobustOptions.of(cfg),
-               source=cfg.source_net, speed=SpeedOptions.of(cfg), group=group, density_schedule=density_schedule(cfg))
+               source=cfg.source_net, speed=SpeedOptions.of(cfg), group=group, density_schedule=density_schedule(cfg),
+               bn_l1=cfg.bn_l1)

@@ -78,7 +78,8 @@ class LotteryTicketTrainer(FixedMaskTrainer):
     """IMP: prune by magnitude, rewind, retrain; one round per ``--epochs / rounds`` epochs."""
 
     capabilities = Capabilities(label="lth", rewind_point=True, coupled="prunes weights by magnitude, not filters",
-                                k_schedule="prunes in rounds of --imp-rate")
+                                k_schedule="prunes in rounds of --imp-rate",
+                                layer_k="prunes by one global magnitude threshold per round")
     Options = LthOptions
 
     @classmethod

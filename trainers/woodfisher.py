@@ -74,7 +74,8 @@ class WoodFisherTrainer(FixedMaskTrainer):
 
     capabilities = Capabilities(label="woodfisher", fisher_rows=True,
                                 obs_update="applies the OBS update at every pruning event already",
-                                k_schedule="prunes on its own schedule (--prune-start, --prune-end, --prune-schedule)")
+                                k_schedule="prunes on its own schedule (--prune-start, --prune-end, --prune-schedule)",
+                                layer_k="ranks by its statistic at one density per event")
     Options = WoodFisherOptions
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
@@ -261,6 +262,10 @@ class WoodFisherTrainer(FixedMaskTrainer):
             t_grads = time.perf_counter()
             solver.add_gradients(self.collect_gradients(loaders, epoch=epoch, substep=substep),
                                  seconds=time.perf_counter() - t_grads)
+        if self.method.probe is not None:  # apoz/meanact: activations on the Fisher's samples; slimming: gammas
+            calibration = self.fisher_batches(loaders, epoch=epoch, substep=substep) \
+                if self.method.probe == "activations" else None
+            solver.probe(self.model, calibration, samples=self.fisher.m * self.fisher.samples_per_grad)
         scale, joint = self.opts.scale_prune_update, self.opts.obs_solve == "joint"
         search: dict = {}
         if self.flops is not None:
