@@ -26,7 +26,7 @@ from torch import nn
 
 from configs.checks import check_data, check_run
 from configs.errors import RunStopped, UserError, one_line
-from configs.options import FisherOptions, RobustOptions, SpeedOptions, section_of
+from configs.options import FisherOptions, ObsUpdateOptions, RobustOptions, SpeedOptions, section_of
 from configs.schema import Config, Options, read_options
 from data import DatasetSplits, Loaders, build_dataset, build_loaders, dataset_names
 from deploy.slim import coupled_groups
@@ -95,8 +95,8 @@ def run(options: Options, group: Dist, *, began: threading.Event) -> int:
         return 0
     log = RunLog() if group.main else SilentLog()
     trainer = build_trainer(cfg, trainer_cls, model=model, maskset=maskset, device=device, group=group, log=log)
-    hooks = [ObsUpdate.of(FisherOptions.of(cfg), mode=cfg.exp_mode, label_smoothing=cfg.label_smoothing)
-             ] if cfg.obs_update else []
+    hooks = [ObsUpdate.of(FisherOptions.of(cfg), mode=cfg.exp_mode, label_smoothing=cfg.label_smoothing,
+                          update=ObsUpdateOptions.of(cfg))] if cfg.obs_update else []
     if start.resume is not None:
         state = resumed_state(trainer, start.resume, source=str(cfg.resume), run_dir=run_dir, notice=notices.append)
     else:  # after the trainer's set-up (WoodFisher starts dense): --obs-update, the source's accuracy

@@ -66,6 +66,16 @@ def _check_options(cfg: Config, trainer: type[TrainerSpec], registry: Trainers) 
     if cfg.exp_mode == "pretrain" and cfg.exp_mode not in caps.modes:
         raise UserError(f"pretrain uses {_who(registry, lambda c: 'pretrain' in c.modes)}; drop --trainer {name} or "
                         "use --exp-mode prune")
+    tuned = [flag for flag, changed in (("--obs-update-solver", cfg.obs_update_solver != "fisher"),
+                                         ("--obs-update-steps", cfg.obs_update_steps != 1),
+                                         ("--obs-update-samples", cfg.obs_update_samples is not None),
+                                         ("--obs-update-percdamp", cfg.obs_update_percdamp != 0.01)) if changed]
+    if tuned and not cfg.obs_update:
+        raise UserError(f"{', '.join(tuned)} tune --obs-update, which this run does not do: pass --obs-update or drop "
+                        f"{tuned[0]}")
+    if cfg.obs_update_solver == "layerwise" and cfg.obs_update_steps != 1:
+        raise UserError("--obs-update-steps splits the fisher solver's update; the layerwise solver is exact per "
+                        "layer in one step: drop --obs-update-steps")
     if cfg.obs_update:
         if caps.obs_update is not None:
             raise UserError(f"--obs-update compensates a learned HYDRA/BiP mask; the {name} trainer {caps.obs_update}: "

@@ -213,6 +213,9 @@ class WoodFisherOptions(FisherOptions):
                                         "the weight-count target", group="woodfisher")
 
 
+OBS_UPDATE_SOLVERS = ("fisher", "layerwise")
+
+
 @dataclass(frozen=True)
 class ObsUpdateOptions(OptionSection):
     """--obs-update (HYDRA and BiP); its Fisher comes from ``FisherOptions``."""
@@ -220,6 +223,19 @@ class ObsUpdateOptions(OptionSection):
     obs_update: bool = opt(False, "HYDRA/BiP: when the learned mask becomes fixed (end of prune, start of finetune), "
                            "compensate the surviving weights for the removed ones with the OBS update (Fisher from "
                            "--fisher-subsample-size gradients; --fisher-* flags apply)", group="fisher")
+    obs_update_solver: str = opt("fisher", "--obs-update: fisher = the empirical-Fisher OBS update of the whole "
+                                 "model (--fisher-* flags); layerwise = layer-wise OBS (OBC/SparseGPT): each layer's "
+                                 "kept weights re-fit to reproduce its output on calibration samples, layer after "
+                                 "layer; either is scaled by the validation line search", OBS_UPDATE_SOLVERS, "fisher")
+    obs_update_steps: int = opt(1, "--obs-update with the fisher solver: remove the mask's weights in this many equal "
+                                "steps per layer (lowest score first), each with a fresh Fisher", group="fisher",
+                                check=at_least(1))
+    obs_update_samples: int | None = opt(None, "--obs-update with the layerwise solver: calibration samples (from the "
+                                         "Fisher's sample stream; default --fisher-subsample-size x --fisher-mini-bsz)",
+                                         group="fisher", check=at_least(1))
+    obs_update_percdamp: float = opt(0.01, "--obs-update with the layerwise solver: dampening of H = 2 X X^T, "
+                                     "lambda = percdamp x mean(diag H) (SparseGPT's; 0 = the undamped fit)",
+                                     group="fisher", check=finite_non_negative)
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from configs.options import FisherOptions
+from configs.options import OBS_UPDATE_SOLVERS, FisherOptions, ObsUpdateOptions
 from engine.checkpoint import save_checkpoint
 from engine.evaluate import evaluate
 from engine.protocols import FitContext
 from layers import MaskSet, dense_masks
+from layers.masked import MaskedLayer
+from pruning.layerwise import PERCDAMP, compensate_sequential
 from pruning.methods import OBS_METHOD
 from pruning.solver import FisherSettings, OBSSolver
 
@@ -57,21 +59,31 @@ class Compensation:
     losses: tuple[float, ...]  # line-search loss at each of SCALES
     test_top1_before: float
     test_top1_after: float
-    solve: str            # joint | sum
+    solve: str            # joint | sum (fisher), exact (layerwise)
     seconds: float
+    solver: str = "fisher"  # fisher | layerwise
+    how: str = ""           # the solver's settings, for the log line
+    steps: int = 1          # Fisher sub-steps
+    reconstruction: tuple[float, float] | None = None  # layerwise: mean relative layer error before, after
 
-    def line(self, *, when: str, fisher: FisherSettings) -> str:
+    def line(self, *, when: str, fisher: FisherSettings | None = None) -> str:
         tried = ", ".join(f"{s:g}: {loss:.4f}" for s, loss in zip(SCALES, self.losses))
-        return (f"OBS update ({when}, --obs-update): {self.removed:,} weights removed by the mask; {self.solve} "
-                f"solve, m {fisher.m} x {fisher.samples_per_grad} samples, damp {fisher.damp:g}; update scale "
-                f"{self.scale:g} kept by the {self.judged_on} loss ({tried}) in {self.seconds:.2f}s; test top1 "
-                f"{self.test_top1_before:.2f} before, {self.test_top1_after:.2f} after")
+        how = self.how
+        if not how and fisher is not None:  # a record made without its settings' text
+            how = f"m {fisher.m} x {fisher.samples_per_grad} samples, damp {fisher.damp:g}"
+        return (f"OBS update ({when}, --obs-update): {self.removed:,} weights removed by the mask; {self.solver} "
+                f"solver, {self.solve} solve, {how}; update scale {self.scale:g} kept by the {self.judged_on} loss "
+                f"({tried}) in {self.seconds:.2f}s; test top1 {self.test_top1_before:.2f} before, "
+                f"{self.test_top1_after:.2f} after")
 
     def as_dict(self) -> dict:
-        return {"removed": self.removed, "scale": self.scale, "line_search_losses": list(self.losses),
-                "line_search_on": self.judged_on,
-                "test_top1_before": self.test_top1_before, "test_top1_after": self.test_top1_after,
-                "solve": self.solve, "seconds": round(self.seconds, 3)}
+        out = {"removed": self.removed, "scale": self.scale, "line_search_losses": list(self.losses),
+               "line_search_on": self.judged_on,
+               "test_top1_before": self.test_top1_before, "test_top1_after": self.test_top1_after,
+               "solve": self.solve, "solver": self.solver, "steps": self.steps, "seconds": round(self.seconds, 3)}
+        if self.reconstruction is not None:
+            out["reconstruction_error"] = {"before": self.reconstruction[0], "after": self.reconstruction[1]}
+        return out
 
 
 @torch.no_grad()
@@ -95,11 +107,74 @@ def _take(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
     return out
 
 
+def _removal_order(layer: MaskedLayer, removed: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Rank (0 = first to go) of each coordinate the mask removes, lowest |score| first: per weight, or per
+    filter (dim 0) / channel (dim 1) by the mean |score| of the unit for structured masks."""
+    scores = layer.popup_scores.detach().abs()
+    if granularity in ("filter", "channel"):
+        dim = 0 if granularity == "filter" else 1
+        other = tuple(d for d in range(scores.dim()) if d != dim)
+        unit = scores.mean(dim=other)
+        unit_removed = removed.any(dim=other)
+        rank = torch.full_like(unit, float("inf"))
+        order = torch.argsort(unit.masked_fill(~unit_removed, float("inf")), stable=True)
+        rank[order] = torch.arange(len(order), dtype=unit.dtype, device=unit.device)
+        shape = [1] * scores.dim()
+        shape[dim] = -1
+        return rank.view(shape).expand_as(scores).masked_fill(~removed, float("inf"))
+    flat = scores.flatten().masked_fill(~removed.flatten(), float("inf"))
+    rank = torch.empty_like(flat)
+    rank[torch.argsort(flat, stable=True)] = torch.arange(flat.numel(), dtype=flat.dtype, device=flat.device)
+    return rank.view_as(scores).masked_fill(~removed, float("inf"))
+
+
+def _fisher_moves(*, model: nn.Module, maskset: MaskSet, new: dict[str, torch.Tensor], loaders: Loaders,
+                  device: torch.device, fisher: FisherSettings, joint: bool, label_smoothing: float,
+                  steps: int) -> str:
+    """The empirical-Fisher OBS update for the removals of ``new``, in ``steps`` equal steps per layer,
+    each with a fresh Fisher taken at the masked model (masks ``new``, the weights moved so far) on the
+    next samples of the stream. Leaves the masks at ``new``; returns the solve used (joint | sum)."""
+    layers = maskset.layers
+    per_step = fisher.m * fisher.samples_per_grad
+    batch = min(256, per_step)
+    dense = dense_masks(layers)
+    removed = {name: dense[name] & ~new[name] for name in layers}
+    ranks = {name: _removal_order(layer, removed[name], maskset.granularity) for name, layer in layers.items()}
+    units = {name: int(torch.isfinite(r).sum()) if maskset.granularity not in ("filter", "channel")
+             else int(torch.isfinite(r).any(dim=tuple(d for d in range(r.dim())
+                                                     if d != (0 if maskset.granularity == "filter" else 1))).sum())
+             for name, r in ranks.items()}
+    alive = dense  # every coordinate alive: the mask's removals are the set Q
+    solve = "none"
+    for step in range(1, steps + 1):
+        maskset.set_masks(new)  # the Fisher at the masked model (the trained point), every column's gradient
+        solver = OBSSolver(layers, granularity=maskset.granularity, method=OBS_METHOD,
+                           fisher=fisher, device=device, nm=maskset.nm)
+        solver.collect(model, loaders.stream(OBS_UPDATE_STREAM, epoch=0, batch_size=batch, skip=(step - 1) * per_step),
+                       label_smoothing=label_smoothing, masked_columns=False)
+        # after this step: the kept weights and the removals not yet reached (the last step: ``new`` exactly)
+        target = {name: new[name] | (ranks[name] >= round(step * units[name] / steps)) & removed[name]
+                  for name in layers} if step < steps else new
+        maskset.set_masks(alive)
+        solve = solver.compensate(target, joint=joint).solve
+        solver.release()
+        alive = target
+    maskset.set_masks(new)
+    return solve
+
+
 def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loaders, device: torch.device,
                           fisher: FisherSettings, joint: bool = True, label_smoothing: float = 0.0,
-                          test_top1_before: float | None = None) -> Compensation:
+                          test_top1_before: float | None = None, solver: str = "fisher", steps: int = 1,
+                          samples: int | None = None, percdamp: float = PERCDAMP) -> Compensation:
     """Fix the mask set's current masks and compensate the weights they remove (see the module docstring).
-    ``test_top1_before``: the model's test top-1 at these masks, when the caller has just measured it."""
+    ``test_top1_before``: the model's test top-1 at these masks, when the caller has just measured it.
+    ``solver``: fisher (the empirical-Fisher OBS update, in ``steps`` steps) or layerwise (layer-wise
+    OBS on ``samples`` calibration samples, default m x samples per row, dampened by ``percdamp``)."""
+    if solver not in OBS_UPDATE_SOLVERS:
+        raise ValueError(f"solver must be one of {OBS_UPDATE_SOLVERS}, got {solver!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
     t0 = time.perf_counter()
     was_training = model.training
     new = maskset.masks()
@@ -107,16 +182,26 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loader
     layers = maskset.layers
     before = test_top1_before if test_top1_before is not None else evaluate(model, loaders.test, device=device)["top1"]
     removed = int(sum(int(((~layer.mask) & (layer.weight != 0)).sum()) for layer in layers.values()))
-    solver = OBSSolver(layers, granularity=maskset.granularity, method=OBS_METHOD,
-                       fisher=fisher, device=device, nm=maskset.nm)
-    batch = min(256, fisher.m * fisher.samples_per_grad)
-    solver.collect(model, loaders.stream(OBS_UPDATE_STREAM, epoch=0, batch_size=batch),
-                   label_smoothing=label_smoothing, masked_columns=False)  # at the masked model
     start = {name: layer.weight.detach().clone() for name, layer in layers.items()}
-    maskset.set_masks(dense_masks(layers))  # every coordinate alive: the mask's removals are the set Q
-    record = solver.compensate(new, joint=joint)
-    solver.release()
-    maskset.set_masks(new)
+    reconstruction = None
+    if solver == "fisher":
+        solve = _fisher_moves(model=model, maskset=maskset, new=new, loaders=loaders, device=device, fisher=fisher,
+                              joint=joint, label_smoothing=label_smoothing, steps=steps)
+        how = (f"m {fisher.m} x {fisher.samples_per_grad} samples, damp {fisher.damp:g}"
+               + (f", {steps} steps" if steps > 1 else ""))
+    else:
+        count = samples if samples is not None else fisher.m * fisher.samples_per_grad
+        calibration = [x for x, _ in _take(loaders.stream(OBS_UPDATE_STREAM, epoch=0, batch_size=min(256, count)),
+                                           count, device)]
+        calibration[-1] = calibration[-1][:len(calibration[-1]) - (sum(len(x) for x in calibration) - count)]
+        maskset.set_masks(new)
+        done = compensate_sequential(model, dict(layers), new, calibration, percdamp=percdamp)
+        errors = (sum(done.error_before.values()) / max(len(done.error_before), 1),
+                  sum(done.error_after.values()) / max(len(done.error_after), 1))
+        reconstruction = (round(errors[0], 6), round(errors[1], 6))
+        solve = "exact"
+        how = (f"{done.samples} calibration samples, percdamp {percdamp:g}, relative layer error "
+               f"{errors[0]:.4f} -> {errors[1]:.4f} (mean over {done.layers} layers)")
     moved = {name: layer.weight.detach() - start[name] * layer.mask for name, layer in layers.items()}
     if loaders.val is not None:
         judged_on, held_out = "validation", _take(loaders.val, LINE_SEARCH_SAMPLES, device)
@@ -135,7 +220,8 @@ def compensate_fixed_mask(*, model: nn.Module, maskset: MaskSet, loaders: Loader
     after = evaluate(model, loaders.test, device=device)["top1"]
     model.train(was_training)
     return Compensation(removed=removed, scale=best, judged_on=judged_on, losses=tuple(losses), test_top1_before=before,
-                        test_top1_after=after, solve=record.solve, seconds=time.perf_counter() - t0)
+                        test_top1_after=after, solve=solve, seconds=time.perf_counter() - t0, solver=solver, how=how,
+                        steps=steps if solver == "fisher" else 1, reconstruction=reconstruction)
 
 
 class ObsUpdate:
@@ -144,24 +230,31 @@ class ObsUpdate:
     written to ``checkpoint/model_obs.pth.tar`` (the run's own checkpoints keep the uncompensated
     model). A resumed finetune run is not compensated again: its checkpoint holds the compensated weights."""
 
-    def __init__(self, *, mode: str, fisher: FisherSettings, joint: bool = True, label_smoothing: float = 0.0) -> None:
+    def __init__(self, *, mode: str, fisher: FisherSettings, joint: bool = True, label_smoothing: float = 0.0,
+                 update: ObsUpdateOptions | None = None) -> None:
         self.mode = mode
         self.fisher = fisher
         self.joint = joint
         self.label_smoothing = label_smoothing
+        self.update = update if update is not None else ObsUpdateOptions(obs_update=True)
         self.records: dict[str, dict] = {}  # summary.json's "obs_update": what each compensation did
 
     @classmethod
-    def of(cls, options: FisherOptions, *, mode: str, label_smoothing: float) -> ObsUpdate:
-        """From the run's Fisher options (the WoodFisher trainer's flags; lambda defaults to the OBS method's)."""
+    def of(cls, options: FisherOptions, *, mode: str, label_smoothing: float,
+           update: ObsUpdateOptions | None = None) -> ObsUpdate:
+        """From the run's Fisher options (the WoodFisher trainer's flags; lambda defaults to the OBS method's)
+        and its --obs-update options (``update``; default: the Fisher solver in one step)."""
         fisher = FisherSettings.of(options, damp=OBS_METHOD.damp(options.fisher_damp))
-        return cls(mode=mode, fisher=fisher, joint=options.obs_solve == "joint", label_smoothing=label_smoothing)
+        return cls(mode=mode, fisher=fisher, joint=options.obs_solve == "joint", label_smoothing=label_smoothing,
+                   update=update)
 
     def _compensate(self, run: FitContext, test_top1_before: float | None = None) -> Compensation:
         assert run.maskset is not None  # prune and finetune runs have masked layers
         done = compensate_fixed_mask(model=run.model, maskset=run.maskset, loaders=run.loaders, device=run.device,
                                      fisher=self.fisher, joint=self.joint, label_smoothing=self.label_smoothing,
-                                     test_top1_before=test_top1_before)
+                                     test_top1_before=test_top1_before, solver=self.update.obs_update_solver,
+                                     steps=self.update.obs_update_steps, samples=self.update.obs_update_samples,
+                                     percdamp=self.update.obs_update_percdamp)
         run.group.broadcast_state(run.model)  # every rank solved the same system; rank 0's result, bit for bit
         return done
 
