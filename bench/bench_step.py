@@ -24,6 +24,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.dispatch_count import DispatchCount  # noqa: E402
 from layers import MaskSet, masked_layers, n_keep, select_masks, to_masked  # noqa: E402
 from models import build_model  # noqa: E402
 from engine.optim import OptimSettings  # noqa: E402
@@ -182,6 +183,20 @@ def main() -> None:
     print(f"{'incremental re-selection after a score step (MaskSet)':<58} {t_inc:>8.3f}")
     print(f"{'full sort of all scores (torch.sort)':<58} {t_sort:>8.3f}  selector {t_sort / t_sel:.1f}x, "
           f"incremental {t_sort / t_inc:.1f}x faster")
+    # What a step dispatches and waits for, the same on every device (engine.dispatch_count); budgets (issue 21):
+    # HYDRA <= dense + 3 per masked layer, BiP <= 2 x dense + 3 per masked layer, no host read inside a step.
+    counted = {}
+    for name, fn in (("dense SGD step", lambda: dense.step((x, y))), ("prune step (HYDRA)", lambda: prune.step((x, y))),
+                     ("bilevel step (BiP)", lambda: bilevel.step(((x, y), (x2, y2))))):
+        with DispatchCount() as count:
+            fn()
+        counted[name] = (count.operators, count.host_reads)
+    ops_dense = counted["dense SGD step"][0]
+    layers = len(ms.layers)
+    print(f"{'step':<58} {'operators':>9} {'host reads':>10}  ({layers} masked layers)")
+    for name, (ops, reads) in counted.items():
+        extra = f"  {(ops - ops_dense) / layers:+.1f} per masked layer over dense" if name != "dense SGD step" else ""
+        print(f"{name:<58} {ops:>9} {reads:>10}{extra}")
 
 
 if __name__ == "__main__":
