@@ -199,7 +199,8 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, coupling: bo
         args = [a for a in node.args if isinstance(a, fx.Node)]
         first = chans.get(args[0]) if args else None
         if any(a in last for a in node.all_input_nodes):
-            _channels_last(node, first, modules, masks, analysis, last, unknown, read, coupling=coupling)
+            _channels_last(node, first, modules, masks, analysis, last, unknown, read, coupling=coupling,
+                           once=node.op != "call_module" or calls[node.target] == 1)
             continue
         if _permutation(node) == (0, 2, 3, 1) and first is not None and len(_shape(args[0]) or ()) == 4:
             chans[node] = first
@@ -242,7 +243,8 @@ def _analyse(gm: fx.GraphModule, masks: dict[str, torch.Tensor], *, coupling: bo
                             el.union(side[i % size], side[i])
                 chans[node] = outs
                 analysis.convs[node.target] = node
-            elif type(mod) is nn.Linear and first is not None and len(first) == mod.in_features:
+            elif (type(mod) is nn.Linear and first is not None and len(first) == mod.in_features
+                  and len(_shape(args[0]) or ()) == 2):  # features in dim 1 (a Linear over a map's last dim is not)
                 mask = masks.get(node.target)
                 read(first, mask.any(0) if mask is not None else None, reader=node.target)
                 fresh(node, pinned=True)  # classes (and hidden units) are never removed
@@ -319,10 +321,11 @@ CHANNELS_LAST_FUNCTIONS: set[Any] = {F.relu, F.relu6, F.leaky_relu, F.elu, F.gel
 
 def _channels_last(node: fx.Node, first: list[int] | None, modules: dict[str, nn.Module],
                    masks: dict[str, torch.Tensor], a: _Analysis, last: set[fx.Node], unknown: Any, read: Any, *,
-                   coupling: bool) -> None:
+                   coupling: bool, once: bool) -> None:
     """An op reading a channels-last activation (channels in the last dim, after ``permute(0, 2, 3, 1)``):
     the permutation back, values-wise ops, a LayerNorm over the channels, and a linear layer over them (a
-    1x1 conv: its rows are channels); anything else keeps every channel it touches."""
+    1x1 conv: its rows are channels); anything else keeps every channel it touches, and so does a module
+    called more than once (``once`` False: two channel sets, one rewrite)."""
     el, chans = a.elements, a.channels
     src = node.args[0] if node.args else None
     if first is None or not isinstance(src, fx.Node) or src not in last or len(node.all_input_nodes) != 1:
@@ -338,7 +341,10 @@ def _channels_last(node: fx.Node, first: list[int] | None, modules: dict[str, nn
             chans[node] = first
             last.add(node)
             return
-        if type(mod) is nn.Linear and len(first) == mod.in_features and target not in a.pointwise:
+        if not once and (type(mod) is nn.Linear or norm_channel_dim(mod) is not None):
+            unknown(node)
+            return
+        if type(mod) is nn.Linear and len(first) == mod.in_features:
             mask = masks.get(target)
             read(first, mask.any(0) if mask is not None else None, reader=target)
             rows = mask.any(1) if mask is not None else None

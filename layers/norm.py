@@ -51,10 +51,13 @@ class MaskedLayerNorm(nn.LayerNorm):
         self.register_buffer("channel_mask", torch.ones(channels, dtype=torch.bool, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
         if self.channel_dim == 1:
             x = x.movedim(1, -1)
+        if dtype in (torch.float16, torch.bfloat16):  # statistics in float32, as LayerNorm's kernels keep them
+            x = x.float()
         keep = self.channel_mask.to(x.dtype)
-        n = keep.sum()
+        n = keep.sum().clamp_min(1)  # every channel pruned (a whole stream, --scope global): all zeros, not 0/0
         mean = (x * keep).sum(-1, keepdim=True) / n
         centred = (x - mean) * keep
         var = centred.square().sum(-1, keepdim=True) / n  # biased, as LayerNorm's
@@ -63,6 +66,7 @@ class MaskedLayerNorm(nn.LayerNorm):
             y = y * self.weight
         if self.bias is not None:
             y = y + self.bias * keep
+        y = y.to(dtype)
         return y.movedim(-1, 1) if self.channel_dim == 1 else y
 
     def plain(self, keep: list[int] | None = None) -> nn.LayerNorm:

@@ -303,12 +303,14 @@ class OBSSolver:
                              "statistic per unit needs equal groups")
         if per_unit == 1:
             return perm, filter_size
-        if self.granularity != "filter":
-            raise ValueError(f"layer {name} reads one coupled channel through several inputs: a group OBS "
-                             "statistic per unit needs one input channel per unit")
+        # The weight's indices with one row per member (a filter, or an input channel: then the rows of the
+        # channel permutation), rows reordered so that each unit's members are contiguous.
+        shape = self.layers[name].weight.shape
+        index = torch.arange(shape.numel(), device=self.device).view(shape[0], -1)
+        if self.granularity == "channel":
+            index = index.view(shape).transpose(0, 1).reshape(shape[1], -1)
         order = self.coupling.unit_order(name).to(self.device)
-        unit_perm = (order[:, None] * filter_size + torch.arange(filter_size, device=self.device)).reshape(-1)
-        return unit_perm, per_unit * filter_size
+        return index[order].reshape(-1), per_unit * filter_size
 
     def _keep_budget(self) -> int:
         """Bytes of inverses kept between scoring and updating (the rest are rebuilt): as much as G

@@ -135,3 +135,55 @@ def test_a_coupled_convnext_run_needs_coupled_to_finetune_and_exports_slim(tmp_p
     out = tmp_path / "slim.pt2"
     assert export.main([best, "--format", "slim", "--out", str(out)]) == 0
     assert "match the masked model" in capsys.readouterr().out
+
+
+def test_a_layernorm_with_every_channel_pruned_outputs_zeros_not_nan():
+    """--scope global may prune a whole stream: its norm then has no channel to normalise over."""
+    twin = to_masked_norm(nn.LayerNorm(4))
+    twin.channel_mask.zero_()
+    assert torch.equal(twin(torch.randn(2, 3, 4)), torch.zeros(2, 3, 4))
+    full = to_masked_norm(nn.LayerNorm(768))
+    full.channel_mask[::3] = False
+    x = 12 * torch.randn(2, 768)
+    want = full(x)
+    got = full.half()(x.half()).float()  # float16 inputs: the statistics in float32 (no overflow of the squares)
+    assert bool(want.abs().max() > 1) and torch.allclose(got, want, atol=2e-2)
+
+
+class SharedChannelsLast(nn.Module):
+    """One LayerNorm and one Linear, each called on two channels-last maps: two channel sets, one module."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.ln, self.lin = nn.LayerNorm(8), nn.Linear(8, 8)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        ya = self.lin(self.ln(self.a(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        yb = self.lin(self.ln(self.b(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return self.head(torch.cat([ya, yb], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_a_module_called_on_two_channel_sets_keeps_its_channels_and_equals_the_masked_model(coupled):
+    from layers import MaskSet, to_masked
+    torch.manual_seed(0)
+    model = SharedChannelsLast()
+    example = torch.zeros(1, 3, 8, 8)
+    if coupled:
+        maskset, _ = build_maskset(model, granularity="filter", k=0.5, scope="layer", example=example,
+                                   coupled=dependency_groups(model, example=example))
+        assert not isinstance(model.ln, MaskedLayerNorm)  # called twice: never one channel mask for two streams
+    else:
+        to_masked(model, granularity="filter")
+        maskset = MaskSet(model, k=0.5, granularity="filter", scope="layer")
+    with torch.no_grad():
+        for layer in maskset.layers.values():
+            layer.popup_scores.normal_()
+    maskset.step(force=True)
+    model.eval()
+    net, _ = slim(model, example=torch.randn(1, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(net(x), model(x), rtol=1e-5, atol=1e-6)
