@@ -467,11 +467,7 @@ def apoz_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tensor 
     finfo.tiny, still above a pruned one). 0 on already-pruned filters. Shape (n_units,)."""
     w = weight.reshape(-1)
     n_units = w.numel() // group_size
-    zeros = _probe(probe, "zeros", "apoz", n_units)
-    assert probe is not None  # ``_probe``
-    if probe.count < 1:
-        raise ValueError("apoz: no activation was measured (probe.count is 0)")
-    stat = 1.0 - zeros.to(device=w.device, dtype=torch.float64) / probe.count
+    stat = 1.0 - _per_activation(probe, "zeros", "apoz", n_units, w.device)
     return _alive_score(stat.to(w.dtype), _alive_units(mask, n_units, w.device))
 
 
@@ -485,12 +481,18 @@ def meanact_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Tens
     first. 0 on already-pruned filters. Shape (n_units,)."""
     w = weight.reshape(-1)
     n_units = w.numel() // group_size
-    total = _probe(probe, "total", "meanact", n_units)
+    stat = _per_activation(probe, "total", "meanact", n_units, w.device)
+    return _alive_score(stat.to(w.dtype), _alive_units(mask, n_units, w.device))
+
+
+def _per_activation(probe: UnitProbe | None, field: str, name: str, n_units: int,
+                    device: torch.device) -> torch.Tensor:
+    """A probe's per-filter sum ``field`` over its activations, divided by how many were measured (float64)."""
+    summed = _probe(probe, field, name, n_units)
     assert probe is not None  # ``_probe``
     if probe.count < 1:
-        raise ValueError("meanact: no activation was measured (probe.count is 0)")
-    stat = total.to(device=w.device, dtype=torch.float64) / probe.count
-    return _alive_score(stat.to(w.dtype), _alive_units(mask, n_units, w.device))
+        raise ValueError(f"{name}: no activation was measured (probe.count is 0)")
+    return summed.to(device=device, dtype=torch.float64) / probe.count
 
 
 @torch.no_grad()
