@@ -59,7 +59,7 @@ def step_counts():
 
 def test_step_operator_budgets_of_the_masked_layers():
     """BiP meets the issue's budget (at most twice the dense step plus 3 per masked layer). HYDRA does not yet
-    (at most 3 more than the dense step per masked layer): it dispatches about 8.6 more per layer (the cast of
+    (at most 3 more than the dense step per masked layer): it dispatches about 8.4-8.6 more per layer (the cast of
     the re-selected mask, |s| and the compare of the selection, sign and two products of the straight-through
     gradient); the bound below guards that figure against growing, and the README reports both."""
     counts, layers = step_counts()
