@@ -153,12 +153,10 @@ def test_what_coupling_cannot_do_is_one_line(tmp_path, capsys, args, needle):
 def test_a_coupled_run_resumes_bit_exact_and_fine_tunes_with_its_masks(tmp_path, monkeypatch):
     """HYDRA with --coupled on MobileNetV1, cut by Ctrl-C after epoch 1 and resumed: the masks and weights of the
     uninterrupted run; its checkpoint then fine-tunes with those masks unchanged."""
-    import glob
     import os
 
-    import train
     from engine.checkpoint import load_checkpoint
-    from tests.helpers.cli import interrupt_at, run_ok
+    from tests.helpers.cli import interrupted_and_resumed, run_ok
     from trainers.base import BaseTrainer
 
     source = tmp_path / "dense.pth"
@@ -166,12 +164,7 @@ def test_a_coupled_run_resumes_bit_exact_and_fine_tunes_with_its_masks(tmp_path,
     torch.save(build_model("mobilenet_cifar", num_classes=10, in_channels=1).state_dict(), source)
     args = ["--arch", "mobilenet_cifar", "--exp-mode", "prune", "--source-net", str(source), "--layer-type", "filter",
             "--k", "0.5", "--coupled", "--scope", "layer", "--epochs", "3"]
-    full = run_ok(tmp_path / "a", *args)
-    restore = interrupt_at(monkeypatch, BaseTrainer, 1)
-    assert train.main(["--result-dir", str(tmp_path / "b"), "--exp-name", "t", *QUICK_RUN, *args]) == 130
-    restore()
-    ckpt = glob.glob(str(tmp_path / "b" / "t" / "prune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0]
-    assert train.main(["--resume", ckpt]) == 0
+    full, ckpt = interrupted_and_resumed(tmp_path, monkeypatch, BaseTrainer, *args)
     a, b = load_checkpoint(os.path.join(full, "checkpoint", "checkpoint.pth.tar")), load_checkpoint(ckpt)
     assert b["epoch"] == 3 and b["config"]["coupled"] is True
     for key, value in a["state_dict"].items():

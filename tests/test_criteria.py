@@ -5,7 +5,6 @@ from functools import partial
 
 import pytest
 import torch
-from torch import nn
 
 from configs.errors import UserError
 from configs.options import WoodFisherOptions
@@ -14,6 +13,7 @@ from pruning.methods import PRUNE_METHODS
 from pruning.solver import FisherSettings, OBSSolver
 from tests.helpers import tiny
 from tests.helpers.tiny import tiny_net
+from tests.test_coupling import TiedGrouped
 from trainers.base import RunSpec
 from trainers.woodfisher import WoodFisherTrainer, plan
 
@@ -45,6 +45,17 @@ def unit_values(scores, granularity):
 
 def kept_units(layer, granularity):
     return units_of(layer.mask, granularity).any(1)
+
+
+def check_kept_the_largest(ms, want, masks, before, granularity):
+    """Each layer kept exactly its n_keep(0.5) units of largest ``want``; no compensation: the survivors keep
+    their weights, the pruned ones are exactly 0."""
+    for name, layer in ms.layers.items():
+        n = want[name].numel()
+        largest = torch.zeros(n, dtype=torch.bool)
+        largest[want[name].topk(n_keep(0.5, n)).indices] = True
+        assert torch.equal(kept_units(layer, granularity), largest), name
+        assert torch.equal(layer.weight.detach(), before[name] * masks[name])
 
 
 def trainer(model, ms, method, **options):
@@ -82,13 +93,7 @@ def test_fpgm_scores_each_unit_by_its_sum_of_distances_and_prunes_the_smallest_s
         # atol: a lone unit's sum is 0, scored finfo.tiny so that an alive unit outranks a pruned one
         assert torch.allclose(unit_values(scores[name], granularity), want[name], rtol=1e-10, atol=1e-300)
     masks = solver.prune_to(0.5, scope="layer")
-    for name, layer in ms.layers.items():
-        n = want[name].numel()
-        largest = torch.zeros(n, dtype=torch.bool)
-        largest[want[name].topk(n_keep(0.5, n)).indices] = True
-        assert torch.equal(kept_units(layer, granularity), largest), name
-        # no compensation: the survivors keep their weights, the pruned ones are exactly 0
-        assert torch.equal(layer.weight.detach(), before[name] * masks[name])
+    check_kept_the_largest(ms, want, masks, before, granularity)
     assert solver.record.solve == "none" and solver.G is None
 
 
@@ -147,12 +152,7 @@ def test_taylorfo_is_the_mean_squared_first_order_term_of_each_unit_over_the_gra
     assert all(solver._prepare(i).inverse is None for i in range(len(solver.groups)))
     before = {n: layer.weight.detach().clone() for n, layer in ms.layers.items()}
     masks = solver.prune_to(0.5, scope="layer", scores=scores)
-    for name, layer in ms.layers.items():
-        n = want[name].numel()
-        largest = torch.zeros(n, dtype=torch.bool)
-        largest[want[name].topk(n_keep(0.5, n)).indices] = True
-        assert torch.equal(kept_units(layer, granularity), largest), name
-        assert torch.equal(layer.weight.detach(), before[name] * masks[name])
+    check_kept_the_largest(ms, want, masks, before, granularity)
     # beyond G, at most its columns reordered into channel order (a copy; filters need none): never an inverse
     staged = 0 if granularity == "filter" else G.numel() * G.element_size()
     assert solver.record.solve == "none" and solver.record.inverse_peak_bytes == staged
@@ -217,22 +217,6 @@ def test_unit_criteria_refuse_single_weights_with_one_line(method):
 
 
 # -- coupled filter masks ---------------------------------------------------------------------------------
-class TiedGrouped(nn.Module):
-    """conv1 -> grouped conv2 (2 groups) added back onto conv1's output -> conv3: conv1's filter p, p + 4 and
-    conv2's p, p + 4 are one unit (the residual tie and the grouped conv's tie)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.conv3 = nn.Conv2d(8, 3, 1)
-
-    def forward(self, x):
-        y = torch.relu(self.conv1(x))
-        y = torch.relu(self.conv2(y) + y)
-        return self.conv3(y).mean((2, 3))
-
-
 def test_fpgm_ranks_a_coupled_unit_by_the_sum_of_its_filters_distance_sums():
     """Each filter scores within its layer; a unit by the sum over its member filters (of every layer)."""
     from deploy.slim import dependency_groups

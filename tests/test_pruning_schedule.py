@@ -175,27 +175,20 @@ def test_hydra_under_a_density_schedule_keeps_exact_counts_at_every_reselection(
 
 
 def test_a_scheduled_hydra_run_resumes_bit_exact_and_its_best_model_has_the_final_k(tmp_path, monkeypatch):
-    import glob
     import json
     import os
 
     import torch
 
-    import train
     from engine.checkpoint import load_checkpoint
     from layers.selector import n_keep
-    from tests.helpers.cli import QUICK_RUN, interrupt_at, run_ok
+    from tests.helpers.cli import interrupted_and_resumed, run_ok
     from trainers.base import BaseTrainer
 
     pre = run_ok(tmp_path / "pre", "--configs", "configs/Digits/pretrain.yml", "--epochs", "1")
     args = ["--configs", "configs/Digits/hydra.yml", "--source-net", f"{pre}/checkpoint/model_best.pth.tar",
             "--k", "0.1", "--k-schedule", "agp", "--epochs", "3"]
-    full = run_ok(tmp_path / "a", *args)
-    restore = interrupt_at(monkeypatch, BaseTrainer, 1)
-    assert train.main(["--result-dir", str(tmp_path / "b"), "--exp-name", "t", *QUICK_RUN, *args]) == 130
-    restore()
-    ckpt = glob.glob(str(tmp_path / "b" / "t" / "prune" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0]
-    assert train.main(["--resume", ckpt]) == 0
+    full, ckpt = interrupted_and_resumed(tmp_path, monkeypatch, BaseTrainer, *args)
     a, b = load_checkpoint(os.path.join(full, "checkpoint", "checkpoint.pth.tar")), load_checkpoint(ckpt)
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key

@@ -50,3 +50,15 @@ def interrupt_at(monkeypatch, trainer_cls, epoch: int) -> Callable[[], None]:
 
     monkeypatch.setattr(trainer_cls, "train_epoch", train_epoch)
     return lambda: monkeypatch.setattr(trainer_cls, "train_epoch", original)
+
+
+def interrupted_and_resumed(tmp_path, monkeypatch, trainer_cls, *args: str, epoch: int = 1) -> tuple[str, str]:
+    """The run of ``args`` uninterrupted (under tmp_path/a), and the same run cut by Ctrl-C at ``epoch`` and
+    resumed (under tmp_path/b): the first's run folder and the second's checkpoint.pth.tar."""
+    full = run_ok(tmp_path / "a", *args)
+    restore = interrupt_at(monkeypatch, trainer_cls, epoch)
+    assert train.main(["--result-dir", str(tmp_path / "b"), "--exp-name", "t", *QUICK_RUN, *args]) == 130
+    restore()
+    ckpt = glob.glob(str(tmp_path / "b" / "t" / "*" / "*" / "checkpoint" / "checkpoint.pth.tar"))[0]
+    assert train.main(["--resume", ckpt]) == 0
+    return full, ckpt
