@@ -9,7 +9,10 @@ Rows (median over --steps after one warm-up step; each a ratio to the dense SGD 
 - prune (public-code algorithm): the same step when, as in the public BiP code, every forward
   concatenates and fully sorts all scores to build the global mask (re-implemented here)
 - selector alone vs a full sort of all scores
-Targets (issue 2): prune <= 1.15x dense, bilevel <= 2.3x dense.
+- the same HYDRA and BiP steps with the other selection kernel (on a CPU the sync-free one that other
+  devices use by default, see layers.selector.IncrementalTopK)
+Targets (issue 2): prune <= 1.15x dense, bilevel <= 2.3x dense. The last table counts the operators and
+host reads of each step (engine.dispatch_count), the same on every device.
 """
 from __future__ import annotations
 
@@ -112,13 +115,13 @@ def main() -> None:
     x2 = torch.randn(args.batch_size, 3, 32, 32, generator=g).to(device)
     y2 = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
 
-    def fresh(masked: bool):
+    def fresh(masked: bool, sync_free: bool | None = None):
         model = build_model(args.arch, num_classes=10).to(device)
         if not masked:
             return model, None
         to_masked(model, granularity="unstructured")
         model.to(device)
-        return model, MaskSet(model, k=args.k, granularity="unstructured", scope="global")
+        return model, MaskSet(model, k=args.k, granularity="unstructured", scope="global", sync_free=sync_free)
 
     model, _ = fresh(False)
     dense = BaseTrainer(model=model, maskset=None, mode="pretrain", device=device, weight_optim=settings(0.01), progress=False)
@@ -128,6 +131,15 @@ def main() -> None:
     model, ms = fresh(True)
     bilevel = BilevelTrainer(model=model, maskset=ms, mode="prune", device=device, weight_optim=settings(0.01),
                              score_optim=settings(0.1), progress=False)
+    # The other selection kernel: sync-free where the default is host-bracketing (the CPU), and vice versa.
+    other = device.type == "cpu"
+    model, ms_other = fresh(True, sync_free=other)
+    prune_other = BaseTrainer(model=model, maskset=ms_other, mode="prune", device=device, weight_optim=settings(0.1),
+                              progress=False)
+    model, ms_other2 = fresh(True, sync_free=other)
+    bilevel_other = BilevelTrainer(model=model, maskset=ms_other2, mode="prune", device=device,
+                                   weight_optim=settings(0.01), score_optim=settings(0.1), progress=False)
+    kernel = "sync-free" if other else "host-bracketing"
     model, ms = fresh(True)
     ms.frozen = True  # masks come from the sort-every-forward hook below instead
     SortEveryForward(model, args.k)
@@ -147,6 +159,8 @@ def main() -> None:
         "dense SGD step": lambda: dense.step((x, y)),
         f"prune step (ours, HYDRA, global k={args.k})": lambda: prune.step((x, y)),
         "bilevel step (ours, BiP)": lambda: bilevel.step(((x, y), (x2, y2))),
+        f"prune step (ours, HYDRA, {kernel} selection)": lambda: prune_other.step((x, y)),
+        f"bilevel step (ours, BiP, {kernel} selection)": lambda: bilevel_other.step(((x, y), (x2, y2))),
         "prune step, public-code algorithm (sort every forward)": lambda: public.step((x, y)),
         "bilevel step, public-code algorithm": lambda: public_bilevel_step(
             model_pb, pb_opt_w, pb_opt_s, pb_weights, pb_scores, (x, y), (x2, y2), 1e-4),
@@ -187,7 +201,9 @@ def main() -> None:
     # HYDRA <= dense + 3 per masked layer, BiP <= 2 x dense + 3 per masked layer, no host read inside a step.
     counted = {}
     for name, fn in (("dense SGD step", lambda: dense.step((x, y))), ("prune step (HYDRA)", lambda: prune.step((x, y))),
-                     ("bilevel step (BiP)", lambda: bilevel.step(((x, y), (x2, y2))))):
+                     ("bilevel step (BiP)", lambda: bilevel.step(((x, y), (x2, y2)))),
+                     (f"prune step (HYDRA, {kernel} selection)", lambda: prune_other.step((x, y))),
+                     (f"bilevel step (BiP, {kernel} selection)", lambda: bilevel_other.step(((x, y), (x2, y2))))):
         with DispatchCount() as count:
             fn()
         counted[name] = (count.operators, count.host_reads)

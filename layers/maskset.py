@@ -31,6 +31,7 @@ from layers.coupling import Coupling
 from layers.masked import MaskedLayer
 from layers.norm import MaskedLayerNorm, mask_channel_norms, norm_channel_dim
 from layers.selector import (
+    NAN_SCORES,
     IncrementalTopK,
     SelectionError,
     check_floor,
@@ -75,14 +76,17 @@ class LayerSparsity:
 class MaskSet:
     def __init__(self, model: nn.Module, *, k: float, granularity: str, scope: str,
                  min_units: int | None = None, nm: tuple[int, int] | None = None,
-                 coupling: Coupling | None = None, layer_k: dict[str, float] | None = None) -> None:
+                 coupling: Coupling | None = None, layer_k: dict[str, float] | None = None,
+                 sync_free: bool | None = None) -> None:
         """min_units: per-layer floor (None: ``DEFAULT_MIN_UNITS`` of the granularity). Raises
         ``SelectionError`` when the floors of a global selection do not fit in its budget.
         nm: (N, M) for granularity ``nm`` (k, scope and min_units then do not choose the masks);
         ``NMShapeError`` names the layers whose input dimension is not a multiple of M.
         coupling: filter masks chosen per dependency group (``layers.coupling``; min_units does not apply).
         layer_k: a density per layer (``--layer-k``, e.g. from ``study.sensitivity``): layer ``name`` keeps exactly
-        n_keep(layer_k[name], its units), whatever ``k`` and ``scope`` say."""
+        n_keep(layer_k[name], its units), whatever ``k`` and ``scope`` say.
+        sync_free: select without reading anything back to the host (None: off the CPU only; see
+        ``layers.selector.IncrementalTopK``); NaN scores are then reported by ``check_finite``."""
         if coupling is not None and granularity != coupling.granularity:
             raise ValueError(f"coupled {coupling.granularity} masks, not {granularity!r}")
         self.coupling = coupling
@@ -114,6 +118,9 @@ class MaskSet:
             check_floor(self.unit_counts(), k=k, min_units=self.min_units)
         self.frozen = False
         self.selections = 0  # how many times the selector ran (for tests and logs)
+        self.sync_free = sync_free
+        self._nonfinite: torch.Tensor | None = None  # sync-free selections: any NaN score seen (a device flag)
+        self._signed_seen: tuple | None = None
         self._seen: tuple | None = None
         # Unstructured masks are re-selected incrementally (same result as select_masks, much faster
         # on millions of scores); one selector per group of layers sharing a threshold.
@@ -121,7 +128,7 @@ class MaskSet:
         if granularity == "unstructured" and self.min_units == 0:
             layers = list(self.layers.values())
             groups = [layers] if scope == "global" and layer_k is None else [[layer] for layer in layers]
-            self._incremental = [(group, IncrementalTopK()) for group in groups]
+            self._incremental = [(group, IncrementalTopK(sync_free=sync_free)) for group in groups]
         self._hook: RemovableHandle | None = model.register_forward_pre_hook(self._before_forward)
         self.step(force=True)  # masks that match the scores from the start, not all ones until a forward
 
@@ -156,6 +163,48 @@ class MaskSet:
     @torch.compiler.disable  # type: ignore[untyped-decorator]  # (torch leaves it untyped)
     def _before_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         self.step()  # must return None: a pre-hook's return value would replace the input
+        self._prepare_straight_through()
+
+    def _prepare_straight_through(self) -> None:
+        """sign(s) * w of every layer whose forward will learn its scores, in two operators for all of them
+        (the straight-through backward's factor, ``layers.masked``); skipped while weights and scores are
+        unchanged since the last time (HYDRA's frozen weights: once per score step)."""
+        if not torch.is_grad_enabled():
+            return
+        layers = [layer for layer in self.layers.values() if layer.wants_score_grad()]
+        if not layers:
+            return
+        seen = tuple(key for layer in layers for key in layer.signed_key())
+        if self._signed_seen is not None and len(seen) == len(self._signed_seen) and all(
+                a is b if isinstance(a, torch.Tensor) else a == b for a, b in zip(seen, self._signed_seen)):
+            return
+        with torch.no_grad():
+            signed = torch._foreach_sign([layer.popup_scores for layer in layers])
+            torch._foreach_mul_(signed, [layer.weight for layer in layers])
+        for layer, t in zip(layers, signed):
+            layer.adopt_signed_weight(t)
+        self._signed_seen = seen
+
+    def _refresh_multipliers(self) -> None:
+        """Every layer's mask in its weight's dtype, written by one operator (``layers.masked``)."""
+        layers = list(self.layers.values())
+        targets = [layer.multiplier_target() for layer in layers]
+        with torch.no_grad():
+            torch._foreach_copy_(targets, [layer.mask for layer in layers])
+        for layer, t in zip(layers, targets):
+            layer.adopt_multiplier(t)
+
+    def _sync_free(self) -> bool:
+        if self.sync_free is not None:
+            return self.sync_free
+        return next(iter(self.layers.values())).popup_scores.device.type != "cpu"
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if a sync-free selection saw NaN scores since the mask set was built: one
+        host read, for the steps that print (a host-bracketing selection raises at once instead)."""
+        flags = [f for f in [self._nonfinite] + [sel.nonfinite for _, sel in self._incremental or []] if f is not None]
+        if flags and bool(torch.stack([f.to(flags[0].device) for f in flags]).any()):
+            raise FloatingPointError(NAN_SCORES)
 
     def _score_versions(self) -> tuple:
         return tuple((id(layer.popup_scores), layer.popup_scores._version) for layer in self.layers.values())
@@ -183,11 +232,16 @@ class MaskSet:
                     layer.mask.copy_(select_masks([layer.popup_scores], k=self.layer_k[name],
                                                   granularity=self.granularity, scope="layer")[0])
             else:
-                masks = select_masks([layer.popup_scores for layer in self.layers.values()], k=self.k,
-                                     granularity=self.granularity, scope=self.scope, min_units=self.min_units,
-                                     nm=self.nm)
-                for layer, mask in zip(self.layers.values(), masks):
-                    layer.mask.copy_(mask)
+                scores = [layer.popup_scores for layer in self.layers.values()]
+                sync_free = self._sync_free()
+                masks = select_masks(scores, k=self.k, granularity=self.granularity, scope=self.scope,
+                                     min_units=self.min_units, nm=self.nm, check=not sync_free)
+                torch._foreach_copy_([layer.mask for layer in self.layers.values()], masks)
+                if sync_free:
+                    norms = torch._foreach_norm(cast(list[torch.Tensor], scores))  # NaN survives a norm
+                    nan = torch.stack(norms).isnan().any()
+                    self._nonfinite = nan if self._nonfinite is None else self._nonfinite.logical_or_(nan)
+            self._refresh_multipliers()
         self._sync_norms()
         self._seen = self._score_versions()
         self.selections += 1
@@ -210,8 +264,8 @@ class MaskSet:
             raise ValueError(f"a density schedule must stay in (0, 1], got {k}")
         if k != self.k:
             self.k = k
-            self._incremental = None if self._incremental is None else [
-                (group, IncrementalTopK()) for group, _ in self._incremental]  # a fresh count: start over
+            self._incremental = None if self._incremental is None else [  # a fresh count: start over
+                (group, IncrementalTopK(sync_free=self.sync_free)) for group, _ in self._incremental]
             self.step(force=True)
 
     @contextmanager
@@ -247,6 +301,7 @@ class MaskSet:
                     raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, "
                                      f"layer has {tuple(layer.mask.shape)}")
                 layer.mask.copy_(mask.to(torch.bool))
+            self._refresh_multipliers()
             self._sync_norms()
         self.frozen = True
 

@@ -22,5 +22,7 @@ step quickstart_pretrain_gpu 50 $PY train.py --configs configs/Digits/pretrain.y
 step test_cuda 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -m "slow or not slow"
 step bench_amp_resnet50 150 $PY bench/bench_amp.py --arch ResNet50 --image-size 224 --classes 1000 --batch-size 64 \
     --steps 5 --device cuda
+step bench_step_resnet18 150 $PY bench/bench_step.py --device cuda --steps 9
+step profile_step_resnet50 120 $PY bench/profile_step.py --device cuda --out "$OUT/profile_step.md"
 step bench_event_resnet50 100 $PY bench/bench_event.py --cases resnet50 --device cuda --repeats 1
 step bench_decode_gpu 60 $PY bench/bench_decode.py --source folder --images 512 --workers 4 --device cuda

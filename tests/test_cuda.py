@@ -89,6 +89,31 @@ def test_hydra_and_bip_steps_on_the_gpu_match_the_cpu():
                 torch.testing.assert_close(states["cuda"][key], value, rtol=1e-3, atol=1e-4, msg=key)
 
 
+@pytest.mark.parametrize("trainer_cls", [BaseTrainer, BilevelTrainer])
+def test_hydra_and_bip_steps_never_synchronise_after_the_first(trainer_cls):
+    """torch.cuda.set_sync_debug_mode("error") raises at any call that waits for the device: 20 HYDRA / BiP steps
+    after the first run under it (the epoch loop's reads happen on the steps that print; tests/test_dispatch_count.py
+    checks them by count on every device)."""
+    x, y = data(16)
+    model = net().to(GPU)
+    ms = MaskSet(model, k=0.2, granularity="unstructured", scope="global")
+    extra = {} if trainer_cls is BaseTrainer else {"score_optim": sgd(0.1), "options": BilevelOptions()}
+    trainer = trainer_cls(model=model, maskset=ms, mode="prune", device=GPU, weight_optim=sgd(0.05), progress=False,
+                          **extra)
+    batch = (x, y) if trainer_cls is BaseTrainer else ((x, y), (x.flip(0), y.flip(0)))
+    trainer.step(batch)
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            trainer.step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+    ms.check_finite()
+    total = sum(layer.mask.numel() for layer in ms.layers.values())
+    assert sum(int(layer.mask.sum()) for layer in ms.layers.values()) == n_keep(0.2, total)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                     reason="2:4 kernels need compute capability >= 8.0")
 def test_two_four_linear_layers_run_as_semi_structured_tensors():

@@ -292,12 +292,14 @@ def test_scaled_score_init_is_a_new_tensor():
         assert not torch.equal(layer.popup_scores.detach(), layer.weight.detach())
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_incremental_selection_equals_reference_as_scores_drift(scope):
-    """MaskSet's incremental selector gives exactly select_masks' masks, ties included."""
+def test_incremental_selection_equals_reference_as_scores_drift(scope, sync_free):
+    """MaskSet's selector gives exactly select_masks' masks, ties included, with either kernel (the CPU's
+    host-bracketing one and the sync-free one of the other devices), and so does every layer's multiplier."""
     torch.manual_seed(0)
     model = to_masked(tiny_net(), granularity="unstructured")
-    ms = MaskSet(model, k=0.3, granularity="unstructured", scope=scope)
+    ms = MaskSet(model, k=0.3, granularity="unstructured", scope=scope, sync_free=sync_free)
     assert ms._incremental is not None
     g = torch.Generator().manual_seed(5)
     for it in range(25):
@@ -313,6 +315,60 @@ def test_incremental_selection_equals_reference_as_scores_drift(scope):
                            scope=scope)
         for layer, m in zip(ms.layers.values(), ref):
             assert torch.equal(layer.mask, m), it
+            assert torch.equal(layer.multiplier(), m.to(layer.weight.dtype)), it
+    ms.check_finite()  # no NaN was seen
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "filter"])
+def test_sync_free_selection_reports_nan_scores_when_asked(granularity):
+    """The sync-free selection cannot stop the step at a NaN score (that would read the device): it keeps a flag
+    that check_finite, called by the trainer on the steps that print, turns into the usual error."""
+    model = to_masked(tiny_net(), granularity=granularity)
+    ms = MaskSet(model, k=0.5, granularity=granularity, scope="global", sync_free=True)
+    ms.check_finite()
+    with torch.no_grad():
+        next(iter(ms.layers.values())).popup_scores[0].fill_(float("nan"))
+    ms.step()
+    with pytest.raises(FloatingPointError, match="importance scores became NaN"):
+        ms.check_finite()
+
+
+def test_straight_through_gradient_with_cached_signed_weights_equals_the_formula():
+    """dL/ds = sign(s) * w * dL/d(w m) and dL/dw = m * dL/d(w m), in float64, when the signed weights are the mask
+    set's (computed before the forward for all layers) and after the weights moved (BiP's lower step), where a stale
+    cache would give the old weights' product."""
+    torch.manual_seed(0)
+    model = to_masked(tiny_net(), granularity="unstructured").double()
+    ms = MaskSet(model, k=0.5, granularity="unstructured", scope="global")
+    layers = list(ms.layers.values())
+    for layer in layers:
+        layer.popup_scores.requires_grad_(True)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    for move in (False, True):
+        if move:
+            with torch.no_grad():
+                for layer in layers:
+                    layer.weight.add_(torch.randn_like(layer.weight))
+        model.zero_grad(set_to_none=True)
+        # the effective weight w * m of each layer, its gradient read through a tensor hook
+        effective = {}
+        originals = {}
+        for layer in layers:
+            originals[layer] = layer.masked_weight
+
+            def wrapped(layer=layer):
+                out = originals[layer]()
+                out.retain_grad()
+                effective[layer] = out
+                return out
+            layer.masked_weight = wrapped
+        model(x).square().sum().backward()
+        for layer in layers:
+            del layer.masked_weight
+            g = effective[layer].grad
+            torch.testing.assert_close(layer.popup_scores.grad, torch.sign(layer.popup_scores) * layer.weight * g,
+                                       rtol=0, atol=1e-14)
+            torch.testing.assert_close(layer.weight.grad, layer.mask.double() * g, rtol=0, atol=1e-14)
 
 
 def test_incremental_selection_needs_few_passes_for_small_drift():

@@ -30,7 +30,7 @@ from configs.errors import UserError
 from configs.options import OptionSection, RobustOptions, SpeedOptions
 from engine.distributed import SINGLE, Dist, wrap
 from engine.memory import MemoryNeed, size
-from engine.metrics import Average, correct_topk
+from engine.metrics import correct_topk_counts
 from engine.optim import OptimSettings, make_optimizer, own_only, split_parameters
 from engine.precision import Precision
 from layers import MaskSet
@@ -210,29 +210,37 @@ class BaseTrainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int, loaders: Loaders) -> dict[str, float]:
+        """One epoch of steps. The running loss and correct counts add up on the device and are read only on
+        the steps that print (every ``print_freq``-th and the last), so a step never waits for the device
+        there: a diverged loss, or NaN scores (``MaskSet.check_finite``), stop the run at the next of them."""
         self.model.train()
-        loss_avg, top1, top5 = Average(), Average(), Average()
         batches, total = self.batches(loaders)
         bar = tqdm(batches, total=total, desc=f"epoch {epoch}", leave=False, disable=not self.progress,
                    dynamic_ncols=True)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss x samples, top-1 and top-5 hits
+        seen = 0
+        means = {"loss": float("nan"), "top1": float("nan"), "top5": float("nan")}
+        last = total - 1
         for i, batch in enumerate(bar):
             loss, logits, y = self.step(batch)
             n = y.shape[0]
-            value = float(loss)
-            if not math.isfinite(value):  # stop at once: a diverged run only wastes time from here
-                raise FloatingPointError(f"training loss is {value} at epoch {epoch}, batch {i}; "
-                                         "lower --lr (or --mask-lr)")
-            c1, c5 = correct_topk(logits, y)
-            loss_avg.update(value, n)
-            top1.update(100.0 * c1 / n, n)
-            top5.update(100.0 * c5 / n, n)
-            bar.set_postfix(loss=f"{loss_avg.mean:.4f}", top1=f"{top1.mean:.2f}")
-            if i % self.print_freq == 0:
-                self.log(f"epoch {epoch} [{i}/{total}] loss {loss_avg.mean:.4f} top1 {top1.mean:.2f} "
-                         f"top5 {top5.mean:.2f}")
+            sums[0].add_(loss.to(sums.dtype), alpha=n)
+            sums[1:].add_(correct_topk_counts(logits, y))
+            seen += n
+            if i % self.print_freq == 0 or i == last:
+                loss_sum, c1, c5 = sums.tolist()
+                means = {"loss": loss_sum / seen, "top1": 100.0 * c1 / seen, "top5": 100.0 * c5 / seen}
+                if not math.isfinite(loss_sum):  # stop now: a diverged run only wastes time from here
+                    raise FloatingPointError(f"training loss is {loss_sum / seen} by epoch {epoch}, batch {i}; "
+                                             "lower --lr (or --mask-lr)")
+                if self.maskset is not None:
+                    self.maskset.check_finite()
+                bar.set_postfix(loss=f"{means['loss']:.4f}", top1=f"{means['top1']:.2f}")
+                if i % self.print_freq == 0:
+                    self.log(f"epoch {epoch} [{i}/{total}] loss {means['loss']:.4f} top1 {means['top1']:.2f} "
+                             f"top5 {means['top5']:.2f}")
         bar.close()
-        means = {"loss": loss_avg.mean, "top1": top1.mean, "top5": top5.mean}
-        return self.group.reduce_mean(means, loss_avg.count)  # over every rank's samples
+        return self.group.reduce_mean(means, seen)  # over every rank's samples
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, dict]:

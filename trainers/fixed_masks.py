@@ -37,8 +37,8 @@ class FixedMaskTrainer(BaseTrainer):
 
     @torch.no_grad()
     def apply_masks(self) -> None:
-        for layer in self.maskset.layers.values():
-            layer.weight.mul_(layer.mask)
+        layers = list(self.maskset.layers.values())  # one operator for every layer (the masks in the weights' dtype)
+        torch._foreach_mul_([layer.weight for layer in layers], [layer.multiplier() for layer in layers])
 
     @torch.no_grad()
     def clear_pruned_state(self) -> None:
