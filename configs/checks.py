@@ -153,7 +153,7 @@ def _check_layer_k(cfg: Config, caps: Capabilities, name: str) -> None:
         raise UserError(f"--layer-k applies to masks the selector learns (HYDRA, BiP); the {name} trainer "
                         f"{caps.layer_k}: drop --layer-k")
     for flag, used in (("--coupled", cfg.coupled), ("--layer-type nm", cfg.layer_type == "nm"),
-                       ("--k-schedule", cfg.k_schedule != "none")):
+                       ("--k-schedule", cfg.k_schedule != "none"), ("--flops-target", cfg.flops_target is not None)):
         if used:
             raise UserError(f"--layer-k sets one density per layer, which {flag} does not take: drop one of them")
 

@@ -181,7 +181,10 @@ class WoodFisherOptions(FisherOptions):
                             "gradient rows, per layer, Molchanov et al. 2019), apoz / meanact (filters with the most "
                             "zero / the smallest mean post-ReLU outputs on the Fisher's calibration samples, per "
                             "layer, Hu et al. 2016 / Molchanov et al. 2017), slimming (filters by abs(gamma) of their "
-                            "BatchNorm, over all layers, Liu et al. 2017; train with --bn-l1)",
+                            "BatchNorm, over all layers, Liu et al. 2017; train with --bn-l1), naivehess (OBD w^2 "
+                            "H_qq with the exact Hessian diagonal by double backprop on the calibration samples, per "
+                            "layer, all four granularities; one backward pass per weight: small models only), kfac "
+                            "(OBS with a blockwise K-FAC Fisher per layer and the summed update, unstructured/nm)",
                             group="woodfisher")
     target_sparsity: float | None = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
                                            group="woodfisher")

@@ -93,9 +93,10 @@ class Config(SpeedOptions, LthOptions, RobustOptions, ObsUpdateOptions, WoodFish
     init_density: float = opt(1.0, "with --k-schedule: the density at epoch 0, in [k, 1]", group="model")
     schedule_epochs: int | None = opt(None, "with --k-schedule: --k is reached at epoch N - 1 (default: the run's last "
                                       "epoch)", group="model", check=at_least(1))
-    layer_k: str | None = opt(None, "prune with HYDRA/BiP: a JSON file of per-layer densities ({layer: k}, or "
-                              "python -m study.sensitivity's layer_k.json): each layer keeps exactly n_keep(k, its "
-                              "units); --k must be the overall density they make", group="model")
+    layer_k: str | None = opt(None, "prune with per-layer densities: a JSON file ({layer: k}, or python -m "
+                              "study.sensitivity's layer_k.json); each layer keeps exactly n_keep(k, its units) (at "
+                              "WoodFisher's last event, LTH's last round); --k must be the overall density they make",
+                              group="model")
     scores_init_type: str = opt("kaiming_uniform", "score init when not --scaled-score-init", SCORE_INITS, "model")
     freeze_bn: bool = opt(False, "keep BatchNorm affine parameters fixed (HYDRA uses it in prune)", group="model")
     source_net: str | None = opt(None, "checkpoint to prune (prune) or to fine-tune (finetune)", group="model")

@@ -20,12 +20,19 @@
 |                 |           | calibration samples, per layer              |                              |
 | slimming        | none      | filter: |gamma| of the following BatchNorm, | none                         |
 |                 |           | over all layers                             |                              |
+| naivehess       | hessian   | w^2 H_qq (OBD; exact Hessian diagonal by    | none                         |
+|                 |           | double backprop), signed, per layer         |                              |
+| kfac            | kfac      | w^2 / [F^-1]_qq, F^-1 = G~^-1 (x) A~^-1 per | OBS: -F^-1 s (sum only)      |
+|                 |           | layer (blockwise K-FAC)                     |                              |
 
 A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of the signatures in
 ``pruning.obs``; the OBS solver and every trainer then offer it. A criterion that scores whole units and is
 not a sum over their weights (fpgm, taylorfo) gives a ``unit_statistic`` and no per-weight ``statistic``;
 one that reads the model itself (apoz, meanact, slimming) names what it reads in ``probe``
-(``pruning.activations``), which the solver hands its unit statistic per layer.
+(``pruning.activations``), which the solver hands its unit statistic per layer. A second-order criterion
+with a curvature of its own per layer (naivehess: ``pruning.hessian``; kfac: ``pruning.kfac``) gives its
+reader in ``curvature`` (``probe="curvature"``): the solver reads it on the Fisher's calibration samples and
+hands each layer's curvature to the per-weight statistic and update as ``fisher_inverse``.
 """
 from __future__ import annotations
 
@@ -38,7 +45,10 @@ from configs.choices import GRANULARITIES
 from configs.registry import Registry
 from layers.masked import MaskedLayer
 from layers.selector import STRUCTURED, select_masks
+from pruning.hessian import read_hessian_diagonal
+from pruning.kfac import read_kfac
 from pruning.obs import (
+    LayerCurvature,
     apoz_statistic,
     diagonal_fisher_statistic,
     diagonal_fisher_update,
@@ -49,6 +59,7 @@ from pruning.obs import (
     magnitude_ranking,
     magnitude_statistic,
     meanact_statistic,
+    naivehess_statistic,
     obs_statistic,
     obs_update,
     random_statistic,
@@ -84,6 +95,14 @@ class PruneMethod:
         (the gamma of the BatchNorm after each layer); handed over as ``probe=``.
     only: the granularities the criterion defines, when fewer than its statistic allows (filters only, for
         the criteria that read a filter's output).
+    curvature: with ``probe="curvature"``, the reader of a per-layer curvature off the model on the
+        calibration samples, ``(model, layers, batches, *, samples, device, damp, criterion) -> {layer:
+        LayerCurvature}`` (naivehess's Hessian diagonal, kfac's Kronecker inverse); the solver hands each
+        layer's to ``statistic`` and ``update`` as ``fisher_inverse``.
+    moves_weights: the update moves surviving weights with a curvature that is not the empirical Fisher
+        (kfac's OBS update).
+    joint_update: the update has the exact joint solve for a set pruned at once; False: always the sum of
+        single-weight updates (kfac, whose [F^-1]_QQ the Kronecker structure does not give).
     """
 
     name: str
@@ -100,6 +119,9 @@ class PruneMethod:
     structured_only: bool = False  # defined for filters/channels only (a unit criterion)
     probe: str | None = None
     only: tuple[str, ...] | None = None
+    curvature: Callable[..., Mapping[str, LayerCurvature]] | None = None
+    moves_weights: bool = False
+    joint_update: bool = True
     help: str = ""
 
     @property
@@ -125,8 +147,13 @@ class PruneMethod:
 
     @property
     def compensates(self) -> bool:
-        """Whether the update moves surviving weights (only an empirical-Fisher OBS update does)."""
-        return self.fisher == "empirical"
+        """Whether the update moves surviving weights (an empirical-Fisher OBS update, or kfac's)."""
+        return self.fisher == "empirical" or self.moves_weights
+
+    @property
+    def reads_samples(self) -> bool:
+        """Whether ``probe`` reads the model on calibration samples (activations, or a curvature)."""
+        return self.probe in ("activations", "curvature")
 
 
 PRUNE_METHODS: Registry[PruneMethod] = Registry("prune method", flag="--prune-method")
@@ -216,6 +243,25 @@ register_prune_method(PruneMethod(
     probe="batchnorm", only=("filter",),
     help="filters by |gamma| of the BatchNorm that follows them, over all layers (Liu et al. 2017; train with "
          "--bn-l1)"))
+
+# WoodFisher's own second-order baselines (its README's `naivehess` and `kfac`; pruners/naivehess.py and
+# pruners/kfac.py of IST-DASLab/WoodFisher). naivehess: Optimal Brain Damage (LeCun, Denker & Solla, NeurIPS
+# 1990) with the exact Hessian diagonal by double backprop on the Fisher's calibration samples (one backward
+# pass per alive weight: small models only), no weight update, per layer as the reference prunes (its signed
+# statistic is shifted per layer, which only orders weights within one layer). Additive: a filter/channel
+# ranks by the sum of its weights' w^2 H_qq, OBD's diagonal estimate for removing the unit.
+register_prune_method(PruneMethod(
+    "naivehess", None, naivehess_statistic, zero_update, additive=True, scope="layer", probe="curvature",
+    curvature=read_hessian_diagonal,
+    help="OBD w^2 H_qq with the exact Hessian diagonal by double backprop on the calibration samples, per layer "
+         "(WoodFisher's naivehess; one backward pass per weight: small models only)"))
+# K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convs), blockwise per layer, in the OBS statistic and
+# the summed OBS update as WoodFisher's KFACFisherPruner uses it; lambda is split as sqrt(lambda) on each factor.
+register_prune_method(PruneMethod(
+    "kfac", None, obs_statistic, obs_update, probe="curvature", curvature=read_kfac, moves_weights=True,
+    joint_update=False,
+    help="OBS w^2/[F^-1]_qq and the summed OBS update with a blockwise K-FAC Fisher per layer, "
+         "F^-1 = (G + sqrt(lambda) I)^-1 (x) (A + sqrt(lambda) I)^-1 (WoodFisher's kfac)"))
 
 
 def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:

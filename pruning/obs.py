@@ -508,6 +508,43 @@ def slimming_statistic(*, weight: torch.Tensor, group_size: int, mask: torch.Ten
     return _alive_score(gamma.to(device=w.device, dtype=w.dtype).abs(), _alive_units(mask, n_units, w.device))
 
 
+# ---------------------------------------------------------------------------------------------
+# second-order criteria with a curvature read off the model per layer (``PruneMethod.curvature``: naivehess's
+# Hessian diagonal, ``pruning.hessian``; kfac's Kronecker inverse, ``pruning.kfac``, which uses the OBS
+# statistic and update above with its own inverse)
+
+
+class LayerCurvature(FisherInverse, Protocol):
+    """A per-layer curvature the solver hands to a statistic and update as ``fisher_inverse``."""
+
+    def permuted(self, perm: torch.Tensor) -> LayerCurvature: ...
+
+    def kept_memory_bytes(self) -> int: ...
+
+    def peak_memory_bytes(self) -> int: ...
+
+    def failed(self) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def naivehess_statistic(*, weight: torch.Tensor, fisher_inverse: FisherInverse, mask: torch.Tensor | None = None,
+                        grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Optimal Brain Damage (LeCun, Denker & Solla 1990) with the exact Hessian diagonal H_qq
+    (``fisher_inverse.fisher_diag()``, ``pruning.hessian``): the loss change of removing w_q when the gradient
+    is 0 and H is taken as diagonal, 1/2 w_q^2 H_qq (the 1/2 dropped: it does not change the ranking; for a
+    diagonal H the OBS statistic w_q^2 / [H^-1]_qq is the same number). H_qq can be negative away from a
+    minimum; as WoodFisher's NaiveHessianPruner does, the signed value ranks (a weight whose removal the
+    quadratic model says lowers the loss goes first), shifted so that it is not negative: by the smallest
+    alive value when that is below 0 (the reference subtracts the layer's minimum), so the ranking within a
+    layer is that of w^2 H_qq and non-negative values are unchanged. 0 on already-pruned weights."""
+    w = weight.reshape(-1)
+    alive = _alive(mask, w)
+    stat = w.square() * fisher_inverse.fisher_diag().to(w.dtype)
+    inf = torch.full((), float("inf"), dtype=w.dtype, device=w.device)
+    low = torch.where(alive, stat, inf).min().clamp(max=0.0)
+    return _alive_score(stat - low, alive).reshape(weight.shape)
+
+
 @torch.no_grad()
 def zero_update(*, weight: torch.Tensor, fisher_inverse: FisherInverse | None, prune: torch.Tensor,
                 mask: torch.Tensor | None = None,

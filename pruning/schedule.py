@@ -25,7 +25,7 @@ code starts them from 0, which re-prunes nothing for the first sub-steps and the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -283,3 +283,20 @@ def gradual_events(*, start: int, freq: int, end: int, initial: float, target: f
         progress = (e - start) / (end - start)
         events.append(PruneEvent(e, 1.0 - schedule(progress, initial=1.0 - initial, final=1.0 - target)))
     return events
+
+
+def layer_densities(layer_k: Mapping[str, float], *, k: float, density: float,
+                    geometric: bool = False) -> dict[str, float]:
+    """Each layer's density when the run as a whole stands at ``density`` on its way from 1 to ``k``, such that
+    every layer reaches its own ``layer_k[name]`` exactly when the run reaches ``k`` (``--layer-k`` under a pruning
+    schedule). Linear (default): every layer has made the same fraction of its removals as the run, the pacing
+    of the gradual pruner's events, whose schedule shapes the sparsity. ``geometric``: every layer has kept the
+    same power of its final density, i.e. each step removes the same fraction of each layer's survivors (IMP's
+    rounds). A density at or below ``k`` gives ``layer_k`` itself."""
+    if density <= k or k >= 1.0:
+        return dict(layer_k)
+    if geometric:
+        power = math.log(density) / math.log(k)
+        return {name: v ** power for name, v in layer_k.items()}
+    done = (1.0 - density) / (1.0 - k)
+    return {name: 1.0 - (1.0 - v) * done for name, v in layer_k.items()}

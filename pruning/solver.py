@@ -26,7 +26,9 @@ unit criterion scores each filter in its layer, and a coupled unit ranks by the 
 
 Criteria that read the model (``PruneMethod.probe``: apoz and meanact their filters' activations, slimming
 the BatchNorm gamma after each layer) get it from ``probe(model, batches)`` (``pruning.activations``) before
-scoring; each layer's ``UnitProbe`` is handed to the unit statistic as ``probe=``.
+scoring; each layer's ``UnitProbe`` is handed to the unit statistic as ``probe=``. A method with a curvature
+reader (``PruneMethod.curvature``: naivehess's Hessian diagonal, kfac's Kronecker inverse) reads it in
+``probe(model, batches)`` too, and each layer's curvature is its blocks' ``fisher_inverse``.
 
 Blocks (weights that share one Fisher inverse): chunks of ``block_size`` contiguous weights of one
 layer, a whole layer, or all layers at once. Filter/channel masks always use whole-layer blocks: a
@@ -54,7 +56,7 @@ from pruning.activations import UnitProbe, activation_stats, batchnorm_gammas
 from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from pruning.gradients import collect_gradients
 from pruning.methods import PruneMethod, selector_scores
-from pruning.obs import group_permutation
+from pruning.obs import LayerCurvature, group_permutation
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,9 @@ class BlockGroup:
     size: int   # number of columns (weights)
 
 
+_Inverse = EmpiricalFisherInverse | DiagonalFisher | LayerCurvature | None  # what a block's statistic reads
+
+
 @dataclass
 class _Prepared:
     """A block group's weights, alive mask, gradient columns and inverse, in its (permuted) order."""
@@ -129,7 +134,7 @@ class _Prepared:
     alive: torch.Tensor
     perm: torch.Tensor | None
     group_size: int
-    inverse: EmpiricalFisherInverse | DiagonalFisher | None
+    inverse: _Inverse
     grad_mean: torch.Tensor | None
     rows: torch.Tensor | None  # G's columns of the group, in its order: a statistic that reads them (fisher "rows")
     solved: torch.Tensor | None  # per-group ([F^-1]_QQ)^-1 w_Q, kept from the statistic for the update
@@ -180,6 +185,7 @@ class OBSSolver:
         self.device = torch.device(device) if device is not None else first.weight.device
         self.G: torch.Tensor | None = None
         self.probes: dict[str, UnitProbe] | None = None  # what ``probe`` read off the model, by layer
+        self.curvatures: dict[str, LayerCurvature] | None = None  # a curvature reader's, by layer
         self.record = StepRecord()
         self._prepared: dict[int, _Prepared] = {}
         self._kept_bytes = 0
@@ -243,6 +249,11 @@ class OBSSolver:
                                            criterion=name)
         elif kind == "batchnorm":
             self.probes = batchnorm_gammas(model, self.layers, criterion=name)
+        elif self.method.curvature is not None:
+            if batches is None or samples < 1:
+                raise ValueError(f"prune method {name} needs calibration batches and samples >= 1")
+            self.curvatures = dict(self.method.curvature(model, self.layers, batches, samples=samples,
+                                                         device=self.device, damp=self.fisher.damp, criterion=name))
 
     def _layer_probe(self, group: BlockGroup) -> UnitProbe | None:
         if self.method.probe is None:
@@ -277,7 +288,10 @@ class OBSSolver:
                 staged = cols.numel() * cols.element_size() if cols.device == self.device else 0
         if perm is not None:
             w, alive = w[perm], alive[perm]
-        inverse = self._inverse(cols, gsize)
+        if self.method.curvature is not None:  # naivehess, kfac: the layer's own curvature, read by ``probe``
+            inverse: _Inverse = self._layer_curvature(group, perm)
+        else:
+            inverse = self._inverse(cols, gsize)
         grad_mean = cols.mean(0).to(self.device) if (cols is not None and self.method.needs_grad_mean) else None
         rows = cols if self.method.fisher == "rows" else None
         kept = staged + (inverse.kept_memory_bytes() if inverse is not None else 0)
@@ -292,6 +306,13 @@ class OBSSolver:
             self._prepared[i] = prepared
             self._kept_bytes += kept
         return prepared
+
+    def _layer_curvature(self, group: BlockGroup, perm: torch.Tensor | None) -> LayerCurvature:
+        if self.curvatures is None:
+            raise ValueError(f"prune method {self.method.name} reads the model: call probe(model, batches) first")
+        (name,) = group.names  # no empirical Fisher: the blocks are single layers (``__init__``)
+        curvature = self.curvatures[name]
+        return curvature if perm is None else curvature.permuted(perm)
 
     def _unit_permutation(self, name: str, *, filter_size: int,
                           perm: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
@@ -390,14 +411,21 @@ class OBSSolver:
 
     # -- the step -------------------------------------------------------------------------------
     def prune_to(self, density: float, *, scope: str, min_units: int = 0, scale: float = 1.0,
-                 joint: bool = True, scores: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                 joint: bool = True, scores: dict[str, torch.Tensor] | None = None,
+                 layer_k: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
         """Score (or use ``scores``), keep exactly n_keep(density, N) units with the shared selector,
         apply the update, zero the pruned weights and install the masks; returns the new masks.
         N:M masks keep N per group of M whatever ``density`` and ``scope`` say; the update is the
-        per-weight one (joint or sum over each Fisher block's removed set), as for unstructured masks."""
+        per-weight one (joint or sum over each Fisher block's removed set), as for unstructured masks.
+        ``layer_k``: a density per layer instead (exactly n_keep(layer_k[name], its units) in each)."""
         scores = self.scores() if scores is None else scores
         names = list(self.layers)
-        if self.coupling is not None:  # n_keep(density) units over all, or within each family (scope layer)
+        if layer_k is not None:
+            if self.coupling is not None or self.nm is not None:
+                raise ValueError("per-layer densities take per-layer masks (not coupled, not N:M)")
+            new = {n: select_masks([scores[n]], k=layer_k[n], granularity=self.granularity, scope="layer",
+                                   check=False)[0] for n in names}
+        elif self.coupling is not None:  # n_keep(density) units over all, or within each family (scope layer)
             new = self.coupling.select(scores, k=density, scope=scope)
         else:
             masks = select_masks([scores[n] for n in names], k=density, granularity=self.granularity, scope=scope,
@@ -415,7 +443,7 @@ class OBSSolver:
         if missing:
             raise ValueError(f"new masks lack layers {sorted(missing)[:3]}")
         limit_ok = self._joint_fits()
-        use_joint = joint and limit_ok and self.method.compensates
+        use_joint = joint and limit_ok and self.method.compensates and self.method.joint_update
         bad = torch.zeros((), dtype=torch.bool, device=self.device)  # a mask reviving a pruned weight
         singular = torch.zeros((), dtype=torch.bool, device=self.device)  # a Cholesky factorisation failed
         counts = []
@@ -459,7 +487,9 @@ class OBSSolver:
         else:
             solve = "joint" if use_joint else "sum"
         notes = []
-        if joint and self.method.compensates and not limit_ok:
+        if joint and self.method.compensates and not self.method.joint_update and scale != 0:
+            notes.append(f"{self.method.name} has no joint solve: sum of single updates")
+        elif joint and self.method.compensates and not limit_ok:
             notes.append(f"joint solve over {self._joint_size()} > {self.fisher.joint_limit}: sum of single updates")
         self.record = StepRecord(pruned=pruned, alive_before=alive, alive_after=alive - pruned, solve=solve,
                                  seconds=time.perf_counter() - t0 + self.record.grad_seconds,
@@ -491,6 +521,7 @@ class OBSSolver:
         """Drop G and every cached inverse."""
         self.G = None
         self.probes = None
+        self.curvatures = None
         self.free_inverses()
 
 

@@ -9,9 +9,16 @@
 #        LAYER_TYPE=filter ARCH=lenet5 sh/study.sh MNIST5k
 #
 # Settings (environment variables, all optional):
-#   METHODS     bip hydra woodfisher globalmagnitude magnitude lth (the default), and bip+obs, hydra+obs
-#               (--obs-update), diagfisher, woodtaylor. woodfisher, globalmagnitude, magnitude, diagfisher
-#               and woodtaylor are --prune-method of the woodfisher trainer (configs/DATASET/woodfisher.yml).
+#   METHODS     bip hydra woodfisher globalmagnitude magnitude lth (the default); bip, hydra, or any
+#               --prune-method of the gradual pruner (woodfisher, globalmagnitude, magnitude, diagfisher,
+#               woodtaylor, l1, random, fpgm, taylorfo, apoz, meanact, slimming, ...: the woodfisher trainer
+#               with configs/DATASET/woodfisher.yml), each optionally followed by
+#                 +obs    (bip/hydra) --obs-update before fine-tuning;
+#                 +sens   (bip/hydra, unstructured) per-layer densities from python -m study.sensitivity on the
+#                         dense model with --budget K, trained with --layer-k;
+#                 @SHAPE  a density schedule: --k-schedule SHAPE for bip/hydra, --prune-schedule SHAPE for the
+#                         gradual pruner (linear, cosine, exponential, onecycle, agp:P, iterative:N, oneshot).
+#               e.g. METHODS="fpgm taylorfo l1 random woodfisher@cosine hydra@linear hydra+sens".
 #               lth (iterative magnitude pruning with rewinding, unstructured only) runs once per seed, to the
 #               smallest density; its rounds (0.8^r) are the other densities of the lottery series.
 #   KS          densities k (fraction kept). Default: the lottery series 0.8 ... 0.0092 (unstructured) or
@@ -42,10 +49,18 @@ REWIND_EPOCH="${REWIND_EPOCH:-1}"
 OUT="${OUT:-results/study_${DATASET}_${LAYER_TYPE}}"
 CONFIGS="configs/$DATASET"
 [ -d "$CONFIGS" ] || { echo "error: no configs for dataset $DATASET ($CONFIGS); pick one of: $(ls configs | grep -v '\.py$' | tr '\n' ' ')" >&2; exit 2; }
+CRITERIA="$("$PY" -c "from pruning.methods import PRUNE_METHODS; print(' '.join(PRUNE_METHODS.names()))")"
 for method in $METHODS; do
+  base="${method%%@*}"; base="${base%+obs}"; base="${base%+sens}"
+  case " bip hydra lth $CRITERIA " in
+    *" $base "*) ;;
+    *) echo "error: unknown method '$method' in METHODS; use bip, hydra, lth or a --prune-method ($CRITERIA), optionally with +obs, +sens (bip/hydra) and @SHAPE" >&2; exit 2 ;;
+  esac
   case "$method" in
-    bip|hydra|bip+obs|hydra+obs|woodfisher|globalmagnitude|magnitude|diagfisher|woodtaylor|lth) ;;
-    *) echo "error: unknown method '$method' in METHODS; use bip hydra bip+obs hydra+obs woodfisher globalmagnitude magnitude diagfisher woodtaylor lth" >&2; exit 2 ;;
+    *+obs*|*+sens*) case "$base" in bip|hydra) ;; *) echo "error: '$method': +obs and +sens apply to bip and hydra" >&2; exit 2 ;; esac ;;
+  esac
+  case "$method" in
+    *+sens*) [ "$LAYER_TYPE" = unstructured ] || { echo "error: '$method': the sensitivity allocation budgets weights: LAYER_TYPE=unstructured" >&2; exit 2; } ;;
   esac
 done
 common=(--result-dir "$OUT" ${ARCH:+--arch "$ARCH"} "$@")
@@ -89,17 +104,24 @@ for seed in $SEEDS; do
         --k "$smallest" --epochs "$(( rounds * per_round ))" --rewind-epoch "$REWIND_EPOCH" --source-net "$PRETRAINED"
       continue
     fi
-    base="${method%+obs}"
+    shape=""; [ "${method#*@}" != "$method" ] && shape="${method#*@}"
+    plain="${method%%@*}"; base="${plain%+obs}"; base="${base%+sens}"
     obs=(); source_file=model_best.pth.tar
-    if [ "$base" != "$method" ]; then obs=(--obs-update); source_file=model_obs.pth.tar; fi
+    if [ "${plain%+obs}" != "$plain" ]; then obs=(--obs-update); source_file=model_obs.pth.tar; fi
     case "$base" in
-      bip|hydra) prune=(--configs "$CONFIGS/$base.yml") ;;
-      *) prune=(--configs "$CONFIGS/woodfisher.yml" --prune-method "$base") ;;
+      bip|hydra) prune=(--configs "$CONFIGS/$base.yml" ${shape:+--k-schedule "$shape"}) ;;
+      *) prune=(--configs "$CONFIGS/woodfisher.yml" --prune-method "$base" ${shape:+--prune-schedule "$shape"}) ;;
     esac
     for K in $KS; do
-      exp="${TAG}_${method}_k${K}_s${seed}"
-      stage PRUNED "$exp" prune "${prune[@]}" "${masked[@]}" "${obs[@]}" --k "$K" --source-net "$PRETRAINED" \
-        ${PRUNE_EPOCHS:+--epochs "$PRUNE_EPOCHS"}
+      exp="${TAG}_${method//:/_}_k${K}_s${seed}"
+      layer_k=()
+      if [ "${plain%+sens}" != "$plain" ]; then  # the allocation of the dense model at this K (deterministic: once per K)
+        sens="$OUT/sensitivity_${TAG}_k${K}"
+        [ -f "$sens/layer_k.json" ] || "$PY" -m study.sensitivity "$PRETRAINED" --budget "$K" --out "$sens" --no-progress
+        layer_k=(--layer-k "$sens/layer_k.json")
+      fi
+      stage PRUNED "$exp" prune "${prune[@]}" "${masked[@]}" "${obs[@]}" "${layer_k[@]}" --k "$K" \
+        --source-net "$PRETRAINED" ${PRUNE_EPOCHS:+--epochs "$PRUNE_EPOCHS"}
       stage FINE "$exp" finetune --configs "$CONFIGS/finetune.yml" "${masked[@]}" --k "$K" \
         --source-net "$PRUNED/checkpoint/$source_file" ${FT_EPOCHS:+--epochs "$FT_EPOCHS"}
     done

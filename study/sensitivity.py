@@ -213,8 +213,9 @@ def run(argv: Sequence[str]) -> int:
         raise UserError(f"--criterion {args.criterion}: not a --prune-method; choose from "
                         f"{', '.join(PRUNE_METHODS.names())}")
     method = PRUNE_METHODS[args.criterion]
-    if method.fisher is not None:
-        raise UserError(f"--criterion {args.criterion} needs gradient rows, which sensitivity analysis does not "
+    if method.fisher is not None or method.probe is not None:
+        needs = "gradient rows" if method.fisher is not None else "statistics read off the model on samples"
+        raise UserError(f"--criterion {args.criterion} needs {needs}, which sensitivity analysis does not "
                         "collect: use magnitude, l1, random or fpgm")
     if args.layer_type not in method.granularities:
         raise UserError(f"--criterion {args.criterion} does not rank --layer-type {args.layer_type} units")

@@ -60,7 +60,7 @@ def test_layer_k_must_name_every_layer_and_match_k():
 
 
 def test_sensitivity_measures_every_layer_and_its_budget_trains_with_exact_counts(tmp_path, capsys):
-    pre = run_ok(tmp_path / "pre", "--configs", "configs/Digits/pretrain.yml", "--epochs", "1")
+    pre = run_ok(tmp_path / "pre", "--configs", "configs/Digits/pretrain.yml", "--epochs", "2", "--rewind-epoch", "1")
     ckpt = f"{pre}/checkpoint/model_best.pth.tar"
     out = tmp_path / "sens"
     assert sensitivity([ckpt, "--densities", "0.5,0.1", "--budget", "0.2", "--out", str(out), "--no-progress"]) == 0
@@ -76,10 +76,39 @@ def test_sensitivity_measures_every_layer_and_its_budget_trains_with_exact_count
     assert [row["kept"] for row in summary["layers"]] == [n_keep(layer_k[row["name"]], row["params"])
                                                           for row in summary["layers"]]
     assert summary["masked_kept"] == n_keep(0.2, summary["masked_params"])
+    # The gradual pruner and IMP take the same file: their last event / round gives each layer its own density.
+    for trainer, extra in (("woodfisher", ["--configs", "configs/Digits/woodfisher.yml", "--prune-end", "1",
+                                           "--prune-freq", "1", "--fisher-subsample-size", "16"]),
+                           ("lth", ["--configs", "configs/Digits/lth.yml", "--imp-rate", "0.6"])):
+        run = run_ok(tmp_path / trainer, *extra, "--source-net", ckpt, "--k", "0.2", "--layer-k",
+                     str(out / "layer_k.json"), "--epochs", "2")
+        summary = json.load(open(f"{run}/summary.json"))
+        assert [row["kept"] for row in summary["layers"]] == [n_keep(layer_k[row["name"]], row["params"])
+                                                              for row in summary["layers"]], trainer
+
+
+def test_layer_densities_reach_every_layer_k_exactly_at_the_run_k():
+    from pruning.schedule import layer_densities
+    layer_k = {"a": 0.5, "b": 0.05, "c": 1.0}
+    for geometric in (False, True):
+        assert layer_densities(layer_k, k=0.2, density=0.2, geometric=geometric) == layer_k
+        assert layer_densities(layer_k, k=0.2, density=1.0, geometric=geometric) == {"a": 1.0, "b": 1.0, "c": 1.0}
+        steps = [layer_densities(layer_k, k=0.2, density=d, geometric=geometric) for d in (0.9, 0.6, 0.3)]
+        for name in layer_k:  # every layer's density falls (or stays at 1) as the run's does
+            values = [1.0] + [s[name] for s in steps] + [layer_k[name]]
+            assert all(a >= b for a, b in zip(values, values[1:])), (name, values)
+    # linear: the same fraction of each layer's removals as the run's (0.6 -> half of 1 - 0.2)
+    assert layer_densities(layer_k, k=0.2, density=0.6) == {"a": 0.75, "b": 1 - 0.95 / 2, "c": 1.0}
+    # geometric: the same power of each final density (0.2 ** 0.5 -> 0.5 ** 0.5)
+    half = layer_densities(layer_k, k=0.2, density=0.2 ** 0.5, geometric=True)
+    assert abs(half["a"] - 0.5 ** 0.5) < 1e-12 and abs(half["b"] - 0.05 ** 0.5) < 1e-12
 
 
 @pytest.mark.parametrize("args,needle", [
     (["--criterion", "woodfisher"], "needs gradient rows"),
+    (["--criterion", "kfac"], "needs statistics read off the model"),
+    (["--criterion", "apoz", "--layer-type", "filter"], "needs statistics read off the model"),
+    (["--criterion", "naivehess"], "needs statistics read off the model"),
     (["--densities", "0.5,1.5"], "every density must lie in (0, 1)"),
     (["--layer-type", "filter", "--budget", "0.3"], "--budget allocates weights"),
 ])

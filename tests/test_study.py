@@ -322,11 +322,17 @@ def launcher_env(tmp_path, **settings: str) -> dict[str, str]:
     return {**os.environ, "PYTHON": sys.executable, "VENV": str(venv), **settings}
 
 
-def test_study_launcher_refuses_an_unknown_method_before_running_anything(tmp_path):
-    env = launcher_env(tmp_path, METHODS="bip hydar", OUT=str(tmp_path / "out"))
+@pytest.mark.parametrize("methods,layer_type,needle", [
+    ("bip hydar", "unstructured", "unknown method 'hydar'"),
+    ("fpgm@cosine taylorfo+obs", "filter", "'taylorfo+obs': +obs and +sens apply to bip and hydra"),
+    ("hydra+sens", "filter", "'hydra+sens': the sensitivity allocation budgets weights"),
+    ("woodfisher@linear nocriterion@cosine", "unstructured", "unknown method 'nocriterion@cosine'"),
+])
+def test_study_launcher_refuses_an_unknown_method_before_running_anything(tmp_path, methods, layer_type, needle):
+    env = launcher_env(tmp_path, METHODS=methods, LAYER_TYPE=layer_type, OUT=str(tmp_path / "out"))
     proc = subprocess.run(["bash", os.path.join(ROOT, "sh", "study.sh"), "Digits"], env=env, capture_output=True,
                           text=True)
-    assert proc.returncode == 2 and "unknown method 'hydar'" in proc.stderr
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
 
 

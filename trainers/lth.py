@@ -31,6 +31,7 @@ from configs.options import LthOptions, OptionSection
 from engine.checkpoint import load_checkpoint, rewind_checkpoint
 from engine.optim import OptimSettings
 from pruning.methods import magnitude_masks
+from pruning.schedule import layer_densities
 from trainers.fixed_masks import FixedMaskTrainer
 from trainers.registry import register_trainer
 
@@ -78,8 +79,7 @@ class LotteryTicketTrainer(FixedMaskTrainer):
     """IMP: prune by magnitude, rewind, retrain; one round per ``--epochs / rounds`` epochs."""
 
     capabilities = Capabilities(label="lth", rewind_point=True, coupled="prunes weights by magnitude, not filters",
-                                k_schedule="prunes in rounds of --imp-rate",
-                                layer_k="prunes by one global magnitude threshold per round")
+                                k_schedule="prunes in rounds of --imp-rate")
     Options = LthOptions
 
     @classmethod
@@ -151,8 +151,14 @@ class LotteryTicketTrainer(FixedMaskTrainer):
         before = ms.density()
         # The magnitude criterion over the surviving weights: pruned ones rank below every survivor
         # (a survivor that is exactly 0 too), so a round only removes weights.
-        ms.set_masks(magnitude_masks(ms.layers, k=density, granularity="unstructured", scope=ms.scope,
-                                     min_units=ms.min_units, alive_only=True))
+        if ms.layer_k is None:
+            masks = magnitude_masks(ms.layers, k=density, granularity="unstructured", scope=ms.scope,
+                                    min_units=ms.min_units, alive_only=True)
+        else:  # --layer-k: each round removes the same fraction of each layer's survivors, ending at its own k
+            per_layer = layer_densities(ms.layer_k, k=ms.final_k, density=density, geometric=True)
+            masks = {name: magnitude_masks({name: layer}, k=per_layer[name], granularity="unstructured",
+                                           scope="layer", alive_only=True)[name] for name, layer in ms.layers.items()}
+        ms.set_masks(masks)
         if self.rewind_state is not None:
             own = self.model.state_dict()
             for name, value in self.rewind_state.items():

@@ -52,7 +52,7 @@ from pruning.cost import kept_flops
 from pruning.flops import flops_per_weight, select_within_flops, weight_by_flops
 from pruning.methods import PRUNE_METHODS, PruneMethod
 from pruning.plan import plan
-from pruning.schedule import recompute_steps
+from pruning.schedule import layer_densities, recompute_steps
 from pruning.solver import FisherSettings, OBSSolver, StepRecord, collect_rows
 from trainers.fixed_masks import FixedMaskTrainer
 from trainers.registry import register_trainer
@@ -74,8 +74,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
 
     capabilities = Capabilities(label="woodfisher", fisher_rows=True,
                                 obs_update="applies the OBS update at every pruning event already",
-                                k_schedule="prunes on its own schedule (--prune-start, --prune-end, --prune-schedule)",
-                                layer_k="ranks by its statistic at one density per event")
+                                k_schedule="prunes on its own schedule (--prune-start, --prune-end, --prune-schedule)")
     Options = WoodFisherOptions
     maskset: MaskSet  # never None here: setup() refuses a run without masked layers
 
@@ -257,14 +256,17 @@ class WoodFisherTrainer(FixedMaskTrainer):
         if self.opts.flops_target is not None:
             flops_fraction = self.opts.flops_target if final else 1.0 - sparsity
         density = self.k if final else 1.0 - sparsity
+        # --layer-k: every layer at the run's fraction of its own removals (its own density at the last event)
+        per_layer = self.maskset.layer_k
+        layer_k = None if per_layer is None else layer_densities(per_layer, k=self.k, density=density)
         solver = self.solver()
         if self.method.fisher is not None:
             t_grads = time.perf_counter()
             solver.add_gradients(self.collect_gradients(loaders, epoch=epoch, substep=substep),
                                  seconds=time.perf_counter() - t_grads)
-        if self.method.probe is not None:  # apoz/meanact: activations on the Fisher's samples; slimming: gammas
+        if self.method.probe is not None:  # apoz/meanact/naivehess/kfac: the Fisher's samples; slimming: gammas
             calibration = self.fisher_batches(loaders, epoch=epoch, substep=substep) \
-                if self.method.probe == "activations" else None
+                if self.method.reads_samples else None
             solver.probe(self.model, calibration, samples=self.fisher.m * self.fisher.samples_per_grad)
         scale, joint = self.opts.scale_prune_update, self.opts.obs_solve == "joint"
         search: dict = {}
@@ -281,10 +283,11 @@ class WoodFisherTrainer(FixedMaskTrainer):
                 record = solver.compensate(new, scale=scale, joint=joint)
             else:
                 solver.prune_to(density, scope=self.scope, min_units=self.maskset.min_units, scale=scale,
-                                joint=joint, scores=ranking)
+                                joint=joint, scores=ranking, layer_k=layer_k)
                 record = solver.record
         else:
-            solver.prune_to(density, scope=self.scope, min_units=self.maskset.min_units, scale=scale, joint=joint)
+            solver.prune_to(density, scope=self.scope, min_units=self.maskset.min_units, scale=scale, joint=joint,
+                            layer_k=layer_k)
             record = solver.record
         solver.release()
         self.group.broadcast_state(self.model)  # rank 0's result on every rank, bit for bit

@@ -1,0 +1,303 @@
+"""WoodFisher's second-order baselines: ``naivehess`` (OBD with the exact Hessian diagonal, pruning/hessian.py)
+and ``kfac`` (blockwise K-FAC in the OBS statistic and summed update, pruning/kfac.py), against float64 hand
+computations and explicit matrices, through the solver, the WoodFisher trainer and train.py."""
+import os
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from configs.errors import UserError
+from configs.options import WoodFisherOptions
+from layers import MaskSet, n_keep, to_masked
+from pruning.hessian import hessian_diagonal
+from pruning.kfac import kfac_factors
+from pruning.methods import PRUNE_METHODS
+from pruning.obs import naivehess_statistic
+from pruning.solver import FisherSettings, OBSSolver
+from tests.helpers import tiny
+from tests.helpers.tiny import tiny_net
+from tests.test_criteria import kept_units, trainer
+from trainers.base import RunSpec
+from trainers.woodfisher import plan
+
+CPU = torch.device("cpu")
+tiny_loaders = partial(tiny.tiny_loaders, 48, batch_size=8)
+
+
+def data(n=12, *, seed=0, classes=6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def conv_net(seed=0, *, bias=False):
+    """tiny_net's two convs and classifier, masked, float64, a few weights pruned (mask False, weight 0)."""
+    model = tiny_net("unstructured", convs=2, seed=seed, bias=bias).double().eval()
+    ms = MaskSet(model, k=0.5, granularity="unstructured", scope="layer")
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in ms.layers.values():
+            layer.mask.copy_(torch.rand(layer.weight.shape, generator=g) > 0.2)
+            layer.weight.mul_(layer.mask)
+    return model, ms
+
+
+class MLP(nn.Sequential):
+    def __init__(self, seed=0, bias=True):
+        torch.manual_seed(seed)
+        super().__init__(nn.Flatten(), nn.Linear(16, 5, bias=bias), nn.Tanh(), nn.Linear(5, 6, bias=bias))
+
+
+def mlp(seed=0, *, bias=True):
+    model = MLP(seed, bias=bias).double().eval()
+    to_masked(model, granularity="unstructured")
+    ms = MaskSet(model, k=0.5, granularity="unstructured", scope="layer")
+    ms.set_masks({n: torch.ones_like(layer.mask) for n, layer in ms.layers.items()})
+    return model, ms
+
+
+# -- naivehess ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("build", [conv_net, mlp])
+def test_the_hessian_diagonal_is_that_of_autograds_full_hessian(build):
+    """H_qq of each layer's weight against torch.autograd.functional.hessian of the same mean cross-entropy
+    (float64, eval mode); pruned weights 0."""
+    model, ms = build()
+    x, y = data()
+    got = hessian_diagonal(model, ms.layers, [(x[:5], y[:5]), (x[5:], y[5:])], samples=10, device=CPU)
+    x, y = x[:10], y[:10]
+    for name, layer in ms.layers.items():
+        key = f"{name}.weight"
+
+        def loss(w, key=key):
+            return F.cross_entropy(functional_call(model, {key: w}, (x,)), y)
+
+        w = layer.weight.detach().clone()
+        full = torch.autograd.functional.hessian(loss, w).reshape(w.numel(), w.numel())
+        want = full.diagonal() * layer.mask.reshape(-1)
+        assert torch.allclose(got[name].reshape(-1), want, rtol=1e-10, atol=1e-13), name
+        assert full.diagonal().abs().max() > 0 and not got[name][~layer.mask].any()
+
+
+class Diag:
+    def __init__(self, h):
+        self.h = h
+
+    def fisher_diag(self):
+        return self.h
+
+
+def test_naivehess_statistic_is_obd_signed_and_shifted_like_the_reference():
+    """w^2 H_qq; with a negative value, every alive one shifted by the smallest (the signed order kept, the
+    most negative lowest but above the pruned weight's 0)."""
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0], dtype=torch.float64)
+    mask = torch.tensor([True, True, True, True, False])
+    positive = torch.tensor([1.0, 0.5, 0.1, 2.0, 9.0], dtype=torch.float64)
+    assert torch.equal(naivehess_statistic(weight=w, fisher_inverse=Diag(positive), mask=mask),
+                       torch.tensor([1.0, 2.0, 0.9, 0.5, 0.0], dtype=torch.float64))
+    h = torch.tensor([1.0, -0.5, 0.1, 2.0, 9.0], dtype=torch.float64)
+    stat = naivehess_statistic(weight=w, fisher_inverse=Diag(h), mask=mask)
+    raw = torch.tensor([1.0, -2.0, 0.9, 0.5])
+    assert torch.allclose(stat[:4], (raw + 2.0).double().clamp_min(torch.finfo(torch.float64).tiny))
+    assert stat[4] == 0 and 0 < stat[1] < stat[3] < stat[2] < stat[0]
+
+
+def test_naivehess_through_the_solver_keeps_the_largest_obd_per_layer_and_moves_nothing():
+    model, ms = conv_net()
+    x, y = data(16)
+    h = hessian_diagonal(model, ms.layers, [(x, y)], samples=16, device=CPU)
+    before = {n: layer.weight.detach().clone() for n, layer in ms.layers.items()}
+    solver = OBSSolver(ms.layers, granularity="unstructured", method=PRUNE_METHODS["naivehess"])
+    solver.probe(model, [(x, y)], samples=16)
+    masks = solver.prune_to(0.4, scope="layer")
+    for name, layer in ms.layers.items():
+        stat = naivehess_statistic(weight=before[name], fisher_inverse=Diag(h[name].reshape(-1)), mask=layer.mask)
+        n = stat.numel()
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[stat.reshape(-1).topk(n_keep(0.4, n)).indices] = True
+        assert torch.equal(masks[name].reshape(-1), keep), name
+        assert torch.equal(layer.weight.detach(), before[name] * masks[name])
+    assert solver.record.solve == "none"
+
+
+# -- kfac: the factors ---------------------------------------------------------------------------------------
+def per_sample_output_grads(model, layer, x, y):
+    """dl_n/dy for each sample n alone (its own forward and cross-entropy), and the layer's input."""
+    ins, outs, grads = [], [], []
+    def keep(module, args, output):
+        ins.append(args[0].detach())
+        outs.append(output)
+
+    handle = layer.register_forward_hook(keep)
+    try:
+        for n in range(len(y)):
+            ins.clear()
+            outs.clear()
+            loss = F.cross_entropy(model(x[n:n + 1]), y[n:n + 1])
+            grads.append((ins[0][0], torch.autograd.grad(loss, outs[0])[0][0]))
+    finally:
+        handle.remove()
+    return grads
+
+
+def conv_patches_by_hand(layer, a):
+    """The conv's input patches at every output position, by explicit padding and slicing: (L, C*kh*kw)."""
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+    padded = F.pad(a, (pw, pw, ph, ph))
+    rows = []
+    for i in range(0, padded.shape[1] - kh + 1, sh):
+        for j in range(0, padded.shape[2] - kw + 1, sw):
+            rows.append(padded[:, i:i + kh, j:j + kw].reshape(-1))
+    return torch.stack(rows)
+
+
+def factors_by_hand(model, layer, x, y):
+    A = torch.zeros(layer.weight[0].numel(), layer.weight[0].numel(), dtype=torch.float64)
+    G = torch.zeros(layer.weight.shape[0], layer.weight.shape[0], dtype=torch.float64)
+    for a, g in per_sample_output_grads(model, layer, x, y):
+        if isinstance(layer, nn.Conv2d):
+            patches, outs = conv_patches_by_hand(layer, a), g.reshape(g.shape[0], -1).T  # (L, in), (L, out)
+            S = outs.shape[0]
+            assert patches.shape[0] == S
+            for t in range(S):
+                A += torch.outer(patches[t], patches[t]) / S**2
+                G += torch.outer(outs[t], outs[t]) * S**2
+        else:
+            A += torch.outer(a, a)
+            G += torch.outer(g, g)
+    return A / len(y), G / len(y)
+
+
+@pytest.mark.parametrize("build", [conv_net, mlp])
+def test_kfac_factors_are_the_hand_computed_input_and_output_gradient_second_moments(build):
+    """Linear: A = E[a a^T], G = E[g g^T], g = dl_n/dy of each sample's own loss; conv: over the unfolded
+    patches and output positions, A with 1/S^2 and G with S^2 (the reference's split); the bias adds no ones
+    column (weights only)."""
+    model, ms = build()
+    x, y = data(10)
+    got = kfac_factors(model, ms.layers, [(x[:3], y[:3]), (x[3:], y[3:])], samples=10, device=CPU)
+    for name, layer in ms.layers.items():
+        A, G = factors_by_hand(model, layer, x, y)
+        assert torch.allclose(got[name].A, A, rtol=1e-10, atol=1e-14), name
+        assert torch.allclose(got[name].G, G, rtol=1e-10, atol=1e-14), name
+
+
+def test_kfac_is_the_exact_fisher_block_of_one_sample_of_a_linear_layer():
+    """With one sample and one position, vec(g a^T) vec(g a^T)^T = (g g^T) (x) (a a^T): the factors' Kronecker
+    product is the per-sample Fisher block exactly (row-major weight order)."""
+    model, ms = mlp(bias=False)
+    x, y = data(1)
+    f = kfac_factors(model, ms.layers, [(x, y)], samples=1, device=CPU)
+    for name, layer in ms.layers.items():
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        gw = layer.weight.grad.reshape(-1)
+        assert torch.allclose(torch.kron(f[name].G, f[name].A), torch.outer(gw, gw), rtol=1e-10, atol=1e-14)
+
+
+# -- kfac: statistic and update against the explicit Kronecker inverse -------------------------------------
+@pytest.mark.parametrize("build", [conv_net, mlp])
+def test_kfac_statistic_and_summed_update_match_the_explicit_kronecker_inverse(build):
+    damp = 1e-3
+    model, ms = build()
+    x, y = data(12)
+    f = kfac_factors(model, ms.layers, [(x, y)], samples=12, device=CPU)
+    before = {n: layer.weight.detach().clone() for n, layer in ms.layers.items()}
+    alive = {n: layer.mask.clone() for n, layer in ms.layers.items()}
+    solver = OBSSolver(ms.layers, granularity="unstructured", method=PRUNE_METHODS["kfac"],
+                       fisher=FisherSettings(m=12, damp=damp))
+    solver.probe(model, [(x, y)], samples=12)
+    scores = solver.scores()
+    masks = solver.prune_to(0.4, scope="layer", joint=True)
+    assert solver.record.solve == "sum" and "kfac has no joint solve: sum of single updates" in solver.record.notes
+    shift = damp ** 0.5
+    for name, layer in ms.layers.items():
+        A = f[name].A + shift * torch.eye(f[name].A.shape[0], dtype=torch.float64)
+        G = f[name].G + shift * torch.eye(f[name].G.shape[0], dtype=torch.float64)
+        Finv = torch.linalg.inv(torch.kron(G, A))  # the explicit (out*in)^2 inverse of the damped block
+        w, a = before[name].reshape(-1), alive[name].reshape(-1)
+        stat = torch.where(a, w.square() / Finv.diagonal(), torch.zeros((), dtype=torch.float64))
+        assert torch.allclose(scores[name].reshape(-1), stat, rtol=1e-9, atol=1e-300), name
+        pruned = a & ~masks[name].reshape(-1)
+        assert int(masks[name].sum()) == n_keep(0.4, w.numel())
+        s = torch.where(pruned, w / Finv.diagonal(), torch.zeros((), dtype=torch.float64))
+        want = (w - Finv @ s) * masks[name].reshape(-1)
+        assert torch.allclose(layer.weight.detach().reshape(-1), want, rtol=1e-9, atol=1e-12), name
+        moved = masks[name].reshape(-1) & (want != w)
+        assert moved.any()  # the update compensates: survivors move
+
+
+# -- granularities and refusals --------------------------------------------------------------------------------
+def test_granularities():
+    assert PRUNE_METHODS["naivehess"].granularities == ("unstructured", "filter", "channel", "nm")
+    assert PRUNE_METHODS["kfac"].granularities == ("unstructured", "nm")
+    assert PRUNE_METHODS["kfac"].compensates and not PRUNE_METHODS["naivehess"].compensates
+    assert PRUNE_METHODS["kfac"].reads_samples and PRUNE_METHODS["naivehess"].reads_samples
+
+
+@pytest.mark.parametrize("layer_type", ["filter", "channel"])
+def test_kfac_refuses_filters_and_channels_with_one_line(layer_type):
+    with pytest.raises(UserError, match=f"--prune-method kfac does not support --layer-type {layer_type}") as e:
+        plan(WoodFisherOptions(prune_method="kfac", prune_end=1),
+             run=RunSpec(mode="prune", layer_type=layer_type, k=0.5, scope="layer", epochs=2))
+    assert "\n" not in str(e.value)
+
+
+def test_kfac_refuses_a_grouped_conv_with_the_exclude_layers_hint():
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.Linear(16, 3)).double()
+    to_masked(model, granularity="unstructured")
+    ms = MaskSet(model, k=0.5, granularity="unstructured", scope="layer")
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    with pytest.raises(UserError, match="keep such layers dense with --exclude-layers 0$") as e:
+        kfac_factors(model, ms.layers, [(x, torch.zeros(4, dtype=torch.long))], samples=4, device=CPU)
+    assert "\n" not in str(e.value)
+
+
+# -- through the trainer ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,granularity", [("naivehess", "unstructured"), ("naivehess", "filter"),
+                                                ("naivehess", "channel"), ("kfac", "unstructured")])
+def test_exact_per_layer_counts_after_each_event(method, granularity):
+    model = tiny_net(granularity, convs=2)
+    ms = MaskSet(model, k=0.3, granularity=granularity, scope="layer")
+    t = trainer(model, ms, method, fisher_subsample_size=4, fisher_mini_bsz=2)
+    loaders = tiny_loaders()
+    units = ms.unit_counts()
+    events = {e.epoch: e.sparsity for e in t.events}
+    for epoch in range(4):
+        t.set_epoch(epoch)
+        t.prune_to(events[epoch], epoch=epoch, loaders=loaders)
+        density = 0.3 if epoch == 3 else 1 - events[epoch]
+        kept = [int((layer.mask if granularity == "unstructured" else kept_units(layer, granularity)).sum())
+                for layer in ms.layers.values()]
+        assert kept == [n_keep(density, u) for u in units], epoch
+        for layer in ms.layers.values():
+            assert not layer.weight[~layer.mask].any()
+    assert t.pop_notes()[-1].startswith(f"prune epoch 3 step 1/1: {method} (layer")
+
+
+# -- train.py end to end: one event on the Digits config -------------------------------------------------------
+@pytest.mark.parametrize("method", ["naivehess", "kfac"])
+def test_cli_digits_one_event_reaches_the_exact_count(tmp_path, method):
+    from engine.checkpoint import load_checkpoint
+    from models import build_model
+    from tests.helpers.cli import run_ok
+
+    torch.manual_seed(0)
+    source = tmp_path / "dense.pth"
+    torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), source)
+    # naivehess costs one backward pass per weight: only fc2 (1,280 weights) is masked here
+    extra = (["--exclude-layers", "conv1,conv2,conv3,fc1", "--scope", "layer", "--no-woodbury-joint-sparsify"]
+             if method == "naivehess" else [])
+    run = run_ok(tmp_path, "--configs", "configs/Digits/woodfisher.yml", "--k", "0.5", "--prune-method", method,
+                 "--prune-start", "0", "--prune-end", "0", "--epochs", "1", "--fisher-subsample-size", "8",
+                 "--fisher-mini-bsz", "4", "--source-net", str(source), *extra)
+    masks = load_checkpoint(os.path.join(run, "checkpoint", "checkpoint.pth.tar"))["masks"]
+    if method == "naivehess":
+        assert list(masks) == ["fc2"] and int(masks["fc2"].sum()) == n_keep(0.5, masks["fc2"].numel())
+    else:  # one global selection over all five layers
+        total = sum(m.numel() for m in masks.values())
+        assert len(masks) == 5 and sum(int(m.sum()) for m in masks.values()) == n_keep(0.5, total)
+    log = open(os.path.join(run, "run.log")).read()
+    assert f"prune epoch 0 step 1/1: {method} (" in log and log.count("prune epoch") == 1
