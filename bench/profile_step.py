@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.optim import OptimSettings  # noqa: E402
+from bench_step import settings  # noqa: E402  (this folder is the script's first path entry)
 from layers import MaskSet, to_masked  # noqa: E402
 from models import build_model  # noqa: E402
 from trainers.base import BaseTrainer  # noqa: E402
@@ -27,10 +27,6 @@ from trainers.bilevel import BilevelTrainer  # noqa: E402
 # Names (substrings) of the runtime calls that wait for the device.
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "Memcpy DtoH",
          "cudaMemcpy ")
-
-
-def settings(lr: float) -> OptimSettings:
-    return OptimSettings(optimizer="sgd", lr=lr, momentum=0.9, wd=5e-4, schedule="constant", epochs=1)
 
 
 def main() -> None:

@@ -183,24 +183,7 @@ def test_slimming_ranks_filters_by_hand_set_gamma_over_all_layers():
 
 
 # -- through the trainer ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["apoz", "meanact"])
-def test_exact_per_layer_counts_after_each_event(method):
-    model = tiny_net("filter", convs=2)
-    ms = MaskSet(model, k=0.3, granularity="filter", scope="layer")
-    t = trainer(model, ms, method)
-    assert t.scope == "layer"
-    loaders = tiny_loaders()
-    units = ms.unit_counts()
-    events = {e.epoch: e.sparsity for e in t.events}
-    for epoch in range(4):
-        t.set_epoch(epoch)
-        t.prune_to(events[epoch], epoch=epoch, loaders=loaders)
-        density = 0.3 if epoch == 3 else 1 - events[epoch]
-        assert [int(kept_filters(layer).sum()) for layer in ms.layers.values()] == [n_keep(density, u) for u in units]
-        for layer in ms.layers.values():
-            assert torch.equal(layer.mask.flatten(1).all(1), kept_filters(layer))
-            assert not layer.weight[~layer.mask].any()
-    assert t.pop_notes()[-1].startswith(f"prune epoch 3 step 1/1: {method} (layer)")
+# (exact per-layer counts after each event: tests/test_criteria_second_order.py, for apoz and meanact too)
 
 
 def test_slimming_keeps_exact_global_counts_after_each_event():

@@ -257,7 +257,8 @@ def test_kfac_refuses_a_grouped_conv_with_the_exclude_layers_hint():
 
 # -- through the trainer ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,granularity", [("naivehess", "unstructured"), ("naivehess", "filter"),
-                                                ("naivehess", "channel"), ("kfac", "unstructured")])
+                                                ("naivehess", "channel"), ("kfac", "unstructured"),
+                                                ("apoz", "filter"), ("meanact", "filter")])
 def test_exact_per_layer_counts_after_each_event(method, granularity):
     model = tiny_net(granularity, convs=2)
     ms = MaskSet(model, k=0.3, granularity=granularity, scope="layer")
@@ -274,6 +275,8 @@ def test_exact_per_layer_counts_after_each_event(method, granularity):
         assert kept == [n_keep(density, u) for u in units], epoch
         for layer in ms.layers.values():
             assert not layer.weight[~layer.mask].any()
+            if granularity == "filter":  # whole filters: a filter is kept entirely or not at all
+                assert torch.equal(layer.mask.flatten(1).all(1), kept_units(layer, granularity))
     assert t.pop_notes()[-1].startswith(f"prune epoch 3 step 1/1: {method} (layer")
 
 
