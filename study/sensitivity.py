@@ -17,6 +17,12 @@ the one layer whose next measured density costs the least loss increase per weig
 that would overshoot the budget is taken only part of the way, to the density that meets it exactly.
 The predicted loss is the sum of the layers' own increases (each measured with the others dense), the
 additive model of NNI's and Distiller's sensitivity-based allocations.
+
+``--budget D --budget-of flops`` budgets the masked layers' FLOPs instead (MACs per sample, from one forward
+pass: ``pruning.flops.flops_per_weight``): a step then costs loss per FLOP removed, so a layer whose
+weights are used at many positions (an early conv) is lowered first at equal loss, and the last step
+keeps the masked layers' FLOPs at most D times the dense ones, within one weight's FLOPs. The overall
+weight density this makes is the ``k`` of ``layer_k.json``, the ``--k`` that train.py must be given.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ from engine.evaluate import evaluate
 from layers import masked_layers, to_masked
 from layers.selector import n_keep, select_masks
 from models import build_model
+from pruning.flops import flops_per_weight
 from pruning.methods import PRUNE_METHODS
 from pruning.solver import OBSSolver
 
@@ -118,8 +125,10 @@ def measure(model: nn.Module, split: Any, *, densities: Sequence[float], granula
     return points
 
 
-def allocate(points: Sequence[Point], *, budget: float) -> dict[str, float]:
-    """Per-layer densities keeping exactly n_keep(budget, W) of the W weights, greedily (module docstring)."""
+def allocate(points: Sequence[Point], *, budget: float, costs: dict[str, int] | None = None) -> dict[str, float]:
+    """Per-layer densities keeping exactly n_keep(budget, W) of the W weights, greedily (module docstring).
+    ``costs``: FLOPs per weight of each layer; the budget is then the kept fraction of the layers' FLOPs,
+    met from below within one weight's FLOPs."""
     dense_loss = next(p.loss for p in points if p.layer == "")
     curves: dict[str, list[tuple[float, float]]] = {}
     sizes: dict[str, int] = {}
@@ -129,38 +138,48 @@ def allocate(points: Sequence[Point], *, budget: float) -> dict[str, float]:
             sizes[p.layer] = p.params
     for curve in curves.values():
         curve.sort(reverse=True)
+    per_weight = dict.fromkeys(curves, 1) if costs is None else {name: costs[name] for name in curves}
     total = sum(sizes.values())
-    target = n_keep(budget, total)
+    # the budget in cost units: exactly n_keep(budget, W) weights, or at most budget x the dense FLOPs
+    target = n_keep(budget, total) if costs is None else budget * sum(sizes[n] * per_weight[n] for n in curves)
     at = dict.fromkeys(curves, 0)  # index into each layer's curve
     kept = {name: sizes[name] for name in curves}
-    while sum(kept.values()) > target:
+
+    def spent() -> int:
+        return sum(kept[n] * per_weight[n] for n in curves)
+
+    while spent() > target:
         best, best_cost = None, math.inf
         for name, curve in curves.items():
             i = at[name]
             if i + 1 < len(curve):
-                removed = (curve[i][0] - curve[i + 1][0]) * sizes[name]
+                removed = (curve[i][0] - curve[i + 1][0]) * sizes[name] * per_weight[name]
                 cost = (curve[i + 1][1] - curve[i][1]) / max(removed, 1e-12)
                 if cost < best_cost:
                     best, best_cost = name, cost
         if best is None:
             lowest = min(p.density for p in points if p.layer)
+            unit = "weights" if costs is None else "FLOPs"
             raise UserError(f"--budget {budget:g} is below what the measured densities reach (every layer at "
-                            f"{lowest:g} keeps {sum(kept.values()):,} > {target:,} weights): add smaller --densities")
+                            f"{lowest:g} keeps {spent():,} > {target:,.0f} {unit}): add smaller --densities")
         next_density = curves[best][at[best] + 1][0]
-        excess = sum(kept.values()) - target
+        excess = spent() - target
         step = kept[best] - n_keep(next_density, sizes[best])
-        if step >= excess:  # part of the way: exactly the budget
-            kept[best] -= excess
+        if step * per_weight[best] >= excess:  # part of the way: the budget exactly (weights) or just met (FLOPs)
+            kept[best] -= math.ceil(excess / per_weight[best])
             break
         kept[best] = n_keep(next_density, sizes[best])
         at[best] += 1
-    densities = {}
-    for name, count in kept.items():
-        k = count / sizes[name]
-        while n_keep(k, sizes[name]) != count:  # the float round trip of the count rule, nudged back
-            k = math.nextafter(k, 2.0 if n_keep(k, sizes[name]) < count else 0.0)
-        densities[name] = k
-    return densities
+    return {name: density_of(count, sizes[name]) for name, count in kept.items()}
+
+
+def density_of(count: int, size: int) -> float:
+    """A density k with n_keep(k, size) == count: count / size, nudged back through the float round trip of
+    the count rule where it lands a count off."""
+    k = count / size
+    while n_keep(k, size) != count:
+        k = math.nextafter(k, 2.0 if n_keep(k, size) < count else 0.0)
+    return k
 
 
 def write_csv(points: Sequence[Point], path: str) -> None:
@@ -200,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-type", default="unstructured", choices=("unstructured", "filter", "channel"))
     p.add_argument("--budget", type=float, default=None, help="overall density: also write layer_k.json for "
                    "train.py --layer-k")
+    p.add_argument("--budget-of", default="weights", choices=("weights", "flops"),
+                   help="what --budget keeps a fraction of: the masked weights, or the masked layers' FLOPs")
     p.add_argument("--out", default=None, help="output folder (default: sensitivity/ beside the checkpoint's folder)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--no-progress", dest="progress", action="store_false")
@@ -223,6 +244,8 @@ def run(argv: Sequence[str]) -> int:
         raise UserError(f"--budget {args.budget:g}: an overall density in (0, 1)")
     if args.budget is not None and args.layer_type != "unstructured":
         raise UserError("--budget allocates weights: use --layer-type unstructured")
+    if args.budget_of == "flops" and args.budget is None:
+        raise UserError("--budget-of flops says what --budget counts: pass --budget too")
     if not os.path.isfile(args.checkpoint):
         raise UserError(f"{args.checkpoint} does not exist: pass a train.py checkpoint")
     model, split, split_name, _ = model_and_data(args.checkpoint, batch_size=args.batch_size)
@@ -238,11 +261,18 @@ def run(argv: Sequence[str]) -> int:
     print(f"wrote {os.path.join(out, 'sensitivity.csv')} and sensitivity.png ({split_name} split, "
           f"{len(points) - 1} measurements)")
     if args.budget is not None:
-        layer_k = allocate(points, budget=args.budget)
+        costs = None
+        if args.budget_of == "flops":
+            example = next(iter(split))[0][:1]
+            costs = flops_per_weight(model, example=example, layers=masked_layers(model))
+        layer_k = allocate(points, budget=args.budget, costs=costs)
+        sizes = {p.layer: p.params for p in points if p.layer}
+        k = density_of(sum(n_keep(v, sizes[name]) for name, v in layer_k.items()), sum(sizes.values()))
         path = os.path.join(out, "layer_k.json")
         with open(path, "w") as f:
-            json.dump({"budget": args.budget, "criterion": args.criterion, "layer_k": layer_k}, f, indent=1)
-        print(f"wrote {path}: per-layer densities for train.py --layer-k {path} --k {args.budget:g}")
+            json.dump({"budget": args.budget, "budget_of": args.budget_of, "k": k, "criterion": args.criterion,
+                       "layer_k": layer_k}, f, indent=1)
+        print(f"wrote {path}: per-layer densities for train.py --layer-k {path} --k {k!r}")
     return 0
 
 

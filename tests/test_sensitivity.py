@@ -29,6 +29,20 @@ def test_the_allocation_prunes_the_insensitive_layer_first_and_meets_the_budget_
     assert kept["robust"] == n_keep(0.1, 2000) and kept["fragile"] == n_keep(0.4, 3000) - n_keep(0.1, 2000)
 
 
+def test_a_flops_budget_lowers_the_layer_whose_weights_cost_most_flops_first_and_is_met_from_below():
+    points = [Point("", 3000, 1.0, 0, 99.0, 0.10)]
+    points += curve("early", 1000, [0.20, 0.40])   # the same losses per weight removed...
+    points += curve("late", 2000, [0.30, 0.70])    # ... as this one (twice the weights, twice the loss)
+    costs = {"early": 9, "late": 1}                # but each early weight is used at 9 positions
+    layer_k = allocate(points, budget=0.5, costs=costs)
+    kept = {"early": n_keep(layer_k["early"], 1000), "late": n_keep(layer_k["late"], 2000)}
+    flops = kept["early"] * 9 + kept["late"]
+    assert flops <= 0.5 * (1000 * 9 + 2000) < flops + 9  # met from below, within one weight's FLOPs
+    assert kept["late"] == 2000 and kept["early"] < 1000  # only the FLOP-heavy layer was lowered
+    weights = allocate(points, budget=0.5)  # the weight budget of the same curves lowers the other one
+    assert n_keep(weights["early"], 1000) + n_keep(weights["late"], 2000) == n_keep(0.5, 3000)
+
+
 def test_a_budget_below_the_measured_densities_is_one_line():
     from configs.errors import UserError
     points = [Point("", 100, 1.0, 0, 99.0, 0.1)] + curve("a", 100, [0.2, 0.3])
@@ -76,6 +90,16 @@ def test_sensitivity_measures_every_layer_and_its_budget_trains_with_exact_count
     assert [row["kept"] for row in summary["layers"]] == [n_keep(layer_k[row["name"]], row["params"])
                                                           for row in summary["layers"]]
     assert summary["masked_kept"] == n_keep(0.2, summary["masked_params"])
+    # A FLOPs budget: the file's k is the weight density it makes, which train.py then takes.
+    flops_out = tmp_path / "sens_flops"
+    assert sensitivity([ckpt, "--densities", "0.5,0.1", "--budget", "0.3", "--budget-of", "flops", "--out",
+                        str(flops_out), "--no-progress"]) == 0
+    made = json.load(open(flops_out / "layer_k.json"))
+    assert made["budget_of"] == "flops" and f"--k {made['k']!r}" in capsys.readouterr().out
+    run = run_ok(tmp_path / "pf", "--configs", "configs/Digits/hydra.yml", "--source-net", ckpt, "--k",
+                 repr(made["k"]), "--layer-k", str(flops_out / "layer_k.json"), "--epochs", "1")
+    summary = json.load(open(f"{run}/summary.json"))
+    assert summary["masked_kept"] == n_keep(made["k"], summary["masked_params"])
     # The gradual pruner and IMP take the same file: their last event / round gives each layer its own density.
     for trainer, extra in (("woodfisher", ["--configs", "configs/Digits/woodfisher.yml", "--prune-end", "1",
                                            "--prune-freq", "1", "--fisher-subsample-size", "16"]),
@@ -111,6 +135,8 @@ def test_layer_densities_reach_every_layer_k_exactly_at_the_run_k():
     (["--criterion", "naivehess"], "needs statistics read off the model"),
     (["--densities", "0.5,1.5"], "every density must lie in (0, 1)"),
     (["--layer-type", "filter", "--budget", "0.3"], "--budget allocates weights"),
+    (["--budget-of", "flops"], "pass --budget too"),
+    (["--budget-of", "params", "--budget", "0.3"], "invalid choice: 'params'"),
 ])
 def test_bad_sensitivity_input_is_one_line(tmp_path, capsys, args, needle):
     torch.save({"config": {"arch": "smallcnn"}, "state_dict": {}}, tmp_path / "x.pth")
