@@ -28,7 +28,8 @@
 #               rewind_epoch_R.pth.tar, saved by pretraining with --rewind-epoch R).
 #   REWIND_EPOCH  lth's rewind point, epochs into pretraining (default 1).
 #   PRE_EPOCHS PRUNE_EPOCHS FT_EPOCHS ROUND_EPOCHS   epochs of pretraining, pruning, fine-tuning and
-#               of one lth round (default: the configs'; a round: the pretrain config's).
+#               of one lth round (default: the configs'; a round: the pretrain config's). With PRUNE_EPOCHS,
+#               the gradual pruner's events are fitted into them (the last at epoch min(6, PRUNE_EPOCHS - 1)).
 #   OUT         the results folder (default results/study_DATASET_LAYERTYPE).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -110,7 +111,12 @@ for seed in $SEEDS; do
     if [ "${plain%+obs}" != "$plain" ]; then obs=(--obs-update); source_file=model_obs.pth.tar; fi
     case "$base" in
       bip|hydra) prune=(--configs "$CONFIGS/$base.yml" ${shape:+--k-schedule "$shape"}) ;;
-      *) prune=(--configs "$CONFIGS/woodfisher.yml" --prune-method "$base" ${shape:+--prune-schedule "$shape"}) ;;
+      *) prune=(--configs "$CONFIGS/woodfisher.yml" --prune-method "$base" ${shape:+--prune-schedule "$shape"})
+         if [ -n "${PRUNE_EPOCHS:-}" ]; then  # the gradual schedule fitted into the epochs given: last event at
+           # epoch min(6, E - 1) (the configs' 6 when it fits), about 4 events from epoch 0
+           last=$(( PRUNE_EPOCHS > 7 ? 6 : PRUNE_EPOCHS - 1 ))
+           prune+=(--prune-start 0 --prune-end "$last" --prune-freq "$(( last >= 3 ? last / 3 : 1 ))")
+         fi ;;
     esac
     for K in $KS; do
       exp="${TAG}_${method//:/_}_k${K}_s${seed}"
