@@ -2,6 +2,7 @@
 tree against another checkout of the project (e.g. the commit before a change), in one run.
 
     python bench/bench_event.py [--baseline /path/to/other/checkout] [--repeats 5] [--device auto] [--sum]
+                                [--rows-ratio]
 
 Cases:
 - digits:   smallcnn on the Digits data, the shipped config's Fisher (m 64 x 8 samples, blocks of
@@ -11,8 +12,20 @@ Cases:
 - resnet50: ResNet-50 (torchvision's, ImageNet stem) on 224x224 random images (1000 classes), m 64 x 1 sample, blocks of 2000 (the
             ImageNet config's), one event to 50 % (for a GPU: pass --cases resnet50 --device cuda).
 Each repeat runs every (case, tree) pair once in a fresh subprocess, round-robin, so that load from
-other processes affects both trees alike; the table gives medians and the baseline/ours ratio.
-Gradient collection time is reported separately where a tree logs it.
+other processes affects both trees alike; the table gives medians and the baseline/ours ratio, with
+the machine's load average over the run.
+
+Parts of the event (second table; medians): rows = the m gradient rows; inverse = forming the blockwise
+Fisher (Gram matrices, factors and diag(F^-1)), wherever it happens: for every layer before the
+statistic, and again in the update for the layers whose inverse did not fit the solver's keep budget;
+statistic = the rest of ``OBSSolver.scores``; update = the rest of ``OBSSolver.compensate`` (the joint
+solve, F^-1 s, writing the weights); other = the event's remainder (selection, FLOPs, masks). Parts are
+timed by wrapping the tree's functions, so a tree that lacks one leaves it blank.
+
+--rows-ratio (third table): the m gradient rows against dense backward passes over the same samples
+(same model in eval mode, the same cut into passes as the rows use, the weight gradients of the same
+layers), both from one materialised sample list, alternating, --ratio-repeats times each in the
+worker process, before the event; medians. The issue's goal is rows <= 3x backward.
 """
 from __future__ import annotations
 
@@ -22,6 +35,9 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from typing import Any
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +50,118 @@ CASES = {
 }
 
 
-def worker(case: str, device: str, extra: dict | None = None) -> dict:
+class PartTimer:
+    """Seconds spent inside wrapped functions, by part; a call nested in another wrapped call (of any
+    part) counts for the outer one only, so the parts never overlap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._depth = 0
+
+    def wrap(self, owner: Any, name: str, part: str) -> None:
+        fn = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if fn is None:  # a tree without this function: the part stays blank
+            return
+        timer = self
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if timer._depth:
+                return fn(*args, **kwargs)
+            timer._depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                timer._depth -= 1
+                timer.seconds[part] = timer.seconds.get(part, 0.0) + time.perf_counter() - t0
+
+        setattr(owner, name, timed)
+
+
+def wrap_parts(timer: PartTimer) -> Callable[[Callable[..., Any], str], Callable[..., Any]]:
+    """Time the inverse's own passes (any tree's names) as "inverse"; returns a wrapper that times a
+    solver phase and subtracts the inverse time spent inside it."""
+    from pruning import fisher_inverse
+    batch = getattr(fisher_inverse, "_BlockBatch", None)
+    if batch is not None:
+        # before this tree: __init__ built everything (Gram, factor, cholesky_inverse for diag); now:
+        # the Gram and diag(F^-1) passes run on first use
+        for name in ("__init__", "_primal_gram", "_primal_diag"):
+            timer.wrap(batch, name, "inverse")
+
+    def phase(fn: Callable[..., Any], part: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            before = timer.seconds.get("inverse", 0.0)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside = timer.seconds.get("inverse", 0.0) - before
+                timer.seconds[part] = timer.seconds.get(part, 0.0) + time.perf_counter() - t0 - inside
+        return timed
+    return phase
+
+
+def rows_vs_backward(trainer: Any, loaders: Any, *, repeats: int) -> dict:
+    """Seconds of the trainer's m gradient rows and of dense backward passes over the same samples, each
+    the median of ``repeats`` alternating runs on one materialised sample list (no data loading timed)."""
+    import torch
+    import torch.nn.functional as F
+    from pruning.solver import collect_rows
+    fisher, layers, model, device = trainer.fisher, trainer.maskset.layers, trainer.model, trainer.device
+    total = fisher.m * fisher.samples_per_grad
+    xs, ys, held = [], [], 0
+    for x, y in trainer.fisher_batches(loaders, epoch=0, substep=0):
+        xs.append(x)
+        ys.append(y)
+        held += len(y)
+        if held >= total:
+            break
+    X, Y = torch.cat(xs)[:total].to(device), torch.cat(ys)[:total].to(device)
+    width = sum(layer.weight.numel() for layer in layers.values())
+    try:
+        from pruning.gradients import pass_samples
+        cut = pass_samples(rows=fisher.m, samples_per_row=fisher.samples_per_grad, width=width,
+                           element_size=4, device_type=device.type, max_samples=fisher.max_samples)
+    except ImportError:  # a tree from before pass_samples: its fixed pass size
+        cut = 64
+    batches = [(X[i:i + cut], Y[i:i + cut]) for i in range(0, total, cut)]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def rows() -> None:
+        collect_rows(model, layers, iter(batches), fisher=fisher, device=device)
+
+    def backward() -> None:
+        was = model.training
+        model.eval()
+        flags = [layer.score_grad for layer in layers.values()]
+        for layer in layers.values():  # the rows' forward: weight * mask, no straight-through path
+            layer.score_grad = False
+        weights = [layer.weight for layer in layers.values()]
+        try:
+            for x, y in batches:
+                loss = F.cross_entropy(model(x), y, reduction="sum") / fisher.samples_per_grad
+                torch.autograd.grad(loss, weights)
+        finally:
+            for layer, flag in zip(layers.values(), flags):
+                layer.score_grad = flag
+            model.train(was)
+
+    times: dict[str, list[float]] = {"rows": [], "backward": []}
+    for _ in range(repeats):
+        for name, fn in (("rows", rows), ("backward", backward)):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()} | {"cut": cut}
+
+
+def worker(case: str, device: str, extra: dict | None = None, ratio_repeats: int = 0) -> dict:
     """Runs inside the tree under test (its root first on sys.path); prints one JSON line."""
     import torch
     from data.loaders import build_loaders
@@ -78,17 +205,36 @@ def worker(case: str, device: str, extra: dict | None = None) -> dict:
     except ImportError:  # options by keyword (a tree from before configs/options.py)
         trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=dev, weights=settings,
                                     progress=False, **options)
+    ratio = rows_vs_backward(trainer, loaders, repeats=ratio_repeats) if ratio_repeats else None
+    timer = PartTimer()
+    phase = wrap_parts(timer)
+    try:
+        from pruning.solver import OBSSolver
+        for name, part in (("scores", "statistic"), ("compensate", "update")):
+            setattr(OBSSolver, name, phase(getattr(OBSSolver, name), part))
+    except ImportError:  # a tree from before the shared solver: no parts
+        pass
     record = trainer.prune_step(c["sparsity"], epoch=0, loaders=loaders)
+    parts = dict(timer.seconds)
+    if record.get("grad_seconds") is not None:
+        parts["rows"] = record["grad_seconds"]
+        # the rows are collected before the solver's phases; the event's remainder is "other"
+        parts["other"] = record["seconds"] - sum(parts.get(k, 0.0) for k in ("rows", "inverse", "statistic", "update"))
     return {"seconds": record["seconds"], "grad_seconds": record.get("grad_seconds"),
-            "sparsity": record["sparsity"]}
+            "sparsity": record["sparsity"], "parts": parts, "ratio": ratio}
 
 
-def run_in(tree: str, case: str, device: str, extra: dict | None = None) -> dict:
+def run_in(tree: str, case: str, device: str, extra: dict | None = None, ratio_repeats: int = 0) -> dict:
     code = (f"import sys; sys.path.insert(0, {tree!r}); sys.path.insert(1, {HERE + '/bench'!r}); "
             f"import os; os.chdir({tree!r}); import json, bench_event; "
-            f"print(json.dumps(bench_event.worker({case!r}, {device!r}, {extra!r})))")
+            f"print(json.dumps(bench_event.worker({case!r}, {device!r}, {extra!r}, {ratio_repeats!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r["parts"][key] for r in rows if r.get("parts") and key in r["parts"]]
+    return statistics.median(values) if values else None
 
 
 def main() -> None:
@@ -99,7 +245,12 @@ def main() -> None:
     parser.add_argument("--cases", default="digits,resnet20,resnet20-config")
     parser.add_argument("--sum", action="store_true",
                         help="also time this tree with --obs-solve sum (WoodFisher's summed update, no joint solve)")
+    parser.add_argument("--rows-ratio", action="store_true",
+                        help="also time the gradient rows against dense backward passes over the same samples")
+    parser.add_argument("--ratio-repeats", type=int, default=3,
+                        help="alternating runs of rows and backward per worker for --rows-ratio")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     trees: dict[str, tuple[str, dict | None]] = {"ours": (HERE, None)}
     if args.sum:
         trees["ours, sum"] = (HERE, {"obs_solve": "sum"})
@@ -110,7 +261,8 @@ def main() -> None:
     for r in range(args.repeats):
         for case in cases:
             for tree_name, (tree, extra) in trees.items():
-                times[(case, tree_name)].append(run_in(tree, case, args.device, extra))
+                repeats = args.ratio_repeats if args.rows_ratio else 0
+                times[(case, tree_name)].append(run_in(tree, case, args.device, extra, repeats))
         print(f"repeat {r + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     print("| case | tree | event s (median) | gradients s | sparsity |")
     print("|---|---|---|---|---|")
@@ -127,6 +279,34 @@ def main() -> None:
             for name in (n for n in trees if n != "baseline"):
                 ours = statistics.median(r["seconds"] for r in times[(case, name)])
                 print(f"| {case} | baseline / {name} | **{base / ours:.2f}x** | | |")
+    print()
+    print("| case | tree | rows s | inverse s | statistic s | update s | other s |")
+    print("|---|---|---|---|---|---|---|")
+    for case in cases:
+        for tree_name in trees:
+            cells = [_median(times[(case, tree_name)], k) for k in ("rows", "inverse", "statistic", "update", "other")]
+            print(f"| {case} | {tree_name} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
+    if args.rows_ratio:
+        print()
+        print("| case | tree | samples per pass | rows s | dense backward s | rows / backward |")
+        print("|---|---|---|---|---|---|")
+        for case in cases:
+            for tree_name in trees:
+                ratios = [r["ratio"] for r in times[(case, tree_name)] if r.get("ratio")]
+                if not ratios:
+                    continue
+                rows_s = statistics.median(r["rows"] for r in ratios)
+                back_s = statistics.median(r["backward"] for r in ratios)
+                print(f"| {case} | {tree_name} | {ratios[0]['cut']} | {rows_s:.3f} | {back_s:.3f} | "
+                      f"**{statistics.median(r['rows'] / r['backward'] for r in ratios):.2f}x** |")
+    load_after = os.getloadavg()
+    print(f"\nload average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
+          f"on {os.cpu_count()} CPUs, torch threads {_threads()}")
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
 
 
 if __name__ == "__main__":

@@ -110,6 +110,21 @@ def _piece_grads(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor, pieces: in
     return gw.view(pieces, *layer.weight.shape)
 
 
+def pass_samples(*, rows: int, samples_per_row: int, width: int, element_size: int, device_type: str,
+                 max_samples: int | None = None, budget_bytes: int | None = None) -> int:
+    """Samples per forward/backward pass of ``collect_gradients`` for ``rows`` rows of ``samples_per_row``
+    over ``width`` (D) weights: whole pieces (``piece_size``), at most PASS_SAMPLES of the device, and
+    no more rows' gradients (rows x D floats) than the budget. bench/bench_event.py cuts its dense
+    backward passes the same way."""
+    p = piece_size(samples_per_row, max_samples)
+    pieces_per_row = samples_per_row // p
+    total = rows * pieces_per_row
+    budget = budget_bytes or (GPU_BUDGET_BYTES if device_type == "cuda" else CPU_BUDGET_BYTES)
+    per_pass = max(1, min(total, max(1, PASS_SAMPLES.get(device_type, SAMPLES_PER_PASS) // p),
+                          max(1, budget // max(1, width * element_size)) * pieces_per_row))
+    return per_pass * p
+
+
 @torch.no_grad()
 def collect_gradients(
     model: nn.Module,
@@ -145,10 +160,10 @@ def collect_gradients(
     p = piece_size(samples_per_row, max_samples)
     pieces_per_row = samples_per_row // p
     total = rows * pieces_per_row
-    budget = budget_bytes or (GPU_BUDGET_BYTES if device.type == "cuda" else CPU_BUDGET_BYTES)
     # pieces per pass: bounded by the samples of one pass, and by the row gradients it makes
-    per_pass = max(1, min(total, max(1, PASS_SAMPLES.get(device.type, SAMPLES_PER_PASS) // p),
-                          max(1, budget // max(1, D * mods[0].weight.element_size())) * pieces_per_row))
+    per_pass = pass_samples(rows=rows, samples_per_row=samples_per_row, width=D,
+                            element_size=mods[0].weight.element_size(), device_type=device.type,
+                            max_samples=max_samples, budget_bytes=budget_bytes) // p
     calls: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def keep_io(index: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
