@@ -3,6 +3,12 @@ without and with the OBS compensation of the weights the learned mask removes, o
 
     python bench/obs_update_study.py [--result-dir results/obs_update_study] [--methods hydra bip]
                                      [--ks 0.05 0.02] [--seeds 1 2 3] [--pretrained CKPT]
+                                     [--solvers fisher fisher-steps4 layerwise] [--finetune-epochs N]
+
+With ``--solvers`` the prune run has no compensation; each solver compensates at the start of its own
+fine-tune of the prune run's last checkpoint (``--obs-update`` in finetune mode, the solver's flags below),
+next to one fine-tune without: a table row per method, k and solver, with the top-1 just before and just
+after the compensation, the scales the line search kept and the top-1 after fine-tuning.
 
 Procedure (every run is ``train.py`` in a subprocess, with this interpreter):
 1. pretrain once (configs/Digits/pretrain.yml) unless ``--pretrained`` names a dense checkpoint;
@@ -85,6 +91,55 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --solvers: the flags of each compensation (engine.obs_update)
+SOLVERS = {"fisher": [], "fisher-steps4": ["--obs-update-steps", "4"], "layerwise": ["--obs-update-solver", "layerwise"]}
+
+
+def solver_table(rows: list[dict]) -> str:
+    lines = ["| method | k | compensation | top-1 before | top-1 after compensating | scales (per seed) "
+             "| after fine-tuning |", "|---|---|---|---|---|---|---|"]
+    groups: dict[tuple[str, float, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["k"], row["solver"]), []).append(row)
+    for (method, k, solver), group in groups.items():
+        def col(key: str) -> str:
+            return mean_std([r[key] for r in group if r[key] is not None])
+        scales = ", ".join(f"{r['scale']:g}" for r in group) if solver != "none" else "-"
+        lines.append(f"| {method} | {k:g} | {solver} | {col('top1_before')} | {col('top1_after')} | {scales} "
+                     f"| {col('finetune_top1')} |")
+    return "\n".join(lines)
+
+
+def solver_rows(args: argparse.Namespace, *, pretrained: str, common: list[str], fisher: list[str],
+                log_dir: str) -> list[dict]:
+    """--solvers: per method, k and seed, one prune run, then a fine-tune without and one per solver."""
+    rows = []
+    for method in args.methods:
+        for k in args.ks:
+            for seed in args.seeds:
+                tag = f"{method}_k{k:g}_s{seed}"
+                print(tag, flush=True)
+                prune_dir, prune, _ = train(
+                    ["--configs", f"configs/Digits/{method}.yml", *common, "--exp-name", f"{tag}_prune",
+                     "--k", str(k), "--seed", str(seed), "--source-net", pretrained], log_dir=log_dir,
+                    tag=f"{tag}_prune")
+                finetune = ["--configs", "configs/Digits/finetune.yml", *common, "--k", str(k), "--seed", str(seed),
+                            "--scope", prune["scope"], "--source-net",
+                            os.path.join(prune_dir, "checkpoint", "checkpoint.pth.tar")]
+                if args.finetune_epochs:
+                    finetune += ["--epochs", str(args.finetune_epochs)]
+                for solver in ["none", *args.solvers]:
+                    extra = [] if solver == "none" else ["--obs-update", *fisher, *SOLVERS[solver]]
+                    _, done, _ = train([*finetune, "--exp-name", f"{tag}_ft_{solver}", *extra], log_dir=log_dir,
+                                       tag=f"{tag}_ft_{solver}")
+                    obs = (done.get("obs_update") or {}).get("finetune_start", {})
+                    rows.append({"method": method, "k": k, "seed": seed, "solver": solver,
+                                 "top1_before": obs.get("test_top1_before"), "top1_after": obs.get("test_top1_after"),
+                                 "scale": obs.get("scale"), "line_search_losses": obs.get("line_search_losses"),
+                                 "finetune_top1": done["test_top1"], "prune_run": prune_dir})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +153,9 @@ def main() -> None:
     parser.add_argument("--fisher-mini-bsz", type=int, default=8)
     parser.add_argument("--fittable-params", type=int, default=512)
     parser.add_argument("--json-out", default=None, help="also write the raw rows to this file")
+    parser.add_argument("--solvers", nargs="+", default=None, choices=sorted(SOLVERS),
+                        help="compensate at the start of fine-tuning with each of these (see the module docstring)")
+    parser.add_argument("--finetune-epochs", type=int, default=None, help="epochs of each fine-tune (default: config)")
     args = parser.parse_args()
 
     started = time.monotonic()
@@ -116,6 +174,15 @@ def main() -> None:
         pretrained = os.path.join(pre_dir, "checkpoint", "model_best.pth.tar")
         pre_top1 = pre_summary["test_top1"]
 
+    if args.solvers:
+        rows = solver_rows(args, pretrained=pretrained, common=common, fisher=fisher, log_dir=log_dir)
+        print(f"\npretrained: {pretrained}; Fisher: m {args.fisher_subsample_size} x {args.fisher_mini_bsz} samples, "
+              f"blocks of {args.fittable_params}; wall time {time.monotonic() - started:.0f}s\n")
+        print(solver_table(rows))
+        if args.json_out:
+            with open(args.json_out, "w", encoding="utf-8") as fh:
+                json.dump({"rows": rows, "pretrained": pretrained}, fh, indent=1)
+        return
     rows = []
     for method in args.methods:
         for k in args.ks:
