@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FOLDER = re.compile(r"run folder: (.+)$", re.M)
@@ -110,33 +111,43 @@ def solver_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def solver_rows(args: argparse.Namespace, *, pretrained: str, common: list[str], fisher: list[str],
-                log_dir: str) -> list[dict]:
-    """--solvers: per method, k and seed, one prune run, then a fine-tune without and one per solver."""
-    rows = []
+def cases(args: argparse.Namespace) -> Iterator[tuple[str, float, int, str]]:
+    """(method, k, seed, tag) of every prune run, announced as it starts."""
     for method in args.methods:
         for k in args.ks:
             for seed in args.seeds:
                 tag = f"{method}_k{k:g}_s{seed}"
                 print(tag, flush=True)
-                prune_dir, prune, _ = train(
-                    ["--configs", f"configs/Digits/{method}.yml", *common, "--exp-name", f"{tag}_prune",
-                     "--k", str(k), "--seed", str(seed), "--source-net", pretrained], log_dir=log_dir,
-                    tag=f"{tag}_prune")
-                finetune = ["--configs", "configs/Digits/finetune.yml", *common, "--k", str(k), "--seed", str(seed),
-                            "--scope", prune["scope"], "--source-net",
-                            os.path.join(prune_dir, "checkpoint", "checkpoint.pth.tar")]
-                if args.finetune_epochs:
-                    finetune += ["--epochs", str(args.finetune_epochs)]
-                for solver in ["none", *args.solvers]:
-                    extra = [] if solver == "none" else ["--obs-update", *fisher, *SOLVERS[solver]]
-                    _, done, _ = train([*finetune, "--exp-name", f"{tag}_ft_{solver}", *extra], log_dir=log_dir,
-                                       tag=f"{tag}_ft_{solver}")
-                    obs = (done.get("obs_update") or {}).get("finetune_start", {})
-                    rows.append({"method": method, "k": k, "seed": seed, "solver": solver,
-                                 "top1_before": obs.get("test_top1_before"), "top1_after": obs.get("test_top1_after"),
-                                 "scale": obs.get("scale"), "line_search_losses": obs.get("line_search_losses"),
-                                 "finetune_top1": done["test_top1"], "prune_run": prune_dir})
+                yield method, k, seed, tag
+
+
+def prune_run(method: str, k: float, seed: int, tag: str, *, pretrained: str, common: list[str], log_dir: str,
+              extra: Sequence[str] = ()) -> tuple[str, dict, str]:
+    return train(["--configs", f"configs/Digits/{method}.yml", *common, "--exp-name", f"{tag}_prune", "--k", str(k),
+                  "--seed", str(seed), "--source-net", pretrained, *extra], log_dir=log_dir, tag=f"{tag}_prune")
+
+
+def solver_rows(args: argparse.Namespace, *, pretrained: str, common: list[str], fisher: list[str],
+                log_dir: str) -> list[dict]:
+    """--solvers: per method, k and seed, one prune run, then a fine-tune without and one per solver."""
+    rows = []
+    for method, k, seed, tag in cases(args):
+        prune_dir, prune, _ = prune_run(method, k, seed, tag, pretrained=pretrained, common=common,
+                                        log_dir=log_dir)
+        finetune = ["--configs", "configs/Digits/finetune.yml", *common, "--k", str(k), "--seed", str(seed),
+                    "--scope", prune["scope"], "--source-net",
+                    os.path.join(prune_dir, "checkpoint", "checkpoint.pth.tar")]
+        if args.finetune_epochs:
+            finetune += ["--epochs", str(args.finetune_epochs)]
+        for solver in ["none", *args.solvers]:
+            extra = [] if solver == "none" else ["--obs-update", *fisher, *SOLVERS[solver]]
+            _, done, _ = train([*finetune, "--exp-name", f"{tag}_ft_{solver}", *extra], log_dir=log_dir,
+                               tag=f"{tag}_ft_{solver}")
+            obs = (done.get("obs_update") or {}).get("finetune_start", {})
+            rows.append({"method": method, "k": k, "seed": seed, "solver": solver,
+                         "top1_before": obs.get("test_top1_before"), "top1_after": obs.get("test_top1_after"),
+                         "scale": obs.get("scale"), "line_search_losses": obs.get("line_search_losses"),
+                         "finetune_top1": done["test_top1"], "prune_run": prune_dir})
     return rows
 
 
@@ -184,38 +195,32 @@ def main() -> None:
                 json.dump({"rows": rows, "pretrained": pretrained}, fh, indent=1)
         return
     rows = []
-    for method in args.methods:
-        for k in args.ks:
-            for seed in args.seeds:
-                tag = f"{method}_k{k:g}_s{seed}"
-                print(tag, flush=True)
-                prune_dir, prune, _ = train(
-                    ["--configs", f"configs/Digits/{method}.yml", *common, "--exp-name", f"{tag}_prune",
-                     "--k", str(k), "--seed", str(seed), "--source-net", pretrained, "--obs-update", *fisher],
-                    log_dir=log_dir, tag=f"{tag}_prune")
-                obs = prune["obs_update"]["prune_end"]
-                finetune = ["--configs", "configs/Digits/finetune.yml", *common, "--k", str(k), "--seed", str(seed),
-                            "--scope", prune["scope"]]
-                _, without, out_without = train(
-                    [*finetune, "--exp-name", f"{tag}_ft_without",
-                     "--source-net", os.path.join(prune_dir, "checkpoint", "checkpoint.pth.tar")],
-                    log_dir=log_dir, tag=f"{tag}_ft_without")
-                _, with_, out_with = train(
-                    [*finetune, "--exp-name", f"{tag}_ft_with", "--source-net", obs["checkpoint"]],
-                    log_dir=log_dir, tag=f"{tag}_ft_with")
-                rows.append({
-                    "method": method, "k": k, "seed": seed,
-                    "prune_top1_without": obs["test_top1_before"], "prune_top1_with": obs["test_top1_after"],
-                    "scale": obs["scale"], "line_search_losses": obs["line_search_losses"],
-                    "removed": obs["removed"], "obs_seconds": obs["seconds"],
-                    "prune_best_val_top1": prune["best_val_top1"], "prune_sparsity": prune["sparsity"],
-                    "finetune_top1_without": without["test_top1"], "finetune_top1_with": with_["test_top1"],
-                    # each fine-tune's source as it logged it (val top-1, not test): a check of the two sources
-                    "finetune_start_val_top1_without": source_top1(out_without),
-                    "finetune_start_val_top1_with": source_top1(out_with),
-                    "prune_run": prune_dir, "prune_wall_s": prune["wall_seconds"],
-                    "finetune_wall_s": [without["wall_seconds"], with_["wall_seconds"]],
-                })
+    for method, k, seed, tag in cases(args):
+        prune_dir, prune, _ = prune_run(method, k, seed, tag, pretrained=pretrained, common=common,
+                                        log_dir=log_dir, extra=["--obs-update", *fisher])
+        obs = prune["obs_update"]["prune_end"]
+        finetune = ["--configs", "configs/Digits/finetune.yml", *common, "--k", str(k), "--seed", str(seed),
+                    "--scope", prune["scope"]]
+        _, without, out_without = train(
+            [*finetune, "--exp-name", f"{tag}_ft_without",
+             "--source-net", os.path.join(prune_dir, "checkpoint", "checkpoint.pth.tar")],
+            log_dir=log_dir, tag=f"{tag}_ft_without")
+        _, with_, out_with = train(
+            [*finetune, "--exp-name", f"{tag}_ft_with", "--source-net", obs["checkpoint"]],
+            log_dir=log_dir, tag=f"{tag}_ft_with")
+        rows.append({
+            "method": method, "k": k, "seed": seed,
+            "prune_top1_without": obs["test_top1_before"], "prune_top1_with": obs["test_top1_after"],
+            "scale": obs["scale"], "line_search_losses": obs["line_search_losses"],
+            "removed": obs["removed"], "obs_seconds": obs["seconds"],
+            "prune_best_val_top1": prune["best_val_top1"], "prune_sparsity": prune["sparsity"],
+            "finetune_top1_without": without["test_top1"], "finetune_top1_with": with_["test_top1"],
+            # each fine-tune's source as it logged it (val top-1, not test): a check of the two sources
+            "finetune_start_val_top1_without": source_top1(out_without),
+            "finetune_start_val_top1_with": source_top1(out_with),
+            "prune_run": prune_dir, "prune_wall_s": prune["wall_seconds"],
+            "finetune_wall_s": [without["wall_seconds"], with_["wall_seconds"]],
+        })
 
     wall = time.monotonic() - started
     print()
