@@ -94,7 +94,7 @@ def test_hydra_and_bip_steps_never_synchronise_after_the_first(trainer_cls):
     """torch.cuda.set_sync_debug_mode("error") raises at any call that waits for the device: 20 HYDRA / BiP steps
     after the first run under it (the epoch loop's reads happen on the steps that print; tests/test_dispatch_count.py
     checks them by count on every device)."""
-    x, y = data(16)
+    x, y = (t.to(GPU) for t in data(16))  # on the device already: the test is about the step, not the input copy
     model = net().to(GPU)
     ms = MaskSet(model, k=0.2, granularity="unstructured", scope="global")
     extra = {} if trainer_cls is BaseTrainer else {"score_optim": sgd(0.1), "options": BilevelOptions()}
