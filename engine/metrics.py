@@ -1,4 +1,4 @@
-"""Accuracy and running averages."""
+"""Top-k accuracy counts (on the device, or read back as ints)."""
 from __future__ import annotations
 
 import torch
@@ -17,19 +17,3 @@ def correct_topk_counts(logits: torch.Tensor, target: torch.Tensor, ks: tuple[in
 def correct_topk(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """``correct_topk_counts`` read back as Python ints."""
     return [int(c) for c in correct_topk_counts(logits, target, ks).tolist()]
-
-
-class Average:
-    """Weighted running mean."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.count = 0
-
-    def update(self, value: float, n: int = 1) -> None:
-        self.total += value * n
-        self.count += n
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.count if self.count else float("nan")
