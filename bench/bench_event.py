@@ -35,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,12 +52,16 @@ CASES = {
 
 
 class PartTimer:
-    """Seconds spent inside wrapped functions, by part; a call nested in another wrapped call (of any
-    part) counts for the outer one only, so the parts never overlap."""
+    """Wall seconds spent inside wrapped functions, by part; a call nested in another wrapped call (of any
+    part) counts for the outer one only, so the parts never overlap. Calls running side by side in
+    several threads (the inverse's CPU batches) count once, for the time any of them runs."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
-        self._depth = 0
+        self._depth = threading.local()
+        self._lock = threading.Lock()
+        self._running: dict[str, int] = {}
+        self._since: dict[str, float] = {}
 
     def wrap(self, owner: Any, name: str, part: str) -> None:
         fn = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
@@ -65,15 +70,23 @@ class PartTimer:
         timer = self
 
         def timed(*args: Any, **kwargs: Any) -> Any:
-            if timer._depth:
+            depth = getattr(timer._depth, "n", 0)
+            if depth:
                 return fn(*args, **kwargs)
-            timer._depth += 1
-            t0 = time.perf_counter()
+            timer._depth.n = 1
+            with timer._lock:
+                if not timer._running.get(part):
+                    timer._since[part] = time.perf_counter()
+                timer._running[part] = timer._running.get(part, 0) + 1
             try:
                 return fn(*args, **kwargs)
             finally:
-                timer._depth -= 1
-                timer.seconds[part] = timer.seconds.get(part, 0.0) + time.perf_counter() - t0
+                timer._depth.n = 0
+                with timer._lock:
+                    timer._running[part] -= 1
+                    if not timer._running[part]:
+                        elapsed = time.perf_counter() - timer._since[part]
+                        timer.seconds[part] = timer.seconds.get(part, 0.0) + elapsed
 
         setattr(owner, name, timed)
 

@@ -12,7 +12,6 @@ Available memory: free CUDA memory on a GPU; MemAvailable of /proc/meminfo on th
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -22,6 +21,7 @@ from torch import nn
 
 from configs.errors import UserError
 from configs.options import FisherOptions
+from pruning.free_memory import available_bytes
 from pruning.gradients import piece_size
 
 
@@ -45,24 +45,6 @@ def size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} bytes"
-
-
-def available_bytes(device: torch.device, *, on_host: bool = False) -> int | None:
-    """Free memory where an allocation would go, or None where it cannot be read."""
-    if device.type == "cuda" and not on_host:
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def meta_model(build: Callable[[], nn.Module]) -> nn.Module:

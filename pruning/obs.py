@@ -75,6 +75,8 @@ class FisherInverse(Protocol):
 
     def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor: ...
 
+    def pruned_mul(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor: ...
+
 
 class EmpiricalFisherInverseLike(FisherInverse, Protocol):
     """Group OBS also needs ([F^-1]_QQ)^-1 w_Q per group (``EmpiricalFisherInverse.group_solve``)."""
@@ -176,8 +178,10 @@ def obs_update(
     dead = q | ~alive
     if scale_prune_update == 0:
         return _finish(w, dead, weight)
-    s = pruned_solve(fisher_inverse, w, q, joint=joint)
-    w_new = w - scale_prune_update * fisher_inverse.mul(s)
+    if joint:  # F^-1 s in one call (``pruned_mul``: from F_RR alone where that is cheaper)
+        w_new = w - scale_prune_update * fisher_inverse.pruned_mul(w, q)
+    else:
+        w_new = w - scale_prune_update * fisher_inverse.mul(pruned_solve(fisher_inverse, w, q, joint=False))
     return _finish(w_new, dead, weight)
 
 
@@ -344,10 +348,10 @@ def group_obs_update(
         return _finish(w, dead, weight)
     q_weights = q.repeat_interleave(group_size)
     if joint:
-        s = fisher_inverse.solve_pruned(w, q_weights)
-    else:
-        u = fisher_inverse.group_solve(w, group_size=group_size) if solved is None else solved
-        s = torch.where(q_weights, u.reshape(-1), torch.zeros((), dtype=u.dtype, device=u.device))
+        w_new = w - scale_prune_update * fisher_inverse.pruned_mul(w, q_weights)
+        return _finish(w_new, dead, weight)
+    u = fisher_inverse.group_solve(w, group_size=group_size) if solved is None else solved
+    s = torch.where(q_weights, u.reshape(-1), torch.zeros((), dtype=u.dtype, device=u.device))
     w_new = w - scale_prune_update * fisher_inverse.mul(s.to(w.dtype))
     return _finish(w_new, dead, weight)
 

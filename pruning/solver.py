@@ -54,6 +54,7 @@ from layers.masked import MaskedLayer
 from layers.selector import STRUCTURED, select_masks
 from pruning.activations import UnitProbe, activation_stats, batchnorm_gammas
 from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
+from pruning.free_memory import available_bytes
 from pruning.gradients import collect_gradients
 from pruning.methods import PruneMethod, selector_scores
 from pruning.obs import LayerCurvature, group_permutation
@@ -189,6 +190,7 @@ class OBSSolver:
         self.record = StepRecord()
         self._prepared: dict[int, _Prepared] = {}
         self._kept_bytes = 0
+        self._budget: int | None = None  # the step's keep budget (``_keep_budget``), read at its first use
         self._peak_bytes = 0
         self._nan = torch.zeros((), dtype=torch.bool, device=self.device)  # any NaN statistic this step
         offsets, start = [], 0
@@ -302,7 +304,9 @@ class OBSSolver:
             self._peak_bytes = max(self._peak_bytes, self._kept_bytes + staged + staging)
         prepared = _Prepared(w=w, alive=alive, perm=perm, group_size=gsize, inverse=inverse, grad_mean=grad_mean,
                              rows=rows, solved=None, kept_bytes=kept)
-        if self._kept_bytes + kept <= self._keep_budget():
+        if self._budget is None:  # read once per step: what is free now, with G allocated
+            self._budget = self._keep_budget()
+        if self._kept_bytes + kept <= self._budget:
             self._prepared[i] = prepared
             self._kept_bytes += kept
         return prepared
@@ -334,13 +338,17 @@ class OBSSolver:
         return index[order].reshape(-1), per_unit * filter_size
 
     def _keep_budget(self) -> int:
-        """Bytes of inverses kept between scoring and updating (the rest are rebuilt): as much as G
-        takes on the device, or, with G offloaded to the host, a quarter of the free GPU memory."""
+        """Bytes of inverses kept between scoring and updating (the rest are rebuilt for the update, the
+        same numbers at the cost of their Gram matrices once more): with G on the device, as much as G
+        takes or half the memory free there, whichever is more (a primal block's F_b weighs 2c/m times
+        its columns of G, so the whole set can outweigh G up to twice); with G offloaded to the host, a
+        quarter of the free GPU memory."""
         if self.G is None:
             return 0
         if self._offloaded():
             return torch.cuda.mem_get_info(self.device)[0] // 4
-        return self.G.numel() * self.G.element_size()
+        free = available_bytes(self.device)
+        return max(self.G.numel() * self.G.element_size(), (free or 0) // 2)
 
     def _inverse(self, cols: torch.Tensor | None, group_size: int) -> EmpiricalFisherInverse | DiagonalFisher | None:
         kind = self.method.fisher
@@ -356,7 +364,7 @@ class OBSSolver:
 
     def free_inverses(self) -> None:
         self._prepared.clear()
-        self._kept_bytes = 0
+        self._kept_bytes, self._budget = 0, None
 
     def _statistic(self, i: int) -> tuple[torch.Tensor, _Prepared]:
         """The method's statistic of group ``i`` in its permuted order (per weight, or per
@@ -462,7 +470,7 @@ class OBSSolver:
                 if p.inverse is not None:
                     singular = singular | p.inverse.failed()
                 self._prepared.pop(i, None)  # the weights moved: this group's cache is stale
-            self._kept_bytes = 0
+            self._kept_bytes, self._budget = 0, None
             for name, layer in self.layers.items():
                 layer.mask.copy_(new_masks[name].to(layer.mask.device, torch.bool))
                 layer.weight.mul_(layer.mask)

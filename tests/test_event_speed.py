@@ -185,6 +185,78 @@ def test_joint_solve_sets_of_any_size_including_none_and_all():
     assert torch.equal(w_new[:16], w[:16])  # nothing pruned in block 0: nothing moves
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("c", [96, 160])  # below and above _REDUCED_FROM: batched / per block from F_RR
+def test_the_joint_move_from_F_RR_is_the_kkt_optimum_on_every_path(c, n_threads, monkeypatch):
+    """pruned_mul (u = F^-1 s; the move is -u) against the KKT optimum and against mul(solve_pruned),
+    with F_b kept (diag first), deferred (nothing formed yet: F_b from G) and a factor already held (the
+    batched path), for blocks with nothing, one weight, all but one and all of it pruned."""
+    from pruning import fisher_inverse
+    m, d = c + 32, 4 * c + c // 2
+    G = gradients(m, d, seed=c)
+    w = torch.randn(d, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    v = torch.randn(d, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    Q = pruned_set(d, seed=16, fraction=0.4)
+    Q[:c] = False                   # block 0: nothing
+    Q[c:2 * c] = True               # block 1: all of it
+    Q[2 * c:3 * c] = False          # block 2: one weight
+    Q[2 * c + 5] = True
+    Q[3 * c:4 * c] = True           # block 3: all but one; the tail: 40 %
+    Q[3 * c + 7] = False
+    reduced = []
+    original = fisher_inverse._BlockBatch._primal_reduced_pruned_mul
+    monkeypatch.setattr(fisher_inverse._BlockBatch, "_primal_reduced_pruned_mul",
+                        lambda self, t, p: reduced.append(1) or original(self, t, p))
+    fresh = lambda: EmpiricalFisherInverse(G, block_size=c, damp=DAMP)  # noqa: E731
+    with threads(n_threads):
+        kept = fresh()
+        kept.diag()
+        u_kept = kept.pruned_mul(w, Q)
+        u_deferred = fresh().pruned_mul(w, Q)
+        held = fresh()
+        held.mul(v)  # a factor in the original order: the batched joint solve
+        u_held = held.pruned_mul(w, Q)
+        ref = fresh()
+        u_ref = ref.mul(ref.solve_pruned(w, Q))
+        after = kept.mul(v)  # F_b is still what is kept
+    # kept and deferred: their full blocks, one batch per thread (side by side, ``_PARALLEL_FROM``)
+    assert len(reduced) == (2 * n_threads if c >= fisher_inverse._REDUCED_FROM else 0)
+    bounds = torch.tensor_split(torch.arange(d), list(range(c, d, c)))
+    blocks = fisher_blocks(G, c)
+    dw = torch.cat([kkt(F, w[i], Q[i]) if bool(Q[i].any()) else torch.zeros(i.numel(), dtype=torch.float64)
+                    for F, i in zip(blocks, bounds)])
+    for u in (u_kept, u_deferred, u_held, u_ref):
+        assert rel(-u, dw) < 1e-7
+        assert torch.equal(u[Q], w[Q]) or rel(u[Q], w[Q]) < 1e-12  # the pruned coordinates go to 0
+    diff = (u_kept != u_deferred).nonzero()
+    assert torch.equal(u_kept[:4 * c], u_deferred[:4 * c]), diff  # F_b kept or formed again: the same bits
+    assert bool((u_kept[:c] == 0).all())  # nothing pruned in block 0: nothing moves
+    expect = torch.cat([torch.linalg.solve(F, v[i]) for F, i in zip(blocks, bounds)])
+    assert rel(after, expect) < 1e-8
+
+
+@pytest.mark.parametrize("m,c", [(192, 160), (96, 160)])  # primal, dual
+def test_side_by_side_batches_give_a_one_thread_runs_bits_and_restore_the_thread_count(m, c):
+    """With 2 CPU threads the full blocks run as 2 batches of 1 thread each: the same numbers as the whole
+    object on 1 thread, the caller's thread count back afterwards, and the peak planned for both at once."""
+    d = 5 * c + 40
+    G = gradients(m, d, seed=17)
+    w = torch.randn(d, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    Q = pruned_set(d, seed=19)
+    results = {}
+    for n in (1, 2):
+        with threads(n):
+            inv = EmpiricalFisherInverse(G, block_size=c, damp=DAMP)
+            results[n] = (inv.diag(), inv.pruned_mul(w, Q), inv.mul(w), inv.failed())
+            assert torch.get_num_threads() == n
+        assert len(inv._parts) == n + 1  # the full blocks' batches and the short last block
+        if n == 2:
+            kept = [part.kept_bytes for _, _, part in inv._parts]
+            assert inv.peak_memory_bytes() == sum(kept) + sum(p.peak_bytes - k for k, (_, _, p) in zip(kept, inv._parts))
+    for one, two in zip(results[1], results[2]):
+        assert torch.equal(one, two)
+
+
 def test_no_host_reads_inside_the_inverse():
     """The event's one host read is the solver's, at its end: none inside diag, the joint solve or
     F^-1 v, primal or dual, deferred or kept."""

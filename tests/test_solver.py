@@ -213,3 +213,55 @@ def test_one_host_synchronisation_per_step_whatever_the_number_of_layers(monkeyp
         monkeypatch.undo()
         counts[depth] = len(calls)
     assert counts[2] == counts[6] <= 2, counts
+
+
+@pytest.mark.parametrize("free_bytes", [0, 2**40])
+def test_inverses_are_kept_for_the_update_where_memory_is_free_and_rebuilt_alike_where_not(monkeypatch, free_bytes):
+    """Primal blocks (c <= m) weigh more than their columns of G; with little free memory the budget is G's
+    size and the update rebuilds them from G, with plenty the statistic's inverses are kept. The step's
+    masks and weights are the same bits either way."""
+    def run(free):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 5, bias=False), nn.Linear(5, 8, bias=False))
+        to_masked(model, granularity="unstructured")
+        layers = {"0": model[0], "1": model[1]}
+        solver = OBSSolver(layers, granularity="unstructured", method=PRUNE_METHODS["woodfisher"],
+                           fisher=FisherSettings(m=8, damp=1e-3, block_size=8))
+        solver.add_gradients(torch.randn(8, 80, generator=torch.Generator().manual_seed(1)))
+        built = []
+        original = EmpiricalFisherInverse.__init__
+
+        def counted(self, *a, **kw):
+            built.append(1)
+            original(self, *a, **kw)
+        monkeypatch.setattr(EmpiricalFisherInverse, "__init__", counted)
+        monkeypatch.setattr("pruning.solver.available_bytes", lambda device: free)
+        masks = solver.prune_to(0.4, scope="global")
+        monkeypatch.undo()
+        return len(built), masks, [layer.weight.detach().clone() for layer in layers.values()]
+
+    # 2 layers of 5 blocks of 8 x 8 (+ diag vectors): 3,200 bytes kept per layer, G is 8 x 80 x 4 = 2,560
+    built, masks, weights = run(free_bytes)
+    assert built == (4 if free_bytes == 0 else 2)  # rebuilt for the update, or kept from the statistic
+    _, ref_masks, ref_weights = run(2**40 - free_bytes)
+    assert all(torch.equal(masks[n], ref_masks[n]) for n in masks)
+    assert all(torch.equal(a, b) for a, b in zip(weights, ref_weights))
+
+
+def test_free_host_memory_is_what_a_cgroup_limit_leaves(tmp_path):
+    from pruning.free_memory import cgroup_free_bytes
+    assert cgroup_free_bytes(str(tmp_path)) is None  # nothing readable
+    (tmp_path / "memory.max").write_text("max\n")
+    (tmp_path / "memory.current").write_text("1000\n")
+    assert cgroup_free_bytes(str(tmp_path)) is None  # v2, no limit
+    (tmp_path / "memory.max").write_text("4096\n")
+    assert cgroup_free_bytes(str(tmp_path)) == 3096
+    (tmp_path / "memory.current").write_text("5000\n")
+    assert cgroup_free_bytes(str(tmp_path)) == 0
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("10\n")
+    assert cgroup_free_bytes(str(v1)) is None  # v1's "no limit"
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("100\n")
+    assert cgroup_free_bytes(str(v1)) == 90
