@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -38,6 +39,30 @@ class Coupling:
     units: int
     norm_unit_of: dict[str, torch.Tensor] = field(default_factory=dict)  # channel LayerNorm -> unit per channel
     granularity: str = "filter"  # the members: filters (dim 0 of a weight) or input channels (dim 1)
+    # Copies of the tensors above on the device a selection runs on, made once: a host-to-device copy
+    # per step would wait on the GPU's queue like a read does.
+    _copies: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    @cached_property
+    def families(self) -> int:
+        """How many families (read once from the host tensor ``family_of``)."""
+        return int(self.family_of.max()) + 1
+
+    def _on(self, key: str, device: torch.device) -> torch.Tensor:
+        """``unit_of[key]`` (or "family"; "family:F", the indices of family F's units; "norm:NAME",
+        ``norm_unit_of[NAME]``) on ``device``."""
+        copy = self._copies.get((key, str(device)))
+        if copy is None:
+            if key == "family":
+                source = self.family_of
+            elif key.startswith("family:"):
+                source = (self.family_of == int(key[len("family:"):])).nonzero().flatten()  # host tensors
+            elif key.startswith("norm:"):
+                source = self.norm_unit_of[key[len("norm:"):]]
+            else:
+                source = self.unit_of[key]
+            copy = self._copies[(key, str(device))] = source.to(device)
+        return copy
 
     @staticmethod
     def of(groups: Sequence[Sequence[tuple[str, int]]], filters: dict[str, int],
@@ -92,7 +117,7 @@ class Coupling:
         first = next(iter(masks.values()))
         counts = torch.zeros(self.units, dtype=torch.long, device=first.device)
         for name, mask in masks.items():
-            counts.index_add_(0, self.unit_of[name].to(first.device), alive_units(mask, self.granularity).long())
+            counts.index_add_(0, self._on(name, first.device), alive_units(mask, self.granularity).long())
         return (counts > 0).sum()
 
     def norm_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -104,8 +129,8 @@ class Coupling:
         counts = torch.zeros(self.units + 1, dtype=torch.long, device=first.device)
         counts[-1] = 1  # index -1: channels in no unit
         for name, mask in masks.items():
-            counts.index_add_(0, self.unit_of[name].to(first.device), alive_units(mask, self.granularity).long())
-        return {name: counts[units.to(first.device)] > 0 for name, units in self.norm_unit_of.items()}
+            counts.index_add_(0, self._on(name, first.device), alive_units(mask, self.granularity).long())
+        return {name: counts[self._on(f"norm:{name}", first.device)] > 0 for name in self.norm_unit_of}
 
     def unit_scores(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each unit's score: the L2 norm of all its members' scores (float64 sums: exact ranking)."""
@@ -113,20 +138,21 @@ class Coupling:
         for name, s in scores.items():
             s = s.detach() if self.granularity == "filter" else s.detach().transpose(0, 1)
             per_filter = s.flatten(1).to(torch.float64).square().sum(1)
-            squares.index_add_(0, self.unit_of[name].to(squares.device), per_filter)
+            squares.index_add_(0, self._on(name, squares.device), per_filter)
         return squares.sqrt()
 
-    def select(self, scores: dict[str, torch.Tensor], *, k: float, scope: str) -> dict[str, torch.Tensor]:
+    def select(self, scores: dict[str, torch.Tensor], *, k: float, scope: str,
+               check: bool = True) -> dict[str, torch.Tensor]:
         """Weight-shaped boolean masks: n_keep(k, units) units kept over all units (global) or within each
-        family (layer), at least one per family; ties keep the higher unit index, as everywhere."""
+        family (layer), at least one per family; ties keep the higher unit index, as everywhere.
+        ``check=False``: no NaN check and no host read (``top_units``); the caller flags NaN scores itself."""
         values = self.unit_scores(scores)
-        family = self.family_of.to(values.device)
         if scope == "global":
-            keep = top_units(values, n_keep(k, self.units))
+            keep = top_units(values, n_keep(k, self.units), check=check)
         else:
             keep = torch.zeros(self.units, dtype=torch.bool, device=values.device)
-            for f in range(int(family.max()) + 1):
-                idx = (family == f).nonzero().flatten()
-                keep[idx[top_units(values[idx], max(1, n_keep(k, idx.numel())))]] = True
-        return {name: expand_units(keep[self.unit_of[name].to(keep.device)], s.shape, self.granularity)
+            for f in range(self.families):
+                idx = self._on(f"family:{f}", values.device)
+                keep[idx[top_units(values[idx], max(1, n_keep(k, idx.numel())), check=check)]] = True
+        return {name: expand_units(keep[self._on(name, keep.device)], s.shape, self.granularity)
                 for name, s in scores.items()}

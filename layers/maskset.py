@@ -223,10 +223,13 @@ class MaskSet:
                     selector.select_into([layer.popup_scores for layer in group], [layer.mask for layer in group],
                                          count)
             elif self.coupling is not None:
+                sync_free = self._sync_free()
                 chosen = self.coupling.select({n: layer.popup_scores for n, layer in self.layers.items()}, k=self.k,
-                                              scope=self.scope)
+                                              scope=self.scope, check=not sync_free)
                 for name, layer in self.layers.items():
                     layer.mask.copy_(chosen[name])
+                if sync_free:
+                    self._flag_nan([layer.popup_scores for layer in self.layers.values()])
             elif self.layer_k is not None:
                 for name, layer in self.layers.items():
                     layer.mask.copy_(select_masks([layer.popup_scores], k=self.layer_k[name],
@@ -238,14 +241,18 @@ class MaskSet:
                                      min_units=self.min_units, nm=self.nm, check=not sync_free)
                 torch._foreach_copy_([layer.mask for layer in self.layers.values()], masks)
                 if sync_free:
-                    norms = torch._foreach_norm(cast(list[torch.Tensor], scores))  # NaN survives a norm
-                    nan = torch.stack(norms).isnan().any()
-                    self._nonfinite = nan if self._nonfinite is None else self._nonfinite.logical_or_(nan)
+                    self._flag_nan(scores)
             self._refresh_multipliers()
         self._sync_norms()
         self._seen = self._score_versions()
         self.selections += 1
         return True
+
+    def _flag_nan(self, scores: Sequence[torch.Tensor]) -> None:
+        """Record on the device whether any score is NaN (read by ``check_finite``, on print steps)."""
+        norms = torch._foreach_norm(list(scores))  # NaN survives a norm
+        nan = torch.stack(norms).isnan().any()
+        self._nonfinite = nan if self._nonfinite is None else self._nonfinite.logical_or_(nan)
 
     def _name_of(self, layer: MaskedLayer) -> str:
         return self._names[id(layer)]

@@ -7,6 +7,7 @@ from configs.options import LthOptions, WoodFisherOptions
 from engine.dispatch_count import HOST_READS, DispatchCount
 from engine.optim import OptimSettings
 from layers import MaskSet, to_masked
+from layers.coupling import Coupling
 from models import build_model
 from tests.helpers.tiny import sgd, tiny_loaders, tiny_net
 from trainers import TRAINERS
@@ -92,15 +93,22 @@ class ReadsByStep(DispatchCount):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-@pytest.mark.parametrize("name,granularity", [("base", "unstructured"), ("base", "filter"), ("bilevel", "unstructured"),
-                                              ("woodfisher", "unstructured"), ("lth", "unstructured")])
-def test_no_host_read_inside_a_step_outside_the_print_steps(name, granularity):
-    """20 steps of HYDRA (unstructured and filter masks), BiP, WoodFisher's weight steps and LTH with the sync-free
-    selection (what a GPU runs): the steps that do not print read nothing back from the device; the print steps
-    (every 7th, and the last) read the running sums and the NaN flags. Pruning events and rounds (before the first
-    step) may read: they are not training steps."""
+@pytest.mark.parametrize("name,granularity,scope", [
+    ("base", "unstructured", "global"), ("base", "filter", "global"), ("bilevel", "unstructured", "global"),
+    ("woodfisher", "unstructured", "global"), ("lth", "unstructured", "global"),
+    ("base", "coupled", "global"), ("base", "coupled", "layer")])
+def test_no_host_read_inside_a_step_outside_the_print_steps(name, granularity, scope):
+    """20 steps of HYDRA (unstructured, filter and coupled filter masks), BiP, WoodFisher's weight steps and LTH
+    with the sync-free selection (what a GPU runs): the steps that do not print read nothing back from the device;
+    the print steps (every 7th, and the last) read the running sums and the NaN flags. Pruning events and rounds
+    (before the first step) may read: they are not training steps."""
+    coupling = None
+    if granularity == "coupled":  # filter j of both convs one unit (as a residual addition would tie them)
+        granularity = "filter"
+        coupling = Coupling.of([[("0", j), ("3", j)] for j in range(4)], {"0": 4, "3": 4})
     model = tiny_net(granularity, seed=0)
-    ms = MaskSet(model, k=0.5, granularity=granularity, scope="global", sync_free=True)
+    assert coupling is None or set(coupling.unit_of) == {n for n, m in model.named_modules() if hasattr(m, "mask")}
+    ms = MaskSet(model, k=0.5, granularity=granularity, scope=scope, sync_free=True, coupling=coupling)
     options = {"woodfisher": WoodFisherOptions(prune_start=0, prune_freq=1, prune_end=0, init_sparsity=0.3,
                                                fisher_subsample_size=6, fisher_mini_bsz=2, fittable_params=16,
                                                fisher_damp=1e-4),
