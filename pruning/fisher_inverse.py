@@ -561,7 +561,7 @@ class _BlockBatch:
 
     def pruned_mul(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
         if (self.form == "primal" and self.device.type == "cpu" and self.block_size >= _REDUCED_FROM
-                and self._holds != "factor"):
+                and self._holds != "factor" and self._perm is None):  # F_b in the original order, or nothing yet
             return self._primal_reduced_pruned_mul(t, prune)
         return self.mul(self.solve_pruned(t, prune).unsqueeze(0)).reshape(-1)
 
