@@ -204,10 +204,7 @@ class EmpiricalFisherInverse:
         primal blocks (c <= m) factor F_b once with Q last (s_Q from the Schur complement, see the
         module docstring), dual blocks solve an m x m system (Woodbury), so a set of any size costs no
         more than one block's factorisation. Returns shape (d,), in t's dtype."""
-        if t.numel() != self.d or prune.numel() != self.d:
-            raise ValueError(f"t and prune must have {self.d} entries, got {t.numel()} and {prune.numel()}")
-        T = t.reshape(-1).to(device=self.device, dtype=self._cdt)
-        P = prune.reshape(-1).to(device=self.device, dtype=torch.bool)
+        T, P = self._vector_and_set(t, prune)
         return torch.cat(self._map(lambda a, b, part: part.solve_pruned(T[a:b], P[a:b]))).to(t.dtype)
 
     @torch.no_grad()
@@ -222,11 +219,15 @@ class EmpiricalFisherInverse:
         (|R|^3 / 3 flops, a 1/8 of F_b's at |R| = c/2) from the kept F_b, no permuted copy of F_b; elsewhere
         (and where a factor is held) as ``mul(solve_pruned(t, prune))``, in batched calls without host
         reads. Returns shape (d,), in t's dtype."""
+        T, P = self._vector_and_set(t, prune)
+        return torch.cat(self._map(lambda a, b, part: part.pruned_mul(T[a:b], P[a:b]))).to(t.dtype)
+
+    def _vector_and_set(self, t: torch.Tensor, prune: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (compute dtype) and the pruned set (bool), flat and on the device, after checking their sizes."""
         if t.numel() != self.d or prune.numel() != self.d:
             raise ValueError(f"t and prune must have {self.d} entries, got {t.numel()} and {prune.numel()}")
-        T = t.reshape(-1).to(device=self.device, dtype=self._cdt)
-        P = prune.reshape(-1).to(device=self.device, dtype=torch.bool)
-        return torch.cat(self._map(lambda a, b, part: part.pruned_mul(T[a:b], P[a:b]))).to(t.dtype)
+        return (t.reshape(-1).to(device=self.device, dtype=self._cdt),
+                prune.reshape(-1).to(device=self.device, dtype=torch.bool))
 
     def failed(self) -> torch.Tensor:
         """A 0-dim bool tensor on the device: whether any Cholesky factorisation failed. Checking it
