@@ -11,6 +11,9 @@ Cases:
             config's block size), one event to 50 %.
 - resnet50: ResNet-50 (torchvision's, ImageNet stem) on 224x224 random images (1000 classes), m 64 x 1 sample, blocks of 2000 (the
             ImageNet config's), one event to 50 % (for a GPU: pass --cases resnet50 --device cuda).
+- mobilenet: MobileNetV1 (the WoodFisher paper's, ImageNet stem) on 224x224 random images, the paper's Fisher
+            (m = 400, blocks of 10,000, lambda 1e-5, gradients in host memory) with one sample per row, one event
+            to 50 %; mobilenet-paper: the same with the paper's 2400 samples per row (passes of 800).
 Each repeat runs every (case, tree) pair once in a fresh subprocess, round-robin, so that load from
 other processes affects both trees alike; the table gives medians and the baseline/ours ratio, with
 the machine's load average over the run.
@@ -48,6 +51,13 @@ CASES = {
     "resnet20-config": dict(arch="resnet20s", dataset="random-cifar", m=1000, b=1, block=1000, sparsity=0.5, batch=64),
     # the GPU figure: ResNet-50 at ImageNet size, m = 64, the ImageNet config's blocks of 2000
     "resnet50": dict(arch="ResNet50", dataset="random-imagenet", m=64, b=1, block=2000, sparsity=0.5, batch=64),
+    # MobileNetV1 with the WoodFisher paper's Fisher (configs/ImageNet/woodfisher_mobilenet.yml): m = 400, blocks of
+    # 10,000, gradients in host memory; "mobilenet" draws one sample per row, "mobilenet-paper" the paper's 2400 (in
+    # passes of 800: 960,000 forward/backward samples, minutes even on a GPU; the inverse is the same)
+    "mobilenet": dict(arch="mobilenet", dataset="random-imagenet", m=400, b=1, block=10000, sparsity=0.5, batch=64,
+                      options=dict(offload_grads=True)),
+    "mobilenet-paper": dict(arch="mobilenet", dataset="random-imagenet", m=400, b=2400, block=10000, sparsity=0.5,
+                            batch=64, options=dict(offload_grads=True, max_mini_bsz=800)),
 }
 
 
@@ -210,7 +220,7 @@ def worker(case: str, device: str, extra: dict | None = None, ratio_repeats: int
     ms = MaskSet(model, k=1 - c["sparsity"], granularity="unstructured", scope="global")
     settings = OptimSettings(optimizer="sgd", lr=0.01, momentum=0.9, wd=0.0, schedule="constant", epochs=2)
     options = dict(prune_end=1, init_sparsity=c["sparsity"] / 2, fisher_subsample_size=c["m"],
-                   fisher_mini_bsz=c["b"], fittable_params=c["block"], fisher_damp=1e-5, **(extra or {}))
+                   fisher_mini_bsz=c["b"], fittable_params=c["block"], fisher_damp=1e-5, **c.get("options", {}), **(extra or {}))
     try:  # typed options (this tree)
         from configs.options import WoodFisherOptions
         trainer = WoodFisherTrainer(model=model, maskset=ms, mode="prune", device=dev, weight_optim=settings,
