@@ -199,6 +199,10 @@ class WoodFisherOptions(FisherOptions):
                               "to the target at --prune-end: agp (with --agp-power), linear, cosine, exponential, "
                               "onecycle, iterative[:STEPS], oneshot (the shapes of --k-schedule)", group="woodfisher")
     one_shot: bool = opt(False, "woodfisher: prune once to the target, no training, then evaluate", group="woodfisher")
+    hessian_probes: int = opt(0, "woodfisher, --prune-method naivehess: estimate H_qq by Hutchinson's method, the mean "
+                              "of z * (H z) over this many Rademacher probes z (one Hessian-vector product over every "
+                              "layer each); 0: the exact diagonal, one backward pass per alive weight",
+                              group="woodfisher", check=non_negative)
     woodbury_joint_sparsify: bool = opt(True, "woodfisher: one global selection over all layers (else per layer)",
                                         group="woodfisher", aliases=("woodburry_joint_sparsify",))
     scale_prune_update: float = opt(1.0, "woodfisher: scale of the OBS weight update (0 = no compensation)",

@@ -74,10 +74,11 @@ class PlainForward:
 
 def hessian_diagonal(model: nn.Module, layers: Mapping[str, MaskedLayer],
                      batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, samples: int,
-                     device: torch.device) -> dict[str, torch.Tensor]:
-    """H_qq, weight-shaped by layer: the exact diagonal of the Hessian of the mean cross-entropy over the first
+                     device: torch.device, probes: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """H_qq, weight-shaped by layer: the diagonal of the Hessian of the mean cross-entropy over the first
     ``samples`` samples of ``batches`` with respect to each layer's weight (see the module docstring); 0 at
-    pruned weights. One backward pass per alive weight."""
+    pruned weights. Exact with ``probes=0`` (one backward pass per alive weight); else Hutchinson's estimate
+    with that many probes (``rademacher_probes``, drawn from ``seed``)."""
     x, y = take_samples(batches, samples, device)
     weights = [layer.weight for layer in layers.values()]
     out = {name: torch.zeros_like(layer.weight, dtype=layer.weight.dtype).detach() for name, layer in layers.items()}
@@ -85,15 +86,44 @@ def hessian_diagonal(model: nn.Module, layers: Mapping[str, MaskedLayer],
         logits = model(x.to(weights[0].dtype) if x.is_floating_point() else x)
         loss = F.cross_entropy(logits, y)
         grads = torch.autograd.grad(loss, weights, create_graph=True, allow_unused=True)
-        for (name, layer), g in zip(layers.items(), grads):
-            if g is None or not g.requires_grad:  # the loss is linear in this weight (or does not read it)
-                continue
+        # a layer whose gradient is None or constant: the loss is linear in its weight (or does not read it)
+        curved = [(name, layer, g) for (name, layer), g in zip(layers.items(), grads)
+                  if g is not None and g.requires_grad]
+        if probes:
+            _hutchinson(curved, out, probes=probes, generator=torch.Generator().manual_seed(seed))
+            return out
+        for name, layer, g in curved:
             flat, diag = g.reshape(-1), out[name].view(-1)
             for q in layer.mask.reshape(-1).nonzero().flatten().tolist():
                 row = torch.autograd.grad(flat[q], layer.weight, retain_graph=True, allow_unused=True)[0]
                 if row is not None:
                     diag[q] = row.reshape(-1)[q].detach()
     return out
+
+
+def rademacher_probes(layers: Iterable[MaskedLayer], *, generator: torch.Generator) -> list[torch.Tensor]:
+    """One Hutchinson probe: +-1 with equal odds at every alive weight of each layer, 0 at pruned ones (so the
+    estimate is 0 there, as the exact diagonal is). Drawn on the CPU, layer by layer, so that a seed gives
+    the same probes on every device."""
+    return [(torch.randint(0, 2, layer.weight.shape, generator=generator).mul_(2).sub_(1)
+             .to(device=layer.weight.device, dtype=layer.weight.dtype) * layer.mask) for layer in layers]
+
+
+def _hutchinson(curved: list[tuple[str, MaskedLayer, torch.Tensor]], out: dict[str, torch.Tensor], *, probes: int,
+                generator: torch.Generator) -> None:
+    """out[name] = mean over ``probes`` Rademacher z of z * (H z), H the Hessian of every curved layer's weights
+    jointly (E[z z^T] = I, so the mean is unbiased for diag(H); its variance is sum_j!=q H_qj^2 per probe). One
+    Hessian-vector product, a backward pass of g . z through the gradient's graph, per probe."""
+    grads = [g for _, _, g in curved]
+    weights = [layer.weight for _, layer, _ in curved]
+    for i in range(probes):
+        z = rademacher_probes([layer for _, layer, _ in curved], generator=generator)
+        hz = torch.autograd.grad(grads, weights, grad_outputs=z, retain_graph=i < probes - 1, allow_unused=True)
+        for (name, _, _), zl, hl in zip(curved, z, hz):
+            if hl is not None:
+                out[name].add_(zl * hl.detach())
+    for name, _, _ in curved:
+        out[name].div_(probes)
 
 
 class HessianDiagonal:
@@ -133,8 +163,10 @@ class HessianDiagonal:
 
 def read_hessian_diagonal(model: nn.Module, layers: Mapping[str, MaskedLayer],
                           batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, samples: int, device: torch.device,
-                          damp: float, criterion: str) -> dict[str, HessianDiagonal]:
-    """The curvature reader of ``naivehess`` (``PruneMethod.curvature``): each layer's ``HessianDiagonal``.
-    ``damp`` and ``criterion`` are accepted for the readers' common signature and not used."""
+                          damp: float, criterion: str, probes: int = 0) -> dict[str, HessianDiagonal]:
+    """The curvature reader of ``naivehess`` (``PruneMethod.curvature``): each layer's ``HessianDiagonal``, exact,
+    or with ``probes`` > 0 (--hessian-probes) Hutchinson's estimate from probes of seed 0 (the calibration samples
+    already follow the run's seed and event). ``damp`` and ``criterion`` are accepted for the readers' common
+    signature and not used."""
     return {name: HessianDiagonal(h) for name, h in
-            hessian_diagonal(model, layers, batches, samples=samples, device=device).items()}
+            hessian_diagonal(model, layers, batches, samples=samples, device=device, probes=probes).items()}

@@ -216,7 +216,9 @@ class KroneckerInverse:
 
 def read_kfac(model: nn.Module, layers: Mapping[str, MaskedLayer],
               batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, samples: int, device: torch.device,
-              damp: float, criterion: str) -> dict[str, KroneckerInverse]:
-    """The curvature reader of ``kfac`` (``PruneMethod.curvature``): each layer's damped ``KroneckerInverse``."""
+              damp: float, criterion: str, probes: int = 0) -> dict[str, KroneckerInverse]:
+    """The curvature reader of ``kfac`` (``PruneMethod.curvature``): each layer's damped ``KroneckerInverse``.
+    ``probes`` (naivehess's Hutchinson probes) is accepted for the readers' common signature; --hessian-probes
+    with kfac is refused before a run starts."""
     factors = kfac_factors(model, layers, batches, samples=samples, device=device, criterion=criterion)
     return {name: KroneckerInverse(f, damp=damp) for name, f in factors.items()}

@@ -21,7 +21,8 @@
 | slimming        | none      | filter: |gamma| of the following BatchNorm, | none                         |
 |                 |           | over all layers                             |                              |
 | naivehess       | hessian   | w^2 H_qq (OBD; exact Hessian diagonal by    | none                         |
-|                 |           | double backprop), signed, per layer         |                              |
+|                 |           | double backprop, or Hutchinson's estimate   |                              |
+|                 |           | with --hessian-probes), signed, per layer   |                              |
 | kfac            | kfac      | w^2 / [F^-1]_qq, F^-1 = G~^-1 (x) A~^-1 per | OBS: -F^-1 s (sum only)      |
 |                 |           | layer (blockwise K-FAC)                     |                              |
 
@@ -254,7 +255,8 @@ register_prune_method(PruneMethod(
     "naivehess", None, naivehess_statistic, zero_update, additive=True, scope="layer", probe="curvature",
     curvature=read_hessian_diagonal,
     help="OBD w^2 H_qq with the exact Hessian diagonal by double backprop on the calibration samples, per layer "
-         "(WoodFisher's naivehess; one backward pass per weight: small models only)"))
+         "(WoodFisher's naivehess; one backward pass per weight: small models only; --hessian-probes P: "
+         "Hutchinson's estimate, P Hessian-vector products)"))
 # K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convs), blockwise per layer, in the OBS statistic and
 # the summed OBS update as WoodFisher's KFACFisherPruner uses it; lambda is split as sqrt(lambda) on each factor.
 register_prune_method(PruneMethod(

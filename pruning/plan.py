@@ -21,6 +21,7 @@ from configs.capabilities import RunSpec
 from configs.errors import UserError
 from configs.options import WoodFisherOptions
 from layers.selector import STRUCTURED
+from pruning.hessian import read_hessian_diagonal
 from pruning.methods import PRUNE_METHODS, PruneMethod, granularity_note
 from pruning.schedule import DensitySchedule, PruneEvent, agp_schedule, gradual_events, one_shot_schedule
 
@@ -46,6 +47,9 @@ def plan(options: WoodFisherOptions, *, run: RunSpec) -> Plan:
     if run.layer_type not in method.granularities:
         raise UserError(f"--prune-method {method.name} does not support --layer-type {run.layer_type}; "
                         f"supported: {granularity_note()}")
+    if o.hessian_probes and method.curvature is not read_hessian_diagonal:
+        raise UserError(f"--hessian-probes estimates the Hessian diagonal of --prune-method naivehess, and "
+                        f"{method.name} reads none: drop --hessian-probes or use --prune-method naivehess")
     nm = run.layer_type == "nm"
     if run.coupled and (o.flops_target is not None or o.flops_power):
         raise UserError("--flops-target/--flops-power rank single filters by their layer's FLOPs, not coupled units "

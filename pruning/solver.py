@@ -72,6 +72,7 @@ class FisherSettings:
     blocks: str = "chunk"            # chunk | layer | all (--fisher-blocks)
     offload: bool = False            # keep G in host memory (--offload-grads; matters on a GPU only)
     joint_limit: int = 4096          # largest per-block system (min(|Q|, c, m)) of the joint solve
+    hessian_probes: int = 0          # naivehess: Hutchinson probes, 0 = the exact diagonal (--hessian-probes)
 
     def __post_init__(self) -> None:
         if self.blocks not in FISHER_BLOCKS:
@@ -80,11 +81,11 @@ class FisherSettings:
             raise ValueError(f"invalid Fisher settings {self}")
 
     @classmethod
-    def of(cls, options: FisherOptions, *, damp: float) -> FisherSettings:
+    def of(cls, options: FisherOptions, *, damp: float, hessian_probes: int = 0) -> FisherSettings:
         """The solver's settings (the paper's names) from the command line's (the public code's names)."""
         return cls(m=options.fisher_subsample_size, samples_per_grad=options.fisher_mini_bsz,
                    max_samples=options.max_mini_bsz, damp=damp, block_size=options.fittable_params,
-                   blocks=options.fisher_blocks, offload=options.offload_grads)
+                   blocks=options.fisher_blocks, offload=options.offload_grads, hessian_probes=hessian_probes)
 
     def offloaded(self, device: torch.device) -> bool:
         """Whether G lives in host memory for a solver on ``device`` (on a CPU there is nowhere to offload to)."""
@@ -255,7 +256,8 @@ class OBSSolver:
             if batches is None or samples < 1:
                 raise ValueError(f"prune method {name} needs calibration batches and samples >= 1")
             self.curvatures = dict(self.method.curvature(model, self.layers, batches, samples=samples,
-                                                         device=self.device, damp=self.fisher.damp, criterion=name))
+                                                         device=self.device, damp=self.fisher.damp, criterion=name,
+                                                         probes=self.fisher.hessian_probes))
 
     def _layer_probe(self, group: BlockGroup) -> UnitProbe | None:
         if self.method.probe is None:

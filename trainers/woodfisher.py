@@ -121,7 +121,7 @@ class WoodFisherTrainer(FixedMaskTrainer):
         # FLOPs per weight by layer, measured at the first event, and only for FLOPs-aware pruning
         # (architecture and input size only, so never re-measured; a resumed run measures the same).
         self.flops: dict[str, int] | None = None
-        self.fisher = FisherSettings.of(self.opts, damp=self.plan.damp)
+        self.fisher = FisherSettings.of(self.opts, damp=self.plan.damp, hessian_probes=self.opts.hessian_probes)
         self.setup_weights(weight_optim=weight_optim, freeze_bn=freeze_bn)
 
     # -- hooks used by the epoch loop ------------------------------------------------------------
