@@ -145,8 +145,7 @@ class HessianDiagonal:
     def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
         raise ValueError("the Hessian diagonal has no joint solve: naivehess only zeroes")
 
-    def pruned_mul(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
-        raise ValueError("the Hessian diagonal has no joint solve: naivehess only zeroes")
+    pruned_mul = solve_pruned  # the joint move needs the same solve: refused alike
 
     def permuted(self, perm: torch.Tensor) -> HessianDiagonal:
         return HessianDiagonal(self.h[perm.to(self.h.device)])

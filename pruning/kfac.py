@@ -198,8 +198,7 @@ class KroneckerInverse:
     def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
         raise ValueError("K-FAC has no joint solve (it would need [F^-1]_QQ): its update is the sum of single updates")
 
-    def pruned_mul(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
-        raise ValueError("K-FAC has no joint solve (it would need [F^-1]_QQ): its update is the sum of single updates")
+    pruned_mul = solve_pruned  # the joint move needs the same solve: refused alike
 
     def permuted(self, perm: torch.Tensor) -> KroneckerInverse:
         raise ValueError("K-FAC ranks single weights (unstructured, nm): no permuted order")
