@@ -114,17 +114,27 @@ def test_score_gradients_reach_the_projections_and_the_masks_select():
     assert sum(int(layer.mask.sum()) for layer in ms.layers.values()) == total // 2
 
 
-@pytest.fixture(scope="module")
-def vit():
+# torchvision's VisionTransformer: 2 encoder layers of width 32 by default (the modules of ViT-B/16, in a
+# second), the real 86M-parameter ViT-B/16 under -m slow (about 20 s of these tests).
+@pytest.fixture(scope="module", params=["small", pytest.param("vit_b_16", marks=pytest.mark.slow)])
+def vit(request):
     torch.manual_seed(0)
-    return torchvision.models.vit_b_16(image_size=32, num_classes=10).eval()
+    if request.param == "vit_b_16":
+        return torchvision.models.vit_b_16(image_size=32, num_classes=10).eval()
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=2, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64, num_classes=10).eval()
+
+
+def attention_layers(vit) -> int:
+    """The masked layers of a ViT's attention: in_proj (as q, k and v) and out_proj of each encoder layer."""
+    return 4 * len(vit.encoder.layers)
 
 
 def test_vit_every_weight_of_attention_is_masked_and_counted(vit):
     masked = to_masked(copy.deepcopy(vit), granularity="unstructured")
     layers = masked_layers(masked)
     attn = [n for n in layers if ".self_attention." in n]
-    assert len(attn) == 12 * 4
+    assert len(attn) == attention_layers(vit)
     plain_weights = sum(m.weight.numel() for m in vit.modules() if isinstance(m, (nn.Conv2d, nn.Linear))) + \
         sum(m.in_proj_weight.numel() for m in vit.modules() if isinstance(m, nn.MultiheadAttention))
     assert sum(layer.weight.numel() for layer in layers.values()) == plain_weights
@@ -164,7 +174,7 @@ def test_a_plain_vit_state_dict_loads_strictly_into_the_masked_vit(vit):
 def test_nm_masks_on_attention(vit):
     masked = to_masked(copy.deepcopy(vit), granularity="nm", exclude=["conv_proj"])  # 3 input channels
     ms = MaskSet(masked, k=1.0, granularity="nm", scope="global", nm=(2, 4))
-    assert sum(".self_attention." in name for name in ms.layers) == 48
+    assert sum(".self_attention." in name for name in ms.layers) == attention_layers(vit)
     for name, layer in ms.layers.items():
         groups = layer.mask.reshape(layer.mask.shape[0], -1, 4)
         assert bool((groups.sum(-1) == 2).all()), name

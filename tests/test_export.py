@@ -130,7 +130,9 @@ def test_a_zero_bn_shift_needs_no_folding_and_a_nonzero_one_is_folded():
 
 
 # -- files --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["smallcnn", "resnet20s", "resnet18", "vgg11_bn", "wrn_28_1", "ResNet18"])
+# resnet18 and wrn_28_1 repeat resnet20s's and ResNet18's blocks at a few seconds each: -m slow.
+@pytest.mark.parametrize("name", ["smallcnn", "resnet20s", pytest.param("resnet18", marks=pytest.mark.slow), "vgg11_bn",
+                                  pytest.param("wrn_28_1", marks=pytest.mark.slow), "ResNet18"])
 def test_slim_program_and_onnx_match_the_masked_model(name, tmp_path):
     pytest.importorskip("onnxruntime")
     model, example = masked_model(name, "filter")

@@ -1,5 +1,7 @@
 """The results report on folders a user was handed: it writes only under its report folder, through
 the one atomic writer; a bad summary is a notice and a skip, bad input one `error:` line, exit 2."""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -25,10 +27,19 @@ def good_summary(folder, **changes):
         json.dump(summary, fh)
 
 
-def report(*args, cwd=ROOT):
-    done = subprocess.run([sys.executable, "-m", "study.report", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=120)
-    return done.returncode, done.stdout, done.stderr
+def report(*args, process=False):
+    """(exit code, stdout, stderr) of ``python -m study.report ARGS``: its ``main`` in this process (a
+    process of its own spends ~3 s importing torch and matplotlib), or with ``process`` a real one."""
+    if process:
+        done = subprocess.run([sys.executable, "-m", "study.report", *map(str, args)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+        return done.returncode, done.stdout, done.stderr
+    from study import report as study_report
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = study_report.main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
 
 
 def files_under(top):
@@ -117,9 +128,17 @@ def test_a_summary_with_many_layers_gets_no_chart_but_a_notice(tmp_path):
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, args, needle):
+    check_bad_arguments(tmp_path, args, needle, process=False)
+
+
+def test_bad_arguments_are_one_line_and_exit_2_from_a_process(tmp_path):
+    check_bad_arguments(tmp_path, ["--bogus"], "unrecognized arguments: --bogus", process=True)
+
+
+def check_bad_arguments(tmp_path, args, needle, *, process):
     results = tmp_path / "R"
     good_summary(results / "e" / "prune" / "1")
-    code, out, err = report(results, *args)
+    code, out, err = report(results, *args, process=process)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert not (results / "report").exists()
 
