@@ -184,7 +184,8 @@ class WoodFisherOptions(FisherOptions):
                             "BatchNorm, over all layers, Liu et al. 2017; train with --bn-l1), naivehess (OBD w^2 "
                             "H_qq with the exact Hessian diagonal by double backprop on the calibration samples, per "
                             "layer, all four granularities; one backward pass per weight: small models only), kfac "
-                            "(OBS with a blockwise K-FAC Fisher per layer and the summed update, unstructured/nm)",
+                            "(OBS with a blockwise K-FAC Fisher per layer, all four granularities; the summed "
+                            "update for single weights, the joint one for filters/channels)",
                             group="woodfisher")
     target_sparsity: float | None = opt(None, "woodfisher: final sparsity (default 1 - k; must agree with --k)",
                                            group="woodfisher")

@@ -229,6 +229,11 @@ class EmpiricalFisherInverse:
         T, P = self._vector_and_set(t, prune)
         return torch.cat(self._map(lambda a, b, part: part.pruned_mul(T[a:b], P[a:b]))).to(t.dtype)
 
+    def group_pruned_mul(self, w: torch.Tensor, prune: torch.Tensor, *, group_size: int) -> torch.Tensor:
+        """The joint move for the union of the groups where ``prune`` (one bool per contiguous group of
+        ``group_size`` coordinates): ``pruned_mul`` on their coordinates."""
+        return self.pruned_mul(w, prune.reshape(-1).to(torch.bool).repeat_interleave(group_size))
+
     def _vector_and_set(self, t: torch.Tensor, prune: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (compute dtype) and the pruned set (bool), flat and on the device, after checking their sizes."""
         if t.numel() != self.d or prune.numel() != self.d:

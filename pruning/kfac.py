@@ -23,9 +23,22 @@ reference does without --kfac-pi (its default): A + sqrt(lambda) I and G + sqrt(
 
 The statistic is WoodFisher's w_q^2 / [F^-1]_qq and the update the sum of the single-weight OBS updates
 -F^-1 s with s_q = w_q / [F^-1]_qq on the pruned set (``pruning.obs.obs_statistic``/``obs_update``), as the
-reference's pruner (a ``WoodburryFisherPruner`` with the K-FAC inverse) applies them; there is no joint solve
-(it would need [F^-1]_QQ, |Q|^2 numbers, which the Kronecker structure does not give cheaply). Everything
-is float64 inside, with no D x D matrix: per layer, one (in x in) and one (out x out) factor.
+reference's pruner (a ``WoodburryFisherPruner`` with the K-FAC inverse) applies them; single weights have no
+joint solve (it would need [F^-1]_QQ of an arbitrary set Q, |Q|^2 numbers with no Kronecker structure).
+
+Filters and channels (group OBS, ``pruning.obs.group_obs_statistic``/``group_obs_update``; the reference has
+neither) do have that structure. A filter is a row i of W, Q = {i} x all columns, and a channel c of a conv
+the r = kh*kw columns J of its input channel (one column of a Linear), Q = all rows x J:
+
+    filter:   [F^-1]_QQ = [G~^-1]_ii A~^-1,      ([F^-1]_QQ)^-1 w_Q = A~ w_i / [G~^-1]_ii,
+              joint move for the pruned rows I:   G~^-1[:, I] ([G~^-1]_II)^-1 W_I;
+    channel:  [F^-1]_QQ = G~^-1 (x) [A~^-1]_JJ,   ([F^-1]_QQ)^-1 w_Q = G~ W_J ([A~^-1]_JJ)^-1,
+              joint move for the pruned columns J: W_J ([A~^-1]_JJ)^-1 A~^-1[J, :],
+
+with G~ = G + sqrt(lambda) I and A~ = A + sqrt(lambda) I; the joint move is the exact optimum of removing
+all of them at once, one out x out (filters) or in x in (channels) factorisation per layer, of fixed shape
+(``_subset_solve``), so no host read. Everything is float64 inside, with no D x D matrix: per layer, one
+(in x in) and one (out x out) factor.
 
 Differences from the reference, on purpose: (1) the bias. The reference appends a 1 to a when a layer has a
 bias (the block is then over [W | b]), but its OBS step prunes and indexes weights only and asserts that the
@@ -173,7 +186,9 @@ class KroneckerInverse:
     interface of ``pruning.obs`` (``diag``, ``mul``, ``fisher_diag``), for the weight flattened row-major
     (out, in). Never forms the (out*in)^2 matrix."""
 
-    def __init__(self, factors: KFACFactors, *, damp: float) -> None:
+    def __init__(self, factors: KFACFactors, *, damp: float, weight_shape: tuple[int, ...] | None = None) -> None:
+        """``weight_shape``: the layer's weight shape (out, C, kh, kw) or (out, in), for its input channels
+        (``permuted``); default (out, in), one column a channel."""
         shift = damp ** 0.5
         self.A, self.G = factors.A, factors.G
         self.shift = shift
@@ -181,6 +196,10 @@ class KroneckerInverse:
         self.G_inv, bad_g = _damped_inverse(factors.G, shift)
         self._failed = bad_a | bad_g
         self.shape = (factors.G.shape[0], factors.A.shape[0])
+        self.weight_shape = tuple(weight_shape) if weight_shape is not None else self.shape
+        if len(self.weight_shape) < 2 or self.weight_shape[0] * _numel(self.weight_shape[1:]) != \
+                self.shape[0] * self.shape[1]:
+            raise ValueError(f"weight shape {self.weight_shape} does not match the factors' {self.shape}")
 
     def diag(self) -> torch.Tensor:
         """[F^-1]_qq = [G~^-1]_ii [A~^-1]_jj for q = (i, j)."""
@@ -196,21 +215,156 @@ class KroneckerInverse:
         return (self.G_inv @ V @ self.A_inv).reshape(-1).to(v.dtype)
 
     def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
-        raise ValueError("K-FAC has no joint solve (it would need [F^-1]_QQ): its update is the sum of single updates")
+        raise ValueError("K-FAC has no joint solve for single weights (it would need [F^-1]_QQ for any set Q): "
+                         "its update is the sum of single updates")
 
     pruned_mul = solve_pruned  # the joint move needs the same solve: refused alike
 
-    def permuted(self, perm: torch.Tensor) -> KroneckerInverse:
-        raise ValueError("K-FAC ranks single weights (unstructured, nm): no permuted order")
+    # -- filters: groups of `in` contiguous weights, one row of W each -----------------------------------------
+    def _check_rows(self, group_size: int) -> None:
+        if group_size != self.shape[1]:
+            raise ValueError(f"K-FAC in the weight's own order groups whole filters ({self.shape[1]} weights), "
+                             f"not {group_size}: channels need permuted()")
+
+    def group_solve(self, w: torch.Tensor, *, group_size: int) -> torch.Tensor:
+        """u_i = ([F^-1]_QQ)^-1 w_i = A~ w_i / [G~^-1]_ii for every filter i: [F^-1]_QQ = [G~^-1]_ii A~^-1."""
+        self._check_rows(group_size)
+        W = w.reshape(self.shape).to(torch.float64)
+        return ((W @ self.A + self.shift * W) / self.G_inv.diagonal()[:, None]).reshape(-1).to(w.dtype)
+
+    def group_pruned_mul(self, w: torch.Tensor, prune: torch.Tensor, *, group_size: int) -> torch.Tensor:
+        """The joint move F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q for Q the filters I where ``prune`` (one bool per
+        filter): [F^-1]_QQ = [G~^-1]_II (x) A~^-1, so the move is G~^-1[:, I] ([G~^-1]_II)^-1 W_I."""
+        self._check_rows(group_size)
+        W = w.reshape(self.shape).to(torch.float64)
+        p = prune.reshape(-1).to(torch.float64)
+        X, bad = _subset_solve(self.G_inv, p, p[:, None] * W)  # rows I: ([G~^-1]_II)^-1 W_I; 0 elsewhere
+        self._failed = self._failed | bad
+        return (self.G_inv @ X).reshape(-1).to(w.dtype)
+
+    def permuted(self, perm: torch.Tensor) -> KroneckerChannels:
+        """This inverse in an input-channel order ``perm`` (``KroneckerChannels``): the only order the solver
+        asks of it (a filter is a row: filters need none; grouped convs, whose tied filters would, are refused)."""
+        return KroneckerChannels(self, perm)
 
     def kept_memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.A, self.G, self.A_inv, self.G_inv))
 
     def peak_memory_bytes(self) -> int:
-        return self.kept_memory_bytes() + 8 * self.shape[0] * self.shape[1] * 2  # a product's two temporaries
+        # a product's two temporaries, and a joint move's masked out x out or in x in system and its factor
+        return self.kept_memory_bytes() + 8 * (self.shape[0] * self.shape[1] * 2 + 2 * max(self.shape) ** 2)
 
     def failed(self) -> torch.Tensor:
         return self._failed
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _subset_solve(M_inv: torch.Tensor, p: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """X with X_I = ((M^-1)_II)^-1 B_I and 0 elsewhere, for I where p = 1 (B is 0 off I), in one fixed-shape
+    Cholesky solve of P M^-1 P + (I - P): block diagonal, (M^-1)_II on I and the identity off it, so positive
+    definite with M^-1 and no host read for the size of I. Also whether the factorisation failed."""
+    system = p[:, None] * M_inv * p[None, :] + torch.diag(1 - p)
+    chol, info = torch.linalg.cholesky_ex(system)
+    return torch.cholesky_solve(B, chol), info != 0
+
+
+class KroneckerChannels:
+    """A ``KroneckerInverse`` in an input-channel order ``perm``: the flat vectors it takes and returns list one
+    channel's weights (every filter's, r = kh*kw each; r = 1 for a Linear) after another, channels in any order
+    (``group_permutation``'s, or a coupled run's unit order: ``OBSSolver._unit_permutation``), so that a group
+    of ``group_size`` = k * out * r contiguous entries is a unit of k channels. A unit owns the columns J of
+    W (out x in) of its channels, and
+
+        [F^-1]_QQ = G~^-1 (x) [A~^-1]_JJ,   ([F^-1]_QQ)^-1 w_Q = G~ W_J ([A~^-1]_JJ)^-1,
+
+    and the joint move for the union J of the pruned units is W_J ([A~^-1]_JJ)^-1 A~^-1[J, :]. The channel
+    order is read off ``perm`` on the device (no host read)."""
+
+    def __init__(self, base: KroneckerInverse, perm: torch.Tensor) -> None:
+        out, fan_in = base.shape
+        channels = base.weight_shape[1]
+        if perm.numel() != out * fan_in:
+            raise ValueError(f"a permutation of {perm.numel()} weights for a layer of {out * fan_in}")
+        self.base = base
+        self.perm = perm
+        self.split = (out, channels, fan_in // channels)  # (out, C, r)
+        r = self.split[2]
+        # channel of each entry's block of out * r: its first entry's column (o = 0) divided by r
+        order = perm.reshape(channels, out * r)[:, 0] // r
+        self.columns = (order[:, None] * r + torch.arange(r, device=perm.device)).reshape(-1)  # W's, unit order
+
+    def _natural(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(v).scatter_(0, self.perm, v)
+
+    def _channels(self, v: torch.Tensor) -> torch.Tensor:
+        return v[self.perm]
+
+    def _units(self, group_size: int) -> int:
+        """Channels per unit, from the group size."""
+        out, channels, r = self.split
+        k = group_size // (out * r)
+        if k < 1 or k * out * r != group_size or channels % k:
+            raise ValueError(f"K-FAC in channel order groups whole channels ({out * r} weights each, "
+                             f"{channels} channels), not {group_size}")
+        return k
+
+    def diag(self) -> torch.Tensor:
+        return self._channels(self.base.diag())
+
+    def fisher_diag(self) -> torch.Tensor:
+        return self._channels(self.base.fisher_diag())
+
+    def mul(self, v: torch.Tensor) -> torch.Tensor:
+        return self._channels(self.base.mul(self._natural(v)))
+
+    def solve_pruned(self, t: torch.Tensor, prune: torch.Tensor) -> torch.Tensor:
+        return self.base.solve_pruned(t, prune)
+
+    pruned_mul = solve_pruned
+
+    def group_solve(self, w: torch.Tensor, *, group_size: int) -> torch.Tensor:
+        """u_Q = G~ W_J ([A~^-1]_JJ)^-1 for every unit (J: its channels' columns), in this order."""
+        k = self._units(group_size)
+        out, channels, r = self.split
+        base, cols, width = self.base, self.columns, k * r
+        units = channels // k
+        W = self._natural(w).reshape(base.shape).to(torch.float64)[:, cols].reshape(out, units, width)
+        B = base.A_inv[cols][:, cols].reshape(units, width, units, width)
+        chol, info = torch.linalg.cholesky_ex(torch.diagonal(B, dim1=0, dim2=2).permute(2, 0, 1))  # [A~^-1]_JJ
+        base._failed = base._failed | (info != 0).any()
+        right = torch.cholesky_solve(W.permute(1, 2, 0), chol).permute(2, 0, 1)  # W_J [A~^-1]_JJ^-1 per unit
+        U = (torch.einsum("po,ouj->puj", base.G, right) + base.shift * right).reshape(out, -1)  # G~ on the left
+        natural = torch.empty_like(U).index_copy_(1, cols, U)
+        return self._channels(natural.reshape(-1)).to(w.dtype)
+
+    def group_pruned_mul(self, w: torch.Tensor, prune: torch.Tensor, *, group_size: int) -> torch.Tensor:
+        """The joint move for the units where ``prune`` (one bool per unit), in this order."""
+        k = self._units(group_size)
+        base = self.base
+        W = self._natural(w).reshape(base.shape).to(torch.float64)
+        by_unit = prune.reshape(-1).to(torch.float64).repeat_interleave(k * self.split[2])  # columns, unit order
+        p = torch.empty_like(by_unit).index_copy_(0, self.columns, by_unit)  # one per column of W
+        Y, bad = _subset_solve(base.A_inv, p, (W * p[None, :]).T)  # columns J: ([A~^-1]_JJ)^-1 W_J^T
+        base._failed = base._failed | bad
+        return self._channels((Y.T @ base.A_inv).reshape(-1)).to(w.dtype)
+
+    def permuted(self, perm: torch.Tensor) -> KroneckerChannels:
+        raise ValueError("K-FAC in channel order is permuted already")
+
+    def kept_memory_bytes(self) -> int:
+        return self.base.kept_memory_bytes()
+
+    def peak_memory_bytes(self) -> int:
+        return self.base.peak_memory_bytes() + 8 * self.base.shape[1] ** 2  # the reordered A~^-1
+
+    def failed(self) -> torch.Tensor:
+        return self.base.failed()
 
 
 def read_kfac(model: nn.Module, layers: Mapping[str, MaskedLayer],
@@ -220,4 +374,5 @@ def read_kfac(model: nn.Module, layers: Mapping[str, MaskedLayer],
     ``probes`` (naivehess's Hutchinson probes) is accepted for the readers' common signature; --hessian-probes
     with kfac is refused before a run starts."""
     factors = kfac_factors(model, layers, batches, samples=samples, device=device, criterion=criterion)
-    return {name: KroneckerInverse(f, damp=damp) for name, f in factors.items()}
+    return {name: KroneckerInverse(f, damp=damp, weight_shape=tuple(layers[name].weight.shape))
+            for name, f in factors.items()}

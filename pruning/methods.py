@@ -23,8 +23,9 @@
 | naivehess       | hessian   | w^2 H_qq (OBD; exact Hessian diagonal by    | none                         |
 |                 |           | double backprop, or Hutchinson's estimate   |                              |
 |                 |           | with --hessian-probes), signed, per layer   |                              |
-| kfac            | kfac      | w^2 / [F^-1]_qq, F^-1 = G~^-1 (x) A~^-1 per | OBS: -F^-1 s (sum only)      |
-|                 |           | layer (blockwise K-FAC)                     |                              |
+| kfac            | kfac      | w^2 / [F^-1]_qq, F^-1 = G~^-1 (x) A~^-1 per | OBS: -F^-1 s (sum; joint for |
+|                 |           | layer (blockwise K-FAC; group: w_Q^T        | filters/channels)            |
+|                 |           | [F^-1]_QQ^-1 w_Q in closed form)            |                              |
 
 A new criterion is one ``PRUNE_METHODS.add(PruneMethod(...))`` with functions of the signatures in
 ``pruning.obs``; the OBS solver and every trainer then offer it. A criterion that scores whole units and is
@@ -102,8 +103,9 @@ class PruneMethod:
         layer's to ``statistic`` and ``update`` as ``fisher_inverse``.
     moves_weights: the update moves surviving weights with a curvature that is not the empirical Fisher
         (kfac's OBS update).
-    joint_update: the update has the exact joint solve for a set pruned at once; False: always the sum of
-        single-weight updates (kfac, whose [F^-1]_QQ the Kronecker structure does not give).
+    sum_only: the granularities whose update is always the sum of single updates, with no exact joint solve
+        for a set pruned at once (kfac's single weights: [F^-1]_QQ of any set Q has no Kronecker structure;
+        its filters and channels have one).
     """
 
     name: str
@@ -122,7 +124,7 @@ class PruneMethod:
     only: tuple[str, ...] | None = None
     curvature: Callable[..., Mapping[str, LayerCurvature]] | None = None
     moves_weights: bool = False
-    joint_update: bool = True
+    sum_only: tuple[str, ...] = ()
     help: str = ""
 
     @property
@@ -140,6 +142,10 @@ class PruneMethod:
     def damp(self, given: float | None) -> float:
         """lambda: --fisher-damp when given, else this method's default."""
         return given if given is not None else self.default_damp
+
+    def joint_update(self, granularity: str) -> bool:
+        """Whether the update has the exact joint solve for a set of ``granularity`` units pruned at once."""
+        return granularity not in self.sum_only
 
     @property
     def builds_inverse(self) -> bool:
@@ -259,11 +265,14 @@ register_prune_method(PruneMethod(
          "Hutchinson's estimate, P Hessian-vector products)"))
 # K-FAC (Martens & Grosse 2015; Grosse & Martens 2016 for convs), blockwise per layer, in the OBS statistic and
 # the summed OBS update as WoodFisher's KFACFisherPruner uses it; lambda is split as sqrt(lambda) on each factor.
+# Filters and channels: group OBS in closed form ([F^-1]_QQ of a filter is [G~^-1]_ii A~^-1, of a channel
+# G~^-1 (x) [A~^-1]_JJ), with the joint update; single weights take the summed update.
 register_prune_method(PruneMethod(
-    "kfac", None, obs_statistic, obs_update, probe="curvature", curvature=read_kfac, moves_weights=True,
-    joint_update=False,
-    help="OBS w^2/[F^-1]_qq and the summed OBS update with a blockwise K-FAC Fisher per layer, "
-         "F^-1 = (G + sqrt(lambda) I)^-1 (x) (A + sqrt(lambda) I)^-1 (WoodFisher's kfac)"))
+    "kfac", None, obs_statistic, obs_update, group_obs_statistic, group_obs_update, probe="curvature",
+    curvature=read_kfac, moves_weights=True, sum_only=("unstructured", "nm"),
+    help="OBS w^2/[F^-1]_qq (group OBS for filters/channels) with a blockwise K-FAC Fisher per layer, "
+         "F^-1 = (G + sqrt(lambda) I)^-1 (x) (A + sqrt(lambda) I)^-1 (WoodFisher's kfac); the summed OBS update "
+         "for single weights, the joint one for filters/channels"))
 
 
 def selector_scores(statistic: torch.Tensor, granularity: str) -> torch.Tensor:

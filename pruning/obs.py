@@ -34,7 +34,9 @@ no other weight (F^-1 e_q is a multiple of e_q), so the update only zeroes the p
 
 Group OBS (filters/channels): removing a whole group Q (w_Q -> 0) at least cost gives
     dw = -F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q,       loss change = 1/2 w_Q^T ([F^-1]_QQ)^-1 w_Q,
-computed through ``fisher_inverse.group_solve`` (blocks must be aligned to whole groups).
+computed through ``fisher_inverse.group_solve`` (blocks must be aligned to whole groups), the joint
+move for several groups through ``group_pruned_mul``; kfac's Kronecker inverse has both in closed form
+(``pruning.kfac``).
 
 Unit criteria without curvature (filters/channels only): FPGM scores a unit by the sum of the L2
 distances from its weights to every other alive unit's of the layer (its distance from the geometric
@@ -79,9 +81,12 @@ class FisherInverse(Protocol):
 
 
 class EmpiricalFisherInverseLike(FisherInverse, Protocol):
-    """Group OBS also needs ([F^-1]_QQ)^-1 w_Q per group (``EmpiricalFisherInverse.group_solve``)."""
+    """Group OBS also needs ([F^-1]_QQ)^-1 w_Q per group (``EmpiricalFisherInverse.group_solve``) and the
+    joint move for a union of groups (``group_pruned_mul``); kfac's ``KroneckerInverse`` has both too."""
 
     def group_solve(self, w: torch.Tensor, *, group_size: int) -> torch.Tensor: ...
+
+    def group_pruned_mul(self, w: torch.Tensor, prune: torch.Tensor, *, group_size: int) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,10 +351,10 @@ def group_obs_update(
     dead = (q | ~alive).repeat_interleave(group_size)
     if scale_prune_update == 0:
         return _finish(w, dead, weight)
-    q_weights = q.repeat_interleave(group_size)
     if joint:
-        w_new = w - scale_prune_update * fisher_inverse.pruned_mul(w, q_weights)
+        w_new = w - scale_prune_update * fisher_inverse.group_pruned_mul(w, q, group_size=group_size)
         return _finish(w_new, dead, weight)
+    q_weights = q.repeat_interleave(group_size)
     u = fisher_inverse.group_solve(w, group_size=group_size) if solved is None else solved
     s = torch.where(q_weights, u.reshape(-1), torch.zeros((), dtype=u.dtype, device=u.device))
     w_new = w - scale_prune_update * fisher_inverse.mul(s.to(w.dtype))

@@ -56,6 +56,7 @@ from pruning.activations import UnitProbe, activation_stats, batchnorm_gammas
 from pruning.fisher_inverse import DiagonalFisher, EmpiricalFisherInverse
 from pruning.free_memory import available_bytes
 from pruning.gradients import collect_gradients
+from pruning.kfac import KroneckerChannels, KroneckerInverse
 from pruning.methods import PruneMethod, selector_scores
 from pruning.obs import LayerCurvature, group_permutation
 
@@ -381,8 +382,9 @@ class OBSSolver:
         elif self._grouped():
             n_groups = p.w.numel() // p.group_size
             alive_groups = p.alive.view(n_groups, p.group_size).any(1)
-            # grouped: a method with a group version, which uses the empirical Fisher (``_grouped``)
-            assert isinstance(p.inverse, EmpiricalFisherInverse) and self.method.group_statistic is not None
+            # grouped: a method with a group version, on the empirical Fisher or kfac's (``_grouped``)
+            assert isinstance(p.inverse, EmpiricalFisherInverse | KroneckerInverse | KroneckerChannels)
+            assert self.method.group_statistic is not None
             if p.solved is None:
                 p.solved = p.inverse.group_solve(p.w, group_size=p.group_size)
             stat = self.method.group_statistic(weight=p.w, fisher_inverse=p.inverse, group_size=p.group_size,
@@ -453,7 +455,7 @@ class OBSSolver:
         if missing:
             raise ValueError(f"new masks lack layers {sorted(missing)[:3]}")
         limit_ok = self._joint_fits()
-        use_joint = joint and limit_ok and self.method.compensates and self.method.joint_update
+        use_joint = joint and limit_ok and self.method.compensates and self.method.joint_update(self.granularity)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)  # a mask reviving a pruned weight
         singular = torch.zeros((), dtype=torch.bool, device=self.device)  # a Cholesky factorisation failed
         counts = []
@@ -497,7 +499,7 @@ class OBSSolver:
         else:
             solve = "joint" if use_joint else "sum"
         notes = []
-        if joint and self.method.compensates and not self.method.joint_update and scale != 0:
+        if joint and self.method.compensates and not self.method.joint_update(self.granularity) and scale != 0:
             notes.append(f"{self.method.name} has no joint solve: sum of single updates")
         elif joint and self.method.compensates and not limit_ok:
             notes.append(f"joint solve over {self._joint_size()} > {self.fisher.joint_limit}: sum of single updates")
@@ -508,7 +510,11 @@ class OBSSolver:
         return self.record
 
     def _joint_size(self) -> int:
-        """The largest per-block system the joint solve would factor: min(c, m) (primal c x c, dual m x m)."""
+        """The largest per-block system the joint solve would factor: min(c, m) (primal c x c, dual m x m);
+        kfac's: a layer's out x out (filters) or in x in (channels) factor."""
+        if self.method.curvature is not None:
+            side = 0 if self.granularity == "filter" else 1
+            return max((layer.weight.shape[0], layer.weight[0].numel())[side] for layer in self.layers.values())
         widest = max(g.size for g in self.groups)
         c = self.fisher.block_size if (self.fisher.blocks == "chunk" and not self._grouped()) else widest
         return min(c, widest, self.fisher.m)

@@ -369,9 +369,12 @@ def test_every_listed_cnn_slims_to_its_masked_model_with_per_layer_and_coupled_m
         assert report.slim_macs <= 0.3 * report.dense_macs and not report.forced
 
 
-def test_coupled_woodfisher_channel_units_read_through_a_flatten_run_as_one_unit(tmp_path):
+@pytest.mark.parametrize("method", ["woodfisher", "kfac"])
+def test_coupled_woodfisher_channel_units_read_through_a_flatten_run_as_one_unit(tmp_path, method):
     """smallcnn's fc1 reads each channel of conv3 through 4 features (a 2x2 map, flattened): one unit holds 4
-    of its input columns, ranked by one group OBS statistic over them; every unit is kept or pruned whole."""
+    of its input columns, ranked by one group OBS statistic over them (kfac: of its Kronecker block's 4
+    columns, per family: global K-FAC statistics are not on one scale across layers); every unit is kept or
+    pruned whole."""
     import os
 
     from engine.checkpoint import load_checkpoint
@@ -382,7 +385,8 @@ def test_coupled_woodfisher_channel_units_read_through_a_flatten_run_as_one_unit
     torch.save(build_model("smallcnn", num_classes=10, in_channels=1).state_dict(), source)
     run = run_ok(tmp_path, "--configs", "configs/Digits/woodfisher.yml", "--source-net", str(source),
                  "--layer-type", "channel", "--k", "0.5", "--coupled", "--epochs", "2", "--prune-end", "1",
-                 "--prune-freq", "1", "--fisher-subsample-size", "8", "--fisher-mini-bsz", "2")
+                 "--prune-freq", "1", "--fisher-subsample-size", "8", "--fisher-mini-bsz", "2", "--prune-method", method,
+                 *(["--scope", "layer", "--no-woodbury-joint-sparsify"] if method == "kfac" else []))
     masks = load_checkpoint(os.path.join(run, "checkpoint", "checkpoint.pth.tar"))["masks"]
     columns = masks["fc1"].any(0).view(-1, 4)  # conv3's channel c feeds fc1's features 4c .. 4c + 3
     assert bool((columns.all(1) | ~columns.any(1)).all()) and 0 < int(columns.all(1).sum()) < columns.shape[0]

@@ -1,6 +1,7 @@
 """WoodFisher's second-order baselines: ``naivehess`` (OBD with the exact Hessian diagonal, pruning/hessian.py)
-and ``kfac`` (blockwise K-FAC in the OBS statistic and summed update, pruning/kfac.py), against float64 hand
-computations and explicit matrices, through the solver, the WoodFisher trainer and train.py."""
+and ``kfac`` (blockwise K-FAC in the OBS statistic and update, group OBS for filters/channels, pruning/kfac.py),
+against float64 hand computations and explicit matrices, through the solver, the WoodFisher trainer and
+train.py."""
 import os
 from functools import partial
 
@@ -14,9 +15,9 @@ from configs.errors import UserError
 from configs.options import WoodFisherOptions
 from layers import MaskSet, n_keep, to_masked
 from pruning.hessian import hessian_diagonal, rademacher_probes
-from pruning.kfac import kfac_factors
+from pruning.kfac import KFACFactors, KroneckerInverse, kfac_factors
 from pruning.methods import PRUNE_METHODS
-from pruning.obs import naivehess_statistic
+from pruning.obs import group_permutation, naivehess_statistic
 from pruning.solver import FisherSettings, OBSSolver
 from tests.helpers import tiny
 from tests.helpers.tiny import tiny_net
@@ -278,20 +279,161 @@ def test_kfac_statistic_and_summed_update_match_the_explicit_kronecker_inverse(b
         assert moved.any()  # the update compensates: survivors move
 
 
+# -- kfac: filters and channels (group OBS) against the explicit Kronecker inverse -------------------------
+def random_kronecker(weight_shape, *, damp=1e-2, seed=0):
+    """A KroneckerInverse of random positive semi-definite factors (rank-deficient, so damping matters), and
+    the explicit damped F = (G + sqrt(lambda) I) (x) (A + sqrt(lambda) I) with its inverse, float64."""
+    g = torch.Generator().manual_seed(seed)
+    out, fan_in = weight_shape[0], torch.Size(weight_shape[1:]).numel()
+    a = torch.randn(fan_in, max(1, fan_in - 2), generator=g, dtype=torch.float64)
+    b = torch.randn(out, max(1, out - 1), generator=g, dtype=torch.float64)
+    factors = KFACFactors(A=a @ a.T / fan_in, G=b @ b.T / out)
+    shift = damp ** 0.5
+    F_full = torch.kron(factors.G + shift * torch.eye(out, dtype=torch.float64),
+                        factors.A + shift * torch.eye(fan_in, dtype=torch.float64))
+    return KroneckerInverse(factors, damp=damp, weight_shape=weight_shape), F_full, torch.linalg.inv(F_full)
+
+
+def explicit_group_solve(Finv, w, groups):
+    """u_Q = ([F^-1]_QQ)^-1 w_Q for every group Q (natural indices), as one natural-order vector."""
+    u = torch.zeros_like(w)
+    for Q in groups:
+        u[Q] = torch.linalg.solve(Finv[Q][:, Q], w[Q])
+    return u
+
+
+def explicit_joint_move(Finv, w, Q):
+    """F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q."""
+    return Finv[:, Q] @ torch.linalg.solve(Finv[Q][:, Q], w[Q])
+
+
+SHAPES = [(4, 3, 2, 2), (5, 6)]  # a conv (out, C, kh, kw) and a Linear (out, in): a channel is one column
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("granularity", ["filter", "channel"])
+@pytest.mark.parametrize("pruned", ["some", "none", "all"])
+def test_kfac_group_solve_and_joint_move_match_the_explicit_kronecker_inverse(shape, granularity, pruned):
+    """Per filter/channel Q: ([F^-1]_QQ)^-1 w_Q and, for the union Q of the pruned ones, the joint move
+    F^-1[:, Q] ([F^-1]_QQ)^-1 w_Q, against the explicit (out*in)^2 inverse; the move is the constrained optimum
+    (w - move is 0 on Q and F (w - move - w) vanishes off Q: the KKT conditions of min dw^T F dw, dw_Q = -w_Q).
+    In channel order the inverse's diag, fisher_diag and mul are the natural ones permuted."""
+    inv, F_full, Finv = random_kronecker(shape)
+    n = F_full.shape[0]
+    w = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    perm, size = group_permutation(shape=shape, granularity=granularity)
+    order = torch.arange(n) if perm is None else perm
+    view = inv if perm is None else inv.permuted(perm)
+    groups = [order[i * size:(i + 1) * size] for i in range(n // size)]
+    got = view.group_solve(w[order], group_size=size)
+    assert torch.allclose(got, explicit_group_solve(Finv, w, groups)[order], rtol=1e-9, atol=1e-12)
+    prune = {"some": torch.arange(len(groups)) % 2 == 0, "none": torch.zeros(len(groups), dtype=torch.bool),
+             "all": torch.ones(len(groups), dtype=torch.bool)}[pruned]
+    Q = torch.cat([groups[i] for i in range(len(groups)) if prune[i]] + [torch.zeros(0, dtype=torch.long)])
+    move = view.group_pruned_mul(w[order], prune, group_size=size)
+    want = explicit_joint_move(Finv, w, Q) if len(Q) else torch.zeros(n, dtype=torch.float64)
+    assert torch.allclose(move, want[order], rtol=1e-9, atol=1e-12)
+    dw = torch.empty_like(w)
+    dw[order] = -move
+    R = torch.ones(n, dtype=torch.bool)
+    R[Q] = False
+    assert torch.allclose(dw[Q], -w[Q], rtol=1e-12, atol=1e-12)
+    assert torch.allclose((F_full @ dw)[R], torch.zeros(int(R.sum()), dtype=torch.float64), atol=1e-10)
+    assert not bool(view.failed())
+    v = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.allclose(view.diag(), Finv.diagonal()[order], rtol=1e-9)
+    assert torch.allclose(view.fisher_diag(), F_full.diagonal()[order], rtol=1e-12)
+    assert torch.allclose(view.mul(v[order]), (Finv @ v)[order], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 2, 2), (5, 6)])
+def test_kfac_units_of_several_channels_in_a_coupled_order_match_the_explicit_inverse(shape):
+    """A coupled run's order (``OBSSolver._unit_permutation``): channels shuffled, two per unit, each unit's
+    weights contiguous; the unit is the union of its channels' columns."""
+    inv, F_full, Finv = random_kronecker(shape, seed=1)
+    n, channels = F_full.shape[0], shape[1]
+    index = torch.arange(n).view(shape).transpose(0, 1).reshape(channels, -1)
+    channel_order = torch.randperm(channels, generator=torch.Generator().manual_seed(5))
+    perm = index[channel_order].reshape(-1)
+    size = 2 * n // channels
+    groups = [perm[i * size:(i + 1) * size] for i in range(channels // 2)]
+    view = inv.permuted(perm)
+    w = torch.randn(n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = view.group_solve(w[perm], group_size=size)
+    assert torch.allclose(got, explicit_group_solve(Finv, w, groups)[perm], rtol=1e-9, atol=1e-12)
+    prune = torch.tensor([True] + [False] * (len(groups) - 1))
+    move = view.group_pruned_mul(w[perm], prune, group_size=size)
+    assert torch.allclose(move, explicit_joint_move(Finv, w, groups[0])[perm], rtol=1e-9, atol=1e-12)
+    assert torch.allclose(view.diag(), Finv.diagonal()[perm], rtol=1e-9)
+
+
+def test_kfac_group_orders_are_refused_where_they_do_not_hold():
+    inv, _, _ = random_kronecker((4, 3, 2, 2))
+    w = torch.zeros(48, dtype=torch.float64)
+    with pytest.raises(ValueError, match="groups whole filters"):
+        inv.group_solve(w, group_size=16)
+    perm, size = group_permutation(shape=(4, 3, 2, 2), granularity="channel")
+    with pytest.raises(ValueError, match="groups whole channels"):
+        inv.permuted(perm).group_solve(w, group_size=12)
+    with pytest.raises(ValueError, match="no joint solve for single weights"):
+        inv.permuted(perm).pruned_mul(w, torch.ones(48, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("granularity", ["filter", "channel"])
+@pytest.mark.parametrize("joint", [True, False])
+def test_kfac_filters_and_channels_through_the_solver_match_the_explicit_group_obs(granularity, joint):
+    """One solver step with filter/channel masks: each conv is scored by w_Q^T ([F^-1]_QQ)^-1 w_Q, keeps
+    exactly n_keep(0.5) units, and moves as the explicit joint (or summed) group OBS update says."""
+    damp = 1e-3
+    model = tiny_net(granularity, convs=2).double().eval()
+    ms = MaskSet(model, k=1.0, granularity=granularity, scope="layer")
+    x, y = data(12)
+    f = kfac_factors(model, ms.layers, [(x, y)], samples=12, device=CPU)
+    before = {n: layer.weight.detach().clone() for n, layer in ms.layers.items()}
+    solver = OBSSolver(ms.layers, granularity=granularity, method=PRUNE_METHODS["kfac"],
+                       fisher=FisherSettings(m=12, damp=damp))
+    solver.probe(model, [(x, y)], samples=12)
+    scores = solver.scores()
+    masks = solver.prune_to(0.5, scope="layer", joint=joint)
+    assert solver.record.solve == ("joint" if joint else "sum") and not solver.record.notes
+    shift = damp ** 0.5
+    for name, layer in ms.layers.items():
+        A = f[name].A + shift * torch.eye(f[name].A.shape[0], dtype=torch.float64)
+        G = f[name].G + shift * torch.eye(f[name].G.shape[0], dtype=torch.float64)
+        Finv = torch.linalg.inv(torch.kron(G, A))
+        shape = layer.weight.shape
+        w = before[name].reshape(-1)
+        perm, size = group_permutation(shape=shape, granularity=granularity)
+        order = torch.arange(w.numel()) if perm is None else perm
+        groups = [order[i * size:(i + 1) * size] for i in range(w.numel() // size)]
+        u = explicit_group_solve(Finv, w, groups)
+        stat = torch.stack([w[Q] @ u[Q] for Q in groups])
+        got_scores = torch.stack([scores[name].reshape(-1)[Q].norm() for Q in groups])
+        assert torch.allclose(got_scores, stat.sqrt(), rtol=1e-9), name  # a unit's L2 norm is sqrt(statistic)
+        kept = torch.stack([masks[name].reshape(-1)[Q].all() for Q in groups])
+        assert int(kept.sum()) == n_keep(0.5, len(groups))
+        assert set(torch.topk(stat, int(kept.sum())).indices.tolist()) == set(kept.nonzero().reshape(-1).tolist())
+        Q = torch.cat([groups[i] for i in range(len(groups)) if not kept[i]] + [torch.zeros(0, dtype=torch.long)])
+        if joint:
+            want = w - explicit_joint_move(Finv, w, Q) if len(Q) else w
+        else:
+            s = torch.zeros_like(w)
+            s[Q] = u[Q]
+            want = w - Finv @ s
+        want = want * masks[name].reshape(-1)
+        assert torch.allclose(layer.weight.detach().reshape(-1), want, rtol=1e-9, atol=1e-12), name
+        assert (masks[name].reshape(-1) & (want != w)).any() == bool(len(Q))  # survivors move when units go
+    assert solver.record.pruned > 0
+
+
 # -- granularities and refusals --------------------------------------------------------------------------------
 def test_granularities():
     assert PRUNE_METHODS["naivehess"].granularities == ("unstructured", "filter", "channel", "nm")
-    assert PRUNE_METHODS["kfac"].granularities == ("unstructured", "nm")
+    assert PRUNE_METHODS["kfac"].granularities == ("unstructured", "filter", "channel", "nm")
+    assert [PRUNE_METHODS["kfac"].joint_update(g) for g in ("unstructured", "filter", "channel", "nm")] == \
+        [False, True, True, False]
     assert PRUNE_METHODS["kfac"].compensates and not PRUNE_METHODS["naivehess"].compensates
     assert PRUNE_METHODS["kfac"].reads_samples and PRUNE_METHODS["naivehess"].reads_samples
-
-
-@pytest.mark.parametrize("layer_type", ["filter", "channel"])
-def test_kfac_refuses_filters_and_channels_with_one_line(layer_type):
-    with pytest.raises(UserError, match=f"--prune-method kfac does not support --layer-type {layer_type}") as e:
-        plan(WoodFisherOptions(prune_method="kfac", prune_end=1),
-             run=RunSpec(mode="prune", layer_type=layer_type, k=0.5, scope="layer", epochs=2))
-    assert "\n" not in str(e.value)
 
 
 def test_kfac_refuses_a_grouped_conv_with_the_exclude_layers_hint():
@@ -307,6 +449,7 @@ def test_kfac_refuses_a_grouped_conv_with_the_exclude_layers_hint():
 # -- through the trainer ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,granularity", [("naivehess", "unstructured"), ("naivehess", "filter"),
                                                 ("naivehess", "channel"), ("kfac", "unstructured"),
+                                                ("kfac", "filter"), ("kfac", "channel"),
                                                 ("apoz", "filter"), ("meanact", "filter")])
 def test_exact_per_layer_counts_after_each_event(method, granularity):
     model = tiny_net(granularity, convs=2)
@@ -330,7 +473,7 @@ def test_exact_per_layer_counts_after_each_event(method, granularity):
 
 
 # -- train.py end to end: one event on the Digits config -------------------------------------------------------
-@pytest.mark.parametrize("method", ["naivehess", "naivehess-probes", "kfac"])
+@pytest.mark.parametrize("method", ["naivehess", "naivehess-probes", "kfac", "kfac-filter"])
 def test_cli_digits_one_event_reaches_the_exact_count(tmp_path, method):
     from engine.checkpoint import load_checkpoint
     from models import build_model
@@ -343,8 +486,10 @@ def test_cli_digits_one_event_reaches_the_exact_count(tmp_path, method):
     # (Hutchinson's estimate, --hessian-probes, costs one Hessian-vector product per probe: every layer is masked)
     per_layer = ["--scope", "layer", "--no-woodbury-joint-sparsify"]
     extra = {"naivehess": ["--exclude-layers", "conv1,conv2,conv3,fc1", *per_layer],
-             "naivehess-probes": ["--hessian-probes", "4", *per_layer]}.get(method, [])
-    probes, method = method.endswith("-probes"), method.removesuffix("-probes")
+             "naivehess-probes": ["--hessian-probes", "4", *per_layer],
+             "kfac-filter": ["--layer-type", "filter", *per_layer]}.get(method, [])
+    probes, filters = method.endswith("-probes"), method.endswith("-filter")
+    method = method.removesuffix("-probes").removesuffix("-filter")
     run = run_ok(tmp_path, "--configs", "configs/Digits/woodfisher.yml", "--k", "0.5", "--prune-method", method,
                  "--prune-start", "0", "--prune-end", "0", "--epochs", "1", "--fisher-subsample-size", "8",
                  "--fisher-mini-bsz", "4", "--source-net", str(source), *extra)
@@ -353,6 +498,11 @@ def test_cli_digits_one_event_reaches_the_exact_count(tmp_path, method):
         assert list(masks) == ["fc2"] and int(masks["fc2"].sum()) == n_keep(0.5, masks["fc2"].numel())
     elif probes:  # per layer, every layer
         assert len(masks) == 5 and all(int(m.sum()) == n_keep(0.5, m.numel()) for m in masks.values())
+    elif filters:  # whole filters of the three convs, per layer; the classifier stays plain
+        assert list(masks) == ["conv1", "conv2", "conv3"]
+        for m in masks.values():
+            assert torch.equal(m.flatten(1).all(1), m.flatten(1).any(1))
+            assert int(m.flatten(1).all(1).sum()) == n_keep(0.5, m.shape[0])
     else:  # one global selection over all five layers
         total = sum(m.numel() for m in masks.values())
         assert len(masks) == 5 and sum(int(m.sum()) for m in masks.values()) == n_keep(0.5, total)
