@@ -52,6 +52,7 @@ Conv2d only).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -197,7 +198,7 @@ class KroneckerInverse:
         self._failed = bad_a | bad_g
         self.shape = (factors.G.shape[0], factors.A.shape[0])
         self.weight_shape = tuple(weight_shape) if weight_shape is not None else self.shape
-        if len(self.weight_shape) < 2 or self.weight_shape[0] * _numel(self.weight_shape[1:]) != \
+        if len(self.weight_shape) < 2 or math.prod(self.weight_shape) != \
                 self.shape[0] * self.shape[1]:
             raise ValueError(f"weight shape {self.weight_shape} does not match the factors' {self.shape}")
 
@@ -239,7 +240,7 @@ class KroneckerInverse:
         W = w.reshape(self.shape).to(torch.float64)
         p = prune.reshape(-1).to(torch.float64)
         X, bad = _subset_solve(self.G_inv, p, p[:, None] * W)  # rows I: ([G~^-1]_II)^-1 W_I; 0 elsewhere
-        self._failed = self._failed | bad
+        self.note_failure(bad)
         return (self.G_inv @ X).reshape(-1).to(w.dtype)
 
     def permuted(self, perm: torch.Tensor) -> KroneckerChannels:
@@ -257,12 +258,9 @@ class KroneckerInverse:
     def failed(self) -> torch.Tensor:
         return self._failed
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    def note_failure(self, bad: torch.Tensor) -> None:
+        """Fold a later factorisation's failure flag (a device tensor: no host read) into ``failed()``."""
+        self._failed = self._failed | bad
 
 
 def _subset_solve(M_inv: torch.Tensor, p: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,7 +335,7 @@ class KroneckerChannels:
         W = self._natural(w).reshape(base.shape).to(torch.float64)[:, cols].reshape(out, units, width)
         B = base.A_inv[cols][:, cols].reshape(units, width, units, width)
         chol, info = torch.linalg.cholesky_ex(torch.diagonal(B, dim1=0, dim2=2).permute(2, 0, 1))  # [A~^-1]_JJ
-        base._failed = base._failed | (info != 0).any()
+        base.note_failure((info != 0).any())
         right = torch.cholesky_solve(W.permute(1, 2, 0), chol).permute(2, 0, 1)  # W_J [A~^-1]_JJ^-1 per unit
         U = (torch.einsum("po,ouj->puj", base.G, right) + base.shift * right).reshape(out, -1)  # G~ on the left
         natural = torch.empty_like(U).index_copy_(1, cols, U)
@@ -351,7 +349,7 @@ class KroneckerChannels:
         by_unit = prune.reshape(-1).to(torch.float64).repeat_interleave(k * self.split[2])  # columns, unit order
         p = torch.empty_like(by_unit).index_copy_(0, self.columns, by_unit)  # one per column of W
         Y, bad = _subset_solve(base.A_inv, p, (W * p[None, :]).T)  # columns J: ([A~^-1]_JJ)^-1 W_J^T
-        base._failed = base._failed | bad
+        base.note_failure(bad)
         return self._channels((Y.T @ base.A_inv).reshape(-1)).to(w.dtype)
 
     def permuted(self, perm: torch.Tensor) -> KroneckerChannels:
